@@ -1,0 +1,473 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"io"
+	"maps"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/puzpuzpuz/xsync/v4"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/policy-engine/policy-engine/internal/logging"
+)
+
+// maxCachedInstances bounds the compiled-policy cache. The kernel sends only the chains of its
+// config, so a real deployment stays far below it; past it, policies are built per request.
+const maxCachedInstances = 10000
+
+// Executor runs policy chains against the snapshot of the agent's config it holds.
+type Executor struct {
+	snap    atomic.Pointer[execSnapshot]
+	log     *logging.Logger
+	metrics *agentMetrics
+	// shared outlives snapshots: policies keep clients there that a reload must not drop.
+	shared sync.Map
+	panicT *logging.Throttle
+}
+
+// execSnapshot is one immutable state of the agent's config with the factories made from it.
+type execSnapshot struct {
+	cfg       *CoreConfig
+	version   string
+	factories map[string]*factoryEntry
+	seed      maphash.Seed
+	cache     *xsync.Map[uint64, []*instance]
+	cached    atomic.Int64
+}
+
+type factoryEntry struct {
+	module  policy.Module
+	factory policy.Factory
+}
+
+// instance is a policy compiled from one metadata map.
+type instance struct {
+	metadata map[string]string
+	policy   policy.Policy
+	err      error
+}
+
+// NewExecutor returns an executor with no config; Load gives it one.
+func NewExecutor(log *logging.Logger) *Executor {
+	return &Executor{log: log, metrics: newAgentMetrics(), panicT: logging.NewThrottle(10 * time.Second)}
+}
+
+// Load builds factories for every registered policy from cfg and swaps them in. On error the
+// previous snapshot stays. Factories of the replaced snapshot that hold resources are closed.
+func (e *Executor) Load(cfg *CoreConfig, version string) error {
+	s := &execSnapshot{
+		cfg:       cfg,
+		version:   version,
+		factories: map[string]*factoryEntry{},
+		seed:      maphash.MakeSeed(),
+		cache:     xsync.NewMap[uint64, []*instance](),
+	}
+	var errs []error
+	for name := range cfg.Policies.Config {
+		if _, ok := policy.Lookup(name); !ok {
+			errs = append(errs, fmt.Errorf("agent_core.policies.config.%s: no such policy is compiled in", name))
+		}
+	}
+	for _, m := range policy.Modules() {
+		f, err := m.New(policy.Config{Raw: []byte(cfg.Policies.Config[m.Name]), Shared: &e.shared})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("agent_core.policies.config.%s: %w", m.Name, err))
+			continue
+		}
+		s.factories[m.Name] = &factoryEntry{module: m, factory: f}
+	}
+	if len(errs) > 0 {
+		closeFactories(s)
+		return errors.Join(errs...)
+	}
+	if old := e.snap.Swap(s); old != nil {
+		closeFactories(old)
+	}
+	return nil
+}
+
+// Close releases the resources of the current snapshot's factories.
+func (e *Executor) Close() {
+	if old := e.snap.Swap(nil); old != nil {
+		closeFactories(old)
+	}
+}
+
+func closeFactories(s *execSnapshot) {
+	for _, f := range s.factories {
+		if c, ok := f.factory.(io.Closer); ok {
+			_ = c.Close()
+		}
+	}
+}
+
+// HealthCheck checks every factory that can fail.
+func (e *Executor) HealthCheck(ctx context.Context) error {
+	s := e.snap.Load()
+	if s == nil {
+		return errors.New("no config loaded")
+	}
+	var errs []error
+	for name, f := range s.factories {
+		if h, ok := f.factory.(policy.HealthChecker); ok {
+			if err := h.HealthCheck(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("policy %q: %w", name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Describe returns the agent's config for GetAgentConfig.
+func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
+	s := e.snap.Load()
+	resp := &agentv1.GetAgentConfigResponse{AgentVersion: Version, AgentMetadata: map[string]string{}}
+	if s != nil {
+		resp.AgentName = s.cfg.Name
+		resp.ConfigVersion = s.version
+		resp.AgentMetadata["max_body_size_bytes"] = fmt.Sprint(s.cfg.ResourceLimits.MaxBodySizeBytes)
+		resp.AgentMetadata["max_state_size_bytes"] = fmt.Sprint(s.cfg.ResourceLimits.MaxStateSizeBytes)
+		resp.AgentMetadata["fail_on_unknown"] = fmt.Sprint(s.cfg.Policies.FailOnUnknown)
+	}
+	for _, m := range policy.Modules() {
+		info := &agentv1.PolicyInfo{
+			Name:                 m.Name,
+			Version:              m.Version,
+			Description:          m.Description,
+			MetadataSchema:       m.MetadataSchema,
+			RequiresRequestBody:  m.RequestBody,
+			RequiresResponseBody: m.ResponseBody,
+		}
+		if m.Phases&policy.Request != 0 {
+			info.SupportedPhases = append(info.SupportedPhases, agentv1.PolicyPhase_REQUEST)
+		}
+		if m.Phases&policy.Response != 0 {
+			info.SupportedPhases = append(info.SupportedPhases, agentv1.PolicyPhase_RESPONSE)
+		}
+		resp.SupportedPolicies = append(resp.SupportedPolicies, info)
+	}
+	return resp
+}
+
+// instanceFor returns the policy compiled from (name, metadata), building it on first use.
+func (s *execSnapshot) instanceFor(f *factoryEntry, name string, md map[string]string) (policy.Policy, error) {
+	h := s.metadataHash(name, md)
+	if list, ok := s.cache.Load(h); ok {
+		for _, in := range list {
+			if maps.Equal(in.metadata, md) {
+				return in.policy, in.err
+			}
+		}
+	}
+	p, err := f.factory.Build(md)
+	if err != nil {
+		err = fmt.Errorf("policy %q: invalid metadata: %w", name, err)
+	}
+	if s.cached.Load() >= maxCachedInstances {
+		return p, err
+	}
+	in := &instance{metadata: maps.Clone(md), policy: p, err: err}
+	s.cache.Compute(h, func(old []*instance, loaded bool) ([]*instance, xsync.ComputeOp) {
+		for _, o := range old {
+			if maps.Equal(o.metadata, md) {
+				return old, xsync.CancelOp
+			}
+		}
+		s.cached.Add(1)
+		return append(old[:len(old):len(old)], in), xsync.UpdateOp
+	})
+	return p, err
+}
+
+// metadataHash hashes a policy name and its metadata independently of map order, without
+// allocating: each entry is hashed on its own and the hashes are summed.
+func (s *execSnapshot) metadataHash(name string, md map[string]string) uint64 {
+	sum := maphash.String(s.seed, name)
+	for k, v := range md {
+		var h maphash.Hash
+		h.SetSeed(s.seed)
+		h.WriteString(k)
+		h.WriteByte(0)
+		h.WriteString(v)
+		sum += h.Sum64()
+	}
+	return sum
+}
+
+// Version of the agent binary; set by the linker.
+var Version = "dev"
+
+var errStateTooLarge = errors.New("state exceeds max_state_size_bytes")
+
+// Execute runs req's chain and returns the agent's answer. It never returns nil.
+func (e *Executor) Execute(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
+	resp := &agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId()}
+	s := e.snap.Load()
+	if s == nil {
+		return fail(resp, agentv1.StatusCode_POLICY_ERROR, "", "agent has no config loaded")
+	}
+	if req.GetPhase() != agentv1.PolicyPhase_REQUEST && req.GetPhase() != agentv1.PolicyPhase_RESPONSE {
+		return fail(resp, agentv1.StatusCode_POLICY_ERROR, "", fmt.Sprintf("unknown phase %d", req.GetPhase()))
+	}
+	if req.GetDeadlineMs() > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.GetDeadlineMs())*time.Millisecond)
+		defer cancel()
+	}
+	limits := s.cfg.ResourceLimits
+	pc := newPolicyContext(req)
+	if pc.Response == nil && len(pc.Body) > limits.MaxBodySizeBytes {
+		r := policy.Deny(413, "payload_too_large", fmt.Sprintf("request body of %d bytes exceeds the limit of %d bytes", len(pc.Body), limits.MaxBodySizeBytes), nil)
+		resp.Instructions = r.Instructions
+		return finish(resp, r, "agent")
+	}
+	if pc.Response != nil && len(pc.Response.Body) > limits.MaxBodySizeBytes {
+		return fail(resp, agentv1.StatusCode_POLICY_ERROR, "agent", fmt.Sprintf("response body of %d bytes exceeds the limit of %d bytes", len(pc.Response.Body), limits.MaxBodySizeBytes))
+	}
+	if stateSize(pc.State) > limits.MaxStateSizeBytes {
+		return fail(resp, agentv1.StatusCode_POLICY_ERROR, "agent", errStateTooLarge.Error())
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		pc.Deadline = dl
+	}
+
+	for _, entry := range req.GetPolicies() {
+		if err := ctx.Err(); err != nil {
+			e.metrics.failure(entry.GetName(), "timeout")
+			return fail(resp, agentv1.StatusCode_TIMEOUT, entry.GetName(), "deadline exceeded before policy "+entry.GetName())
+		}
+		name := entry.GetName()
+		f, ok := s.factories[name]
+		if !ok {
+			e.metrics.failure(name, "unknown_policy")
+			if s.cfg.Policies.FailOnUnknown {
+				return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, fmt.Sprintf("unknown policy %q", name))
+			}
+			continue
+		}
+		var (
+			result policy.Result
+			err    error
+		)
+		start := time.Now()
+		if !f.module.Phases.Has(req.GetPhase()) {
+			err = fmt.Errorf("policy %q does not run in the %s phase", name, strings.ToLower(req.GetPhase().String()))
+		} else {
+			var p policy.Policy
+			p, err = s.instanceFor(f, name, entry.GetMetadata())
+			if err == nil {
+				result, err = e.run(ctx, p, pc, name)
+			}
+		}
+		if err == nil {
+			err = applyInstructions(pc, result.Instructions, limits.MaxStateSizeBytes)
+		}
+		e.metrics.observe(name, start, result.Status, err)
+		if err != nil {
+			if ctx.Err() != nil {
+				return fail(resp, agentv1.StatusCode_TIMEOUT, name, err.Error())
+			}
+			switch entry.GetOnFailure() {
+			case "continue":
+				e.logFailure(req, name, err, "continue")
+				continue
+			case "skip_remaining":
+				e.logFailure(req, name, err, "skip_remaining")
+				resp.Status = &agentv1.ResponseStatus{Code: agentv1.StatusCode_OK, PolicyName: name}
+				return resp
+			default:
+				e.logFailure(req, name, err, "deny")
+				resp.Instructions = nil
+				return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, err.Error())
+			}
+		}
+		resp.Instructions = append(resp.Instructions, result.Instructions...)
+		for k, v := range result.Metadata {
+			if resp.Metadata == nil {
+				resp.Metadata = map[string]string{}
+			}
+			resp.Metadata[k] = v
+		}
+		if terminal(result) {
+			return finish(resp, result, name)
+		}
+	}
+	resp.Status = &agentv1.ResponseStatus{Code: agentv1.StatusCode_OK}
+	return resp
+}
+
+// run executes one policy and turns a panic into an error, so that one faulty policy cannot
+// take the agent down.
+func (e *Executor) run(ctx context.Context, p policy.Policy, pc *policy.Context, name string) (r policy.Result, err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("policy %q panicked: %v", name, v)
+			if e.panicT.Allow() {
+				e.log.Error().Str("policy", name).Str("panic", fmt.Sprint(v)).Msg("policy panicked")
+			}
+		}
+	}()
+	return p.Execute(ctx, pc)
+}
+
+func (e *Executor) logFailure(req *agentv1.PolicyRequest, name string, err error, action string) {
+	if ev := e.log.Warn(); ev != nil {
+		ev.Str("request_id", req.GetRequestId()).Str("route", req.GetRouteName()).Str("policy", name).
+			Str("on_failure", action).Str("error", err.Error()).Msg("policy failed")
+	}
+}
+
+// terminal reports whether a result ends the chain: a denial or an immediate response.
+func terminal(r policy.Result) bool {
+	if r.Status == agentv1.StatusCode_POLICY_DENIED {
+		return true
+	}
+	for _, in := range r.Instructions {
+		if in.GetType() == agentv1.InstructionType_IMMEDIATE_RESPONSE {
+			return true
+		}
+	}
+	return false
+}
+
+// finish ends the chain on a terminal result whose instructions resp already holds. A denial
+// without an immediate response gets a plain 403, so that the kernel always has an answer.
+func finish(resp *agentv1.PolicyResponse, r policy.Result, name string) *agentv1.PolicyResponse {
+	code := r.Status
+	if code == agentv1.StatusCode_OK {
+		code = agentv1.StatusCode_POLICY_DENIED
+	}
+	hasImmediate := false
+	for _, in := range resp.Instructions {
+		if in.GetType() == agentv1.InstructionType_IMMEDIATE_RESPONSE {
+			hasImmediate = true
+		}
+	}
+	if !hasImmediate {
+		resp.Instructions = append(resp.Instructions, policy.Deny(403, "forbidden", r.Message, nil).Instructions...)
+	}
+	resp.Status = &agentv1.ResponseStatus{Code: code, PolicyName: name}
+	resp.Message = r.Message
+	return resp
+}
+
+func fail(resp *agentv1.PolicyResponse, code agentv1.StatusCode, name, msg string) *agentv1.PolicyResponse {
+	resp.Status = &agentv1.ResponseStatus{Code: code, PolicyName: name}
+	resp.Message = msg
+	return resp
+}
+
+func newPolicyContext(req *agentv1.PolicyRequest) *policy.Context {
+	rc := req.GetContext()
+	pc := &policy.Context{
+		Phase:       req.GetPhase(),
+		RequestID:   req.GetRequestId(),
+		RouteName:   req.GetRouteName(),
+		Method:      rc.GetMethod(),
+		Path:        rc.GetPath(),
+		Scheme:      rc.GetScheme(),
+		Authority:   rc.GetAuthority(),
+		ClientIP:    rc.GetClientIp(),
+		Headers:     rc.GetHeaders(),
+		Body:        rc.GetBody(),
+		QueryParams: rc.GetQueryParams(),
+		State:       req.GetState(),
+	}
+	if pc.Headers == nil {
+		pc.Headers = map[string]string{}
+	}
+	if pc.QueryParams == nil {
+		if _, q, ok := strings.Cut(pc.Path, "?"); ok {
+			pc.QueryParams = parseQuery(q)
+		}
+	}
+	if req.GetPhase() == agentv1.PolicyPhase_RESPONSE {
+		r := req.GetResponse()
+		pc.Response = &policy.ResponseContext{Status: int(r.GetStatusCode()), Headers: r.GetHeaders(), Body: r.GetBody()}
+		if pc.Response.Headers == nil {
+			pc.Response.Headers = map[string]string{}
+		}
+	}
+	return pc
+}
+
+func parseQuery(q string) map[string]string {
+	vals, _ := url.ParseQuery(q)
+	out := make(map[string]string, len(vals))
+	for k, v := range vals {
+		if len(v) > 0 {
+			out[k] = v[0]
+		}
+	}
+	return out
+}
+
+func stateSize(m map[string]string) int {
+	n := 0
+	for k, v := range m {
+		n += len(k) + len(v)
+	}
+	return n
+}
+
+// applyInstructions updates the context with a policy's instructions (§4.1.4), so that the
+// next policy sees them.
+func applyInstructions(pc *policy.Context, ins []*agentv1.Instruction, maxState int) error {
+	for _, in := range ins {
+		switch in.GetType() {
+		case agentv1.InstructionType_SET_HEADER, agentv1.InstructionType_REMOVE_HEADER:
+			h := in.GetHeader()
+			if h == nil || h.GetKey() == "" {
+				return fmt.Errorf("%s instruction without a header name", in.GetType())
+			}
+			headers := pc.Headers
+			if pc.Response != nil {
+				headers = pc.Response.Headers
+			}
+			key := strings.ToLower(h.GetKey())
+			switch {
+			case in.GetType() == agentv1.InstructionType_REMOVE_HEADER:
+				delete(headers, key)
+			case h.GetAppend() && headers[key] != "":
+				headers[key] += ", " + h.GetValue()
+			default:
+				headers[key] = h.GetValue()
+			}
+		case agentv1.InstructionType_SET_BODY:
+			if pc.Response != nil {
+				pc.Response.Body = in.GetBody().GetBody()
+			} else {
+				pc.Body = in.GetBody().GetBody()
+			}
+		case agentv1.InstructionType_SET_STATE:
+			st := in.GetState()
+			if st == nil || st.GetKey() == "" {
+				return errors.New("SET_STATE instruction without a key")
+			}
+			if pc.State == nil {
+				pc.State = map[string]string{}
+			}
+			pc.State[st.GetKey()] = st.GetValue()
+			if stateSize(pc.State) > maxState {
+				return errStateTooLarge
+			}
+		case agentv1.InstructionType_IMMEDIATE_RESPONSE:
+			if in.GetImmediateResponse() == nil {
+				return errors.New("IMMEDIATE_RESPONSE instruction without a response")
+			}
+		case agentv1.InstructionType_CONTINUE:
+		default:
+			return fmt.Errorf("unknown instruction type %d", in.GetType())
+		}
+	}
+	return nil
+}

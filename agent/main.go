@@ -1,0 +1,203 @@
+// Package agent is the policy-agent: a gRPC server on a Unix socket that runs policy chains
+// with the policies compiled into the binary.
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/obs"
+	"github.com/policy-engine/policy-engine/internal/uds"
+)
+
+// DefaultConfigPath is where the container keeps the agent's config.
+const DefaultConfigPath = "/etc/policy-engine/agent-config.yaml"
+
+type flags struct {
+	config   string
+	socket   string
+	validate bool
+}
+
+func parseFlags(args []string, stderr io.Writer) (*flags, error) {
+	fs := flag.NewFlagSet("policy-agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f := &flags{}
+	fs.StringVar(&f.config, "config", DefaultConfigPath, "path of the agent config file")
+	fs.StringVar(&f.socket, "socket", "", "Unix socket to listen on (overrides agent_core.socket_path)")
+	fs.BoolVar(&f.validate, "validate", false, "check the config and exit: 0 if valid, 1 if not")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	if f.config == "" {
+		return nil, errors.New("-config must not be empty")
+	}
+	return f, nil
+}
+
+// configVersion is the version shown for a config: its user-set version, if any, and a hash
+// of its bytes.
+func configVersion(user string, data []byte) string {
+	sum := sha256.Sum256(data)
+	h := hex.EncodeToString(sum[:6])
+	if user != "" {
+		return user + "-" + h
+	}
+	return h
+}
+
+// Main runs the agent until ctx is cancelled; it is the whole process but for signal handling
+// of SIGTERM/SIGINT, which cancel ctx.
+func Main(ctx context.Context, args []string, stderr io.Writer) error {
+	f, err := parseFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	// SIGHUP is registered before the first load, so that a reload asked for during start-up
+	// is not lost.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	cfg, data, err := LoadConfig(f.config)
+	if err != nil {
+		return err
+	}
+	core := cfg.AgentCore
+	if f.socket != "" {
+		core.SocketPath = f.socket
+	}
+	level, _ := logging.ParseLevel(core.Observability.LogLevel)
+	log := logging.New(stderr, "agent", level)
+	exec := NewExecutor(log)
+	version := configVersion(core.Version, data)
+	if err := exec.Load(core, version); err != nil {
+		return fmt.Errorf("%s: %w", f.config, err)
+	}
+	defer exec.Close()
+	if f.validate {
+		fmt.Fprintf(stderr, "%s: valid (version %s)\n", f.config, version)
+		return nil
+	}
+
+	ln, err := uds.Listen(core.SocketPath)
+	if err != nil {
+		return fmt.Errorf("listen on %q: %w", core.SocketPath, err)
+	}
+	maxMsg := 2*core.ResourceLimits.MaxBodySizeBytes + 1<<20
+	srv := grpc.NewServer(
+		grpc.MaxRecvMsgSize(maxMsg),
+		grpc.MaxSendMsgSize(maxMsg),
+		grpc.MaxConcurrentStreams(uint32(core.Server.MaxConcurrentRequests)),
+	)
+	agentv1.RegisterPolicyAgentServer(srv, &service{exec: exec})
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(srv, hs)
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus(agentv1.PolicyAgent_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+
+	var httpSrv *obs.Server
+	if core.Observability.MetricsAddress != "" {
+		pprofOn := core.Observability.PprofEnabled == nil || *core.Observability.PprofEnabled
+		h := obs.Handler(obs.Options{
+			Sets:           func() []*metrics.Set { return []*metrics.Set{exec.metrics.Set()} },
+			Pprof:          pprofOn,
+			ProcessMetrics: true,
+			Ready: func() (bool, any) {
+				hctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+				defer cancel()
+				if err := exec.HealthCheck(hctx); err != nil {
+					return false, map[string]string{"status": "not ready", "error": err.Error()}
+				}
+				return true, map[string]string{"status": "ready", "config_version": exec.snap.Load().version}
+			},
+		})
+		httpSrv, err = obs.Listen(core.Observability.MetricsAddress, h)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("listen on metrics address %q: %w", core.Observability.MetricsAddress, err)
+		}
+		defer httpSrv.Close()
+	}
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info().Str("socket", uds.Path(core.SocketPath)).Str("config_version", version).
+		Int("policies", len(exec.Describe().SupportedPolicies)).Msg("policy-agent serving")
+
+	for {
+		select {
+		case <-hup:
+			data = reloadAgent(f, data, exec, log)
+		case err := <-serveErr:
+			return fmt.Errorf("grpc server: %w", err)
+		case <-ctx.Done():
+			log.Info().Msg("shutting down")
+			hs.Shutdown()
+			stopped := make(chan struct{})
+			go func() { srv.GracefulStop(); close(stopped) }()
+			select {
+			case <-stopped:
+			case <-time.After(time.Duration(core.Server.RequestTimeoutMS) * time.Millisecond):
+				srv.Stop()
+			}
+			return nil
+		}
+	}
+}
+
+// reloadAgent re-reads the config file and swaps in a new snapshot when it changed and is
+// valid. It returns the bytes now in force.
+func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) []byte {
+	cfg, data, err := LoadConfig(f.config)
+	if err == nil && bytes.Equal(data, current) {
+		log.Info().Msg("config unchanged; reload skipped")
+		return current
+	}
+	if err == nil {
+		if f.socket != "" {
+			cfg.AgentCore.SocketPath = f.socket
+		}
+		if cfg.AgentCore.SocketPath != exec.snap.Load().cfg.SocketPath {
+			err = errors.New("agent_core.socket_path cannot change on reload; restart the agent")
+		}
+	}
+	if err == nil {
+		version := configVersion(cfg.AgentCore.Version, data)
+		if err = exec.Load(cfg.AgentCore, version); err == nil {
+			if lvl, lerr := logging.ParseLevel(cfg.AgentCore.Observability.LogLevel); lerr == nil {
+				log.SetLevel(lvl)
+			}
+			reloadTotal("success").Inc()
+			log.Info().Str("config_version", version).Msg("config reloaded")
+			return data
+		}
+	}
+	reloadTotal("failure").Inc()
+	log.Error().Str("error", err.Error()).Msg("config reload failed; keeping the previous config")
+	return current
+}
+
+func reloadTotal(status string) *metrics.Counter {
+	return metrics.GetOrCreateCounter(`policy_agent_config_reload_total{status="` + status + `"}`)
+}

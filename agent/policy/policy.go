@@ -1,0 +1,197 @@
+// Package policy is what a compiled-in policy implements and how it registers itself with the
+// policy-agent.
+//
+// A policy package registers a Module in its init function. When the agent loads its config it
+// calls Module.New once with the policy's section of agent_core.policies.config, and gets a
+// Factory. The agent then calls Factory.Build once for every distinct metadata map that a chain
+// names, and caches the Policy it returns; Execute runs on the hot path with typed settings and
+// never parses metadata.
+package policy
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+)
+
+// Phases is a set of phases in which a policy can run.
+type Phases uint8
+
+const (
+	// Request is the request phase: request headers and, when asked for, the request body.
+	Request Phases = 1 << iota
+	// Response is the response phase: the upstream's status, headers and body.
+	Response
+	// Both is the request and the response phase.
+	Both = Request | Response
+)
+
+// Has reports whether p includes the phase of a PolicyRequest.
+func (p Phases) Has(phase agentv1.PolicyPhase) bool {
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		return p&Response != 0
+	}
+	return p&Request != 0
+}
+
+// Module describes a compiled-in policy.
+type Module struct {
+	// Name is the policy's name in chains, e.g. "apiKeyAuth".
+	Name        string
+	Version     string
+	Description string
+	Phases      Phases
+	// RequestBody and ResponseBody say that the policy reads a body; the kernel asks Envoy
+	// for a body only on routes whose chain holds such a policy.
+	RequestBody  bool
+	ResponseBody bool
+	// MetadataSchema is a JSON schema of the policy's metadata, published to the kernel.
+	MetadataSchema string
+	// New makes a factory from the policy's section of agent_core.policies.config.
+	// It has no side effects beyond the returned value; a factory that holds resources
+	// implements io.Closer and is closed when a newer config replaces it.
+	New func(Config) (Factory, error)
+}
+
+// Config is what a policy's factory is made from.
+type Config struct {
+	// Raw is the JSON form of agent_core.policies.config.<name>; nil when absent.
+	Raw json.RawMessage
+	// Shared holds values that outlive one config snapshot, such as client connections,
+	// keyed by whatever the policy chooses. It is safe for concurrent use.
+	Shared *sync.Map
+}
+
+// Decode decodes the policy's settings strictly into dst; absent settings leave dst unchanged.
+func (c Config) Decode(dst any) error {
+	if len(c.Raw) == 0 || string(c.Raw) == "null" {
+		return nil
+	}
+	return decodeStrictJSON(c.Raw, dst)
+}
+
+// Factory compiles a chain entry's metadata into a Policy.
+type Factory interface {
+	Build(metadata map[string]string) (Policy, error)
+}
+
+// FactoryFunc adapts a function to Factory.
+type FactoryFunc func(metadata map[string]string) (Policy, error)
+
+// Build calls f.
+func (f FactoryFunc) Build(metadata map[string]string) (Policy, error) { return f(metadata) }
+
+// HealthChecker is implemented by factories whose policies depend on something that can fail,
+// such as a Redis server.
+type HealthChecker interface {
+	HealthCheck(ctx context.Context) error
+}
+
+// Policy is one compiled chain entry.
+type Policy interface {
+	// Execute runs the policy. A returned error is a policy failure (POLICY_ERROR), handled
+	// by the chain entry's on_failure; a denial is a Result with Status POLICY_DENIED.
+	Execute(ctx context.Context, c *Context) (Result, error)
+}
+
+// Context is the request an agent runs a chain on. Policies read it; the agent applies each
+// policy's instructions to it before the next policy runs (SET_HEADER, REMOVE_HEADER, SET_BODY,
+// SET_STATE).
+type Context struct {
+	Phase     agentv1.PolicyPhase
+	RequestID string
+	RouteName string
+	Method    string
+	Path      string
+	Scheme    string
+	Authority string
+	ClientIP  string
+	// Headers are the request headers, lowercase names.
+	Headers map[string]string
+	// Body is the request body when the chain asked for it.
+	Body []byte
+	// QueryParams are the query parameters of Path.
+	QueryParams map[string]string
+	// Response is the upstream's response; nil in the request phase.
+	Response *ResponseContext
+	// State carries values set with SET_STATE, from the request phase to the response phase.
+	State map[string]string
+	// Deadline is when the kernel stops waiting for the chain.
+	Deadline time.Time
+}
+
+// ResponseContext is the upstream's response.
+type ResponseContext struct {
+	Status  int
+	Headers map[string]string
+	Body    []byte
+}
+
+// Header returns the request header with the given lowercase name.
+func (c *Context) Header(name string) string { return c.Headers[name] }
+
+// Result is a policy's outcome.
+type Result struct {
+	Status       agentv1.StatusCode
+	Message      string
+	Instructions []*agentv1.Instruction
+	Metadata     map[string]string
+}
+
+// Registry holds the compiled-in policies.
+var (
+	registryMu sync.RWMutex
+	registry   = map[string]Module{}
+)
+
+// Register adds a module to the registry. It is meant for init functions: an empty name, a
+// missing New or a duplicate name is a programming error and panics.
+func Register(m Module) {
+	if m.Name == "" {
+		panic("BUG: policy.Register: empty policy name")
+	}
+	if m.New == nil {
+		panic(fmt.Sprintf("BUG: policy.Register: policy %q has no New function", m.Name))
+	}
+	if m.Phases == 0 {
+		panic(fmt.Sprintf("BUG: policy.Register: policy %q runs in no phase", m.Name))
+	}
+	registryMu.Lock()
+	defer registryMu.Unlock()
+	if _, dup := registry[m.Name]; dup {
+		panic(fmt.Sprintf("BUG: policy.Register: policy %q registered twice", m.Name))
+	}
+	registry[m.Name] = m
+}
+
+// Lookup returns the registered module with the given name.
+func Lookup(name string) (Module, bool) {
+	registryMu.RLock()
+	defer registryMu.RUnlock()
+	m, ok := registry[name]
+	return m, ok
+}
+
+// Modules returns every registered module, sorted by name.
+func Modules() []Module {
+	registryMu.RLock()
+	defer registryMu.RUnlock()
+	out := make([]Module, 0, len(registry))
+	for _, m := range registry {
+		out = append(out, m)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// unregister removes a module; tests use it to keep the registry clean.
+func unregister(name string) {
+	registryMu.Lock()
+	delete(registry, name)
+	registryMu.Unlock()
+}

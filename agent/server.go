@@ -1,0 +1,61 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+)
+
+// service implements the PolicyAgent gRPC service.
+type service struct {
+	agentv1.UnimplementedPolicyAgentServer
+	exec *Executor
+}
+
+func (s *service) GetAgentConfig(context.Context, *agentv1.GetAgentConfigRequest) (*agentv1.GetAgentConfigResponse, error) {
+	return s.exec.Describe(), nil
+}
+
+func (s *service) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+	return s.exec.Execute(ctx, req), nil
+}
+
+// ExecuteStream serves many chains over one stream. Each request runs in its own goroutine so
+// that a slow policy does not hold up the others; sends are serialised.
+func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) error {
+	ctx := stream.Context()
+	var (
+		sendMu  sync.Mutex
+		wg      sync.WaitGroup
+		sendErr error
+	)
+	defer wg.Wait()
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if status.Code(err) == codes.Canceled {
+				return nil
+			}
+			return err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp := s.exec.Execute(ctx, req)
+			sendMu.Lock()
+			defer sendMu.Unlock()
+			if sendErr == nil {
+				sendErr = stream.Send(resp)
+			}
+		}()
+	}
+}

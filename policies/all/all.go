@@ -1,0 +1,8 @@
+// Package all imports every compiled-in policy, so that each registers itself with the agent.
+package all
+
+import (
+	_ "github.com/policy-engine/policy-engine/policies/allowall"
+	_ "github.com/policy-engine/policy-engine/policies/apikeyauth"
+	_ "github.com/policy-engine/policy-engine/policies/securityheaders"
+)

@@ -1,0 +1,213 @@
+// Package apikeyauth is the apiKeyAuth policy (specification §4.2.1): it authenticates a request
+// by an API key in a header, answers 401 when the key is missing and 403 when it is wrong, and
+// passes the key's user id on in X-User-ID and in state.
+//
+// Keys are configured in the agent config, never in the kernel's, under
+// agent_core.policies.config.apiKeyAuth.keys, each as its SHA-256 (key_sha256), the name of an
+// environment variable that holds it (key_env), or the key itself (key). They are held only as
+// SHA-256 digests and compared in constant time; a key is never logged or echoed.
+package apikeyauth
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/policy-engine/policy-engine/internal/headers"
+)
+
+// Name is the policy's name in chains.
+const Name = "apiKeyAuth"
+
+const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type":"object","additionalProperties":false,"properties":{` +
+	`"header_name":{"type":"string","default":"X-API-Key","description":"request header that carries the key"},` +
+	`"required":{"type":"boolean","default":true,"description":"deny requests without a key (401); when false they pass unauthenticated"},` +
+	`"user_id_header":{"type":"string","default":"X-User-ID","description":"request header set to the key's user id"},` +
+	`"remove_key_header":{"type":"boolean","default":false,"description":"remove the key header before the request goes upstream"}}}`
+
+// Key is one configured API key.
+type Key struct {
+	KeySHA256 string `json:"key_sha256"`
+	KeyEnv    string `json:"key_env"`
+	Key       string `json:"key"`
+	UserID    string `json:"user_id"`
+}
+
+// Config is agent_core.policies.config.apiKeyAuth.
+type Config struct {
+	Keys []Key `json:"keys"`
+}
+
+// Settings are a chain entry's metadata.
+type Settings struct {
+	HeaderName      string `json:"header_name"`
+	Required        *bool  `json:"required"`
+	UserIDHeader    string `json:"user_id_header"`
+	RemoveKeyHeader bool   `json:"remove_key_header"`
+}
+
+type storedKey struct {
+	digest [sha256.Size]byte
+	userID string
+}
+
+// Factory holds the configured keys.
+type Factory struct {
+	keys []storedKey
+}
+
+func init() {
+	policy.Register(policy.Module{
+		Name:           Name,
+		Version:        "1.0.0",
+		Description:    "Authenticates requests by API key.",
+		Phases:         policy.Request,
+		MetadataSchema: schema,
+		New:            New,
+	})
+}
+
+// New makes the factory from the policy's agent config section.
+func New(c policy.Config) (policy.Factory, error) {
+	var cfg Config
+	if err := c.Decode(&cfg); err != nil {
+		return nil, err
+	}
+	f := &Factory{}
+	var errs []error
+	for i, k := range cfg.Keys {
+		sk, err := k.digest()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("keys[%d]: %w", i, err))
+			continue
+		}
+		if k.UserID == "" {
+			errs = append(errs, fmt.Errorf("keys[%d]: user_id is required", i))
+			continue
+		}
+		if err := headers.ValidValue(k.UserID); err != nil {
+			errs = append(errs, fmt.Errorf("keys[%d]: user_id: %w", i, err))
+			continue
+		}
+		f.keys = append(f.keys, storedKey{digest: sk, userID: k.UserID})
+	}
+	return f, errors.Join(errs...)
+}
+
+func (k Key) digest() ([sha256.Size]byte, error) {
+	var d [sha256.Size]byte
+	set := 0
+	for _, s := range []string{k.KeySHA256, k.KeyEnv, k.Key} {
+		if s != "" {
+			set++
+		}
+	}
+	if set != 1 {
+		return d, errors.New("exactly one of key_sha256, key_env and key must be set")
+	}
+	switch {
+	case k.KeySHA256 != "":
+		b, err := hex.DecodeString(k.KeySHA256)
+		if err != nil || len(b) != sha256.Size || strings.ToLower(k.KeySHA256) != k.KeySHA256 {
+			return d, errors.New("key_sha256 must be 64 lowercase hex digits")
+		}
+		copy(d[:], b)
+	case k.KeyEnv != "":
+		v, ok := os.LookupEnv(k.KeyEnv)
+		if !ok || v == "" {
+			return d, fmt.Errorf("key_env: environment variable %q is not set", k.KeyEnv)
+		}
+		d = sha256.Sum256([]byte(v))
+	default:
+		d = sha256.Sum256([]byte(k.Key))
+	}
+	return d, nil
+}
+
+// Build compiles a chain entry's metadata.
+func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
+	s := Settings{HeaderName: "X-API-Key", UserIDHeader: "X-User-ID"}
+	if err := policy.DecodeMetadata(md, &s); err != nil {
+		return nil, err
+	}
+	p := &APIKeyAuth{
+		keys:         f.keys,
+		header:       strings.ToLower(s.HeaderName),
+		required:     s.Required == nil || *s.Required,
+		userIDHeader: strings.ToLower(s.UserIDHeader),
+		removeKey:    s.RemoveKeyHeader,
+	}
+	if err := headers.ValidName(p.header); err != nil || strings.HasPrefix(p.header, ":") {
+		return nil, fmt.Errorf("header_name: invalid header name %q", s.HeaderName)
+	}
+	if err := headers.ValidName(p.userIDHeader); err != nil || !headers.SetAllowed(p.userIDHeader) {
+		return nil, fmt.Errorf("user_id_header: %q cannot be set", s.UserIDHeader)
+	}
+	p.missing = policy.Deny(401, "unauthorized", "API key required", map[string]string{"www-authenticate": "API-Key"})
+	p.invalid = policy.Deny(403, "forbidden", "invalid API key", nil)
+	return p, nil
+}
+
+// APIKeyAuth checks API keys.
+type APIKeyAuth struct {
+	keys         []storedKey
+	header       string
+	required     bool
+	userIDHeader string
+	removeKey    bool
+	// Denials are built once; their instructions are shared read-only.
+	missing, invalid policy.Result
+}
+
+// Execute authenticates the request.
+func (p *APIKeyAuth) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
+	key := c.Headers[p.header]
+	if key == "" {
+		if p.required {
+			return p.missing, nil
+		}
+		return policy.Result{}, nil
+	}
+	userID, ok := p.lookup(key)
+	if !ok {
+		return p.invalid, nil
+	}
+	r := policy.Allow(
+		policy.SetHeader(p.userIDHeader, userID),
+		policy.SetState("user_id", userID),
+		policy.SetState("auth_method", "api_key"),
+	)
+	if p.removeKey {
+		r.Instructions = append(r.Instructions, policy.RemoveHeader(p.header))
+	}
+	r.Metadata = map[string]string{"auth_method": "api_key"}
+	return r, nil
+}
+
+// lookup compares the key's digest with every configured digest in constant time, without
+// stopping at the first match, so timing tells nothing about which key matched or how close a
+// guess came.
+func (p *APIKeyAuth) lookup(key string) (string, bool) {
+	d := sha256.Sum256([]byte(key))
+	match := -1
+	for i := range p.keys {
+		if subtle.ConstantTimeCompare(d[:], p.keys[i].digest[:]) == 1 {
+			match = i
+		}
+	}
+	if match < 0 {
+		return "", false
+	}
+	return p.keys[match].userID, true
+}
+
+var (
+	_ policy.Factory = (*Factory)(nil)
+	_ policy.Policy  = (*APIKeyAuth)(nil)
+)
