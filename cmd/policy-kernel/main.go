@@ -1,0 +1,27 @@
+// Command policy-kernel runs the policy-kernel, Envoy's ext_proc server: see package kernel.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/policy-engine/policy-engine/kernel"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := kernel.Main(ctx, os.Args[1:], os.Stderr)
+	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "policy-kernel: %v\n", err)
+		os.Exit(1)
+	}
+}

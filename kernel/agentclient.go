@@ -1,0 +1,110 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/uds"
+)
+
+// AgentClient is how the kernel talks to one policy-agent. The transport behind it (a unary
+// RPC per call, or long-lived multiplexed streams) is the client's business.
+type AgentClient interface {
+	// Execute runs one chain. An error wrapping ErrNotDelivered means the request never
+	// reached the agent, so no policy ran and a retry is safe.
+	Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error)
+	GetAgentConfig(ctx context.Context) (*agentv1.GetAgentConfigResponse, error)
+	// Check asks the agent's gRPC health service.
+	Check(ctx context.Context) error
+	Close() error
+}
+
+// ErrNotDelivered marks an agent call that failed before the agent could see it.
+var ErrNotDelivered = errors.New("request not delivered to the agent")
+
+// grpcAgentClient keeps a fixed pool of connections to an agent's Unix socket and spreads
+// calls over them round-robin. Connections reconnect by themselves with a short backoff, so an
+// agent that comes back is used again within a second.
+type grpcAgentClient struct {
+	conns  []*grpc.ClientConn
+	agents []agentv1.PolicyAgentClient
+	next   atomic.Uint32
+}
+
+// dialAgent opens n connections to the agent at socketPath. Connecting is lazy: a missing
+// agent is not an error here.
+func dialAgent(socketPath string, n int, maxMsg int) (*grpcAgentClient, error) {
+	c := &grpcAgentClient{}
+	target := "unix://" + uds.Path(socketPath)
+	for i := 0; i < n; i++ {
+		conn, err := grpc.NewClient(target,
+			grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithConnectParams(grpc.ConnectParams{
+				Backoff:           backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+				MinConnectTimeout: time.Second,
+			}),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMsg), grpc.MaxCallSendMsgSize(maxMsg)),
+		)
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("dial agent at %q: %w", socketPath, err)
+		}
+		conn.Connect()
+		c.conns = append(c.conns, conn)
+		c.agents = append(c.agents, agentv1.NewPolicyAgentClient(conn))
+	}
+	return c, nil
+}
+
+func (c *grpcAgentClient) pick() int {
+	return int(c.next.Add(1) % uint32(len(c.conns)))
+}
+
+func (c *grpcAgentClient) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+	i := c.pick()
+	// A call on a connection that is not ready when it starts can only fail before the
+	// agent reads it; on a ready connection an Unavailable error may come after delivery.
+	wasReady := c.conns[i].GetState() == connectivity.Ready
+	resp, err := c.agents[i].Execute(ctx, req)
+	if err != nil && !wasReady && status.Code(err) == codes.Unavailable {
+		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, err)
+	}
+	return resp, err
+}
+
+func (c *grpcAgentClient) GetAgentConfig(ctx context.Context) (*agentv1.GetAgentConfigResponse, error) {
+	return c.agents[c.pick()].GetAgentConfig(ctx, &agentv1.GetAgentConfigRequest{})
+}
+
+func (c *grpcAgentClient) Check(ctx context.Context) error {
+	resp, err := healthpb.NewHealthClient(c.conns[c.pick()]).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		return err
+	}
+	if resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		return fmt.Errorf("agent reports %s", resp.GetStatus())
+	}
+	return nil
+}
+
+func (c *grpcAgentClient) Close() error {
+	var errs []error
+	for _, conn := range c.conns {
+		errs = append(errs, conn.Close())
+	}
+	return errors.Join(errs...)
+}
+
+var _ AgentClient = (*grpcAgentClient)(nil)

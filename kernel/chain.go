@@ -1,0 +1,220 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+)
+
+// skipResponseMode asks Envoy not to send the response headers of a request whose route has no
+// response chain: one message per HTTP request instead of two.
+var skipResponseMode = &filterv3.ProcessingMode{
+	RequestHeaderMode:   filterv3.ProcessingMode_SEND,
+	ResponseHeaderMode:  filterv3.ProcessingMode_SKIP,
+	RequestBodyMode:     filterv3.ProcessingMode_NONE,
+	ResponseBodyMode:    filterv3.ProcessingMode_NONE,
+	RequestTrailerMode:  filterv3.ProcessingMode_SKIP,
+	ResponseTrailerMode: filterv3.ProcessingMode_SKIP,
+}
+
+// mode returns the processing mode the route needs, sent as mode_override on the reply to
+// request_headers (Envoy honours it when the filter sets allow_mode_override): a buffered body
+// only for a chain that reads one, and no response messages for a route without a response
+// chain. nil leaves Envoy's configured mode alone, which is what the route needs when it
+// matches Envoy's defaults.
+func (r *Route) mode() *filterv3.ProcessingMode {
+	return r.procMode
+}
+
+func computeMode(r *Route) *filterv3.ProcessingMode {
+	if r.invalid != "" {
+		return nil
+	}
+	if r.response.empty() && !r.request.body {
+		return skipResponseMode
+	}
+	if !r.request.body && !r.response.body {
+		return nil
+	}
+	m := &filterv3.ProcessingMode{
+		RequestHeaderMode:   filterv3.ProcessingMode_SEND,
+		ResponseHeaderMode:  filterv3.ProcessingMode_SEND,
+		RequestBodyMode:     filterv3.ProcessingMode_NONE,
+		ResponseBodyMode:    filterv3.ProcessingMode_NONE,
+		RequestTrailerMode:  filterv3.ProcessingMode_SKIP,
+		ResponseTrailerMode: filterv3.ProcessingMode_SKIP,
+	}
+	if r.request.body {
+		m.RequestBodyMode = filterv3.ProcessingMode_BUFFERED
+	}
+	if r.response.empty() {
+		m.ResponseHeaderMode = filterv3.ProcessingMode_SKIP
+	}
+	if r.response.body {
+		m.ResponseBodyMode = filterv3.ProcessingMode_BUFFERED
+	}
+	return m
+}
+
+// chainResult is what a chain run comes to for Envoy: either an immediate response, or a
+// CommonResponse (nil when nothing changes).
+type chainResult struct {
+	immediate *extprocv3.ImmediateResponse
+	common    *extprocv3.CommonResponse
+}
+
+// runChain runs the route's chain of a phase on the agent and turns the outcome into Envoy's
+// terms. It always returns an answer within the message budget: the agent's answer, or the
+// deny or continue that the agent's fail_open setting asks for.
+func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyPhase, start time.Time, inBody bool) chainResult {
+	route := st.route
+	ch := &route.request
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		ch = &route.response
+	}
+	cfg := st.snap.Config
+	req := &agentv1.PolicyRequest{
+		RequestId: st.requestID,
+		Policies:  ch.policies,
+		Context:   st.reqCtx,
+		Phase:     phase,
+		State:     st.state,
+		RouteName: route.Name,
+	}
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		req.Response = &agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
+	}
+	agent := route.agent
+	resp, err := s.callAgent(ctx, agent, req, start, cfg.Server.MessageTimeoutMS)
+	defer route.metrics.duration.UpdateDuration(start)
+	if err != nil {
+		return s.agentFailed(st, agent, err)
+	}
+	if resp.GetCallId() != req.GetCallId() {
+		return s.invalidReply(st, errors.New("reply for another call"))
+	}
+	switch resp.GetStatus().GetCode() {
+	case agentv1.StatusCode_OK, agentv1.StatusCode_POLICY_DENIED:
+	case agentv1.StatusCode_TIMEOUT:
+		return s.agentFailed(st, agent, context.DeadlineExceeded)
+	case agentv1.StatusCode_POLICY_ERROR:
+		route.metrics.requests[statusError].Inc()
+		if s.errLog.Allow() {
+			s.log.Warn().Str("route", route.Name).Str("request_id", st.requestID).
+				Str("policy", resp.GetStatus().GetPolicyName()).Str("error", resp.GetMessage()).Msg("policy failed; request denied")
+		}
+		return chainResult{immediate: denial(cfg.Server.StatusOnError, "policy_error", "a policy failed")}
+	default:
+		return s.invalidReply(st, errors.New("unknown status code"))
+	}
+	m, err := buildMutation(phase, resp.GetInstructions(), st.setState)
+	if err != nil {
+		return s.invalidReply(st, err)
+	}
+	if resp.GetStatus().GetCode() == agentv1.StatusCode_POLICY_DENIED && m.immediate == nil {
+		m.immediate = denial(403, "forbidden", "denied by policy")
+	}
+	res := chainResult{immediate: m.immediate}
+	if res.immediate == nil {
+		res.common = m.common(inBody)
+		route.metrics.requests[statusAllow].Inc()
+	} else {
+		route.metrics.requests[statusDeny].Inc()
+	}
+	if len(m.dropped) > 0 {
+		route.metrics.rejected.Add(len(m.dropped))
+		if route.droppedLogged.CompareAndSwap(false, true) {
+			s.log.Warn().Str("route", route.Name).Strs("dropped", m.dropped).
+				Msg("dropped mutations that Envoy would reject (logged once per route)")
+		}
+	}
+	return res
+}
+
+func (st *stream) setState(k, v string) {
+	if st.state == nil {
+		st.state = make(map[string]string, 4)
+	}
+	st.state[k] = v
+}
+
+// callAgent calls the agent within the message budget: each attempt gets the agent's
+// timeout_ms or what is left of the budget, and a call is retried only when it never reached
+// the agent, so no policy runs twice.
+func (s *Server) callAgent(ctx context.Context, agent *agentState, req *agentv1.PolicyRequest, start time.Time, messageTimeoutMS int) (*agentv1.PolicyResponse, error) {
+	// Answer Envoy a little before its message_timeout, so that our deny or continue wins.
+	budget := time.Duration(messageTimeoutMS) * time.Millisecond * 9 / 10
+	deadline := start.Add(budget)
+	cfg := agent.cfg
+	var lastErr error
+	for attempt := 1; attempt <= cfg.Retry.MaxAttempts; attempt++ {
+		remaining := time.Until(deadline)
+		if remaining <= 0 {
+			break
+		}
+		timeout := min(time.Duration(cfg.TimeoutMS)*time.Millisecond, remaining)
+		req.DeadlineMs = timeout.Milliseconds()
+		actx, cancel := context.WithTimeout(ctx, timeout)
+		resp, err := agent.client.Execute(actx, req)
+		cancel()
+		if err == nil {
+			return resp, nil
+		}
+		lastErr = err
+		if !errors.Is(err, ErrNotDelivered) || ctx.Err() != nil {
+			break
+		}
+		backoff := time.Duration(cfg.Retry.BackoffMS*attempt) * time.Millisecond
+		if time.Until(deadline) <= backoff {
+			break
+		}
+		time.Sleep(backoff)
+	}
+	if lastErr == nil {
+		lastErr = context.DeadlineExceeded
+	}
+	return nil, lastErr
+}
+
+// agentFailed answers for an agent that could not be asked: continue when the agent is
+// fail-open, else deny.
+func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResult {
+	route := st.route
+	timeout := errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded
+	if timeout {
+		agent.metrics.timeouts.Inc()
+	} else {
+		agent.metrics.unavailable.Inc()
+	}
+	if s.errLog.Allow() {
+		s.log.Error().Str("agent", agent.cfg.Name).Str("route", route.Name).Str("request_id", st.requestID).
+			Bool("timeout", timeout).Bool("fail_open", agent.cfg.FailOpen).Str("error", err.Error()).Msg("policy agent call failed")
+	}
+	if agent.cfg.FailOpen {
+		route.metrics.requests[statusFailOpen].Inc()
+		return chainResult{}
+	}
+	route.metrics.requests[statusError].Inc()
+	code := "policy_agent_unavailable"
+	if timeout {
+		code = "policy_agent_timeout"
+	}
+	return chainResult{immediate: denial(st.snap.Config.Server.StatusOnError, code, "the policy agent could not decide")}
+}
+
+// invalidReply answers for an agent reply the kernel cannot act on: deny with 500, whatever
+// fail_open says, because the agent was reached and said something wrong (§3.5).
+func (s *Server) invalidReply(st *stream, err error) chainResult {
+	st.route.metrics.requests[statusError].Inc()
+	if s.errLog.Allow() {
+		s.log.Error().Str("route", st.route.Name).Str("request_id", st.requestID).Str("error", err.Error()).Msg("invalid agent response; request denied")
+	}
+	return chainResult{immediate: denial(500, "invalid_agent_response", "the policy agent answered something the kernel cannot apply")}
+}

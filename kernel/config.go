@@ -1,0 +1,287 @@
+package kernel
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/yamlconf"
+)
+
+// Config is the kernel's config file (specification §3.2).
+type Config struct {
+	PolicyKernel *KernelConfig `yaml:"policy_kernel" required:"true"`
+}
+
+// KernelConfig is the policy_kernel section.
+type KernelConfig struct {
+	// Version is an optional label shown with the config's content hash.
+	Version       string              `yaml:"version"`
+	Server        ServerConfig        `yaml:"server"`
+	Agents        []AgentConfig       `yaml:"agents" required:"true"`
+	RoutePolicies []RoutePolicy       `yaml:"route_policies"`
+	DefaultPolicy *ChainPair          `yaml:"default_policy"`
+	Observability ObservabilityConfig `yaml:"observability"`
+}
+
+// ServerConfig is the ext_proc listener.
+type ServerConfig struct {
+	Address              string `yaml:"address"`
+	Port                 int    `yaml:"port"`
+	MaxConcurrentStreams uint32 `yaml:"max_concurrent_streams"`
+	// MessageTimeoutMS is Envoy's message_timeout for this filter; the kernel answers every
+	// message within it, whatever the agent does.
+	MessageTimeoutMS int `yaml:"message_timeout_ms"`
+	// MaxBodySizeBytes caps a body the kernel asks Envoy for (Envoy's buffer limit).
+	MaxBodySizeBytes int `yaml:"max_body_size_bytes"`
+	// DrainDelayMS is how long the kernel keeps accepting new streams after SIGTERM while
+	// reporting not ready, so that load balancers and Envoy's health checks notice first.
+	DrainDelayMS int `yaml:"drain_delay_ms"`
+	// StatusOnError is the HTTP status of a request denied because the kernel could not
+	// decide (agent down, invalid route, invalid agent reply).
+	StatusOnError int `yaml:"status_on_error"`
+}
+
+// AgentConfig is one policy-agent.
+type AgentConfig struct {
+	Name                  string      `yaml:"name" required:"true"`
+	SocketPath            string      `yaml:"socket_path" required:"true"`
+	TimeoutMS             int         `yaml:"timeout_ms"`
+	Retry                 RetryConfig `yaml:"retry"`
+	HealthCheckIntervalMS int         `yaml:"health_check_interval_ms"`
+	// FailOpen lets requests through when the agent is unavailable or times out.
+	FailOpen bool `yaml:"fail_open"`
+	// Connections is the number of connections kept open to the agent.
+	Connections int `yaml:"connections"`
+}
+
+// RetryConfig bounds the retries of an agent call that never reached the agent.
+type RetryConfig struct {
+	MaxAttempts int `yaml:"max_attempts"`
+	BackoffMS   int `yaml:"backoff_ms"`
+}
+
+// RoutePolicy is one route's chains.
+type RoutePolicy struct {
+	RouteName string `yaml:"route_name" required:"true"`
+	// Agent names the agent that runs the chains; default: the first agent.
+	Agent               string       `yaml:"agent"`
+	RequestPolicyChain  []ChainEntry `yaml:"request_policy_chain"`
+	ResponsePolicyChain []ChainEntry `yaml:"response_policy_chain"`
+}
+
+// ChainPair is the default policy's chains.
+type ChainPair struct {
+	Agent               string       `yaml:"agent"`
+	RequestPolicyChain  []ChainEntry `yaml:"request_policy_chain"`
+	ResponsePolicyChain []ChainEntry `yaml:"response_policy_chain"`
+}
+
+// ChainEntry is one policy of a chain.
+type ChainEntry struct {
+	Policy    string            `yaml:"policy" required:"true"`
+	Metadata  yamlconf.Metadata `yaml:"metadata"`
+	OnFailure string            `yaml:"on_failure"`
+}
+
+// ObservabilityConfig sets metrics, logs and tracing.
+type ObservabilityConfig struct {
+	MetricsPort int `yaml:"metrics_port"`
+	// MetricsAddress is the address the metrics port binds to; default 0.0.0.0.
+	MetricsAddress string        `yaml:"metrics_address"`
+	LogLevel       string        `yaml:"log_level"`
+	PprofEnabled   *bool         `yaml:"pprof_enabled"`
+	Tracing        TracingConfig `yaml:"tracing"`
+}
+
+// TracingConfig sets OpenTelemetry tracing.
+type TracingConfig struct {
+	Enabled      bool    `yaml:"enabled"`
+	SamplingRate float64 `yaml:"sampling_rate"`
+	// Endpoint is the OTLP/gRPC collector, host:port.
+	Endpoint string `yaml:"endpoint"`
+}
+
+// Defaults of the kernel config.
+const (
+	DefaultPort                  = 9001
+	DefaultMaxConcurrentStreams  = 1000
+	DefaultMessageTimeoutMS      = 200
+	DefaultMaxBodySizeBytes      = 1 << 20
+	DefaultAgentTimeoutMS        = 150
+	MaxAgentTimeoutMS            = 5000
+	DefaultHealthCheckIntervalMS = 5000
+	DefaultBackoffMS             = 10
+	DefaultConnections           = 2
+	DefaultStatusOnError         = 500
+	DefaultMetricsPort           = 9090
+)
+
+// LoadConfig reads, decodes and validates a kernel config file.
+func LoadConfig(path string) (*Config, []byte, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read kernel config: %w", err)
+	}
+	cfg, err := ParseConfig(path, data)
+	return cfg, data, err
+}
+
+// ParseConfig decodes and validates a kernel config; file names the source in errors. Every
+// problem is reported at once.
+func ParseConfig(file string, data []byte) (*Config, error) {
+	var cfg Config
+	if err := yamlconf.Decode(file, data, &cfg); err != nil {
+		return nil, err
+	}
+	k := cfg.PolicyKernel
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: policy_kernel.%s: %s", file, key, fmt.Sprintf(format, args...)))
+	}
+	s := &k.Server
+	if s.Address == "" {
+		s.Address = "0.0.0.0"
+	}
+	if s.Port == 0 {
+		s.Port = DefaultPort
+	}
+	if s.Port < 0 || s.Port > 65535 {
+		bad("server.port", "must be from 0 to 65535, got %d", s.Port)
+	}
+	if s.MaxConcurrentStreams == 0 {
+		s.MaxConcurrentStreams = DefaultMaxConcurrentStreams
+	}
+	if s.MessageTimeoutMS == 0 {
+		s.MessageTimeoutMS = DefaultMessageTimeoutMS
+	}
+	if s.MessageTimeoutMS < 0 {
+		bad("server.message_timeout_ms", "must be positive, got %d", s.MessageTimeoutMS)
+	}
+	if s.MaxBodySizeBytes == 0 {
+		s.MaxBodySizeBytes = DefaultMaxBodySizeBytes
+	}
+	if s.MaxBodySizeBytes < 0 {
+		bad("server.max_body_size_bytes", "must be positive, got %d", s.MaxBodySizeBytes)
+	}
+	if s.DrainDelayMS < 0 {
+		bad("server.drain_delay_ms", "must not be negative, got %d", s.DrainDelayMS)
+	}
+	if s.StatusOnError == 0 {
+		s.StatusOnError = DefaultStatusOnError
+	}
+	if s.StatusOnError < 200 || s.StatusOnError > 599 {
+		bad("server.status_on_error", "must be an HTTP status from 200 to 599, got %d", s.StatusOnError)
+	}
+
+	if len(k.Agents) == 0 {
+		bad("agents", "at least one agent is required")
+	}
+	agents := map[string]bool{}
+	for i := range k.Agents {
+		a := &k.Agents[i]
+		key := fmt.Sprintf("agents[%d]", i)
+		if a.Name == "" {
+			bad(key+".name", "must not be empty")
+		} else if agents[a.Name] {
+			bad(key+".name", "duplicate agent name %q", a.Name)
+		}
+		agents[a.Name] = true
+		if a.SocketPath == "" {
+			bad(key+".socket_path", "must not be empty")
+		}
+		if a.TimeoutMS == 0 {
+			a.TimeoutMS = DefaultAgentTimeoutMS
+		}
+		if a.TimeoutMS < 0 || a.TimeoutMS > MaxAgentTimeoutMS {
+			bad(key+".timeout_ms", "must be from 1 to %d, got %d", MaxAgentTimeoutMS, a.TimeoutMS)
+		}
+		if a.Retry.MaxAttempts == 0 {
+			a.Retry.MaxAttempts = 1
+		}
+		if a.Retry.MaxAttempts < 0 || a.Retry.MaxAttempts > 10 {
+			bad(key+".retry.max_attempts", "must be from 1 to 10, got %d", a.Retry.MaxAttempts)
+		}
+		if a.Retry.BackoffMS == 0 {
+			a.Retry.BackoffMS = DefaultBackoffMS
+		}
+		if a.Retry.BackoffMS < 0 {
+			bad(key+".retry.backoff_ms", "must not be negative, got %d", a.Retry.BackoffMS)
+		}
+		if a.HealthCheckIntervalMS == 0 {
+			a.HealthCheckIntervalMS = DefaultHealthCheckIntervalMS
+		}
+		if a.HealthCheckIntervalMS < 0 {
+			bad(key+".health_check_interval_ms", "must be positive, got %d", a.HealthCheckIntervalMS)
+		}
+		if a.Connections == 0 {
+			a.Connections = DefaultConnections
+		}
+		if a.Connections < 0 || a.Connections > 64 {
+			bad(key+".connections", "must be from 1 to 64, got %d", a.Connections)
+		}
+	}
+
+	routes := map[string]bool{}
+	for i := range k.RoutePolicies {
+		r := &k.RoutePolicies[i]
+		key := fmt.Sprintf("route_policies[%d]", i)
+		if r.RouteName == "" {
+			bad(key+".route_name", "must not be empty")
+		} else if routes[r.RouteName] {
+			bad(key+".route_name", "duplicate route %q", r.RouteName)
+		}
+		routes[r.RouteName] = true
+		if r.Agent != "" && !agents[r.Agent] {
+			bad(key+".agent", "no agent named %q", r.Agent)
+		}
+		checkChain(bad, key+".request_policy_chain", r.RequestPolicyChain)
+		checkChain(bad, key+".response_policy_chain", r.ResponsePolicyChain)
+	}
+	if d := k.DefaultPolicy; d != nil {
+		if d.Agent != "" && !agents[d.Agent] {
+			bad("default_policy.agent", "no agent named %q", d.Agent)
+		}
+		checkChain(bad, "default_policy.request_policy_chain", d.RequestPolicyChain)
+		checkChain(bad, "default_policy.response_policy_chain", d.ResponsePolicyChain)
+	}
+
+	o := &k.Observability
+	if o.MetricsPort == 0 {
+		o.MetricsPort = DefaultMetricsPort
+	}
+	if o.MetricsPort < -1 || o.MetricsPort > 65535 {
+		bad("observability.metrics_port", "must be from 0 to 65535, or -1 to turn it off, got %d", o.MetricsPort)
+	}
+	if o.MetricsAddress == "" {
+		o.MetricsAddress = "0.0.0.0"
+	}
+	if _, err := logging.ParseLevel(o.LogLevel); err != nil {
+		bad("observability.log_level", "%v", err)
+	}
+	if o.Tracing.SamplingRate < 0 || o.Tracing.SamplingRate > 1 {
+		bad("observability.tracing.sampling_rate", "must be from 0 to 1, got %g", o.Tracing.SamplingRate)
+	}
+	if o.Tracing.Enabled && o.Tracing.Endpoint == "" {
+		bad("observability.tracing.endpoint", "required when tracing is enabled")
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return &cfg, nil
+}
+
+func checkChain(bad func(key, format string, args ...any), key string, chain []ChainEntry) {
+	for i, e := range chain {
+		k := fmt.Sprintf("%s[%d]", key, i)
+		if e.Policy == "" {
+			bad(k+".policy", "must not be empty")
+		}
+		switch e.OnFailure {
+		case "", "deny", "continue", "skip_remaining":
+		default:
+			bad(k+".on_failure", "must be deny, continue or skip_remaining, got %q", e.OnFailure)
+		}
+	}
+}

@@ -1,0 +1,152 @@
+package kernel
+
+import (
+	"sync"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/policy-engine/policy-engine/internal/obs"
+)
+
+// Request outcomes, the status label of policy_kernel_requests_total.
+const (
+	statusAllow        = "allow"
+	statusDeny         = "deny"
+	statusError        = "error"
+	statusFailOpen     = "fail_open"
+	statusInvalidRoute = "invalid_route"
+)
+
+var allStatuses = []string{statusAllow, statusDeny, statusError, statusFailOpen, statusInvalidRoute}
+
+// kernelMetrics is the kernel's long-lived metric set. Per-route series are created when a
+// snapshot is built, so the hot path only increments; series of routes that a reload removed
+// are unregistered.
+type kernelMetrics struct {
+	set *metrics.Set
+
+	mu     sync.Mutex
+	routes map[string]*routeMetrics // key: route + "\x00" + agent
+	agents map[string]*agentMetrics
+
+	reloadSuccess, reloadFailure *metrics.Counter
+	lastReloadSuccess            *metrics.Gauge
+	lastReloadSuccessTS          float64
+	infoVersion                  string
+	protocolErrors               *metrics.Counter
+}
+
+type routeMetrics struct {
+	names    []string
+	requests map[string]*metrics.Counter
+	duration *metrics.Histogram
+	rejected *metrics.Counter
+}
+
+type agentMetrics struct {
+	timeouts    *metrics.Counter
+	unavailable *metrics.Counter
+	healthy     *metrics.Gauge
+	healthVal   atomicFloat
+}
+
+func newKernelMetrics() *kernelMetrics {
+	m := &kernelMetrics{set: metrics.NewSet(), routes: map[string]*routeMetrics{}, agents: map[string]*agentMetrics{}}
+	m.reloadSuccess = m.set.NewCounter(`policy_kernel_config_reload_total{status="success"}`)
+	m.reloadFailure = m.set.NewCounter(`policy_kernel_config_reload_total{status="failure"}`)
+	m.lastReloadSuccess = m.set.NewGauge(`policy_kernel_config_last_reload_success_timestamp_seconds`, func() float64 {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return m.lastReloadSuccessTS
+	})
+	m.protocolErrors = m.set.NewCounter(`policy_kernel_protocol_errors_total`)
+	return m
+}
+
+// markReloaded records the time of a successful reload.
+func (m *kernelMetrics) markReloaded() {
+	m.mu.Lock()
+	m.lastReloadSuccessTS = float64(time.Now().UnixNano()) / 1e9
+	m.mu.Unlock()
+}
+
+// forRoute returns the series of a route and agent, creating them on first use.
+func (m *kernelMetrics) forRoute(route, agent string) *routeMetrics {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	key := route + "\x00" + agent
+	if rm := m.routes[key]; rm != nil {
+		return rm
+	}
+	labels := `route=` + obs.Label(route) + `,agent=` + obs.Label(agent)
+	rm := &routeMetrics{requests: map[string]*metrics.Counter{}}
+	for _, s := range allStatuses {
+		name := `policy_kernel_requests_total{` + labels + `,status="` + s + `"}`
+		rm.requests[s] = m.set.GetOrCreateCounter(name)
+		rm.names = append(rm.names, name)
+	}
+	dname := `policy_kernel_request_duration_seconds{` + labels + `}`
+	rm.duration = m.set.GetOrCreateHistogram(dname)
+	rname := `policy_kernel_mutations_rejected_total{` + labels + `}`
+	rm.rejected = m.set.GetOrCreateCounter(rname)
+	rm.names = append(rm.names, dname, rname)
+	m.routes[key] = rm
+	return rm
+}
+
+// forAgent returns the series of an agent, creating them on first use.
+func (m *kernelMetrics) forAgent(agent string) *agentMetrics {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if am := m.agents[agent]; am != nil {
+		return am
+	}
+	l := obs.Label(agent)
+	am := &agentMetrics{
+		timeouts:    m.set.GetOrCreateCounter(`policy_kernel_agent_timeouts_total{agent=` + l + `}`),
+		unavailable: m.set.GetOrCreateCounter(`policy_kernel_agent_unavailable_total{agent=` + l + `}`),
+	}
+	am.healthy = m.set.GetOrCreateGauge(`policy_kernel_agent_health{agent=`+l+`}`, am.healthVal.Load)
+	m.agents[agent] = am
+	return am
+}
+
+// retain unregisters the series of every route and agent not in keep.
+func (m *kernelMetrics) retain(routes map[string]bool, agents map[string]bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for key, rm := range m.routes {
+		if !routes[key] {
+			for _, n := range rm.names {
+				m.set.UnregisterMetric(n)
+			}
+			delete(m.routes, key)
+		}
+	}
+	for name := range m.agents {
+		if !agents[name] {
+			l := obs.Label(name)
+			m.set.UnregisterMetric(`policy_kernel_agent_timeouts_total{agent=` + l + `}`)
+			m.set.UnregisterMetric(`policy_kernel_agent_unavailable_total{agent=` + l + `}`)
+			m.set.UnregisterMetric(`policy_kernel_agent_health{agent=` + l + `}`)
+			delete(m.agents, name)
+		}
+	}
+}
+
+// setInfo replaces the policy_kernel_config_info series with one for version.
+func (m *kernelMetrics) setInfo(version string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.infoVersion != "" {
+		m.set.UnregisterMetric(`policy_kernel_config_info{version=` + obs.Label(m.infoVersion) + `}`)
+	}
+	m.infoVersion = version
+	m.set.GetOrCreateGauge(`policy_kernel_config_info{version=`+obs.Label(version)+`}`, func() float64 { return 1 })
+}
+
+// registerStreams exports the number of open ext_proc streams.
+func (m *kernelMetrics) registerStreams(s *Server) {
+	m.set.GetOrCreateGauge(`policy_kernel_streams_active`, func() float64 { return float64(s.streams.Load()) })
+}

@@ -1,0 +1,337 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
+)
+
+// attributesKey is the map key under which Envoy sends the attributes of the ext_proc filter.
+const attributesKey = "envoy.filters.http.ext_proc"
+
+// Server is the ext_proc server.
+type Server struct {
+	extprocv3.UnimplementedExternalProcessorServer
+
+	snap    atomic.Pointer[Snapshot]
+	log     *logging.Logger
+	metrics *kernelMetrics
+	streams atomic.Int64
+	// draining makes new streams fail fast once the drain delay has passed.
+	draining atomic.Bool
+
+	errLog     *logging.Throttle
+	invalidLog *logging.Throttle
+}
+
+// NewServer returns a server with no snapshot; Store gives it one.
+func NewServer(log *logging.Logger, m *kernelMetrics) *Server {
+	return &Server{
+		log:        log,
+		metrics:    m,
+		errLog:     logging.NewThrottle(5 * time.Second),
+		invalidLog: logging.NewThrottle(5 * time.Second),
+	}
+}
+
+// Store swaps in a new snapshot. Streams already open keep the one they started with.
+func (s *Server) Store(snap *Snapshot) { s.snap.Store(snap) }
+
+// Snapshot returns the current snapshot.
+func (s *Server) Snapshot() *Snapshot { return s.snap.Load() }
+
+// stream is the per-stream state: one HTTP request's exchange.
+type stream struct {
+	snap      *Snapshot
+	route     *Route
+	seen      uint8 // bit set of the message kinds received
+	reqCtx    *agentv1.RequestContext
+	requestID string
+	state     map[string]string
+	// awaitReqBody and awaitRespBody say that a chain waits for the body of its phase.
+	awaitReqBody, awaitRespBody bool
+	respStatus                  int32
+	respHeaders                 map[string]string
+	respBody                    []byte
+}
+
+const (
+	seenRequestHeaders uint8 = 1 << iota
+	seenResponseHeaders
+)
+
+var streamPool = sync.Pool{New: func() any { return new(stream) }}
+
+func getStream(snap *Snapshot) *stream {
+	st := streamPool.Get().(*stream)
+	st.snap = snap
+	return st
+}
+
+// putStream clears every reference before pooling, so a pooled stream keeps nothing alive.
+func putStream(st *stream) {
+	*st = stream{}
+	streamPool.Put(st)
+}
+
+// Process serves one ext_proc stream: one HTTP request's exchange.
+func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
+	snap := s.snap.Load()
+	if snap == nil || s.draining.Load() {
+		return status.Error(codes.Unavailable, "policy-kernel is not serving")
+	}
+	s.streams.Add(1)
+	defer s.streams.Add(-1)
+	ctx := ps.Context()
+	st := getStream(snap)
+	defer putStream(st)
+	for {
+		req, err := ps.Recv()
+		if err != nil {
+			// Envoy ends every stream by cancelling it; that and a half-close are the
+			// normal ends of a stream.
+			if errors.Is(err, io.EOF) || status.Code(err) == codes.Canceled || errors.Is(err, context.Canceled) {
+				return nil
+			}
+			return err
+		}
+		resp, err := s.handle(ctx, st, req)
+		if err != nil {
+			s.metrics.protocolErrors.Inc()
+			if s.errLog.Allow() {
+				s.log.Warn().Str("error", err.Error()).Str("request_id", st.requestID).Msg("ext_proc protocol error")
+			}
+			return err
+		}
+		if err := ps.Send(resp); err != nil {
+			return nil // the stream is gone; Envoy has given up on it
+		}
+	}
+}
+
+func (s *Server) handle(ctx context.Context, st *stream, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
+	switch v := req.GetRequest().(type) {
+	case *extprocv3.ProcessingRequest_RequestHeaders:
+		return s.onRequestHeaders(ctx, st, req, v.RequestHeaders)
+	case *extprocv3.ProcessingRequest_RequestBody:
+		return s.onRequestBody(ctx, st, v.RequestBody)
+	case *extprocv3.ProcessingRequest_RequestTrailers:
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{RequestTrailers: &extprocv3.TrailersResponse{}}}, nil
+	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		return s.onResponseHeaders(ctx, st, v.ResponseHeaders)
+	case *extprocv3.ProcessingRequest_ResponseBody:
+		return s.onResponseBody(ctx, st, v.ResponseBody)
+	case *extprocv3.ProcessingRequest_ResponseTrailers:
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{ResponseTrailers: &extprocv3.TrailersResponse{}}}, nil
+	default:
+		return nil, status.Errorf(codes.InvalidArgument, "processing request holds no known message (%T)", v)
+	}
+}
+
+func requestHeadersReply(c *extprocv3.CommonResponse, mode *filterv3.ProcessingMode) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{
+		Response:     &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: c}},
+		ModeOverride: mode,
+	}
+}
+
+func responseHeadersReply(c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: &extprocv3.HeadersResponse{Response: c}}}
+}
+
+func requestBodyReply(c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: c}}}
+}
+
+func responseBodyReply(c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{ResponseBody: &extprocv3.BodyResponse{Response: c}}}
+}
+
+func immediateReply(ir *extprocv3.ImmediateResponse) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{ImmediateResponse: ir}}
+}
+
+// attributes returns the ext_proc filter's attributes of a message.
+func attribute(req *extprocv3.ProcessingRequest, name string) string {
+	a := req.GetAttributes()[attributesKey]
+	if a == nil {
+		return ""
+	}
+	return a.GetFields()[name].GetStringValue()
+}
+
+func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv3.ProcessingRequest, h *extprocv3.HttpHeaders) (*extprocv3.ProcessingResponse, error) {
+	if st.seen&seenRequestHeaders != 0 {
+		return nil, status.Error(codes.InvalidArgument, "request_headers received twice on one stream")
+	}
+	st.seen |= seenRequestHeaders
+	start := time.Now()
+	rc := requestContext(h)
+	rc.ClientIp = clientIP(attribute(req, "source.address"))
+	st.reqCtx = rc
+	st.requestID = rc.Headers["x-request-id"]
+	route := st.snap.route(attribute(req, "xds.route_name"), rc.Path)
+	st.route = route
+	if route == nil {
+		return requestHeadersReply(nil, skipResponseMode), nil
+	}
+	if route.invalid != "" {
+		route.metrics.requests[statusInvalidRoute].Inc()
+		if s.invalidLog.Allow() {
+			s.log.Error().Str("route", route.Name).Str("request_id", st.requestID).Str("error", route.invalid).Msg("request on an invalid route denied")
+		}
+		return immediateReply(denial(st.snap.Config.Server.StatusOnError, "invalid_route", "the route's policy chain is invalid")), nil
+	}
+	mode := route.mode()
+	if route.request.empty() {
+		route.metrics.requests[statusAllow].Inc()
+		return requestHeadersReply(nil, mode), nil
+	}
+	if route.request.body && !h.GetEndOfStream() {
+		st.awaitReqBody = true
+		return requestHeadersReply(nil, mode), nil
+	}
+	resp := s.runChain(ctx, st, agentv1.PolicyPhase_REQUEST, start, false)
+	if resp.immediate != nil {
+		return immediateReply(resp.immediate), nil
+	}
+	return requestHeadersReply(resp.common, mode), nil
+}
+
+func (s *Server) onRequestBody(ctx context.Context, st *stream, b *extprocv3.HttpBody) (*extprocv3.ProcessingResponse, error) {
+	if st.seen&seenRequestHeaders == 0 {
+		return nil, status.Error(codes.InvalidArgument, "request_body received before request_headers")
+	}
+	if !st.awaitReqBody {
+		return requestBodyReply(nil), nil
+	}
+	start := time.Now()
+	st.awaitReqBody = false
+	if len(b.GetBody()) > st.snap.Config.Server.MaxBodySizeBytes {
+		return immediateReply(denial(413, "payload_too_large", "the request body exceeds the size limit")), nil
+	}
+	st.reqCtx.Body = b.GetBody()
+	resp := s.runChain(ctx, st, agentv1.PolicyPhase_REQUEST, start, true)
+	st.reqCtx.Body = nil // the response phase does not need it
+	if resp.immediate != nil {
+		return immediateReply(resp.immediate), nil
+	}
+	return requestBodyReply(resp.common), nil
+}
+
+func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3.HttpHeaders) (*extprocv3.ProcessingResponse, error) {
+	if st.seen&seenResponseHeaders != 0 {
+		return nil, status.Error(codes.InvalidArgument, "response_headers received twice on one stream")
+	}
+	st.seen |= seenResponseHeaders
+	route := st.route
+	if route == nil || route.invalid != "" || route.response.empty() {
+		return responseHeadersReply(nil), nil
+	}
+	start := time.Now()
+	st.respHeaders = make(map[string]string, len(h.GetHeaders().GetHeaders()))
+	for _, hv := range h.GetHeaders().GetHeaders() {
+		v := headerValue(hv.GetRawValue(), hv.GetValue())
+		if hv.GetKey() == ":status" {
+			n, _ := strconv.Atoi(v)
+			st.respStatus = int32(n)
+			continue
+		}
+		addHeader(st.respHeaders, hv.GetKey(), v)
+	}
+	if route.response.body && !h.GetEndOfStream() {
+		st.awaitRespBody = true
+		return responseHeadersReply(nil), nil
+	}
+	resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, false)
+	if resp.immediate != nil {
+		return immediateReply(resp.immediate), nil
+	}
+	return responseHeadersReply(resp.common), nil
+}
+
+func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.HttpBody) (*extprocv3.ProcessingResponse, error) {
+	if !st.awaitRespBody {
+		return responseBodyReply(nil), nil
+	}
+	start := time.Now()
+	st.awaitRespBody = false
+	if len(b.GetBody()) > st.snap.Config.Server.MaxBodySizeBytes {
+		return immediateReply(denial(500, "response_too_large", "the response body exceeds the size limit")), nil
+	}
+	st.respBody = b.GetBody()
+	resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, true)
+	if resp.immediate != nil {
+		return immediateReply(resp.immediate), nil
+	}
+	return responseBodyReply(resp.common), nil
+}
+
+// headerValue returns a header's value: Envoy sends raw_value only; value is read for clients
+// that use the older field.
+func headerValue(raw []byte, value string) string {
+	if len(raw) > 0 {
+		return string(raw)
+	}
+	return value
+}
+
+// addHeader adds a header to a map, joining repeated headers with ", ".
+func addHeader(m map[string]string, k, v string) {
+	if old, ok := m[k]; ok {
+		m[k] = old + ", " + v
+		return
+	}
+	m[k] = v
+}
+
+// requestContext converts Envoy's request headers for the agent: pseudo-headers become fields,
+// the rest a map of lowercase names.
+func requestContext(h *extprocv3.HttpHeaders) *agentv1.RequestContext {
+	hs := h.GetHeaders().GetHeaders()
+	rc := &agentv1.RequestContext{Headers: make(map[string]string, len(hs))}
+	for _, hv := range hs {
+		k := hv.GetKey()
+		v := headerValue(hv.GetRawValue(), hv.GetValue())
+		if len(k) > 0 && k[0] == ':' {
+			switch k {
+			case ":method":
+				rc.Method = v
+			case ":path":
+				rc.Path = v
+			case ":scheme":
+				rc.Scheme = v
+			case ":authority":
+				rc.Authority = v
+			}
+			continue
+		}
+		addHeader(rc.Headers, strings.ToLower(k), v)
+	}
+	return rc
+}
+
+// clientIP takes the address of Envoy's source.address attribute without its port.
+func clientIP(addr string) string {
+	if addr == "" {
+		return ""
+	}
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		return host
+	}
+	return addr
+}
