@@ -431,3 +431,6 @@ func validateReport(w io.Writer, file string, snap *Snapshot) error {
 	fmt.Fprintf(w, "%s: valid (version %s)\n", file, snap.Version)
 	return nil
 }
+
+// Version of the kernel binary; set by the linker.
+var Version = "dev"
