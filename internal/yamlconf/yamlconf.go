@@ -314,9 +314,14 @@ func jsonable(v any) (any, error) {
 	case map[any]any:
 		out := make(map[string]any, len(x))
 		for k, e := range x {
-			ks, ok := k.(string)
-			if !ok {
-				return nil, fmt.Errorf("map key %v is not a string", k)
+			var ks string
+			switch kv := k.(type) {
+			case string:
+				ks = kv
+			case int, int64, uint64, float64, bool:
+				ks = fmt.Sprint(kv) // JSON object keys are strings
+			default:
+				return nil, fmt.Errorf("map key %v is not a scalar", k)
 			}
 			j, err := jsonable(e)
 			if err != nil {

@@ -1,0 +1,453 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/yamlconf"
+	"github.com/rs/zerolog"
+)
+
+// Test policies, registered once for the package's tests.
+var builds atomic.Int64
+
+type testSettings struct {
+	Key   string        `json:"key"`
+	Value string        `json:"value"`
+	Sleep time.Duration `json:"sleep"`
+	Want  string        `json:"want"`
+}
+
+type funcPolicy func(ctx context.Context, c *policy.Context) (policy.Result, error)
+
+func (f funcPolicy) Execute(ctx context.Context, c *policy.Context) (policy.Result, error) { return f(ctx, c) }
+
+func register(name string, phases policy.Phases, run func(s testSettings) funcPolicy) {
+	policy.Register(policy.Module{
+		Name: name, Version: "0.0.1", Phases: phases,
+		New: func(c policy.Config) (policy.Factory, error) {
+			var cfg struct {
+				Fail bool `json:"fail"`
+			}
+			if err := c.Decode(&cfg); err != nil {
+				return nil, err
+			}
+			if cfg.Fail {
+				return nil, errors.New("configured to fail")
+			}
+			return policy.FactoryFunc(func(md map[string]string) (policy.Policy, error) {
+				builds.Add(1)
+				var s testSettings
+				if err := policy.DecodeMetadata(md, &s); err != nil {
+					return nil, err
+				}
+				return run(s), nil
+			}), nil
+		},
+	})
+}
+
+func init() {
+	register("t.setHeader", policy.Both, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			return policy.Allow(policy.SetHeader(s.Key, s.Value)), nil
+		}
+	})
+	register("t.appendHeader", policy.Both, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			return policy.Allow(policy.AppendHeader(s.Key, s.Value)), nil
+		}
+	})
+	register("t.removeHeader", policy.Both, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			return policy.Allow(policy.RemoveHeader(s.Key)), nil
+		}
+	})
+	// t.requireHeader denies unless the header holds the wanted value: it sees what earlier
+	// policies set.
+	register("t.requireHeader", policy.Both, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			h := c.Headers
+			if c.Response != nil {
+				h = c.Response.Headers
+			}
+			if h[s.Key] != s.Want {
+				return policy.Deny(403, "forbidden", "want "+s.Want+" got "+h[s.Key], nil), nil
+			}
+			return policy.Result{}, nil
+		}
+	})
+	register("t.state", policy.Both, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			return policy.Allow(policy.SetState(s.Key, s.Value+c.State[s.Key])), nil
+		}
+	})
+	register("t.body", policy.Both, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			return policy.Allow(policy.SetBody([]byte(s.Value))), nil
+		}
+	})
+	register("t.fail", policy.Both, func(s testSettings) funcPolicy {
+		return func(context.Context, *policy.Context) (policy.Result, error) {
+			return policy.Result{}, errors.New("boom")
+		}
+	})
+	register("t.panic", policy.Both, func(s testSettings) funcPolicy {
+		return func(context.Context, *policy.Context) (policy.Result, error) { panic("policy bug") }
+	})
+	register("t.sleep", policy.Both, func(s testSettings) funcPolicy {
+		return func(ctx context.Context, _ *policy.Context) (policy.Result, error) {
+			select {
+			case <-time.After(s.Sleep):
+				return policy.Result{}, nil
+			case <-ctx.Done():
+				return policy.Result{}, ctx.Err()
+			}
+		}
+	})
+	register("t.denyBare", policy.Request, func(s testSettings) funcPolicy {
+		return func(context.Context, *policy.Context) (policy.Result, error) {
+			return policy.Result{Status: agentv1.StatusCode_POLICY_DENIED, Message: "no"}, nil
+		}
+	})
+	register("t.badInstruction", policy.Request, func(s testSettings) funcPolicy {
+		return func(context.Context, *policy.Context) (policy.Result, error) {
+			return policy.Allow(&agentv1.Instruction{Type: agentv1.InstructionType(99)}), nil
+		}
+	})
+	register("t.responseOnly", policy.Response, func(s testSettings) funcPolicy {
+		return func(context.Context, *policy.Context) (policy.Result, error) { return policy.Result{}, nil }
+	})
+	register("t.query", policy.Request, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			return policy.Allow(policy.SetHeader("x-q", c.QueryParams[s.Key])), nil
+		}
+	})
+}
+
+func testCore() *CoreConfig {
+	return &CoreConfig{
+		Name: "test", SocketPath: "unused",
+		Server:         ServerConfig{MaxConcurrentRequests: 10, RequestTimeoutMS: 1000},
+		ResourceLimits: ResourceLimits{MaxBodySizeBytes: 100, MaxStateSizeBytes: 50},
+	}
+}
+
+func newTestExecutor(t *testing.T, core *CoreConfig) (*Executor, *bytes.Buffer) {
+	t.Helper()
+	var buf bytes.Buffer
+	e := NewExecutor(logging.New(&buf, "agent", zerolog.DebugLevel))
+	if err := e.Load(core, "v1"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	return e, &buf
+}
+
+func p(name string, kv ...string) *agentv1.Policy {
+	md := map[string]string{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		md[kv[i]] = kv[i+1]
+	}
+	return &agentv1.Policy{Name: name, Metadata: md}
+}
+
+func onFailure(pol *agentv1.Policy, v string) *agentv1.Policy { pol.OnFailure = v; return pol }
+
+func req(policies ...*agentv1.Policy) *agentv1.PolicyRequest {
+	return &agentv1.PolicyRequest{
+		RequestId: "r1", Policies: policies, Phase: agentv1.PolicyPhase_REQUEST,
+		Context: &agentv1.RequestContext{Headers: map[string]string{"a": "1"}, Path: "/x?q=v&q=w&e="},
+	}
+}
+
+func immediate(r *agentv1.PolicyResponse) *agentv1.ImmediateResponse {
+	for _, in := range r.GetInstructions() {
+		if ir := in.GetImmediateResponse(); ir != nil {
+			return ir
+		}
+	}
+	return nil
+}
+
+func TestContextUpdatesReachLaterPolicies(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	r := e.Execute(context.Background(), req(
+		p("t.setHeader", "key", "X-Who", "value", "alice"),
+		p("t.requireHeader", "key", "x-who", "want", "alice"),
+		p("t.appendHeader", "key", "x-who", "value", "bob"),
+		p("t.requireHeader", "key", "x-who", "want", "alice, bob"),
+		p("t.removeHeader", "key", "x-who"),
+		p("t.requireHeader", "key", "x-who", "want", ""),
+		p("t.appendHeader", "key", "x-new", "value", "first"),
+		p("t.requireHeader", "key", "x-new", "want", "first"),
+	))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_OK {
+		t.Fatalf("status %v: %s", r.GetStatus(), r.GetMessage())
+	}
+	if len(r.GetInstructions()) != 4 {
+		t.Fatalf("want the 4 header instructions, got %d", len(r.GetInstructions()))
+	}
+}
+
+func TestDenialStopsChain(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	r := e.Execute(context.Background(), req(
+		p("t.setHeader", "key", "x-a", "value", "1"),
+		p("t.requireHeader", "key", "x-b", "want", "never"),
+		p("t.setHeader", "key", "x-after", "value", "1"),
+	))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_DENIED || r.GetStatus().GetPolicyName() != "t.requireHeader" {
+		t.Fatalf("status %v", r.GetStatus())
+	}
+	for _, in := range r.GetInstructions() {
+		if in.GetHeader().GetKey() == "x-after" {
+			t.Fatal("a policy after the denial ran")
+		}
+	}
+	if ir := immediate(r); ir.GetStatusCode() != 403 {
+		t.Fatalf("immediate %v", ir)
+	}
+}
+
+func TestBareDenialGets403(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	r := e.Execute(context.Background(), req(p("t.denyBare")))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_DENIED || immediate(r).GetStatusCode() != 403 || r.GetMessage() != "no" {
+		t.Fatalf("%v", r)
+	}
+}
+
+func TestOnFailure(t *testing.T) {
+	e, logs := newTestExecutor(t, testCore())
+	f := func(name, mode string, wantCode agentv1.StatusCode, wantAfter bool) {
+		t.Helper()
+		r := e.Execute(context.Background(), req(
+			p("t.setHeader", "key", "x-before", "value", "1"),
+			onFailure(p(name), mode),
+			p("t.setHeader", "key", "x-after", "value", "1"),
+		))
+		if r.GetStatus().GetCode() != wantCode {
+			t.Fatalf("%s/%s: status %v (%s)", name, mode, r.GetStatus(), r.GetMessage())
+		}
+		after := false
+		for _, in := range r.GetInstructions() {
+			after = after || in.GetHeader().GetKey() == "x-after"
+		}
+		if after != wantAfter {
+			t.Fatalf("%s/%s: later policy ran = %v", name, mode, after)
+		}
+	}
+	for _, name := range []string{"t.fail", "t.panic"} {
+		f(name, "", agentv1.StatusCode_POLICY_ERROR, false)
+		f(name, "deny", agentv1.StatusCode_POLICY_ERROR, false)
+		f(name, "continue", agentv1.StatusCode_OK, true)
+		f(name, "skip_remaining", agentv1.StatusCode_OK, false)
+	}
+	r := e.Execute(context.Background(), req(p("t.fail")))
+	if r.GetInstructions() != nil || r.GetStatus().GetPolicyName() != "t.fail" || !strings.Contains(r.GetMessage(), "boom") {
+		t.Fatalf("deny must drop instructions and name the policy: %v", r)
+	}
+	if !strings.Contains(logs.String(), `"policy panicked"`) {
+		t.Fatal("a panic was not logged")
+	}
+}
+
+func TestUnknownPolicy(t *testing.T) {
+	core := testCore()
+	e, _ := newTestExecutor(t, core)
+	r := e.Execute(context.Background(), req(p("nope"), p("t.setHeader", "key", "x", "value", "1")))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_OK || len(r.GetInstructions()) != 1 {
+		t.Fatalf("fail_on_unknown=false must skip: %v", r)
+	}
+	core2 := testCore()
+	core2.Policies.FailOnUnknown = true
+	e2, _ := newTestExecutor(t, core2)
+	r = e2.Execute(context.Background(), req(p("nope")))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), `unknown policy "nope"`) {
+		t.Fatalf("fail_on_unknown=true: %v", r)
+	}
+}
+
+func TestLimits(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	big := bytes.Repeat([]byte("x"), 101)
+	rq := req(p("t.setHeader", "key", "x", "value", "1"))
+	rq.Context.Body = big
+	r := e.Execute(context.Background(), rq)
+	if ir := immediate(r); ir.GetStatusCode() != 413 || r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_DENIED {
+		t.Fatalf("request body over the limit: %v", r)
+	}
+	if !strings.Contains(r.GetMessage(), "request body of 101 bytes exceeds the limit of 100 bytes") {
+		t.Fatalf("message %q", r.GetMessage())
+	}
+	rs := req(p("t.setHeader", "key", "x", "value", "1"))
+	rs.Phase = agentv1.PolicyPhase_RESPONSE
+	rs.Response = &agentv1.ResponseContext{Body: big, StatusCode: 200}
+	r = e.Execute(context.Background(), rs)
+	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), "response body of 101 bytes") {
+		t.Fatalf("response body over the limit: %v", r)
+	}
+	st := req(p("t.setHeader", "key", "x", "value", "1"))
+	st.State = map[string]string{"k": strings.Repeat("v", 60)}
+	if r = e.Execute(context.Background(), st); r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || r.GetMessage() != errStateTooLarge.Error() {
+		t.Fatalf("incoming state over the limit: %v", r)
+	}
+	r = e.Execute(context.Background(), req(p("t.state", "key", "k", "value", strings.Repeat("v", 60))))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), "max_state_size_bytes") {
+		t.Fatalf("state set over the limit: %v", r)
+	}
+}
+
+func TestStateAndBody(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	rq := req(p("t.state", "key", "user", "value", "u1"), p("t.body", "value", "new"))
+	rq.State = map[string]string{"user": "-old"}
+	r := e.Execute(context.Background(), rq)
+	var gotState, gotBody bool
+	for _, in := range r.GetInstructions() {
+		gotState = gotState || (in.GetState().GetKey() == "user" && in.GetState().GetValue() == "u1-old")
+		gotBody = gotBody || string(in.GetBody().GetBody()) == "new"
+	}
+	if !gotState || !gotBody {
+		t.Fatalf("%v", r)
+	}
+	rs := req(p("t.body", "value", "resp"), p("t.setHeader", "key", "x-r", "value", "1"), p("t.requireHeader", "key", "x-r", "want", "1"))
+	rs.Phase = agentv1.PolicyPhase_RESPONSE
+	rs.Response = &agentv1.ResponseContext{StatusCode: 200}
+	if r := e.Execute(context.Background(), rs); r.GetStatus().GetCode() != agentv1.StatusCode_OK {
+		t.Fatalf("response phase header update: %v", r)
+	}
+}
+
+func TestQueryParams(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	r := e.Execute(context.Background(), req(p("t.query", "key", "q")))
+	if r.GetInstructions()[0].GetHeader().GetValue() != "v" {
+		t.Fatalf("%v", r)
+	}
+}
+
+func TestDeadline(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	rq := req(p("t.sleep", "sleep", "5s"), p("t.setHeader", "key", "x", "value", "1"))
+	rq.DeadlineMs = 30
+	start := time.Now()
+	r := e.Execute(context.Background(), rq)
+	if el := time.Since(start); el > time.Second {
+		t.Fatalf("deadline not honoured: %v", el)
+	}
+	if r.GetStatus().GetCode() != agentv1.StatusCode_TIMEOUT {
+		t.Fatalf("%v", r)
+	}
+	// A deadline that passed before a policy starts stops the chain there.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if r := e.Execute(ctx, req(p("t.setHeader", "key", "x", "value", "1"))); r.GetStatus().GetCode() != agentv1.StatusCode_TIMEOUT {
+		t.Fatalf("%v", r)
+	}
+}
+
+func TestBadInputs(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	rq := req(p("t.setHeader"))
+	rq.Phase = agentv1.PolicyPhase(7)
+	if r := e.Execute(context.Background(), rq); r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), "unknown phase") {
+		t.Fatalf("%v", r)
+	}
+	if r := e.Execute(context.Background(), req(p("t.badInstruction"))); r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), "unknown instruction type") {
+		t.Fatalf("%v", r)
+	}
+	if r := e.Execute(context.Background(), req(p("t.responseOnly"))); r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), "does not run in the request phase") {
+		t.Fatalf("%v", r)
+	}
+	if r := e.Execute(context.Background(), req(p("t.setHeader", "bogus", "1"))); r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), `invalid metadata: metadata key "bogus": unknown key`) {
+		t.Fatalf("%v", r)
+	}
+	// Nil context and nil maps are survivable.
+	if r := e.Execute(context.Background(), &agentv1.PolicyRequest{Policies: []*agentv1.Policy{p("t.setHeader", "key", "x", "value", "1")}}); r.GetStatus().GetCode() != agentv1.StatusCode_OK {
+		t.Fatalf("%v", r)
+	}
+	rs := &agentv1.PolicyRequest{Phase: agentv1.PolicyPhase_RESPONSE, Policies: []*agentv1.Policy{p("t.setHeader", "key", "x", "value", "1")}}
+	if r := e.Execute(context.Background(), rs); r.GetStatus().GetCode() != agentv1.StatusCode_OK {
+		t.Fatalf("%v", r)
+	}
+	var none Executor
+	none.log = e.log
+	if r := none.Execute(context.Background(), req()); r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR {
+		t.Fatalf("no config: %v", r)
+	}
+}
+
+func TestPoliciesCompiledOncePerMetadata(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	before := builds.Load()
+	for i := 0; i < 50; i++ {
+		e.Execute(context.Background(), req(
+			p("t.setHeader", "key", "x-a", "value", "1"),
+			p("t.setHeader", "key", "x-a", "value", "2"),
+			p("t.setHeader", "value", "1", "key", "x-a"),
+		))
+	}
+	if n := builds.Load() - before; n != 2 {
+		t.Fatalf("want 2 builds for 2 distinct metadata maps, got %d", n)
+	}
+	if e.snap.Load().cached.Load() != 2 {
+		t.Fatalf("cache holds %d", e.snap.Load().cached.Load())
+	}
+	// An invalid metadata map is cached as its error too.
+	before = builds.Load()
+	for i := 0; i < 5; i++ {
+		e.Execute(context.Background(), req(p("t.setHeader", "bad", "1")))
+	}
+	if n := builds.Load() - before; n != 1 {
+		t.Fatalf("invalid metadata built %d times", n)
+	}
+}
+
+func TestLoadErrorsKeepPreviousSnapshot(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	bad := testCore()
+	bad.Policies.Config = map[string]yamlconf.Raw{"nope": yamlconf.Raw(`{}`), "t.setHeader": yamlconf.Raw(`{"fail":true}`)}
+	err := e.Load(bad, "v2")
+	if err == nil || !strings.Contains(err.Error(), "agent_core.policies.config.nope: no such policy is compiled in") ||
+		!strings.Contains(err.Error(), "agent_core.policies.config.t.setHeader: configured to fail") {
+		t.Fatalf("got %v", err)
+	}
+	if e.snap.Load().version != "v1" {
+		t.Fatal("a failed load replaced the snapshot")
+	}
+	d := e.Describe()
+	if d.GetAgentName() != "test" || d.GetConfigVersion() != "v1" {
+		t.Fatalf("%v", d)
+	}
+	found := false
+	for _, pi := range d.GetSupportedPolicies() {
+		if pi.GetName() == "t.responseOnly" {
+			found = len(pi.GetSupportedPhases()) == 1 && pi.GetSupportedPhases()[0] == agentv1.PolicyPhase_RESPONSE
+		}
+	}
+	if !found {
+		t.Fatal("Describe misses phases")
+	}
+}
+
+func TestHealthCheck(t *testing.T) {
+	var none Executor
+	if err := none.HealthCheck(context.Background()); err == nil {
+		t.Fatal("no config must be unhealthy")
+	}
+	e, _ := newTestExecutor(t, testCore())
+	if err := e.HealthCheck(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+

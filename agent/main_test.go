@@ -1,0 +1,286 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+)
+
+// syncBuffer is a bytes.Buffer safe for a writer and a reader on different goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+const agentYAML = `agent_core:
+  name: "%s"
+  socket_path: "%s"
+  policies:
+    config:
+      t.setHeader: {}
+  observability:
+    log_level: debug
+    metrics_address: "%s"
+`
+
+type runningAgent struct {
+	sock, cfgPath, metrics string
+	logs                   *syncBuffer
+	cancel                 context.CancelFunc
+	done                   chan error
+	conn                   *grpc.ClientConn
+	client                 agentv1.PolicyAgentClient
+}
+
+func startAgent(t *testing.T) *runningAgent {
+	t.Helper()
+	dir := t.TempDir()
+	a := &runningAgent{sock: filepath.Join(dir, "agent.sock"), cfgPath: filepath.Join(dir, "agent.yaml"), metrics: freeAddr(t), logs: &syncBuffer{}, done: make(chan error, 1)}
+	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, a.metrics)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	a.cancel = cancel
+	go func() { a.done <- Main(ctx, []string{"--config", a.cfgPath}, a.logs) }()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if c, err := net.Dial("unix", a.sock); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent did not start: %s", a.logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient("unix://"+a.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.conn = conn
+	a.client = agentv1.NewPolicyAgentClient(conn)
+	t.Cleanup(func() {
+		conn.Close()
+		cancel()
+		select {
+		case err := <-a.done:
+			if err != nil {
+				t.Errorf("agent Main: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("agent did not stop")
+		}
+	})
+	return a
+}
+
+func TestMainServes(t *testing.T) {
+	a := startAgent(t)
+	ctx := context.Background()
+	fi, err := os.Stat(a.sock)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode: %v %v", fi.Mode(), err)
+	}
+	cfg, err := a.client.GetAgentConfig(ctx, &agentv1.GetAgentConfigRequest{})
+	if err != nil || cfg.GetAgentName() != "a1" || len(cfg.GetSupportedPolicies()) == 0 {
+		t.Fatalf("GetAgentConfig: %v %v", cfg, err)
+	}
+	resp, err := a.client.Execute(ctx, req(p("t.setHeader", "key", "x", "value", "1")))
+	if err != nil || resp.GetStatus().GetCode() != agentv1.StatusCode_OK || resp.GetRequestId() != "r1" {
+		t.Fatalf("Execute: %v %v", resp, err)
+	}
+	hc, err := healthpb.NewHealthClient(a.conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || hc.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", hc, err)
+	}
+
+	// Many calls multiplexed on one stream, answered by call id.
+	stream, err := a.client.ExecuteStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 50
+	for i := 1; i <= n; i++ {
+		r := req(p("t.setHeader", "key", "x", "value", fmt.Sprint(i)))
+		r.CallId = uint64(i)
+		if i%10 == 0 {
+			r.Policies = []*agentv1.Policy{p("t.sleep", "sleep", "20ms"), p("t.setHeader", "key", "x", "value", fmt.Sprint(i))}
+		}
+		if err := stream.Send(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[uint64]bool{}
+	for len(seen) < n {
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := resp.GetInstructions()[len(resp.GetInstructions())-1].GetHeader().GetValue(); got != fmt.Sprint(resp.GetCallId()) {
+			t.Fatalf("call %d answered with %s", resp.GetCallId(), got)
+		}
+		seen[resp.GetCallId()] = true
+	}
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != io.EOF {
+		t.Fatalf("stream end: %v", err)
+	}
+
+	// Metrics, readiness, liveness and pprof on the metrics address.
+	get := func(path string) (int, string) {
+		t.Helper()
+		r, err := http.Get("http://" + a.metrics + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Body.Close()
+		b, _ := io.ReadAll(r.Body)
+		return r.StatusCode, string(b)
+	}
+	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, `policy_agent_executions_total{policy="t.setHeader",status="ok"}`) || !strings.Contains(body, "go_goroutines") {
+		t.Fatalf("metrics %d:\n%s", code, body)
+	}
+	if code, body := get("/health/ready"); code != 200 || !strings.Contains(body, `"config_version"`) {
+		t.Fatalf("ready %d %s", code, body)
+	}
+	if code, _ := get("/health/live"); code != 200 {
+		t.Fatalf("live %d", code)
+	}
+	if code, _ := get("/debug/pprof/"); code != 200 {
+		t.Fatalf("pprof %d", code)
+	}
+}
+
+func TestMainReload(t *testing.T) {
+	a := startAgent(t)
+	ctx := context.Background()
+	version := func() string {
+		cfg, err := a.client.GetAgentConfig(ctx, &agentv1.GetAgentConfigRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg.GetConfigVersion()
+	}
+	v1 := version()
+	hup := func(wantLog string) {
+		t.Helper()
+		if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for !strings.Contains(a.logs.String(), wantLog) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no %q in logs:\n%s", wantLog, a.logs.String())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	hup("config unchanged; reload skipped")
+	if version() != v1 {
+		t.Fatal("identical bytes changed the version")
+	}
+	// An invalid file keeps the old config and says why, naming file, line and key.
+	if err := os.WriteFile(a.cfgPath, []byte("agent_core:\n  name: a1\n  socket_path: "+a.sock+"\n  bogus: 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup("config reload failed; keeping the previous config")
+	if !strings.Contains(a.logs.String(), "agent.yaml:4: agent_core.bogus: unknown key") {
+		t.Fatalf("reload error does not name file, line and key:\n%s", a.logs.String())
+	}
+	if version() != v1 {
+		t.Fatal("an invalid reload changed the config")
+	}
+	// The socket cannot move on reload.
+	if err := os.WriteFile(a.cfgPath, []byte("agent_core:\n  name: a1\n  socket_path: /elsewhere.sock\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup("socket_path cannot change on reload")
+	// A valid change takes effect.
+	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, a.metrics)+"  version: \"v2\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup("config reloaded")
+	if v := version(); v == v1 || !strings.HasPrefix(v, "v2-") {
+		t.Fatalf("version after reload %q (before %q)", v, v1)
+	}
+}
+
+func TestMainValidateAndErrors(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	os.WriteFile(good, []byte("agent_core:\n  name: a\n  socket_path: "+filepath.Join(dir, "s.sock")+"\n"), 0o600)
+	var out bytes.Buffer
+	if err := Main(context.Background(), []string{"--config", good, "--validate"}, &out); err != nil || !strings.Contains(out.String(), "valid (version") {
+		t.Fatalf("validate good: %v %s", err, out.String())
+	}
+	f := func(args []string, want string) {
+		t.Helper()
+		var out bytes.Buffer
+		err := Main(context.Background(), args, &out)
+		if err == nil || !strings.Contains(err.Error()+out.String(), want) {
+			t.Errorf("Main(%q) = %v (%s), want %q", args, err, out.String(), want)
+		}
+	}
+	f([]string{"--nope"}, "flag provided but not defined")
+	f([]string{"--config", ""}, "-config must not be empty")
+	f([]string{"extra"}, "unexpected arguments")
+	f([]string{"--config", filepath.Join(dir, "missing.yaml")}, "read agent config")
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("agent_core:\n  name: \"\"\n  socket_path: x\n  server:\n    max_concurrent_requests: -1\n    request_timeout_ms: -1\n  resource_limits:\n    max_body_size_bytes: -1\n    max_state_size_bytes: -1\n  observability:\n    log_level: loud\n"), 0o600)
+	for _, want := range []string{"agent_core.name: must not be empty", "max_concurrent_requests: must not be negative", "request_timeout_ms: must not be negative", "max_body_size_bytes: must not be negative", "max_state_size_bytes: must not be negative", `unknown log level "loud"`} {
+		f([]string{"--config", bad}, want)
+	}
+	pol := filepath.Join(dir, "pol.yaml")
+	os.WriteFile(pol, []byte("agent_core:\n  name: a\n  socket_path: x\n  policies:\n    config:\n      nosuch: {}\n"), 0o600)
+	f([]string{"--config", pol, "--validate"}, "agent_core.policies.config.nosuch: no such policy is compiled in")
+	// A socket path that cannot be listened on.
+	blocked := filepath.Join(dir, "blocked.yaml")
+	os.WriteFile(blocked, []byte("agent_core:\n  name: a\n  socket_path: "+good+"\n"), 0o600)
+	f([]string{"--config", blocked}, "is not a socket")
+	// A metrics address that cannot be bound.
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	busy := filepath.Join(dir, "busy.yaml")
+	os.WriteFile(busy, []byte("agent_core:\n  name: a\n  socket_path: "+filepath.Join(dir, "b.sock")+"\n  observability:\n    metrics_address: "+ln.Addr().String()+"\n"), 0o600)
+	f([]string{"--config", busy}, "listen on metrics address")
+}
