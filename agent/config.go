@@ -33,7 +33,7 @@ type ServerConfig struct {
 
 // PoliciesConfig holds the policies' settings.
 type PoliciesConfig struct {
-	FailOnUnknown bool                     `yaml:"fail_on_unknown"`
+	FailOnUnknown bool                    `yaml:"fail_on_unknown"`
 	Config        map[string]yamlconf.Raw `yaml:"config"`
 }
 

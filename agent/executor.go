@@ -15,8 +15,8 @@ import (
 
 	"github.com/puzpuzpuz/xsync/v4"
 
-	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 )
 

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/yamlconf"
 	"github.com/rs/zerolog"
@@ -28,7 +28,9 @@ type testSettings struct {
 
 type funcPolicy func(ctx context.Context, c *policy.Context) (policy.Result, error)
 
-func (f funcPolicy) Execute(ctx context.Context, c *policy.Context) (policy.Result, error) { return f(ctx, c) }
+func (f funcPolicy) Execute(ctx context.Context, c *policy.Context) (policy.Result, error) {
+	return f(ctx, c)
+}
 
 func register(name string, phases policy.Phases, run func(s testSettings) funcPolicy) {
 	policy.Register(policy.Module{
@@ -450,4 +452,3 @@ func TestHealthCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-
