@@ -232,9 +232,15 @@ func describe(n *yaml.Node) string {
 	return "an alias"
 }
 
+// trimYAMLError drops the parts of a decoding error that the Error around it already says:
+// yaml's preamble and the line number.
 func trimYAMLError(err error) string {
-	s := err.Error()
-	s = strings.TrimPrefix(s, "yaml: unmarshal errors:\n  ")
+	s := strings.TrimPrefix(err.Error(), "yaml: unmarshal errors:\n  ")
+	if rest, ok := strings.CutPrefix(s, "line "); ok {
+		if i := strings.Index(rest, ": "); i > 0 && strings.Trim(rest[:i], "0123456789") == "" {
+			s = rest[i+2:]
+		}
+	}
 	return s
 }
 

@@ -113,7 +113,7 @@ func TestDecodeErrors(t *testing.T) {
 	f("top: 3\n", `top: want a map, got "3"`)
 	f("top:\n  name: [a]\n", `top.name: want a string, got a list`)
 	f("top:\n  name: a\nmap: [1]\n", `map: want a map, got a list`)
-	f("top:\n  name: a\n  meta: [1]\n", `top.meta: line 3: want a map, got a list`)
+	f("top:\n  name: a\n  meta: [1]\n", `cfg.yaml:3: top.meta: want a map, got a list`)
 	// Every problem at once.
 	var o outer
 	err := Decode("cfg.yaml", []byte("top:\n  count: x\n  zzz: 1\nlist:\n  - count: 2\n"), &o)
@@ -165,7 +165,7 @@ func TestNodeJSONNonStringKey(t *testing.T) {
 		t.Fatalf("m = %s", got)
 	}
 	err = Decode("f", []byte("top:\n  name: a\n  meta:\n    m: {[1]: a}\n"), &o)
-	if err == nil || !strings.Contains(err.Error(), `top.meta: line 4: key "m"`) {
+	if err == nil || !strings.Contains(err.Error(), `f:4: top.meta: key "m"`) {
 		t.Fatalf("a list as a key must fail clearly, got %v", err)
 	}
 }
