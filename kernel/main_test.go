@@ -1,0 +1,338 @@
+package kernel
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/policy-engine/policy-engine/agent"
+	_ "github.com/policy-engine/policy-engine/policies/all"
+)
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+const mainAgentYAML = `agent_core:
+  name: default-agent
+  socket_path: %s
+  policies:
+    config:
+      apiKeyAuth:
+        keys: [{key: secret-1, user_id: alice}]
+`
+
+const mainKernelYAML = `policy_kernel:
+  agents:
+    - name: default-agent
+      socket_path: %s
+      health_check_interval_ms: 100
+  route_policies:
+    - route_name: /api/v1/users
+      request_policy_chain:
+        - policy: apiKeyAuth
+      response_policy_chain:
+        - policy: addSecurityHeaders
+%s
+`
+
+// running is an in-process agent or kernel.
+type running struct {
+	cancel context.CancelFunc
+	done   chan error
+	logs   *syncBuffer
+}
+
+func (r *running) stop(t *testing.T) {
+	t.Helper()
+	r.cancel()
+	select {
+	case err := <-r.done:
+		if err != nil {
+			t.Errorf("Main returned %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Error("Main did not return")
+	}
+}
+
+func startMain(t *testing.T, main func(context.Context, []string, io.Writer) error, args ...string) *running {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{cancel: cancel, done: make(chan error, 1), logs: &syncBuffer{}}
+	go func() { r.done <- main(ctx, args, r.logs) }()
+	return r
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+type env struct {
+	dir, sock, kernelCfg, addr, metrics string
+	agent, kernel                       *running
+	conn                                *grpc.ClientConn
+}
+
+func startEnv(t *testing.T, extraKernel string) *env {
+	t.Helper()
+	e := &env{dir: t.TempDir(), addr: freeAddr(t), metrics: freeAddr(t)}
+	e.sock = filepath.Join(e.dir, "agent.sock")
+	agentCfg := filepath.Join(e.dir, "agent.yaml")
+	os.WriteFile(agentCfg, []byte(fmt.Sprintf(mainAgentYAML, e.sock)), 0o600)
+	e.kernelCfg = filepath.Join(e.dir, "kernel.yaml")
+	os.WriteFile(e.kernelCfg, []byte(fmt.Sprintf(mainKernelYAML, e.sock, extraKernel)), 0o600)
+	e.agent = startMain(t, agent.Main, "--config", agentCfg)
+	waitFor(t, "agent socket", func() bool {
+		c, err := net.Dial("unix", e.sock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	e.kernel = startMain(t, Main, "--config", e.kernelCfg, "--listen", e.addr, "--metrics-listen", e.metrics)
+	waitFor(t, "kernel port", func() bool {
+		c, err := net.Dial("tcp", e.addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.conn = conn
+	t.Cleanup(func() {
+		conn.Close()
+		e.kernel.stop(t)
+		e.agent.stop(t)
+	})
+	return e
+}
+
+// do sends one request's headers over a fresh stream and returns the reply.
+func (e *env) do(t *testing.T, path string, kv ...string) *extprocv3.ProcessingResponse {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel() // Envoy ends every stream by cancelling it
+	st, err := extprocv3.NewExternalProcessorClient(e.conn).Process(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Send(reqHeaders(path, true, "", kv...)); err != nil {
+		t.Fatal(err)
+	}
+	r, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func (e *env) get(t *testing.T, path string) (int, string) {
+	t.Helper()
+	r, err := http.Get("http://" + e.metrics + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	b, _ := io.ReadAll(r.Body)
+	return r.StatusCode, string(b)
+}
+
+func TestMainEndToEndInProcess(t *testing.T) {
+	e := startEnv(t, "")
+	if r := e.do(t, "/api/v1/users"); r.GetImmediateResponse().GetStatus().GetCode() != 401 {
+		t.Fatalf("no key: %v", r)
+	}
+	if r := e.do(t, "/api/v1/users", "x-api-key", "wrong"); r.GetImmediateResponse().GetStatus().GetCode() != 403 {
+		t.Fatalf("wrong key: %v", r)
+	}
+	r := e.do(t, "/api/v1/users", "x-api-key", "secret-1")
+	if setHeadersOf(t, r.GetRequestHeaders().GetResponse().GetHeaderMutation())["x-user-id"] != "alice" {
+		t.Fatalf("good key: %v", r)
+	}
+	hc, err := healthpb.NewHealthClient(e.conn).Check(context.Background(), &healthpb.HealthCheckRequest{Service: "envoy.service.ext_proc.v3.ExternalProcessor"})
+	if err != nil || hc.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("grpc health %v %v", hc, err)
+	}
+	waitFor(t, "readiness", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
+	_, body := e.get(t, "/metrics")
+	for _, want := range []string{
+		`policy_kernel_requests_total{route="/api/v1/users",agent="default-agent",status="deny"} 2`,
+		`policy_kernel_requests_total{route="/api/v1/users",agent="default-agent",status="allow"} 1`,
+		`policy_kernel_agent_health{agent="default-agent"} 1`,
+		`policy_kernel_request_duration_seconds_bucket{route="/api/v1/users",agent="default-agent"`,
+		`policy_kernel_config_info{version=`,
+		`policy_kernel_streams_active 0`,
+		`go_goroutines`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	if c, _ := e.get(t, "/health/live"); c != 200 {
+		t.Fatal("live")
+	}
+}
+
+func TestMainReloadAndAgentLoss(t *testing.T) {
+	e := startEnv(t, "")
+	hup := func(want string) {
+		t.Helper()
+		n := strings.Count(e.kernel.logs.String(), want)
+		syscall.Kill(os.Getpid(), syscall.SIGHUP)
+		waitFor(t, want, func() bool { return strings.Count(e.kernel.logs.String(), want) > n })
+	}
+	hup("config unchanged; reload skipped")
+	os.WriteFile(e.kernelCfg, []byte("policy_kernel:\n  agents: []\n  bogus: 1\n"), 0o600)
+	hup("config reload failed; keeping the previous config")
+	if !strings.Contains(e.kernel.logs.String(), "kernel.yaml:3: policy_kernel.bogus: unknown key") {
+		t.Fatal("reload failure does not name file, line and key")
+	}
+	if r := e.do(t, "/api/v1/users"); r.GetImmediateResponse().GetStatus().GetCode() != 401 {
+		t.Fatal("an invalid reload changed behaviour")
+	}
+	// A valid reload: the route now allows everyone and names an unsupported policy elsewhere.
+	os.WriteFile(e.kernelCfg, []byte(fmt.Sprintf(`policy_kernel:
+  version: v2
+  agents:
+    - name: default-agent
+      socket_path: %s
+      health_check_interval_ms: 100
+  route_policies:
+    - route_name: /api/v1/users
+      request_policy_chain: [{policy: allowAll}]
+    - route_name: /broken
+      request_policy_chain: [{policy: noSuchPolicy}]
+`, e.sock)), 0o600)
+	hup("config reloaded")
+	if r := e.do(t, "/api/v1/users"); r.GetRequestHeaders() == nil {
+		t.Fatalf("after reload: %v", r)
+	}
+	if r := e.do(t, "/broken"); r.GetImmediateResponse().GetStatus().GetCode() != 500 {
+		t.Fatalf("invalid route: %v", r)
+	}
+	_, body := e.get(t, "/metrics")
+	if !strings.Contains(body, `policy_kernel_config_reload_total{status="success"} 1`) || !strings.Contains(body, `policy_kernel_config_reload_total{status="failure"} 1`) || !strings.Contains(body, `policy_kernel_config_info{version="v2-`) {
+		t.Fatalf("reload metrics:\n%s", body)
+	}
+	_, ready := e.get(t, "/health/ready")
+	if !strings.Contains(ready, `"config_version":"v2-`) || !strings.Contains(ready, `noSuchPolicy`) {
+		t.Fatalf("ready %s", ready)
+	}
+
+	// The agent goes away: readiness follows, requests are denied within the budget.
+	e.agent.stop(t)
+	waitFor(t, "not ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 503 })
+	start := time.Now()
+	r := e.do(t, "/api/v1/users")
+	if r.GetImmediateResponse().GetStatus().GetCode() != 500 || time.Since(start) > 200*time.Millisecond {
+		t.Fatalf("agent down: %v after %v", r, time.Since(start))
+	}
+	// It comes back: the kernel reconnects by itself.
+	agentCfg := filepath.Join(e.dir, "agent.yaml")
+	e.agent = startMain(t, agent.Main, "--config", agentCfg)
+	waitFor(t, "ready again", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
+	waitFor(t, "serving again", func() bool { return e.do(t, "/api/v1/users").GetRequestHeaders() != nil })
+}
+
+func TestMainValidateAndErrors(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "none.sock")
+	cfg := filepath.Join(dir, "k.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(mainKernelYAML, sock, "")), 0o600)
+	var out bytes.Buffer
+	err := Main(context.Background(), []string{"--config", cfg, "--validate", "--agent-wait", "0"}, &out)
+	if err != nil || !strings.Contains(out.String(), `agent "default-agent" not reachable`) || !strings.Contains(out.String(), "valid (version") {
+		t.Fatalf("validate without agent: %v %s", err, out.String())
+	}
+	f := func(args []string, want string) {
+		t.Helper()
+		var out bytes.Buffer
+		err := Main(context.Background(), args, &out)
+		if err == nil || !strings.Contains(err.Error()+out.String(), want) {
+			t.Errorf("Main(%q) = %v (%s), want %q", args, err, out.String(), want)
+		}
+	}
+	f([]string{"--bogus"}, "flag provided but not defined")
+	f([]string{"--config", "", "--agent-wait", "-1s", "x"}, "unexpected arguments")
+	f([]string{"--config", ""}, "-config must not be empty")
+	f([]string{"--config", filepath.Join(dir, "missing")}, "read kernel config")
+	f([]string{"--config", cfg, "--agent-wait", "0", "--listen", "256.0.0.1:1"}, "listen on")
+	busy, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer busy.Close()
+	f([]string{"--config", cfg, "--agent-wait", "0", "--listen", "127.0.0.1:0", "--metrics-listen", busy.Addr().String()}, "listen on metrics address")
+
+	// With the agent up, validation checks every chain against its policies.
+	asock := filepath.Join(dir, "a.sock")
+	acfg := filepath.Join(dir, "a.yaml")
+	os.WriteFile(acfg, []byte(fmt.Sprintf(mainAgentYAML, asock)), 0o600)
+	a := startMain(t, agent.Main, "--config", acfg)
+	defer a.stop(t)
+	waitFor(t, "agent", func() bool {
+		c, err := net.Dial("unix", asock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte(fmt.Sprintf(mainKernelYAML, asock, "    - route_name: /x\n      response_policy_chain: [{policy: apiKeyAuth}]\n    - route_name: /y\n      request_policy_chain: [{policy: nope}]")), 0o600)
+	out.Reset()
+	err = Main(context.Background(), []string{"--config", bad, "--validate"}, &out)
+	if err == nil || !strings.Contains(err.Error(), `route "/x": policy "apiKeyAuth" does not run in the response phase`) || !strings.Contains(err.Error(), `route "/y": policy "nope" is not supported by agent "default-agent"`) {
+		t.Fatalf("validate with bad chains: %v", err)
+	}
+}
+
+// TestMainDrain shows SIGTERM's order: readiness off at once, streams still accepted during the
+// drain delay, then refused, then Main returns.
+func TestMainDrain(t *testing.T) {
+	e := startEnv(t, "  server:\n    drain_delay_ms: 300\n")
+	_ = corev3.HeaderValue{}
+	waitFor(t, "ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
+	e.kernel.cancel()
+	waitFor(t, "not ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 503 })
+	if r := e.do(t, "/api/v1/users"); r.GetImmediateResponse().GetStatus().GetCode() != 401 {
+		t.Fatal("streams during the drain delay must still be served")
+	}
+	select {
+	case err := <-e.kernel.done:
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.kernel.done <- nil // for the cleanup's stop
+	case <-time.After(10 * time.Second):
+		t.Fatal("kernel did not stop")
+	}
+}
