@@ -9,7 +9,7 @@
 // holds what the client received, what reached the upstream, and every ext_proc message
 // that crossed the wire.
 //
-// The wire behaviour follows /work/shared/ENVOY-EXTPROC.md and Envoy's
+// The wire behaviour follows Envoy's
 // source/extensions/filters/http/ext_proc/{ext_proc.cc,processor_state.cc,mutation_utils.cc}
 // and source/extensions/filters/common/mutation_rules/mutation_rules.cc.
 package envoytest

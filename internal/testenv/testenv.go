@@ -1,0 +1,291 @@
+// Package testenv runs the real policy-agent and policy-kernel binaries for integration tests:
+// it builds them once per test process, starts them on temporary Unix sockets and free loopback
+// ports, waits until they serve, and stops every process it started, by PID, when the test
+// ends.
+package testenv
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// Main runs a test package's tests and removes the binaries built for them.
+func Main(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+// Binaries builds the kernel and agent once per test process and returns their paths.
+func Binaries(t testing.TB) (kernel, agent string) {
+	t.Helper()
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "policy-engine-bin-")
+		if buildErr != nil {
+			return
+		}
+		cmd := exec.Command("go", "build", "-o", binDir+string(os.PathSeparator),
+			"github.com/policy-engine/policy-engine/cmd/policy-kernel",
+			"github.com/policy-engine/policy-engine/cmd/policy-agent")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return filepath.Join(binDir, "policy-kernel"), filepath.Join(binDir, "policy-agent")
+}
+
+// SyncBuffer collects a process's output; safe for concurrent use.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// String returns everything written so far.
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// Proc is a started process.
+type Proc struct {
+	Cmd  *exec.Cmd
+	Logs *SyncBuffer
+	done chan struct{}
+	err  error
+}
+
+// Start starts bin with args; the process is stopped (SIGTERM, then SIGKILL after 10 s) when the
+// test ends.
+func Start(t testing.TB, bin string, env []string, args ...string) *Proc {
+	t.Helper()
+	p := &Proc{Cmd: exec.Command(bin, args...), Logs: &SyncBuffer{}, done: make(chan struct{})}
+	p.Cmd.Stdout = p.Logs
+	p.Cmd.Stderr = p.Logs
+	p.Cmd.Env = append(os.Environ(), env...)
+	if err := p.Cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", bin, err)
+	}
+	go func() { p.err = p.Cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() { p.Stop(t) })
+	return p
+}
+
+// PID returns the process id.
+func (p *Proc) PID() int { return p.Cmd.Process.Pid }
+
+// Signal sends sig to the process.
+func (p *Proc) Signal(sig os.Signal) error { return p.Cmd.Process.Signal(sig) }
+
+// Exited reports whether the process has ended.
+func (p *Proc) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Wait waits up to timeout for the process to end and returns its exit error.
+func (p *Proc) Wait(timeout time.Duration) (error, bool) {
+	select {
+	case <-p.done:
+		return p.err, true
+	case <-time.After(timeout):
+		return nil, false
+	}
+}
+
+// Stop ends the process: SIGTERM, then SIGKILL if it has not ended within 10 s.
+func (p *Proc) Stop(t testing.TB) {
+	if p.Exited() {
+		return
+	}
+	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
+	if _, ok := p.Wait(10 * time.Second); !ok {
+		_ = p.Cmd.Process.Kill()
+		p.Wait(5 * time.Second)
+		t.Errorf("process %d did not stop on SIGTERM; killed. Output:\n%s", p.PID(), p.Logs.String())
+	}
+}
+
+// Kill ends the process with SIGKILL and waits for it.
+func (p *Proc) Kill() {
+	_ = p.Cmd.Process.Kill()
+	p.Wait(5 * time.Second)
+}
+
+// FreeAddr returns a free 127.0.0.1 address.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// WaitFor polls cond every 20 ms until it holds or timeout passes.
+func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Env is an agent and a kernel started together.
+type Env struct {
+	Dir         string
+	AgentSock   string
+	AgentConfig string
+	// KernelConfig is the path of the kernel's config; rewrite it and send SIGHUP to reload.
+	KernelConfig string
+	KernelAddr   string
+	MetricsAddr  string
+	AgentMetrics string
+	Agent        *Proc
+	Kernel       *Proc
+	AgentEnv     []string
+	kernelBin    string
+	agentBin     string
+}
+
+// Options configure StartEnv. The configs may use the placeholders {{SOCK}} (the agent's
+// socket), {{DIR}} (a temporary directory) and {{AGENT_METRICS}} (a free address for the
+// agent's metrics listener).
+type Options struct {
+	AgentYAML  string
+	KernelYAML string
+	AgentEnv   []string
+	// NoAgent leaves the agent to the test.
+	NoAgent bool
+}
+
+// StartEnv writes the configs, starts the agent, waits for its socket, starts the kernel on a
+// free port, and waits until the kernel is ready.
+func StartEnv(t testing.TB, o Options) *Env {
+	t.Helper()
+	kbin, abin := Binaries(t)
+	dir, err := os.MkdirTemp("", "pe-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	e := &Env{
+		Dir: dir, AgentSock: filepath.Join(dir, "agent.sock"),
+		AgentConfig: filepath.Join(dir, "agent.yaml"), KernelConfig: filepath.Join(dir, "kernel.yaml"),
+		KernelAddr: FreeAddr(t), MetricsAddr: FreeAddr(t), AgentMetrics: FreeAddr(t),
+		AgentEnv: o.AgentEnv, kernelBin: kbin, agentBin: abin,
+	}
+	e.WriteConfig(t, e.AgentConfig, o.AgentYAML)
+	e.WriteConfig(t, e.KernelConfig, o.KernelYAML)
+	if !o.NoAgent {
+		e.StartAgent(t)
+	}
+	e.Kernel = Start(t, kbin, nil, "--config", e.KernelConfig, "--listen", e.KernelAddr, "--metrics-listen", e.MetricsAddr, "--agent-wait", "5s")
+	WaitFor(t, 15*time.Second, "the kernel to listen", func() bool {
+		if e.Kernel.Exited() {
+			t.Fatalf("kernel exited:\n%s", e.Kernel.Logs.String())
+		}
+		c, err := net.Dial("tcp", e.KernelAddr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	if !o.NoAgent {
+		WaitFor(t, 15*time.Second, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
+	}
+	return e
+}
+
+// Expand fills in the placeholders of a config.
+func (e *Env) Expand(s string) string {
+	return strings.NewReplacer("{{SOCK}}", e.AgentSock, "{{DIR}}", e.Dir, "{{AGENT_METRICS}}", e.AgentMetrics).Replace(s)
+}
+
+// WriteConfig writes a config with its placeholders filled in.
+func (e *Env) WriteConfig(t testing.TB, path, yaml string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(e.Expand(yaml)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// StartAgent starts (or restarts) the agent and waits for its socket to accept connections.
+func (e *Env) StartAgent(t testing.TB) {
+	t.Helper()
+	e.Agent = Start(t, e.agentBin, e.AgentEnv, "--config", e.AgentConfig)
+	WaitFor(t, 15*time.Second, "the agent's socket", func() bool {
+		if e.Agent.Exited() {
+			t.Fatalf("agent exited:\n%s", e.Agent.Logs.String())
+		}
+		c, err := net.Dial("unix", e.AgentSock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+}
+
+// Get fetches a path from the kernel's metrics listener.
+func (e *Env) Get(t testing.TB, path string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+e.MetricsAddr+path, nil)
+	r, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer r.Body.Close()
+	b, _ := io.ReadAll(r.Body)
+	return r.StatusCode, string(b)
+}
+
+// Reload sends SIGHUP to the kernel and waits until its log shows one more line containing
+// want.
+func (e *Env) Reload(t testing.TB, want string) {
+	t.Helper()
+	n := strings.Count(e.Kernel.Logs.String(), want)
+	if err := e.Kernel.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	WaitFor(t, 15*time.Second, "kernel log "+want, func() bool { return strings.Count(e.Kernel.Logs.String(), want) > n })
+}
