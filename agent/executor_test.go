@@ -452,3 +452,28 @@ func TestHealthCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestConcurrencyBound(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	s := newService(e, 1)
+	started := make(chan struct{})
+	done := make(chan *agentv1.PolicyResponse)
+	go func() {
+		close(started)
+		done <- s.run(context.Background(), req(p("t.sleep", "sleep", "300ms")))
+	}()
+	<-started
+	time.Sleep(50 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	r := s.run(ctx, req(p("t.setHeader", "key", "x", "value", "1")))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_TIMEOUT || !strings.Contains(r.GetMessage(), "max_concurrent_requests") {
+		t.Fatalf("second call while the only slot is taken: %v", r)
+	}
+	if r := <-done; r.GetStatus().GetCode() != agentv1.StatusCode_OK {
+		t.Fatalf("first call: %v", r)
+	}
+	if r := s.run(context.Background(), req(p("t.setHeader", "key", "x", "value", "1"))); r.GetStatus().GetCode() != agentv1.StatusCode_OK {
+		t.Fatalf("slot not released: %v", r)
+	}
+}

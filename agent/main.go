@@ -110,7 +110,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		grpc.MaxSendMsgSize(maxMsg),
 		grpc.MaxConcurrentStreams(uint32(core.Server.MaxConcurrentRequests)),
 	)
-	agentv1.RegisterPolicyAgentServer(srv, &service{exec: exec})
+	agentv1.RegisterPolicyAgentServer(srv, newService(exec, core.Server.MaxConcurrentRequests))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)

@@ -16,6 +16,26 @@ import (
 type service struct {
 	agentv1.UnimplementedPolicyAgentServer
 	exec *Executor
+	// sem bounds the chains running at once (server.max_concurrent_requests), across unary
+	// calls and streams alike.
+	sem chan struct{}
+}
+
+func newService(exec *Executor, maxConcurrent int) *service {
+	return &service{exec: exec, sem: make(chan struct{}, maxConcurrent)}
+}
+
+// run executes a chain once a slot is free; a caller that gives up while waiting gets a
+// TIMEOUT answer.
+func (s *service) run(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
+	select {
+	case s.sem <- struct{}{}:
+	case <-ctx.Done():
+		return fail(&agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId()},
+			agentv1.StatusCode_TIMEOUT, "", "agent busy: max_concurrent_requests reached")
+	}
+	defer func() { <-s.sem }()
+	return s.exec.Execute(ctx, req)
 }
 
 func (s *service) GetAgentConfig(context.Context, *agentv1.GetAgentConfigRequest) (*agentv1.GetAgentConfigResponse, error) {
@@ -23,7 +43,7 @@ func (s *service) GetAgentConfig(context.Context, *agentv1.GetAgentConfigRequest
 }
 
 func (s *service) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
-	return s.exec.Execute(ctx, req), nil
+	return s.run(ctx, req), nil
 }
 
 // ExecuteStream serves many chains over one stream. Each request runs in its own goroutine so
@@ -50,7 +70,7 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			resp := s.exec.Execute(ctx, req)
+			resp := s.run(ctx, req)
 			sendMu.Lock()
 			defer sendMu.Unlock()
 			if sendErr == nil {
