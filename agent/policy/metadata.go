@@ -79,6 +79,15 @@ func jsonName(f reflect.StructField) string {
 var durationType = reflect.TypeOf(time.Duration(0))
 
 func setField(v reflect.Value, s string) error {
+	if v.Kind() == reflect.Pointer && v.Type().Elem().Kind() != reflect.Struct {
+		// *bool, *int, ...: "set or not" settings.
+		p := reflect.New(v.Type().Elem())
+		if err := setField(p.Elem(), s); err != nil {
+			return err
+		}
+		v.Set(p)
+		return nil
+	}
 	if v.Type() == durationType {
 		d, err := time.ParseDuration(s)
 		if err != nil {

@@ -102,6 +102,7 @@ type settings struct {
 	List     []string          `json:"list"`
 	Map      map[string]string `json:"map"`
 	Default  string
+	Opt      *bool `json:"opt"`
 	Skipped  string `json:"-"`
 	internal string
 }
@@ -110,12 +111,12 @@ func TestDecodeMetadata(t *testing.T) {
 	var s settings
 	err := DecodeMetadata(map[string]string{
 		"name": "x", "flag": "true", "n": "-3", "u": "7", "f": "1.5", "d": "250ms",
-		"list": `["a","b"]`, "map": `{"k":"v"}`, "Default": "dflt",
+		"list": `["a","b"]`, "map": `{"k":"v"}`, "Default": "dflt", "opt": "false",
 	}, &s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.Name != "x" || !s.Flag || s.N != -3 || s.U != 7 || s.F != 1.5 || s.D != 250*time.Millisecond || len(s.List) != 2 || s.Map["k"] != "v" || s.Default != "dflt" {
+	if s.Name != "x" || !s.Flag || s.N != -3 || s.U != 7 || s.F != 1.5 || s.D != 250*time.Millisecond || len(s.List) != 2 || s.Map["k"] != "v" || s.Default != "dflt" || s.Opt == nil || *s.Opt {
 		t.Fatalf("%+v", s)
 	}
 }
@@ -134,6 +135,7 @@ func TestDecodeMetadataErrors(t *testing.T) {
 	f(map[string]string{"name": "x", "Skipped": "1"}, `metadata key "Skipped": unknown key`)
 	f(map[string]string{"name": "x", "flag": "yes"}, `metadata key "flag": want true or false, got "yes"`)
 	f(map[string]string{"name": "x", "n": "1.5"}, `want an integer`)
+	f(map[string]string{"name": "x", "opt": "nope"}, `metadata key "opt": want true or false`)
 	f(map[string]string{"name": "x", "u": "-1"}, `want a non-negative integer`)
 	f(map[string]string{"name": "x", "u": "70000"}, `want a non-negative integer`)
 	f(map[string]string{"name": "x", "f": "x"}, `want a number`)
