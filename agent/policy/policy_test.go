@@ -102,7 +102,7 @@ type settings struct {
 	List     []string          `json:"list"`
 	Map      map[string]string `json:"map"`
 	Default  string
-	Opt      *bool `json:"opt"`
+	Opt      *bool  `json:"opt"`
 	Skipped  string `json:"-"`
 	internal string
 }

@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 )
 
 func sha(s string) string { d := sha256.Sum256([]byte(s)); return hex.EncodeToString(d[:]) }
