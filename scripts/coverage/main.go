@@ -6,6 +6,7 @@ package main
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"os"
 	"path"
 	"sort"
@@ -23,10 +24,17 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: coverage PROFILE")
 		os.Exit(2)
 	}
-	f, err := os.Open(os.Args[1])
-	if err != nil {
+	if err := report(os.Args[1], os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
+	}
+}
+
+// report writes the coverage of the profile at path to w.
+func report(profile string, w io.Writer) error {
+	f, err := os.Open(profile)
+	if err != nil {
+		return err
 	}
 	defer f.Close()
 	blocks := map[string]*block{}
@@ -79,9 +87,10 @@ func main() {
 	sort.Strings(names)
 	for _, n := range names {
 		p := pkgs[n]
-		fmt.Printf("%-70s %6.1f%%  (%d/%d)\n", n, pct(p.covered, p.total), p.covered, p.total)
+		fmt.Fprintf(w, "%-70s %6.1f%%  (%d/%d)\n", n, pct(p.covered, p.total), p.covered, p.total)
 	}
-	fmt.Printf("total statement coverage: %.1f%% (%d/%d statements)\n", pct(all.covered, all.total), all.covered, all.total)
+	fmt.Fprintf(w, "total statement coverage: %.1f%% (%d/%d statements)\n", pct(all.covered, all.total), all.covered, all.total)
+	return sc.Err()
 }
 
 func pct(a, b int) float64 {
