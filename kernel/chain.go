@@ -75,6 +75,7 @@ type chainResult struct {
 // deny or continue that the agent's fail_open setting asks for.
 func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyPhase, start time.Time, inBody bool) chainResult {
 	route := st.route
+	st.phase = phase
 	ch := &route.request
 	if phase == agentv1.PolicyPhase_RESPONSE {
 		ch = &route.response
@@ -105,7 +106,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	case agentv1.StatusCode_TIMEOUT:
 		return s.agentFailed(st, agent, context.DeadlineExceeded)
 	case agentv1.StatusCode_POLICY_ERROR:
-		route.metrics.requests[statusError].Inc()
+		st.outcome(statusError)
 		if s.errLog.Allow() {
 			s.log.Warn().Str("route", route.Name).Str("request_id", st.requestID).
 				Str("policy", resp.GetStatus().GetPolicyName()).Str("error", resp.GetMessage()).Msg("policy failed; request denied")
@@ -124,9 +125,9 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	res := chainResult{immediate: m.immediate}
 	if res.immediate == nil {
 		res.common = m.common(inBody)
-		route.metrics.requests[statusAllow].Inc()
+		st.outcome(statusAllow)
 	} else {
-		route.metrics.requests[statusDeny].Inc()
+		st.outcome(statusDeny)
 	}
 	if len(m.dropped) > 0 {
 		route.metrics.rejected.Add(len(m.dropped))
@@ -136,6 +137,16 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		}
 	}
 	return res
+}
+
+// outcome counts the result of the phase being run: policy_kernel_requests_total counts HTTP
+// requests by the request phase's decision; response-phase decisions have their own counter.
+func (st *stream) outcome(status string) {
+	if st.phase == agentv1.PolicyPhase_RESPONSE {
+		st.route.metrics.responses[status].Inc()
+		return
+	}
+	st.route.metrics.requests[status].Inc()
 }
 
 func (st *stream) setState(k, v string) {
@@ -198,10 +209,10 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 			Bool("timeout", timeout).Bool("fail_open", agent.cfg.FailOpen).Str("error", err.Error()).Msg("policy agent call failed")
 	}
 	if agent.cfg.FailOpen {
-		route.metrics.requests[statusFailOpen].Inc()
+		st.outcome(statusFailOpen)
 		return chainResult{}
 	}
-	route.metrics.requests[statusError].Inc()
+	st.outcome(statusError)
 	code := "policy_agent_unavailable"
 	if timeout {
 		code = "policy_agent_timeout"
@@ -212,7 +223,7 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 // invalidReply answers for an agent reply the kernel cannot act on: deny with 500, whatever
 // fail_open says, because the agent was reached and said something wrong (§3.5).
 func (s *Server) invalidReply(st *stream, err error) chainResult {
-	st.route.metrics.requests[statusError].Inc()
+	st.outcome(statusError)
 	if s.errLog.Allow() {
 		s.log.Error().Str("route", st.route.Name).Str("request_id", st.requestID).Str("error", err.Error()).Msg("invalid agent response; request denied")
 	}

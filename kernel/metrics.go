@@ -38,10 +38,11 @@ type kernelMetrics struct {
 }
 
 type routeMetrics struct {
-	names    []string
-	requests map[string]*metrics.Counter
-	duration *metrics.Histogram
-	rejected *metrics.Counter
+	names     []string
+	requests  map[string]*metrics.Counter
+	responses map[string]*metrics.Counter
+	duration  *metrics.Histogram
+	rejected  *metrics.Counter
 }
 
 type agentMetrics struct {
@@ -80,10 +81,16 @@ func (m *kernelMetrics) forRoute(route, agent string) *routeMetrics {
 		return rm
 	}
 	labels := `route=` + obs.Label(route) + `,agent=` + obs.Label(agent)
-	rm := &routeMetrics{requests: map[string]*metrics.Counter{}}
+	rm := &routeMetrics{requests: map[string]*metrics.Counter{}, responses: map[string]*metrics.Counter{}}
 	for _, s := range allStatuses {
 		name := `policy_kernel_requests_total{` + labels + `,status="` + s + `"}`
 		rm.requests[s] = m.set.GetOrCreateCounter(name)
+		rm.names = append(rm.names, name)
+		if s == statusInvalidRoute {
+			continue // an invalid route never reaches its response phase
+		}
+		name = `policy_kernel_response_phase_total{` + labels + `,status="` + s + `"}`
+		rm.responses[s] = m.set.GetOrCreateCounter(name)
 		rm.names = append(rm.names, name)
 	}
 	dname := `policy_kernel_request_duration_seconds{` + labels + `}`

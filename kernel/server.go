@@ -67,6 +67,8 @@ type stream struct {
 	respStatus                  int32
 	respHeaders                 map[string]string
 	respBody                    []byte
+	// phase is the phase whose chain runs, for counting its outcome.
+	phase agentv1.PolicyPhase
 }
 
 const (

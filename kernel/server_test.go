@@ -553,3 +553,24 @@ func TestStreamEnds(t *testing.T) {
 		t.Fatalf("draining: %v", err)
 	}
 }
+
+func TestRequestsCountedOncePerHTTPRequest(t *testing.T) {
+	fa := &fakeAgent{fn: func(_ context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+		if req.GetPhase() == agentv1.PolicyPhase_RESPONSE {
+			return &agentv1.PolicyResponse{Status: &agentv1.ResponseStatus{Code: agentv1.StatusCode_POLICY_ERROR}}, nil
+		}
+		return ok(), nil
+	}}
+	k := newTestKernel(t, baseConfig, fa)
+	st := k.open(t)
+	st.send(t, reqHeaders("/api/v1/users", false, ""))
+	r := st.send(t, respHeaders("200", true))
+	st.end(t)
+	if r.GetImmediateResponse().GetStatus().GetCode() != 500 {
+		t.Fatalf("%v", r)
+	}
+	route, _ := k.s.Snapshot().routes.ByName("/api/v1/users")
+	if route.metrics.requests[statusAllow].Get() != 1 || route.metrics.responses[statusError].Get() != 1 || route.metrics.requests[statusError].Get() != 0 {
+		t.Fatalf("requests allow %d error %d; response phase error %d", route.metrics.requests[statusAllow].Get(), route.metrics.requests[statusError].Get(), route.metrics.responses[statusError].Get())
+	}
+}
