@@ -236,7 +236,7 @@ func (s *jwksServer) set(mode string, body []byte) {
 
 // newFactory makes a factory from an agent config section (JSON), with the given clock, and
 // closes it when the test ends.
-func newFactory(t *testing.T, cfg string, shared *sync.Map, now func() time.Time) *Factory {
+func newFactory(t testing.TB, cfg string, shared *sync.Map, now func() time.Time) *Factory {
 	t.Helper()
 	var raw json.RawMessage
 	if cfg != "" {
@@ -250,7 +250,7 @@ func newFactory(t *testing.T, cfg string, shared *sync.Map, now func() time.Time
 	return pf
 }
 
-func build(t *testing.T, f *Factory, md map[string]string) *JWTValidation {
+func build(t testing.TB, f *Factory, md map[string]string) *JWTValidation {
 	t.Helper()
 	p, err := f.Build(md)
 	if err != nil {

@@ -276,7 +276,7 @@ func sourceName(jwksFile string) string {
 // staticSource reads a JWKS file or parses a PEM key; exactly one of them is set.
 func staticSource(jwksFile, pemText string) (keyProvider, error) {
 	if jwksFile != "" {
-		data, err := os.ReadFile(jwksFile)
+		data, err := readCapped(jwksFile, maxJWKSBody)
 		if err != nil {
 			return nil, fmt.Errorf("read JWK set: %w", err)
 		}
@@ -291,6 +291,24 @@ func staticSource(jwksFile, pemText string) (keyProvider, error) {
 		return nil, err
 	}
 	return staticKeys{set: newKeySet([]*verifyKey{k})}, nil
+}
+
+// readCapped reads a file of at most max bytes, so that a wrong path (a device, a log) cannot
+// make the agent read without end.
+func readCapped(name string, max int64) ([]byte, error) {
+	fh, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer fh.Close()
+	data, err := io.ReadAll(io.LimitReader(fh, max+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %q: %w", name, err)
+	}
+	if int64(len(data)) > max {
+		return nil, fmt.Errorf("file %q exceeds %d bytes", name, max)
+	}
+	return data, nil
 }
 
 func hmacSecret(env string) ([]byte, error) {
