@@ -1,6 +1,7 @@
 package jwtvalidation
 
 import (
+	"context"
 	"crypto/hmac"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -595,4 +596,39 @@ func TestStringList(t *testing.T) {
 func jsonString(s string) string {
 	b, _ := json.Marshal(s)
 	return string(b)
+}
+
+// BenchmarkExecute measures the validation of a valid token per algorithm, with a claim header
+// and the state it records. Compare two revisions with
+// `go test -run '^$' -bench Execute -count 10 ./policies/jwtvalidation > old.txt` (then new.txt)
+// and `benchstat old.txt new.txt`.
+func BenchmarkExecute(b *testing.B) {
+	testKeys(b)
+	fac := newFactory(b, "", nil, func() time.Time { return fixedNow })
+	for _, c := range []struct {
+		method jwt.SigningMethod
+		priv   any
+		pub    any
+	}{
+		{jwt.SigningMethodRS256, rsaA, &rsaA.PublicKey},
+		{jwt.SigningMethodES256, ecP256, &ecP256.PublicKey},
+		{jwt.SigningMethodEdDSA, edKey, edKey.Public()},
+	} {
+		b.Run(c.method.Alg(), func(b *testing.B) {
+			p := build(b, fac, map[string]string{"public_key_pem": pemOf(b, c.pub), "issuer": testIssuer,
+				"audience": testAudience, "claims_to_headers": `{"sub":"x-user-id"}`})
+			hdrs := bearer(sign(b, c.method, c.priv, "", baseClaims()))
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				ctx := context.Background()
+				for pb.Next() {
+					r, err := p.Execute(ctx, &policy.Context{Headers: hdrs})
+					if err != nil || r.Status != agentv1.StatusCode_OK {
+						b.Fatalf("status %v, %v", r.Status, err)
+					}
+				}
+			})
+		})
+	}
 }
