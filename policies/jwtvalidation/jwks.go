@@ -26,8 +26,9 @@ type keyProvider interface {
 	// keys returns the current key set. A remote set that has not been fetched yet is waited
 	// for within ctx; errKeysUnavailable when there is none.
 	keys(ctx context.Context) (*keySet, error)
-	// refetch is called for a token whose kid the set does not know. It returns a newer set
-	// to retry with, or nil when none can be had now.
+	// refetch is called for a token whose kid the set does not know. It returns the set to
+	// retry with (the newest there is, which may be newer than the caller's even when no
+	// fetch was allowed), or nil when the source never changes.
 	refetch(ctx context.Context) *keySet
 }
 
@@ -172,7 +173,8 @@ func (r *remoteKeys) refetch(ctx context.Context) *keySet {
 	if reply == nil {
 		if !r.lastKick.IsZero() && r.now().Sub(r.lastKick) < r.interval {
 			r.mu.Unlock()
-			return nil
+			// A fetch may have ended since the caller read the set.
+			return r.set.Load()
 		}
 		r.lastKick = r.now()
 		reply = make(chan struct{})

@@ -145,16 +145,19 @@ func TestJWKSConcurrentUnknownKid(t *testing.T) {
 	srv.mu.Lock()
 	srv.delay = 100 * time.Millisecond
 	srv.mu.Unlock()
-	tok := sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims())
-	var wg sync.WaitGroup
+	hdrs := bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims()))
+	results := make(chan agentv1.StatusCode, 16)
 	for range 16 {
-		wg.Add(1)
 		go func() {
-			defer wg.Done()
-			allowed(t, run(t, p, bearer(tok)))
+			r, _ := p.Execute(t.Context(), &policy.Context{Headers: hdrs})
+			results <- r.Status
 		}()
 	}
-	wg.Wait()
+	for range 16 {
+		if s := <-results; s != agentv1.StatusCode_OK {
+			t.Errorf("status %v, want OK", s)
+		}
+	}
 	if n := srv.hits.Load(); n != 2 {
 		t.Errorf("JWKS fetched %d times, want 2", n)
 	}
@@ -244,7 +247,7 @@ func TestJWKSUnavailable(t *testing.T) {
 		srv.mu.Lock()
 		srv.delay = 5 * time.Second
 		srv.mu.Unlock()
-		f := newFactory(t, `{"jwks_url":"`+srv.URL+`","jwks_fetch_timeout":"1s"}`, nil, func() time.Time { return fixedNow })
+		f := newFactory(t, `{"jwks_url":"`+srv.URL+`","jwks_fetch_timeout":"2s"}`, nil, func() time.Time { return fixedNow })
 		p := build(t, f, nil)
 		check(t, p, time.Second)
 		if err := f.HealthCheck(t.Context()); err == nil || !strings.Contains(err.Error(), "not fetched yet") {

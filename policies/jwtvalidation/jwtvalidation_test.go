@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -554,20 +555,27 @@ func TestConcurrentExecute(t *testing.T) {
 	good := sign(t, jwt.SigningMethodES256, ecP256, "", baseClaims())
 	bad := sign(t, jwt.SigningMethodES256, ecP256B, "", baseClaims())
 	var wg sync.WaitGroup
+	var wrong atomic.Int64
 	for i := range 8 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			tok, want := good, agentv1.StatusCode_OK
+			if i%2 == 1 {
+				tok, want = bad, agentv1.StatusCode_POLICY_DENIED
+			}
 			for range 50 {
-				if i%2 == 0 {
-					allowed(t, run(t, p, bearer(good)))
-				} else {
-					denial(t, run(t, p, bearer(bad)))
+				r, err := p.Execute(t.Context(), &policy.Context{Headers: bearer(tok)})
+				if err != nil || r.Status != want {
+					wrong.Add(1)
 				}
 			}
 		}()
 	}
 	wg.Wait()
+	if n := wrong.Load(); n != 0 {
+		t.Errorf("%d of 400 concurrent runs answered wrongly", n)
+	}
 }
 
 func TestStringList(t *testing.T) {
