@@ -1,0 +1,344 @@
+package jwtvalidation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// maxJWKSBody caps the size of a fetched JWK Set; real sets are a few kilobytes.
+const maxJWKSBody = 1 << 20
+
+// maxRetryBackoff is the longest wait between two attempts while fetches fail, unless the
+// refresh interval is shorter.
+const maxRetryBackoff = time.Minute
+
+// keyProvider gives a policy the keys to verify tokens with.
+type keyProvider interface {
+	// keys returns the current key set. A remote set that has not been fetched yet is waited
+	// for within ctx; errKeysUnavailable when there is none.
+	keys(ctx context.Context) (*keySet, error)
+	// refetch is called for a token whose kid the set does not know. It returns the set to
+	// retry with (the newest there is, which may be newer than the caller's even when no
+	// fetch was allowed), or nil when the source never changes.
+	refetch(ctx context.Context) *keySet
+}
+
+// staticKeys is a key set read once from the config: a PEM key, a JWKS file or an HMAC secret.
+type staticKeys struct{ set *keySet }
+
+func (s staticKeys) keys(context.Context) (*keySet, error) { return s.set, nil }
+func (s staticKeys) refetch(context.Context) *keySet       { return nil }
+
+// errKeysUnavailable means that a remote key set has never been fetched successfully.
+var errKeysUnavailable = errors.New("signing keys unavailable")
+
+// remoteKeys is a JWK Set fetched from a URL and kept fresh by one goroutine. It is shared by
+// every factory that names the same URL with the same interval and timeout, across config
+// reloads, through a reference-counted registry.
+type remoteKeys struct {
+	url       string
+	interval  time.Duration
+	timeout   time.Duration
+	now       func() time.Time
+	client    *http.Client
+	transport *http.Transport
+
+	set atomic.Pointer[keySet]
+	// ready is closed when the first fetch has finished, successfully or not.
+	ready chan struct{}
+	// kick asks the refresher for a fetch now; the refresher closes the channel it receives
+	// once that fetch is done.
+	kick   chan chan struct{}
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+	// fetches counts fetch attempts.
+	fetches atomic.Int64
+
+	mu      sync.Mutex
+	lastErr error
+	// lastKick is when an unknown kid last caused a fetch; pending is that fetch while it runs.
+	lastKick time.Time
+	pending  chan struct{}
+}
+
+func newRemoteKeys(rawURL string, interval, timeout time.Duration, now func() time.Time) *remoteKeys {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConnsPerHost = 1
+	tr.ResponseHeaderTimeout = timeout
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &remoteKeys{
+		url:       rawURL,
+		interval:  interval,
+		timeout:   timeout,
+		now:       now,
+		transport: tr,
+		ready:     make(chan struct{}),
+		kick:      make(chan chan struct{}, 1),
+		ctx:       ctx,
+		cancel:    cancel,
+		done:      make(chan struct{}),
+	}
+	r.client = &http.Client{
+		Transport: tr,
+		Timeout:   timeout,
+		CheckRedirect: func(req *http.Request, via []*http.Request) error {
+			if len(via) >= 3 {
+				return errors.New("stopped after 3 redirects")
+			}
+			return checkJWKSURL(req.URL.String())
+		},
+	}
+	return r
+}
+
+// start runs the refresher: one fetch now, then one every interval; after a failed fetch the
+// next attempt comes sooner, with a doubling backoff capped by the interval.
+func (r *remoteKeys) start() { go r.run() }
+
+func (r *remoteKeys) run() {
+	defer close(r.done)
+	backoff := time.Second
+	r.fetch()
+	close(r.ready)
+	for {
+		wait := r.interval
+		if r.failing() {
+			wait = min(backoff, r.interval)
+			backoff = min(2*backoff, maxRetryBackoff)
+		} else {
+			backoff = time.Second
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-r.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+			r.fetch()
+		case reply := <-r.kick:
+			t.Stop()
+			r.fetch()
+			r.mu.Lock()
+			r.pending = nil
+			r.mu.Unlock()
+			close(reply)
+		}
+	}
+}
+
+// stop ends the refresher, aborting a fetch in flight, and closes idle connections.
+func (r *remoteKeys) stop() {
+	r.cancel()
+	<-r.done
+	r.transport.CloseIdleConnections()
+}
+
+func (r *remoteKeys) failing() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lastErr != nil
+}
+
+func (r *remoteKeys) keys(ctx context.Context) (*keySet, error) {
+	if s := r.set.Load(); s != nil {
+		return s, nil
+	}
+	select {
+	case <-r.ready:
+	case <-ctx.Done():
+	case <-r.done:
+	}
+	if s := r.set.Load(); s != nil {
+		return s, nil
+	}
+	return nil, errKeysUnavailable
+}
+
+// refetch fetches the set again for a token with an unknown kid, at most once per interval:
+// tokens with made-up kids cannot make the agent hammer the issuer. Callers that arrive while
+// such a fetch runs wait for it; the wait is bounded by ctx.
+func (r *remoteKeys) refetch(ctx context.Context) *keySet {
+	r.mu.Lock()
+	reply := r.pending
+	if reply == nil {
+		if !r.lastKick.IsZero() && r.now().Sub(r.lastKick) < r.interval {
+			r.mu.Unlock()
+			// A fetch may have ended since the caller read the set.
+			return r.set.Load()
+		}
+		r.lastKick = r.now()
+		reply = make(chan struct{})
+		r.pending = reply
+		// Only one fetch is pending at a time, so the buffered channel always has room.
+		r.kick <- reply
+	}
+	r.mu.Unlock()
+	select {
+	case <-reply:
+	case <-ctx.Done():
+	case <-r.done:
+	}
+	return r.set.Load()
+}
+
+// fetch gets the set once; on failure the last good set stays in use.
+func (r *remoteKeys) fetch() {
+	r.fetches.Add(1)
+	ctx, cancel := context.WithTimeout(r.ctx, r.timeout)
+	defer cancel()
+	set, err := r.get(ctx)
+	if err == nil {
+		r.set.Store(set)
+	}
+	r.mu.Lock()
+	r.lastErr = err
+	r.mu.Unlock()
+}
+
+func (r *remoteKeys) get(ctx context.Context) (*keySet, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, r.url, nil)
+	if err != nil {
+		return nil, fmt.Errorf("fetch JWK set from %q: %w", r.url, err)
+	}
+	req.Header.Set("Accept", "application/jwk-set+json, application/json")
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fetch JWK set: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fetch JWK set from %q: status %d", r.url, resp.StatusCode)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxJWKSBody+1))
+	if err != nil {
+		return nil, fmt.Errorf("read JWK set from %q: %w", r.url, err)
+	}
+	if len(body) > maxJWKSBody {
+		return nil, fmt.Errorf("JWK set from %q exceeds %d bytes", r.url, maxJWKSBody)
+	}
+	set, err := parseJWKS(body)
+	if err != nil {
+		return nil, fmt.Errorf("JWK set from %q: %w", r.url, err)
+	}
+	return set, nil
+}
+
+// health reports an error while the set has never been fetched. A set that was fetched once
+// keeps serving when later fetches fail, so that is not an error.
+func (r *remoteKeys) health() error {
+	if r.set.Load() != nil {
+		return nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.lastErr != nil {
+		return r.lastErr
+	}
+	return fmt.Errorf("JWK set from %q not fetched yet", r.url)
+}
+
+// checkJWKSURL accepts https URLs, and http URLs only for a loopback host, since keys fetched
+// in clear over a network could be replaced by anyone on the path.
+func checkJWKSURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("invalid URL %q", s)
+	}
+	if u.Host == "" {
+		return fmt.Errorf("URL %q has no host", s)
+	}
+	if u.User != nil {
+		return fmt.Errorf("URL %q must not hold credentials", u.Redacted())
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if isLoopback(u.Hostname()) {
+			return nil
+		}
+		return fmt.Errorf("URL %q: http is allowed only for a loopback host; use https", s)
+	default:
+		return fmt.Errorf("URL %q: scheme must be https", s)
+	}
+}
+
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// remoteKey identifies a shared remote set.
+type remoteKey struct {
+	url      string
+	interval time.Duration
+	timeout  time.Duration
+}
+
+// registry holds the remote sets of every factory made from one policy.Config.Shared.
+type registry struct {
+	mu      sync.Mutex
+	entries map[remoteKey]*registryEntry
+}
+
+type registryEntry struct {
+	keys *remoteKeys
+	refs int
+}
+
+// sharedKey is the key of the registry in policy.Config.Shared; a private type, so no other
+// policy can collide with it.
+type sharedKey struct{}
+
+func sharedRegistry(m *sync.Map) *registry {
+	if v, ok := m.Load(sharedKey{}); ok {
+		return v.(*registry)
+	}
+	v, _ := m.LoadOrStore(sharedKey{}, &registry{entries: map[remoteKey]*registryEntry{}})
+	return v.(*registry)
+}
+
+// acquire returns the shared set for k, starting its refresher when it is the first user.
+func (g *registry) acquire(k remoteKey, now func() time.Time) *remoteKeys {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if e, ok := g.entries[k]; ok {
+		e.refs++
+		return e.keys
+	}
+	r := newRemoteKeys(k.url, k.interval, k.timeout, now)
+	g.entries[k] = &registryEntry{keys: r, refs: 1}
+	r.start()
+	return r
+}
+
+// release drops one reference; the last one stops the refresher.
+func (g *registry) release(k remoteKey) {
+	g.mu.Lock()
+	e, ok := g.entries[k]
+	if !ok {
+		g.mu.Unlock()
+		return
+	}
+	e.refs--
+	if e.refs > 0 {
+		g.mu.Unlock()
+		return
+	}
+	delete(g.entries, k)
+	g.mu.Unlock()
+	e.keys.stop()
+}

@@ -1,0 +1,384 @@
+package jwtvalidation
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+)
+
+// waitFor polls cond until it holds or the test's bound passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func remoteOf(t *testing.T, p *JWTValidation) *remoteKeys {
+	t.Helper()
+	r, ok := p.keys.(*remoteKeys)
+	if !ok {
+		t.Fatalf("policy keys are %T, want a remote set", p.keys)
+	}
+	return r
+}
+
+// TestJWKSSharedAcrossFactories checks that factories made from one Shared map (a config and
+// its reload) use one cache per URL: one fetch, one refresher.
+func TestJWKSSharedAcrossFactories(t *testing.T) {
+	testKeys(t)
+	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey), jwkOf("e", &ecP256.PublicKey)))
+	shared := &sync.Map{}
+	cfg := `{"jwks_url":"` + srv.URL + `/keys","issuer":"` + testIssuer + `"}`
+	f1 := newFactory(t, cfg, shared, func() time.Time { return fixedNow })
+	p1 := build(t, f1, nil)
+	allowed(t, run(t, p1, bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))))
+	allowed(t, run(t, p1, bearer(sign(t, jwt.SigningMethodES256, ecP256, "e", baseClaims()))))
+
+	// The reload: a new factory first, then the old one closes.
+	f2 := newFactory(t, cfg, shared, func() time.Time { return fixedNow })
+	p2 := build(t, f2, map[string]string{"audience": testAudience})
+	p3 := build(t, f2, map[string]string{"jwks_url": srv.URL + "/keys"})
+	if err := f1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	allowed(t, run(t, p2, bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))))
+	allowed(t, run(t, p3, bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))))
+	if r2, r3 := remoteOf(t, p2), remoteOf(t, p3); r2 != remoteOf(t, p1) || r3 != r2 {
+		t.Error("factories on one Shared map made separate caches for one URL")
+	}
+	select {
+	case <-remoteOf(t, p2).done:
+		t.Fatal("closing the old factory stopped the refresher the new one uses")
+	default:
+	}
+	if n := srv.hits.Load(); n != 1 {
+		t.Errorf("JWKS fetched %d times, want 1", n)
+	}
+	if err := f2.HealthCheck(t.Context()); err != nil {
+		t.Errorf("HealthCheck: %v", err)
+	}
+
+	// Closing the last user stops the refresher; a closed factory builds no new remote policy.
+	r := remoteOf(t, p2)
+	if err := f2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-r.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("refresher still running after the last factory closed")
+	}
+	if _, err := f2.Build(map[string]string{"jwks_url": srv.URL + "/other"}); err != errFactoryClosed {
+		t.Errorf("Build after Close: %v", err)
+	}
+	// The last good set is still in memory for requests that were in flight.
+	allowed(t, run(t, p2, bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))))
+}
+
+// TestJWKSUnknownKidRefetch checks that an unknown kid refetches the set at most once per
+// refresh interval, and that a rotated key is picked up that way.
+func TestJWKSUnknownKidRefetch(t *testing.T) {
+	testKeys(t)
+	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
+	clock := &testClock{t: fixedNow}
+	f := newFactory(t, `{"jwks_refresh_interval":"1h"}`, nil, clock.now)
+	p := build(t, f, map[string]string{"jwks_url": srv.URL})
+	allowed(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))))
+	hits := func(want int64) {
+		t.Helper()
+		if n := srv.hits.Load(); n != want {
+			t.Fatalf("JWKS fetched %d times, want %d", n, want)
+		}
+	}
+	hits(1)
+
+	// The issuer rotates to key b: the first token signed with it triggers one refetch.
+	srv.set("", jwksJSON(t, jwkOf("a", &rsaA.PublicKey), jwkOf("b", &rsaB.PublicKey)))
+	allowed(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims()))))
+	hits(2)
+
+	// Made-up kids within the same interval cause no fetch at all.
+	for i := range 20 {
+		tok := sign(t, jwt.SigningMethodRS256, rsaB, "made-up-"+string(rune('a'+i)), baseClaims())
+		_, _, body := denial(t, run(t, p, bearer(tok)))
+		if body.Message != "unknown signing key" {
+			t.Fatalf("unknown kid: %q", body.Message)
+		}
+	}
+	hits(2)
+
+	// One interval later an unknown kid may fetch again, once.
+	clock.add(time.Hour)
+	srv.set("", jwksJSON(t, jwkOf("c", &ecP256.PublicKey)))
+	allowed(t, run(t, p, bearer(sign(t, jwt.SigningMethodES256, ecP256, "c", baseClaims()))))
+	denial(t, run(t, p, bearer(sign(t, jwt.SigningMethodES256, ecP256, "d", baseClaims()))))
+	hits(3)
+	// Key a left the set with that fetch.
+	_, _, body := denial(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))))
+	if body.Message != "unknown signing key" {
+		t.Errorf("rotated-out key: %q", body.Message)
+	}
+}
+
+// TestJWKSConcurrentUnknownKid checks that many requests with one new kid share one fetch.
+func TestJWKSConcurrentUnknownKid(t *testing.T) {
+	testKeys(t)
+	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
+	f := newFactory(t, `{"jwks_refresh_interval":"1h"}`, nil, func() time.Time { return fixedNow })
+	p := build(t, f, map[string]string{"jwks_url": srv.URL})
+	waitFor(t, "first fetch", func() bool { return remoteOf(t, p).set.Load() != nil })
+	srv.set("slow", jwksJSON(t, jwkOf("a", &rsaA.PublicKey), jwkOf("b", &rsaB.PublicKey)))
+	srv.mu.Lock()
+	srv.delay = 100 * time.Millisecond
+	srv.mu.Unlock()
+	hdrs := bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims()))
+	results := make(chan agentv1.StatusCode, 16)
+	for range 16 {
+		go func() {
+			r, _ := p.Execute(t.Context(), &policy.Context{Headers: hdrs})
+			results <- r.Status
+		}()
+	}
+	for range 16 {
+		if s := <-results; s != agentv1.StatusCode_OK {
+			t.Errorf("status %v, want OK", s)
+		}
+	}
+	if n := srv.hits.Load(); n != 2 {
+		t.Errorf("JWKS fetched %d times, want 2", n)
+	}
+}
+
+// TestJWKSLastGoodSet checks that a set that was fetched once keeps serving when the endpoint
+// returns errors or garbage, or goes away entirely.
+func TestJWKSLastGoodSet(t *testing.T) {
+	testKeys(t)
+	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
+	clock := &testClock{t: fixedNow}
+	f := newFactory(t, `{"jwks_refresh_interval":"1h"}`, nil, clock.now)
+	p := build(t, f, map[string]string{"jwks_url": srv.URL})
+	// Tokens are made for the moved clock: good until far past the test's last move.
+	claims := baseClaims()
+	claims["exp"] = fixedNow.Add(24 * time.Hour).Unix()
+	good := bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", claims))
+	allowed(t, run(t, p, good))
+	r := remoteOf(t, p)
+
+	for _, mode := range []string{"error", "garbage", "closed"} {
+		t.Run(mode, func(t *testing.T) {
+			before := r.fetches.Load()
+			if mode == "closed" {
+				srv.Close()
+			} else {
+				srv.set(mode, nil)
+			}
+			clock.add(time.Hour)
+			// An unknown kid forces a fetch, which fails.
+			_, _, body := denial(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", claims))))
+			if body.Message != "unknown signing key" {
+				t.Errorf("unknown kid: %q", body.Message)
+			}
+			if r.fetches.Load() != before+1 {
+				t.Fatalf("no fetch was attempted")
+			}
+			if !r.failing() {
+				t.Error("the failed fetch was not recorded")
+			}
+			allowed(t, run(t, p, good))
+			if err := f.HealthCheck(t.Context()); err != nil {
+				t.Errorf("HealthCheck with a stale set: %v", err)
+			}
+		})
+	}
+}
+
+// TestJWKSUnavailable checks the answer while no set was ever fetched: 503 within the
+// request's deadline, and an unhealthy factory.
+func TestJWKSUnavailable(t *testing.T) {
+	testKeys(t)
+	tok := bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))
+	check := func(t *testing.T, p *JWTValidation, maxWait time.Duration) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		r, err := p.Execute(ctx, &policy.Context{Phase: agentv1.PolicyPhase_REQUEST, Headers: tok})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := time.Since(start); d > maxWait {
+			t.Errorf("answered after %s, want within %s", d, maxWait)
+		}
+		status, _, body := denial(t, r)
+		if status != 503 || body.Error != "unavailable" || body.Message != "signing keys unavailable" {
+			t.Errorf("got %d %+v", status, body)
+		}
+	}
+
+	t.Run("down", func(t *testing.T) {
+		srv := newJWKSServer(t, nil)
+		url := srv.URL
+		srv.Close()
+		f := newFactory(t, `{"jwks_url":"`+url+`"}`, nil, func() time.Time { return fixedNow })
+		p := build(t, f, nil)
+		check(t, p, time.Second)
+		waitFor(t, "first fetch", func() bool { return remoteOf(t, p).failing() })
+		if err := f.HealthCheck(t.Context()); err == nil || !strings.Contains(err.Error(), "fetch JWK set") {
+			t.Errorf("HealthCheck: %v", err)
+		}
+	})
+	t.Run("slow", func(t *testing.T) {
+		srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
+		srv.set("slow", nil)
+		srv.mu.Lock()
+		srv.delay = 5 * time.Second
+		srv.mu.Unlock()
+		f := newFactory(t, `{"jwks_url":"`+srv.URL+`","jwks_fetch_timeout":"2s"}`, nil, func() time.Time { return fixedNow })
+		p := build(t, f, nil)
+		check(t, p, time.Second)
+		if err := f.HealthCheck(t.Context()); err == nil || !strings.Contains(err.Error(), "not fetched yet") {
+			t.Errorf("HealthCheck while the first fetch runs: %v", err)
+		}
+		// The fetch gives up at its timeout, not at the server's pace.
+		waitFor(t, "fetch timeout", func() bool { return remoteOf(t, p).failing() })
+	})
+	t.Run("garbage then recovery", func(t *testing.T) {
+		srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
+		srv.set("garbage", nil)
+		f := newFactory(t, `{"jwks_url":"`+srv.URL+`"}`, nil, func() time.Time { return fixedNow })
+		p := build(t, f, nil)
+		check(t, p, time.Second)
+		// A failing first fetch is retried after a second, not after the refresh interval.
+		srv.set("", nil)
+		waitFor(t, "retry", func() bool { return remoteOf(t, p).set.Load() != nil })
+		allowed(t, run(t, p, tok))
+		if err := f.HealthCheck(t.Context()); err != nil {
+			t.Errorf("HealthCheck after recovery: %v", err)
+		}
+	})
+}
+
+// TestJWKSBackgroundRefresh checks that the set is refreshed on the interval without any
+// request asking for it.
+func TestJWKSBackgroundRefresh(t *testing.T) {
+	testKeys(t)
+	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
+	f := newFactory(t, `{"jwks_refresh_interval":"1s"}`, nil, func() time.Time { return fixedNow })
+	p := build(t, f, map[string]string{"jwks_url": srv.URL})
+	waitFor(t, "first fetch", func() bool { return srv.hits.Load() == 1 })
+	srv.set("", jwksJSON(t, jwkOf("b", &rsaB.PublicKey)))
+	waitFor(t, "refresh", func() bool { return srv.hits.Load() >= 2 })
+	waitFor(t, "new set", func() bool {
+		_, known := remoteOf(t, p).set.Load().candidates("b", "RS256")
+		return known
+	})
+	n := srv.hits.Load()
+	allowed(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims()))))
+	if srv.hits.Load() > n+1 {
+		t.Errorf("the request fetched the set itself")
+	}
+}
+
+// TestJWKSBodyCap checks that an oversized answer is refused.
+func TestJWKSBodyCap(t *testing.T) {
+	srv := newJWKSServer(t, []byte(`{"keys":[],"pad":"`+strings.Repeat("x", maxJWKSBody)+`"}`))
+	r := newRemoteKeys(srv.URL, time.Hour, time.Second, time.Now)
+	defer r.transport.CloseIdleConnections()
+	_, err := r.get(t.Context())
+	if err == nil || !strings.Contains(err.Error(), "exceeds 1048576 bytes") {
+		t.Errorf("oversized set: %v", err)
+	}
+	srv.set("error", nil)
+	if _, err := r.get(t.Context()); err == nil || !strings.Contains(err.Error(), "status 503") {
+		t.Errorf("status 503: %v", err)
+	}
+}
+
+// TestJWKSRedirects checks that a redirect must land on an acceptable URL.
+func TestJWKSRedirects(t *testing.T) {
+	testKeys(t)
+	keys := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
+	redir := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/ok":
+			http.Redirect(w, r, keys.URL, http.StatusFound)
+		case "/insecure":
+			http.Redirect(w, r, "http://auth.example.com/keys", http.StatusFound)
+		default:
+			http.Redirect(w, r, r.URL.Path, http.StatusFound)
+		}
+	}))
+	defer redir.Close()
+	r := newRemoteKeys(redir.URL, time.Hour, time.Second, time.Now)
+	defer r.transport.CloseIdleConnections()
+	for path, want := range map[string]string{
+		"/ok":       "",
+		"/insecure": "http is allowed only for a loopback host",
+		"/loop":     "stopped after 3 redirects",
+	} {
+		r.url = redir.URL + path
+		_, err := r.get(t.Context())
+		if (want == "" && err != nil) || (want != "" && (err == nil || !strings.Contains(err.Error(), want))) {
+			t.Errorf("%s: %v, want %q", path, err, want)
+		}
+	}
+	r.url = "http://[::1"
+	if _, err := r.get(t.Context()); err == nil {
+		t.Error("want an error for an unparsable URL")
+	}
+}
+
+func TestCheckJWKSURL(t *testing.T) {
+	f := func(u, want string) {
+		t.Helper()
+		err := checkJWKSURL(u)
+		if (want == "" && err != nil) || (want != "" && (err == nil || err.Error() != want)) {
+			t.Errorf("checkJWKSURL(%q) = %v, want %q", u, err, want)
+		}
+	}
+	f("https://auth.example.com/.well-known/jwks.json", "")
+	f("http://127.0.0.1:8080/keys", "")
+	f("http://localhost/keys", "")
+	f("http://[::1]:80/keys", "")
+	f("http://10.0.0.1/keys", `URL "http://10.0.0.1/keys": http is allowed only for a loopback host; use https`)
+	f("https://user:pw@auth.example.com/", `URL "https://user:xxxxx@auth.example.com/" must not hold credentials`)
+	f("/keys", `URL "/keys" has no host`)
+	f("https://a b/", `invalid URL "https://a b/"`)
+	f("file://host/etc/keys", `URL "file://host/etc/keys": scheme must be https`)
+}
+
+func TestRegistryRelease(t *testing.T) {
+	g := sharedRegistry(&sync.Map{})
+	k := remoteKey{url: "http://127.0.0.1:1/", interval: time.Hour, timeout: 50 * time.Millisecond}
+	a := g.acquire(k, time.Now)
+	b := g.acquire(k, time.Now)
+	if a != b {
+		t.Fatal("one key, two caches")
+	}
+	g.release(k)
+	select {
+	case <-a.done:
+		t.Fatal("stopped while still referenced")
+	default:
+	}
+	g.release(k)
+	<-a.done
+	g.release(k) // a release without a reference is ignored
+	if len(g.entries) != 0 {
+		t.Errorf("entries left: %v", g.entries)
+	}
+}
