@@ -17,6 +17,7 @@ import (
 	"time"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // Phases is a set of phases in which a policy can run.
@@ -65,6 +66,9 @@ type Config struct {
 	// Shared holds values that outlive one config snapshot, such as client connections,
 	// keyed by whatever the policy chooses. It is safe for concurrent use.
 	Shared *sync.Map
+	// Log is the agent's logger, for events outside a request such as a background fetch
+	// failing. It may be nil in tests; its methods then return nil events, which discard.
+	Log *logging.Logger
 }
 
 // Decode decodes the policy's settings strictly into dst; absent settings leave dst unchanged.

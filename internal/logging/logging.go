@@ -51,11 +51,16 @@ func New(w io.Writer, component string, level zerolog.Level) *Logger {
 func (l *Logger) SetLevel(level zerolog.Level) { l.level.Store(int32(level)) }
 
 // Level returns the current level.
-func (l *Logger) Level() zerolog.Level { return zerolog.Level(l.level.Load()) }
+func (l *Logger) Level() zerolog.Level {
+	if l == nil {
+		return zerolog.Disabled
+	}
+	return zerolog.Level(l.level.Load())
+}
 
 // Enabled reports whether events at level are written; check it once before building a
 // costly event on the hot path.
-func (l *Logger) Enabled(level zerolog.Level) bool { return level >= l.Level() }
+func (l *Logger) Enabled(level zerolog.Level) bool { return l != nil && level >= l.Level() }
 
 // Event returns an event at level, or nil (a no-op event) when the level is off.
 func (l *Logger) Event(level zerolog.Level) *zerolog.Event {

@@ -64,3 +64,11 @@ func TestThrottle(t *testing.T) {
 		t.Fatal("an event after the interval must pass")
 	}
 }
+
+func TestNilLoggerDiscards(t *testing.T) {
+	var l *Logger
+	if l.Error() != nil || l.Enabled(zerolog.ErrorLevel) {
+		t.Fatal("a nil logger must discard")
+	}
+	l.Error().Str("k", "v").Msg("nothing")
+}
