@@ -254,7 +254,7 @@ func (p *Transform) Execute(_ context.Context, c *policy.Context) (policy.Result
 	if r == nil || len(r.Body) == 0 {
 		return policy.Result{}, nil
 	}
-	if !IsJSON(r.Headers["content-type"]) {
+	if !jsonedit.IsJSONContentType(r.Headers["content-type"]) {
 		skipped[ReasonNotJSON].Inc()
 		return policy.Result{}, nil
 	}
@@ -284,18 +284,6 @@ func (p *Transform) Execute(_ context.Context, c *policy.Context) (policy.Result
 // unchanged document is returned as it is.
 func (p *Transform) Apply(body []byte) ([]byte, bool, error) {
 	return jsonedit.Edit(body, p.maxDepth, p.root.self, jsonedit.Visitor[[]*node](p))
-}
-
-// IsJSON reports whether a content-type is JSON: application/json or application/*+json, with
-// or without parameters.
-func IsJSON(contentType string) bool {
-	mt, _, _ := strings.Cut(contentType, ";")
-	mt = strings.ToLower(strings.TrimSpace(mt))
-	if mt == "application/json" {
-		return true
-	}
-	sub, ok := strings.CutPrefix(mt, "application/")
-	return ok && strings.HasSuffix(sub, "+json") && len(sub) > len("+json") && !strings.ContainsAny(sub, "/ \t")
 }
 
 var (

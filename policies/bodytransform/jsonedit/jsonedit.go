@@ -17,6 +17,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // Op is what happens to an object member.
@@ -369,4 +370,16 @@ func digits(src []byte, i int) int {
 		i++
 	}
 	return i
+}
+
+// IsJSONContentType reports whether a content-type header names JSON: application/json or
+// application/*+json, with or without parameters.
+func IsJSONContentType(contentType string) bool {
+	mt, _, _ := strings.Cut(contentType, ";")
+	mt = strings.ToLower(strings.TrimSpace(mt))
+	if mt == "application/json" {
+		return true
+	}
+	sub, ok := strings.CutPrefix(mt, "application/")
+	return ok && strings.HasSuffix(sub, "+json") && len(sub) > len("+json") && !strings.ContainsAny(sub, "/ \t")
 }

@@ -249,3 +249,32 @@ func FuzzEdit(f *testing.F) {
 		}
 	})
 }
+
+func TestIsJSONContentType(t *testing.T) {
+	for ct, want := range map[string]bool{
+		"application/json":                          true,
+		"application/json; charset=utf-8":           true,
+		"Application/JSON;charset=UTF-8":            true,
+		" application/json ":                        true,
+		"application/problem+json":                  true,
+		"application/vnd.api+json; ext=bulk":        true,
+		"application/ld+json":                       true,
+		"application/+json":                         false,
+		"application/x/y+json":                      false,
+		"application/jsonx":                         false,
+		"application/json-patch":                    false,
+		"text/json":                                 false,
+		"text/plain":                                false,
+		"application/x-www-form-urlencoded":         false,
+		"":                                          false,
+		"multipart/form-data; boundary=+json":       false,
+		"application/vnd.example+json+xml":          false,
+		"application/octet-stream; profile=x+json":  false,
+		"application/geo+json-seq":                  false,
+		"application/merge-patch+json;charset=utf8": true,
+	} {
+		if got := IsJSONContentType(ct); got != want {
+			t.Errorf("IsJSONContentType(%q) = %v, want %v", ct, got, want)
+		}
+	}
+}
