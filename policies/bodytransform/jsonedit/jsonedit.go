@@ -300,6 +300,12 @@ func scanLiteral(src []byte, pos int, lit string) (int, error) {
 func scanString(src []byte, pos int) (int, bool, error) {
 	escaped := false
 	for i := pos + 1; i < len(src); i++ {
+		for i < len(src) && !stringSpecial[src[i]] {
+			i++
+		}
+		if i == len(src) {
+			break
+		}
 		switch c := src[i]; {
 		case c == '"':
 			return i + 1, escaped, nil
@@ -325,6 +331,16 @@ func scanString(src []byte, pos int) (int, bool, error) {
 	}
 	return 0, false, syntaxError(len(src), "unterminated string")
 }
+
+// stringSpecial marks the bytes that end a run of plain string bytes: the quote, the
+// backslash and control characters.
+var stringSpecial = func() (t [256]bool) {
+	for c := 0; c < 0x20; c++ {
+		t[c] = true
+	}
+	t['"'], t['\\'] = true, true
+	return t
+}()
 
 func isHex(c byte) bool {
 	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')
