@@ -45,7 +45,7 @@ func (r *rotatingFile) Write(p []byte) (int, error) {
 			return 0, err
 		}
 	}
-	n, err := r.bw.Write(p)
+	n, err := writeWhole(r.bw, p)
 	r.size += int64(n)
 	return n, err
 }

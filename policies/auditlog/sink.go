@@ -37,7 +37,23 @@ type flushWriter interface {
 // stdoutWriter buffers writes to stdout; closing it flushes but leaves stdout open.
 type stdoutWriter struct{ *bufio.Writer }
 
+func (w stdoutWriter) Write(p []byte) (int, error) { return writeWhole(w.Writer, p) }
+
 func (w stdoutWriter) Close() error { return w.Flush() }
+
+// writeWhole buffers one record so that the buffer is only ever written out at record
+// boundaries: if the record does not fit in what is left, the buffer is flushed first (and a
+// record larger than the buffer is written directly). Each write to the output then holds whole
+// lines, so two writers on one output (the old and the new sink across a reload) cannot cut
+// each other's records.
+func writeWhole(bw *bufio.Writer, p []byte) (int, error) {
+	if len(p) > bw.Available() && bw.Buffered() > 0 {
+		if err := bw.Flush(); err != nil {
+			return 0, err
+		}
+	}
+	return bw.Write(p)
+}
 
 // sink writes records from a bounded queue on one background goroutine, so that a request
 // never waits for the disk: a record that finds the queue full is dropped and counted. The

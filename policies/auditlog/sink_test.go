@@ -255,3 +255,40 @@ func BenchmarkAuditRecord(b *testing.B) {
 	})
 	b.ReportMetric(float64(droppedFull.Get()-dropped)/float64(b.N), "dropped/op")
 }
+
+// writesRecorder keeps each write it gets.
+type writesRecorder struct{ writes []string }
+
+func (w *writesRecorder) Write(p []byte) (int, error) {
+	w.writes = append(w.writes, string(p))
+	return len(p), nil
+}
+
+// TestWritesHoldWholeRecords shows that the buffered writers only write whole lines to their
+// output, whatever the record sizes, so two writers on one output cannot cut records.
+func TestWritesHoldWholeRecords(t *testing.T) {
+	out := &writesRecorder{}
+	w := stdoutWriter{bufio.NewWriterSize(out, 64)}
+	var want strings.Builder
+	for i, n := range []int{10, 30, 30, 5, 100, 20, 63, 64, 65, 1} {
+		rec := fmt.Sprintf("%d:%s\n", i, strings.Repeat("x", n))
+		want.WriteString(rec)
+		if _, err := w.Write([]byte(rec)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(out.writes, ""); got != want.String() {
+		t.Fatalf("output = %q, want %q", got, want.String())
+	}
+	for _, wr := range out.writes {
+		if !strings.HasSuffix(wr, "\n") {
+			t.Fatalf("a write ends inside a record: %q (all: %q)", wr, out.writes)
+		}
+	}
+	if len(out.writes) < 4 {
+		t.Fatalf("only %d writes: the buffer did not fill", len(out.writes))
+	}
+}
