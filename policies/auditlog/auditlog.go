@@ -131,9 +131,9 @@ func New(c policy.Config) (policy.Factory, error) {
 	f := &Factory{redactor: newRedactor(cfg.RedactHeaders, cfg.RedactKeys)}
 	mk := func() *sink {
 		if key.sink == "file" {
-			return newSink(newRotatingFile(key.path, key.maxSize, key.maxBackups), key.queueSize)
+			return newSink(newRotatingFile(key.path, key.maxSize, key.maxBackups), key.queueSize, c.Log)
 		}
-		return newSink(stdoutWriter{bufio.NewWriterSize(stdout, 64<<10)}, key.queueSize)
+		return newSink(stdoutWriter{bufio.NewWriterSize(stdout, 64<<10)}, key.queueSize, c.Log)
 	}
 	if c.Shared == nil {
 		f.sink = mk()

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // readLines returns the lines of a file, or nil when it does not exist.
@@ -228,15 +229,20 @@ func TestFileSinkHealth(t *testing.T) {
 	if err := os.Mkdir(target, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	fac, err := New(policy.Config{Raw: json.RawMessage(`{"sink":"file","path":"` + target + `"}`)})
+	logs := &syncBuffer{}
+	level, _ := logging.ParseLevel("info")
+	fac, err := New(policy.Config{Raw: json.RawMessage(`{"sink":"file","path":"` + target + `"}`), Log: logging.New(logs, "agent", level)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	f := fac.(*Factory)
 	before := writeErrors.Get()
-	f.sink.enqueue([]byte("{}\n"))
+	f.sink.enqueue([]byte(`{"user_id":"SECRET-RECORD"}` + "\n"))
 	// The writer works in the background; Close waits for it.
 	f.Close()
+	if !strings.Contains(logs.String(), "audit log write failed; records lost") || strings.Contains(logs.String(), "SECRET-RECORD") {
+		t.Fatalf("logs = %s", logs.String())
+	}
 	if writeErrors.Get() == before {
 		t.Fatal("write error not counted")
 	}

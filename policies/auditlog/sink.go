@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 var (
@@ -22,6 +24,9 @@ var (
 
 // stdout is where the stdout sink writes; tests replace it.
 var stdout io.Writer = os.Stdout
+
+// logInterval is the least time between two log lines about the same sink problem.
+const logInterval = 10 * time.Second
 
 // defaultCloseTimeout bounds how long Close waits for the queue to drain into a writer that
 // does not take writes (a stdout pipe nobody reads), so that a config reload cannot hang on it.
@@ -63,6 +68,10 @@ type sink struct {
 	w     flushWriter
 	queue chan []byte
 
+	// log reports write failures and drops, each at most once per logInterval.
+	log         *logging.Logger
+	errT, dropT *logging.Throttle
+
 	// mu orders enqueues against Close: once closed is set under the write lock, no record
 	// enters the queue, so the writer's final drain sees every record.
 	mu     sync.RWMutex
@@ -80,10 +89,13 @@ type sink struct {
 	closeErr error
 }
 
-func newSink(w flushWriter, queueSize int) *sink {
+func newSink(w flushWriter, queueSize int, log *logging.Logger) *sink {
 	return &sink{
 		w:            w,
 		queue:        make(chan []byte, queueSize),
+		log:          log,
+		errT:         logging.NewThrottle(logInterval),
+		dropT:        logging.NewThrottle(logInterval),
 		closeTimeout: defaultCloseTimeout,
 		stop:         make(chan struct{}),
 		done:         make(chan struct{}),
@@ -106,6 +118,9 @@ func (s *sink) enqueue(rec []byte) {
 	case s.queue <- rec:
 	default:
 		droppedFull.Inc()
+		if s.dropT.Allow() {
+			s.log.Warn().Str("policy", Name).Int("queue_size", cap(s.queue)).Msg("audit log queue full; records dropped")
+		}
 	}
 }
 
@@ -161,8 +176,12 @@ func (s *sink) flush(err error) error {
 	return err
 }
 
-// setErr keeps the outcome of the latest batch for HealthCheck, until a later batch succeeds.
+// setErr keeps the outcome of the latest batch for HealthCheck, until a later batch succeeds,
+// and logs a failure.
 func (s *sink) setErr(err error) {
+	if err != nil && s.errT.Allow() {
+		s.log.Error().Str("policy", Name).Str("error", err.Error()).Msg("audit log write failed; records lost")
+	}
 	s.errMu.Lock()
 	s.lastErr = err
 	s.errMu.Unlock()

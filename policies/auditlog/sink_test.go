@@ -15,6 +15,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // blockedPipe returns a pipe whose buffer is already full, so the next write to w blocks until
@@ -47,7 +48,9 @@ func TestQueueFullDrops(t *testing.T) {
 	old := stdout
 	stdout = w
 	t.Cleanup(func() { stdout = old })
-	fac, err := New(policy.Config{Raw: json.RawMessage(`{"queue_size":8}`)})
+	logs := &syncBuffer{}
+	level, _ := logging.ParseLevel("info")
+	fac, err := New(policy.Config{Raw: json.RawMessage(`{"queue_size":8}`), Log: logging.New(logs, "agent", level)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,6 +76,10 @@ func TestQueueFullDrops(t *testing.T) {
 		t.Fatalf("dropped %d of %d", dropped, n)
 	}
 	t.Logf("%d records into a stuck sink in %v; %d dropped", n, elapsed, dropped)
+	// The drops are logged once, not once per record.
+	if got := strings.Count(logs.String(), "audit log queue full; records dropped"); got != 1 {
+		t.Fatalf("%d log lines about drops, want 1: %s", got, logs.String())
+	}
 
 	// Unstick the pipe; Close writes every record that was not dropped.
 	read := make(chan []byte)
@@ -113,7 +120,7 @@ func responseContextFor(id string) *policy.Context {
 // TestCloseTimeout shows that Close gives up on an output that takes nothing.
 func TestCloseTimeout(t *testing.T) {
 	r, w, _ := blockedPipe(t)
-	s := newSink(stdoutWriter{bufio.NewWriter(w)}, 4)
+	s := newSink(stdoutWriter{bufio.NewWriter(w)}, 4, nil)
 	s.closeTimeout = 100 * time.Millisecond
 	s.enqueue([]byte("{}\n"))
 	s.enqueue([]byte("{}\n"))
