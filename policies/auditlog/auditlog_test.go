@@ -325,7 +325,7 @@ func TestConfigErrors(t *testing.T) {
 	}
 	f(`{"sink":"syslog"}`, `sink: want stdout or file, got "syslog"`)
 	f(`{"sink":"file"}`, `path: required with sink file`)
-	f(`{"path":"/tmp/x"}`, `path: only the file sink has a path, got "/tmp/x" with sink stdout`)
+	f(`{"path":"audit.log"}`, `path: only the file sink has a path, got "audit.log" with sink stdout`)
 	missing := filepath.Join(dir, "no", "audit.log")
 	f(`{"sink":"file","path":"`+missing+`"}`, `path "`+missing+`": directory "`+filepath.Dir(missing)+`" does not exist`)
 	f(`{"max_size_mb":0}`, `max_size_mb: must be at least 1, got 0`)
