@@ -4,6 +4,8 @@ package all
 import (
 	_ "github.com/policy-engine/policy-engine/policies/allowall"
 	_ "github.com/policy-engine/policy-engine/policies/apikeyauth"
+	_ "github.com/policy-engine/policy-engine/policies/auditlog"
+	_ "github.com/policy-engine/policy-engine/policies/bodytransform"
 	_ "github.com/policy-engine/policy-engine/policies/jwtvalidation"
 	_ "github.com/policy-engine/policy-engine/policies/rolecheck"
 	_ "github.com/policy-engine/policy-engine/policies/securityheaders"

@@ -1,0 +1,292 @@
+// Package bodytransform is the responseBodyTransform policy: it removes and renames fields of
+// JSON response bodies, for instance internal ids that clients must not see.
+//
+// Fields are named by dotted paths from the top of the document. An array on the way is
+// transparent: "items.internal_id" removes internal_id from every element of items, and a path
+// that starts at a top-level array applies to each element. A segment of digits also selects
+// one element: "items.0.internal_id" touches only the first.
+//
+// The body is edited in one pass without being decoded (package jsonedit), so member order,
+// whitespace and number literals are kept exactly, and a body that needs no change gets no
+// SET_BODY instruction at all. Bodies that are not JSON, are encoded (gzip...), are larger than
+// max_body_bytes, are invalid or are nested deeper than max_depth pass unchanged and are
+// counted in policy_agent_body_transform_skipped_total{reason}.
+package bodytransform
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/policy-engine/policy-engine/policies/bodytransform/jsonedit"
+)
+
+// Name is the policy's name in chains.
+const Name = "responseBodyTransform"
+
+// Defaults of the metadata.
+const (
+	DefaultMaxBodyBytes = 1 << 20
+	DefaultMaxDepth     = 256
+	// MaxDepthLimit bounds max_depth: the scan is iterative, but a cap keeps hostile bodies
+	// cheap.
+	MaxDepthLimit = 10000
+)
+
+const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type":"object","additionalProperties":false,` +
+	`"anyOf":[{"required":["remove_fields"]},{"required":["rename_fields"]}],"properties":{` +
+	`"remove_fields":{"type":"array","items":{"type":"string","pattern":"^[^.]+(\\.[^.]+)*$"},` +
+	`"description":"dotted paths of fields to remove; arrays on the way apply the rest of the path to each element, a segment of digits selects one element"},` +
+	`"rename_fields":{"type":"object","propertyNames":{"pattern":"^[^.]+(\\.[^.]+)*$"},"additionalProperties":{"type":"string","minLength":1},` +
+	`"description":"dotted path of a field to its new name (a name, not a path: the field stays where it is)"},` +
+	`"max_body_bytes":{"type":"integer","minimum":1,"default":1048576,"description":"larger bodies pass unchanged"},` +
+	`"max_depth":{"type":"integer","minimum":1,"maximum":10000,"default":256,"description":"bodies nested deeper pass unchanged"}}}`
+
+// Settings are a chain entry's metadata.
+type Settings struct {
+	RemoveFields []string          `json:"remove_fields"`
+	RenameFields map[string]string `json:"rename_fields"`
+	MaxBodyBytes int               `json:"max_body_bytes"`
+	MaxDepth     int               `json:"max_depth"`
+}
+
+// Reasons a body passes unchanged, the reason label of the skipped counter.
+const (
+	ReasonTooLarge    = "too_large"
+	ReasonNotJSON     = "not_json"
+	ReasonInvalidJSON = "invalid_json"
+	ReasonTooDeep     = "too_deep"
+	ReasonEncoded     = "encoded"
+)
+
+var skipped = map[string]*metrics.Counter{}
+
+func init() {
+	for _, r := range []string{ReasonTooLarge, ReasonNotJSON, ReasonInvalidJSON, ReasonTooDeep, ReasonEncoded} {
+		skipped[r] = metrics.GetOrCreateCounter(`policy_agent_body_transform_skipped_total{reason="` + r + `"}`)
+	}
+	policy.Register(policy.Module{
+		Name:           Name,
+		Version:        "1.0.0",
+		Description:    "Removes and renames fields of JSON response bodies.",
+		Phases:         policy.Response,
+		ResponseBody:   true,
+		MetadataSchema: schema,
+		New: func(policy.Config) (policy.Factory, error) {
+			return policy.FactoryFunc(Build), nil
+		},
+	})
+}
+
+// node is a segment of the configured paths. The paths form a tree; the state of a JSON value
+// during the scan is the set of nodes whose children can match the value's members.
+type node struct {
+	children map[string]*node
+	op       jsonedit.Op // Remove or Rename when a path ends here, else Keep
+	newKey   []byte      // Rename: the new key, quoted
+	// indexed reports that some child's name is all digits, so array elements need a lookup.
+	indexed bool
+	// self is the one-node set {n}, so that the common case of one matching path allocates
+	// nothing.
+	self []*node
+}
+
+func newNode() *node {
+	n := &node{children: map[string]*node{}}
+	n.self = []*node{n}
+	return n
+}
+
+// Transform is a compiled chain entry.
+type Transform struct {
+	root     *node
+	maxBody  int
+	maxDepth int
+}
+
+// Build compiles a chain entry's metadata.
+func Build(md map[string]string) (policy.Policy, error) {
+	s := Settings{MaxBodyBytes: DefaultMaxBodyBytes, MaxDepth: DefaultMaxDepth}
+	if err := policy.DecodeMetadata(md, &s); err != nil {
+		return nil, err
+	}
+	var errs []error
+	if len(s.RemoveFields) == 0 && len(s.RenameFields) == 0 {
+		errs = append(errs, errors.New("remove_fields or rename_fields must name at least one field"))
+	}
+	if s.MaxBodyBytes < 1 {
+		errs = append(errs, fmt.Errorf("max_body_bytes: must be positive, got %d", s.MaxBodyBytes))
+	}
+	if s.MaxDepth < 1 || s.MaxDepth > MaxDepthLimit {
+		errs = append(errs, fmt.Errorf("max_depth: must be between 1 and %d, got %d", MaxDepthLimit, s.MaxDepth))
+	}
+	p := &Transform{root: newNode(), maxBody: s.MaxBodyBytes, maxDepth: s.MaxDepth}
+	for i, path := range s.RemoveFields {
+		n, err := p.add(path)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("remove_fields[%d]: %w", i, err))
+			continue
+		}
+		n.op = jsonedit.Remove
+	}
+	olds := make([]string, 0, len(s.RenameFields))
+	for old := range s.RenameFields {
+		olds = append(olds, old)
+	}
+	sort.Strings(olds)
+	for _, old := range olds {
+		name := s.RenameFields[old]
+		if name == "" {
+			errs = append(errs, fmt.Errorf("rename_fields[%q]: the new name is empty", old))
+			continue
+		}
+		n, err := p.add(old)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("rename_fields[%q]: %w", old, err))
+			continue
+		}
+		if n.op == jsonedit.Remove {
+			errs = append(errs, fmt.Errorf("rename_fields[%q]: the field is also in remove_fields", old))
+			continue
+		}
+		n.op = jsonedit.Rename
+		n.newKey, _ = json.Marshal(name)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// add puts a dotted path into the tree and returns its last node.
+func (p *Transform) add(path string) (*node, error) {
+	segs := strings.Split(path, ".")
+	if len(segs) > MaxDepthLimit {
+		return nil, fmt.Errorf("path %.40q...: more than %d segments", path, MaxDepthLimit)
+	}
+	n := p.root
+	for _, seg := range segs {
+		if seg == "" {
+			return nil, fmt.Errorf("path %q: empty segment", path)
+		}
+		c := n.children[seg]
+		if c == nil {
+			c = newNode()
+			n.children[seg] = c
+			if isIndex(seg) {
+				n.indexed = true
+			}
+		}
+		n = c
+	}
+	return n, nil
+}
+
+func isIndex(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return s != ""
+}
+
+// Member looks the key up under every node of the set: a path that ends there decides the
+// action (removal wins over renaming), and paths that go on make the value's set.
+func (p *Transform) Member(set []*node, key []byte) (jsonedit.Action, []*node) {
+	var (
+		act  jsonedit.Action
+		next []*node
+	)
+	for _, n := range set {
+		c := n.children[string(key)]
+		if c == nil {
+			continue
+		}
+		switch {
+		case c.op == jsonedit.Remove:
+			act = jsonedit.Action{Op: jsonedit.Remove}
+		case c.op == jsonedit.Rename && act.Op != jsonedit.Remove:
+			act = jsonedit.Action{Op: jsonedit.Rename, Raw: c.newKey}
+		}
+		if len(c.children) > 0 {
+			next = union(next, c)
+		}
+	}
+	return act, next
+}
+
+// Element gives an array element its array's set, plus the nodes that name its index.
+func (p *Transform) Element(set []*node, i int) []*node {
+	next := set
+	var buf [20]byte
+	for _, n := range set {
+		if !n.indexed {
+			continue
+		}
+		if c := n.children[string(strconv.AppendInt(buf[:0], int64(i), 10))]; c != nil {
+			next = union(next, c)
+		}
+	}
+	return next
+}
+
+// union adds n to a set without changing the set's backing array, which other values share.
+func union(set []*node, n *node) []*node {
+	if len(set) == 0 {
+		return n.self
+	}
+	out := make([]*node, len(set), len(set)+1)
+	copy(out, set)
+	return append(out, n)
+}
+
+// Execute transforms the response body.
+func (p *Transform) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
+	r := c.Response
+	if r == nil || len(r.Body) == 0 {
+		return policy.Result{}, nil
+	}
+	if !jsonedit.IsJSONContentType(r.Headers["content-type"]) {
+		skipped[ReasonNotJSON].Inc()
+		return policy.Result{}, nil
+	}
+	if enc := strings.TrimSpace(r.Headers["content-encoding"]); enc != "" && !strings.EqualFold(enc, "identity") {
+		skipped[ReasonEncoded].Inc()
+		return policy.Result{}, nil
+	}
+	if len(r.Body) > p.maxBody {
+		skipped[ReasonTooLarge].Inc()
+		return policy.Result{}, nil
+	}
+	out, changed, err := p.Apply(r.Body)
+	switch {
+	case errors.Is(err, jsonedit.ErrTooDeep):
+		skipped[ReasonTooDeep].Inc()
+		return policy.Result{}, nil
+	case err != nil:
+		skipped[ReasonInvalidJSON].Inc()
+		return policy.Result{}, nil
+	case !changed:
+		return policy.Result{}, nil
+	}
+	return policy.Allow(policy.SetBody(out)), nil
+}
+
+// Apply transforms a JSON document: it returns the new document and whether it differs. An
+// unchanged document is returned as it is.
+func (p *Transform) Apply(body []byte) ([]byte, bool, error) {
+	return jsonedit.Edit(body, p.maxDepth, p.root.self, jsonedit.Visitor[[]*node](p))
+}
+
+var (
+	_ policy.Policy             = (*Transform)(nil)
+	_ jsonedit.Visitor[[]*node] = (*Transform)(nil)
+)
