@@ -239,7 +239,48 @@ func (e *Executor) Execute(ctx context.Context, req *agentv1.PolicyRequest) *age
 	if dl, ok := ctx.Deadline(); ok {
 		pc.Deadline = dl
 	}
+	observers := s.observers(req.GetPolicies())
+	resp = e.runChain(ctx, s, req, pc, resp)
+	for _, o := range observers {
+		o.ObserveChain(pc, outcomeOf(resp))
+	}
+	return resp
+}
 
+// observers returns the chain's policies that observe its outcome. Compiled policies are
+// cached, so this costs a lookup per entry.
+func (s *execSnapshot) observers(entries []*agentv1.Policy) []policy.ChainObserver {
+	var out []policy.ChainObserver
+	for _, entry := range entries {
+		f, ok := s.factories[entry.GetName()]
+		if !ok {
+			continue
+		}
+		if p, err := s.instanceFor(f, entry.GetName(), entry.GetMetadata()); err == nil {
+			if o, ok := p.(policy.ChainObserver); ok {
+				out = append(out, o)
+			}
+		}
+	}
+	return out
+}
+
+func outcomeOf(resp *agentv1.PolicyResponse) policy.Outcome {
+	o := policy.Outcome{Status: resp.GetStatus().GetCode(), Message: resp.GetMessage()}
+	if o.Status != agentv1.StatusCode_OK {
+		o.DecidedBy = resp.GetStatus().GetPolicyName()
+	}
+	for _, in := range resp.GetInstructions() {
+		if ir := in.GetImmediateResponse(); ir != nil {
+			o.HTTPStatus = int(ir.GetStatusCode())
+		}
+	}
+	return o
+}
+
+// runChain runs the chain's policies in order on pc.
+func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.PolicyRequest, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
+	limits := s.cfg.ResourceLimits
 	for _, entry := range req.GetPolicies() {
 		if err := ctx.Err(); err != nil {
 			e.metrics.failure(entry.GetName(), "timeout")

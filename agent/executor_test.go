@@ -477,3 +477,47 @@ func TestConcurrencyBound(t *testing.T) {
 		t.Fatalf("slot not released: %v", r)
 	}
 }
+
+// observerPolicy records the outcomes it observes.
+type observerPolicy struct{ seen chan policy.Outcome }
+
+func (o *observerPolicy) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	return policy.Result{}, nil
+}
+
+func (o *observerPolicy) ObserveChain(_ *policy.Context, out policy.Outcome) { o.seen <- out }
+
+var observed = &observerPolicy{seen: make(chan policy.Outcome, 16)}
+
+func init() {
+	policy.Register(policy.Module{
+		Name: "t.observer", Phases: policy.Both,
+		New: func(policy.Config) (policy.Factory, error) {
+			return policy.FactoryFunc(func(map[string]string) (policy.Policy, error) { return observed, nil }), nil
+		},
+	})
+}
+
+func TestChainObserver(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	f := func(chain []*agentv1.Policy, want policy.Outcome) {
+		t.Helper()
+		e.Execute(context.Background(), req(chain...))
+		select {
+		case got := <-observed.seen:
+			if got != want {
+				t.Fatalf("outcome %+v, want %+v", got, want)
+			}
+		default:
+			t.Fatal("observer not called")
+		}
+		if len(observed.seen) != 0 {
+			t.Fatal("observer called more than once")
+		}
+	}
+	f([]*agentv1.Policy{p("t.observer"), p("t.setHeader", "key", "x", "value", "1")}, policy.Outcome{Status: agentv1.StatusCode_OK})
+	// The denying policy comes before the observer: the observer still learns of the denial.
+	f([]*agentv1.Policy{p("t.requireHeader", "key", "x-no", "want", "y"), p("t.observer")},
+		policy.Outcome{Status: agentv1.StatusCode_POLICY_DENIED, DecidedBy: "t.requireHeader", Message: "want y got ", HTTPStatus: 403})
+	f([]*agentv1.Policy{p("t.observer"), p("t.fail")}, policy.Outcome{Status: agentv1.StatusCode_POLICY_ERROR, DecidedBy: "t.fail", Message: "boom"})
+}

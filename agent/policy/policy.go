@@ -96,6 +96,28 @@ type HealthChecker interface {
 	HealthCheck(ctx context.Context) error
 }
 
+// ChainObserver is implemented by policies that need to know how the chain they are in ended,
+// whatever ended it: a denial by another policy, a failure, or the chain running to its end.
+// The agent calls ObserveChain once per chain run, after the chain is over, for each observer
+// in the chain, including observers the chain never reached. It runs on the request's
+// goroutine and must not block.
+type ChainObserver interface {
+	ObserveChain(c *Context, o Outcome)
+}
+
+// Outcome is how a chain ended.
+type Outcome struct {
+	// Status is OK when the chain let the request (or response) through.
+	Status agentv1.StatusCode
+	// DecidedBy is the policy that denied or failed; empty when the chain allowed.
+	DecidedBy string
+	// Message is the denial's or failure's message.
+	Message string
+	// HTTPStatus is the status of the immediate response that answers the client, 0 when
+	// there is none.
+	HTTPStatus int
+}
+
 // Policy is one compiled chain entry.
 type Policy interface {
 	// Execute runs the policy. A returned error is a policy failure (POLICY_ERROR), handled

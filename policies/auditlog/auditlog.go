@@ -266,9 +266,11 @@ type Record struct {
 	Authority string `json:"authority,omitempty"`
 	ClientIP  string `json:"client_ip,omitempty"`
 	Status    int    `json:"status"`
-	// Decision is "allowed": the request policies let the request through (a denied request
-	// has no record).
-	Decision   string   `json:"decision"`
+	// Decision is "allowed", "denied" or "error": how the chain that wrote the record ended.
+	Decision string `json:"decision"`
+	// DecidedBy is the policy that denied the request or failed.
+	DecidedBy  string   `json:"decided_by,omitempty"`
+	Phase      string   `json:"phase"`
 	UserID     string   `json:"user_id,omitempty"`
 	AuthMethod string   `json:"auth_method,omitempty"`
 	DurationMS *float64 `json:"duration_ms,omitempty"`
@@ -283,22 +285,39 @@ type Record struct {
 	ResponseBodyOmitted string `json:"response_body_omitted,omitempty"`
 }
 
-// Execute records the start time in the request phase and writes the record in the response
-// phase.
+// Execute records the start time in the request phase. The record itself is written when the
+// chain ends (ObserveChain), so that it holds the chain's outcome.
 func (p *AuditLog) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
-	now := time.Now()
-	if c.Phase != agentv1.PolicyPhase_RESPONSE {
-		if c.State[StateStart] != "" {
-			return policy.Result{}, nil
-		}
-		return policy.Allow(policy.SetState(StateStart, strconv.FormatInt(now.UnixNano(), 10))), nil
+	if c.Phase == agentv1.PolicyPhase_RESPONSE || c.State[StateStart] != "" {
+		return policy.Result{}, nil
 	}
-	b, err := json.Marshal(p.record(c, now))
+	return policy.Allow(policy.SetState(StateStart, strconv.FormatInt(time.Now().UnixNano(), 10))), nil
+}
+
+// ObserveChain writes one record per exchange: when the request chain denies or fails (there
+// will be no response phase), or when the response chain ends.
+func (p *AuditLog) ObserveChain(c *policy.Context, o policy.Outcome) {
+	if c.Phase != agentv1.PolicyPhase_RESPONSE && o.Status == agentv1.StatusCode_OK {
+		return
+	}
+	r := p.record(c, time.Now())
+	switch o.Status {
+	case agentv1.StatusCode_OK:
+		r.Decision = "allowed"
+	case agentv1.StatusCode_POLICY_DENIED:
+		r.Decision = "denied"
+	default:
+		r.Decision = "error"
+	}
+	r.DecidedBy = o.DecidedBy
+	if o.HTTPStatus != 0 {
+		r.Status = o.HTTPStatus
+	}
+	b, err := json.Marshal(r)
 	if err != nil {
-		return policy.Result{}, fmt.Errorf("encode audit record: %w", err)
+		return // a Record has no field that can fail to encode
 	}
 	p.sink.enqueue(append(b, '\n'))
-	return policy.Result{}, nil
 }
 
 func (p *AuditLog) record(c *policy.Context, now time.Time) *Record {
@@ -310,7 +329,7 @@ func (p *AuditLog) record(c *policy.Context, now time.Time) *Record {
 		Path:       p.redactor.Path(c.Path),
 		Authority:  c.Authority,
 		ClientIP:   c.ClientIP,
-		Decision:   "allowed",
+		Phase:      strings.ToLower(c.Phase.String()),
 		UserID:     c.State["user_id"],
 		AuthMethod: c.State["auth_method"],
 	}
@@ -388,4 +407,5 @@ var (
 	_ policy.Factory       = (*Factory)(nil)
 	_ policy.HealthChecker = (*Factory)(nil)
 	_ policy.Policy        = (*AuditLog)(nil)
+	_ policy.ChainObserver = (*AuditLog)(nil)
 )

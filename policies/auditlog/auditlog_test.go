@@ -141,7 +141,7 @@ func TestRecordBothPhases(t *testing.T) {
 		Headers: map[string]string{"content-type": "application/json", "set-cookie": secrets[6]},
 		Body:    []byte(body),
 	}
-	if r, err := p.Execute(context.Background(), c); err != nil || len(r.Instructions) != 0 || r.Status != agentv1.StatusCode_OK {
+	if r, err := runResponse(p, c); err != nil || len(r.Instructions) != 0 || r.Status != agentv1.StatusCode_OK {
 		t.Fatalf("response phase: %v, %v", r, err)
 	}
 	if err := f.Close(); err != nil {
@@ -165,7 +165,7 @@ func TestRecordBothPhases(t *testing.T) {
 	want := Record{
 		Time: rec.Time, RequestID: "req-42", Route: "users", Method: "POST",
 		Path:      "/api/v1/users?page=2&access_token=[REDACTED]&x=1",
-		Authority: "api.example.com", ClientIP: "192.0.2.7", Status: 201, Decision: "allowed",
+		Authority: "api.example.com", ClientIP: "192.0.2.7", Status: 201, Decision: "allowed", Phase: "response",
 		UserID: "user-7", AuthMethod: "api_key", DurationMS: rec.DurationMS,
 	}
 	got := rec
@@ -223,17 +223,17 @@ func TestRecordOptional(t *testing.T) {
 		State:     map[string]string{StateStart: "not a number"},
 		Response:  &policy.ResponseContext{Status: 204, Headers: map[string]string{"content-type": "application/json"}, Body: []byte(`{"a":1}`)},
 	}
-	if _, err := p.Execute(context.Background(), c); err != nil {
+	if _, err := runResponse(p, c); err != nil {
 		t.Fatal(err)
 	}
 	// A start time in the future gives no duration either.
 	c.State[StateStart] = strconv.FormatInt(time.Now().Add(time.Hour).UnixNano(), 10)
-	if _, err := p.Execute(context.Background(), c); err != nil {
+	if _, err := runResponse(p, c); err != nil {
 		t.Fatal(err)
 	}
 	// A response phase without a response: the record has no status.
 	c.Response = nil
-	if _, err := p.Execute(context.Background(), c); err != nil {
+	if _, err := runResponse(p, c); err != nil {
 		t.Fatal(err)
 	}
 	f.Close()
@@ -286,7 +286,7 @@ func TestResponseBody(t *testing.T) {
 	}
 	for _, tc := range cases {
 		c := &policy.Context{Phase: agentv1.PolicyPhase_RESPONSE, Response: &policy.ResponseContext{Status: 200, Headers: tc.headers, Body: []byte(tc.body)}}
-		if _, err := p.Execute(context.Background(), c); err != nil {
+		if _, err := runResponse(p, c); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -390,5 +390,35 @@ func TestModuleRegistered(t *testing.T) {
 	var schema map[string]any
 	if err := json.Unmarshal([]byte(m.MetadataSchema), &schema); err != nil {
 		t.Fatalf("schema: %v", err)
+	}
+}
+
+// TestDenialRecorded: a request the request chain denies or fails gets one record, written when
+// the chain ends, naming the policy that decided; an allowed request phase writes nothing.
+func TestDenialRecorded(t *testing.T) {
+	out := captureStdout(t)
+	f := newFactory(t, `{"sink":"stdout"}`)
+	var obs policy.ChainObserver = mustBuild(t, f, nil)
+	c := &policy.Context{Phase: agentv1.PolicyPhase_REQUEST, RequestID: "r-deny", RouteName: "users", Method: "GET", Path: "/x", Headers: map[string]string{"authorization": "Bearer SECRET-TOKEN"}}
+	obs.ObserveChain(c, policy.Outcome{Status: agentv1.StatusCode_OK})
+	obs.ObserveChain(c, policy.Outcome{Status: agentv1.StatusCode_POLICY_DENIED, DecidedBy: "jwtValidation", HTTPStatus: 401})
+	c.RequestID = "r-err"
+	obs.ObserveChain(c, policy.Outcome{Status: agentv1.StatusCode_POLICY_ERROR, DecidedBy: "rateLimit", HTTPStatus: 0})
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	text := out.String()
+	if strings.Contains(text, "SECRET-TOKEN") {
+		t.Fatalf("token in the audit log: %s", text)
+	}
+	recs := parseRecords(t, text)
+	if len(recs) != 2 {
+		t.Fatalf("%d records, want 2:\n%s", len(recs), text)
+	}
+	if r := recs[0]; r.RequestID != "r-deny" || r.Decision != "denied" || r.DecidedBy != "jwtValidation" || r.Status != 401 || r.Phase != "request" {
+		t.Fatalf("denial record %+v", r)
+	}
+	if r := recs[1]; r.RequestID != "r-err" || r.Decision != "error" || r.DecidedBy != "rateLimit" || r.Status != 0 {
+		t.Fatalf("error record %+v", r)
 	}
 }

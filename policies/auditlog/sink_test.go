@@ -3,7 +3,6 @@ package auditlog
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -62,7 +61,7 @@ func TestQueueFullDrops(t *testing.T) {
 	start := time.Now()
 	for i := 0; i < n; i++ {
 		c := responseContextFor(fmt.Sprintf("req-%d", i))
-		if _, err := p.Execute(t.Context(), c); err != nil {
+		if _, err := runResponse(p, c); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -150,7 +149,7 @@ func TestCloseFlushes(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := 0; i < n/4; i++ {
-				p.Execute(t.Context(), responseContextFor("x"))
+				runResponse(p, responseContextFor("x"))
 			}
 		}()
 	}
@@ -166,7 +165,7 @@ func TestCloseFlushes(t *testing.T) {
 		t.Fatal("records_total went down")
 	}
 	closed := droppedClosed.Get()
-	p.Execute(t.Context(), responseContextFor("late"))
+	runResponse(p, responseContextFor("late"))
 	if droppedClosed.Get() != closed+1 {
 		t.Fatal("a record after Close was not counted as dropped")
 	}
@@ -199,16 +198,16 @@ func TestSharedSink(t *testing.T) {
 		t.Fatal("sinks are not shared by their settings")
 	}
 	pa, pb := mustBuild(t, a, nil), mustBuild(t, b, nil)
-	pa.Execute(t.Context(), responseContextFor("a1"))
+	runResponse(pa, responseContextFor("a1"))
 	// The old factory closes after the new one exists: the writer stays open.
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	pb.Execute(t.Context(), responseContextFor("b1"))
+	runResponse(pb, responseContextFor("b1"))
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	pb.Execute(t.Context(), responseContextFor("b2"))
+	runResponse(pb, responseContextFor("b2"))
 	c.Close()
 	var ids []string
 	for _, r := range parseRecords(t, out.String()) {
@@ -255,7 +254,7 @@ func BenchmarkAuditRecord(b *testing.B) {
 				Headers: map[string]string{"content-type": "application/json", "content-length": "1024", "date": "Sun, 29 Nov 2026 00:00:00 GMT"}},
 		}
 		for pb.Next() {
-			if _, err := pol.Execute(context.Background(), c); err != nil {
+			if _, err := runResponse(pol, c); err != nil {
 				b.Fatal(err)
 			}
 		}
