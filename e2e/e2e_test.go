@@ -265,13 +265,3 @@ func TestMalformedConfigExitsNonZero(t *testing.T) {
 		t.Fatalf("agent output: %s", out)
 	}
 }
-
-func TestExampleConfigsValidate(t *testing.T) {
-	kbin, abin := testenv.Binaries(t)
-	if out, err := exec.Command(abin, "--config", "../config/agent-config.yaml", "--validate").CombinedOutput(); err != nil {
-		t.Fatalf("agent example config: %v\n%s", err, out)
-	}
-	if out, err := exec.Command(kbin, "--config", "../config/kernel-config.yaml", "--validate", "--agent-wait", "0").CombinedOutput(); err != nil {
-		t.Fatalf("kernel example config: %v\n%s", err, out)
-	}
-}
