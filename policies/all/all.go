@@ -5,6 +5,7 @@ import (
 	_ "github.com/policy-engine/policy-engine/policies/allowall"
 	_ "github.com/policy-engine/policy-engine/policies/apikeyauth"
 	_ "github.com/policy-engine/policy-engine/policies/jwtvalidation"
+	_ "github.com/policy-engine/policy-engine/policies/ratelimit"
 	_ "github.com/policy-engine/policy-engine/policies/rolecheck"
 	_ "github.com/policy-engine/policy-engine/policies/securityheaders"
 )
