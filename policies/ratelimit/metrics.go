@@ -9,7 +9,7 @@ import (
 // The policy's metrics live in the default set, which the agent's /metrics writes. They are
 // made once, so the hot path only increments.
 var (
-	backendErrors = map[errorAction]*metrics.Counter{
+	backendErrors = [...]*metrics.Counter{
 		errorLocal: metrics.GetOrCreateCounter(`policy_agent_ratelimit_backend_errors_total{policy="rateLimit",action="local"}`),
 		errorAllow: metrics.GetOrCreateCounter(`policy_agent_ratelimit_backend_errors_total{policy="rateLimit",action="allow"}`),
 		errorDeny:  metrics.GetOrCreateCounter(`policy_agent_ratelimit_backend_errors_total{policy="rateLimit",action="deny"}`),

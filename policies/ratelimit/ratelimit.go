@@ -24,6 +24,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // Name is the policy's name in chains.
@@ -121,7 +122,13 @@ func New(c policy.Config) (policy.Factory, error) {
 			return cl, func() { _ = cl.Close() }
 		})
 		f.release = append(f.release, release)
-		f.redis = &redisStore{client: client, prefix: cfg.Redis.KeyPrefix, timeout: time.Duration(cfg.Redis.TimeoutMS) * time.Millisecond}
+		f.redis = &redisStore{
+			client:  client,
+			prefix:  cfg.Redis.KeyPrefix,
+			timeout: time.Duration(cfg.Redis.TimeoutMS) * time.Millisecond,
+			log:     c.Log,
+			errLog:  logging.NewThrottle(10 * time.Second),
+		}
 	}
 	return f, nil
 }
@@ -173,6 +180,16 @@ const (
 	errorAllow
 	errorDeny
 )
+
+func (a errorAction) String() string {
+	switch a {
+	case errorAllow:
+		return "allow"
+	case errorDeny:
+		return "deny"
+	}
+	return "local"
+}
 
 // Build compiles a chain entry's metadata. Empty metadata makes an entry for the response
 // chain that only adds the RateLimit fields recorded in the request phase.
@@ -332,9 +349,10 @@ func (p *RateLimit) decide(ctx context.Context, scope string, kind byte, value s
 	if p.redis != nil {
 		d, err := p.redis.take(ctx, p.limit, p.rlimit, p.redis.key(scope, p.ident, kind, value))
 		if err == nil {
+			p.redis.succeeded()
 			return d, false
 		}
-		backendErrors[p.onError].Inc()
+		p.redis.failed(err, p.onError)
 		switch p.onError {
 		case errorAllow:
 			return decision{allowed: true, limit: -1}, false

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"math/rand/v2"
 	"reflect"
 	"sort"
 	"strings"
@@ -492,4 +494,71 @@ func TestAllowOnBackendErrorRecordsNothing(t *testing.T) {
 	if err := f.(*Factory).HealthCheck(context.Background()); err == nil || !strings.HasPrefix(err.Error(), "redis ping: ") {
 		t.Fatalf("health with Redis unreachable: %v", err)
 	}
+}
+
+// BenchmarkExecute measures a whole request-phase decision from all CPUs: key extraction,
+// bucket lookup and the result, for clients spread over 10000 addresses; with response
+// headers it also records the fields in state; with redis the buckets are in a real Redis
+// (skipped when redis-server is missing). Compare two versions with benchstat:
+//
+//	go test -run '^$' -bench Execute -benchmem -count 10 ./policies/ratelimit/ > old.txt
+//	(change the code)
+//	go test -run '^$' -bench Execute -benchmem -count 10 ./policies/ratelimit/ > new.txt
+//	benchstat old.txt new.txt
+func BenchmarkExecute(b *testing.B) {
+	ips := make([]string, 10000)
+	for i := range ips {
+		ips[i] = fmt.Sprintf("10.1.%d.%d", i/256, i%256)
+	}
+	run := func(b *testing.B, f *Factory, md map[string]string) {
+		p := mustBuildB(b, f, md)
+		b.ReportAllocs()
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			i := rand.IntN(len(ips))
+			c := &policy.Context{Phase: agentv1.PolicyPhase_REQUEST, RouteName: "users", Headers: map[string]string{}}
+			for pb.Next() {
+				c.ClientIP = ips[i]
+				if _, err := p.Execute(context.Background(), c); err != nil {
+					b.Fatal(err)
+				}
+				if i++; i == len(ips) {
+					i = 0
+				}
+			}
+		})
+	}
+	local := func(b *testing.B) *Factory {
+		f, err := New(policy.Config{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { _ = f.(*Factory).Close() })
+		return f.(*Factory)
+	}
+	b.Run("local", func(b *testing.B) {
+		run(b, local(b), map[string]string{"requests_per_second": "1000000"})
+	})
+	b.Run("local/response_headers", func(b *testing.B) {
+		run(b, local(b), map[string]string{"requests_per_second": "1000000", "response_headers": "true"})
+	})
+	b.Run("redis", func(b *testing.B) {
+		r := startRedis(b)
+		raw := fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 1000}}`, r.addr())
+		f, err := New(policy.Config{Raw: json.RawMessage(raw)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.(*Factory).Close()
+		run(b, f.(*Factory), map[string]string{"requests_per_second": "1000000", "backend": "redis", "on_backend_error": "deny"})
+	})
+}
+
+func mustBuildB(b *testing.B, f *Factory, md map[string]string) policy.Policy {
+	b.Helper()
+	p, err := f.Build(md)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return p
 }

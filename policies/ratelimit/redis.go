@@ -9,10 +9,13 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // RedisConfig is agent_core.policies.config.rateLimit.redis: the Redis server that buckets
@@ -152,6 +155,33 @@ type redisStore struct {
 	client  *redis.Client
 	prefix  string
 	timeout time.Duration
+	log     *logging.Logger
+	// failing is set from a failed decision until the next good one, so that the start and
+	// the end of an outage are logged once each; errLog throttles the reports in between.
+	failing atomic.Bool
+	errLog  *logging.Throttle
+}
+
+// failed reports a failed decision: counted always, logged when an outage starts and then
+// at most once per errLog interval. Errors name the server's address, never the password.
+func (r *redisStore) failed(err error, action errorAction) {
+	backendErrors[action].Inc()
+	if !r.failing.CompareAndSwap(false, true) && !r.errLog.Allow() {
+		return
+	}
+	if ev := r.log.Warn(); ev != nil {
+		ev.Str("policy", Name).Str("on_backend_error", action.String()).Str("error", err.Error()).
+			Msg("rate-limit backend failed; deciding by on_backend_error")
+	}
+}
+
+// succeeded notes a good decision, logging the end of an outage.
+func (r *redisStore) succeeded() {
+	if r.failing.Load() && r.failing.CompareAndSwap(true, false) {
+		if ev := r.log.Info(); ev != nil {
+			ev.Str("policy", Name).Msg("rate-limit backend answers again")
+		}
+	}
 }
 
 // redisLimit is a limit with its script arguments formatted once.

@@ -28,7 +28,7 @@ import (
 // redisServer is a real redis-server that a test starts on a free loopback port, without
 // persistence, and kills by PID when it ends.
 type redisServer struct {
-	t    *testing.T
+	t    testing.TB
 	bin  string
 	port int
 	dir  string
@@ -37,7 +37,7 @@ type redisServer struct {
 
 // startRedis starts a redis-server for t. Without the binary the test is skipped, except in
 // CI (CI=true), where a missing redis-server is a failure: .ci/run installs it.
-func startRedis(t *testing.T) *redisServer {
+func startRedis(t testing.TB) *redisServer {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
