@@ -166,7 +166,9 @@ type redisStore struct {
 // at most once per errLog interval. Errors name the server's address, never the password.
 func (r *redisStore) failed(err error, action errorAction) {
 	backendErrors[action].Inc()
-	if !r.failing.CompareAndSwap(false, true) && !r.errLog.Allow() {
+	if r.failing.CompareAndSwap(false, true) {
+		r.errLog.Allow() // the start is logged now; the interval counts from it
+	} else if !r.errLog.Allow() {
 		return
 	}
 	if ev := r.log.Warn(); ev != nil {

@@ -1,6 +1,7 @@
 package ratelimit
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -18,12 +19,31 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/rs/zerolog"
 
 	"github.com/policy-engine/policy-engine/agent"
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 )
+
+// lockedBuffer is a log destination safe for concurrent writes.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
 
 // redisServer is a real redis-server that a test starts on a free loopback port, without
 // persistence, and kills by PID when it ends.
@@ -111,10 +131,15 @@ func (r *redisServer) client() *redis.Client {
 
 func redisFactory(t *testing.T, r *redisServer, shared *sync.Map, timeoutMS int) *Factory {
 	t.Helper()
+	return redisFactoryLog(t, r, shared, timeoutMS, nil)
+}
+
+func redisFactoryLog(t *testing.T, r *redisServer, shared *sync.Map, timeoutMS int, log *logging.Logger) *Factory {
+	t.Helper()
 	// A small pool, so that an outage soon trips go-redis's dial circuit breaker, whose
 	// recovery the outage test then covers.
 	raw := fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": %d, "pool_size": 3}}`, r.addr(), timeoutMS)
-	f, err := New(policy.Config{Raw: json.RawMessage(raw), Shared: shared})
+	f, err := New(policy.Config{Raw: json.RawMessage(raw), Shared: shared, Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -321,7 +346,8 @@ agent_core:
 func TestRedisOutage(t *testing.T) {
 	r := startRedis(t)
 	const timeoutMS = 50
-	f := redisFactory(t, r, &sync.Map{}, timeoutMS)
+	var logs lockedBuffer
+	f := redisFactoryLog(t, r, &sync.Map{}, timeoutMS, logging.New(&logs, "agent", zerolog.InfoLevel))
 	base := map[string]string{"requests_per_second": "0.01", "burst": "2", "backend": "redis"}
 	with := func(action string) *RateLimit {
 		md := map[string]string{"on_backend_error": action}
@@ -430,8 +456,18 @@ func TestRedisOutage(t *testing.T) {
 	// A Redis that does not answer: every call runs into the timeout.
 	r.pause()
 	outage("paused")
+	// The outage is logged once when it starts, not once per failed decision.
+	if n := strings.Count(logs.String(), "rate-limit backend failed"); n != 1 {
+		t.Fatalf("the outage was logged %d times, want once:\n%s", n, logs.String())
+	}
+	if !strings.Contains(logs.String(), `"on_backend_error":"local"`) || strings.Contains(logs.String(), "answers again") {
+		t.Fatalf("outage log:\n%s", logs.String())
+	}
 	r.resume()
 	recovered("paused")
+	if n := strings.Count(logs.String(), "rate-limit backend answers again"); n != 1 {
+		t.Fatalf("the recovery was logged %d times, want once:\n%s", n, logs.String())
+	}
 	// Its state survived, so the warm-up request still counts: one token left, then 429.
 	// (A request that timed out during the pause may still have been run by Redis after
 	// it resumed, as with any client timeout, which is why this bucket was left alone.)
