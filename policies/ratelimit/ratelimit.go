@@ -374,7 +374,9 @@ func (p *RateLimit) recordFields(c *policy.Context, d decision) *agentv1.Instruc
 		// Allowed because Redis failed: nothing is known about the bucket.
 		return nil
 	}
-	resetAt := (p.local.now() + int64(d.reset) + int64(time.Millisecond) - 1) / int64(time.Millisecond)
+	// Rounded down, so that the response phase, which rounds its seconds up, never reports
+	// a reset later than the bucket's.
+	resetAt := (p.local.now() + int64(d.reset)) / int64(time.Millisecond)
 	if prev, ok := parseFields(c.State[stateKey]); ok {
 		if prev.remaining < d.remaining || (prev.remaining == d.remaining && prev.resetAtMS >= resetAt) {
 			return nil

@@ -154,6 +154,14 @@ func TestExecuteResponseHeaders(t *testing.T) {
 	if r := execute(t, p, resp); len(r.Instructions) != 0 {
 		t.Fatalf("response without recorded fields: got %v", r.Instructions)
 	}
+	// With no time between the phases, the reset is the bucket's own: exactly 100s, not 101
+	// from rounding twice.
+	clk.Advance(123456) // a time that is not a whole millisecond
+	slow := mustBuild(t, f, map[string]string{"requests_per_second": "0.01", "burst": "1", "response_headers": "true"})
+	same := &policy.Context{Phase: agentv1.PolicyPhase_RESPONSE, State: states(execute(t, slow, request("users", "192.0.2.5"))), Response: &policy.ResponseContext{Status: 200}}
+	if got := setHeaders(execute(t, slow, same))["ratelimit-reset"]; got != "100" {
+		t.Fatalf("response right after the request: ratelimit-reset %q, want 100", got)
+	}
 	// response_headers off: no state.
 	q := mustBuild(t, f, map[string]string{"requests_per_second": "1", "burst": "10"})
 	if r := execute(t, q, request("users", "192.0.2.9")); len(r.Instructions) != 0 {
