@@ -7,6 +7,7 @@ import (
 	_ "github.com/policy-engine/policy-engine/policies/auditlog"
 	_ "github.com/policy-engine/policy-engine/policies/bodytransform"
 	_ "github.com/policy-engine/policy-engine/policies/jwtvalidation"
+	_ "github.com/policy-engine/policy-engine/policies/ratelimit"
 	_ "github.com/policy-engine/policy-engine/policies/rolecheck"
 	_ "github.com/policy-engine/policy-engine/policies/securityheaders"
 )
