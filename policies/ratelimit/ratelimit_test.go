@@ -463,6 +463,14 @@ func TestFactoryShared(t *testing.T) {
 	}
 }
 
+func TestErrorActionString(t *testing.T) {
+	for a, want := range map[errorAction]string{errorLocal: "local", errorAllow: "allow", errorDeny: "deny"} {
+		if got := a.String(); got != want {
+			t.Fatalf("errorAction(%d).String() = %q, want %q", a, got, want)
+		}
+	}
+}
+
 func TestParseFields(t *testing.T) {
 	f := func(s string, want fields, wantOK bool) {
 		t.Helper()

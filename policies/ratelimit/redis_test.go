@@ -119,8 +119,39 @@ func (r *redisServer) stop() {
 
 // pause stops the process (SIGSTOP): connections stay open and nothing is answered, like a
 // Redis stuck on a slow command.
-func (r *redisServer) pause()  { _ = r.cmd.Process.Signal(syscall.SIGSTOP) }
-func (r *redisServer) resume() { _ = r.cmd.Process.Signal(syscall.SIGCONT) }
+// The signal takes effect asynchronously, so pause waits until the process shows as stopped
+// (state T in /proc), and resume until it no longer does.
+func (r *redisServer) pause() {
+	_ = r.cmd.Process.Signal(syscall.SIGSTOP)
+	r.waitState(true)
+}
+
+func (r *redisServer) resume() {
+	_ = r.cmd.Process.Signal(syscall.SIGCONT)
+	r.waitState(false)
+}
+
+func (r *redisServer) waitState(stopped bool) {
+	r.t.Helper()
+	stat := fmt.Sprintf("/proc/%d/stat", r.cmd.Process.Pid)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile(stat)
+		if err != nil {
+			time.Sleep(100 * time.Millisecond) // no /proc: give the signal time to land
+			return
+		}
+		// The state follows the command name, which is in parentheses.
+		fields := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		if len(fields) > 0 && (fields[0] == "T") == stopped {
+			return
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("redis-server did not reach stopped=%v within 10s: %s", stopped, b)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
 
 // client is a plain client for the test to look into Redis.
 func (r *redisServer) client() *redis.Client {
@@ -150,7 +181,7 @@ func redisFactoryLog(t *testing.T, r *redisServer, shared *sync.Map, timeoutMS i
 func TestRedisBucket(t *testing.T) {
 	r := startRedis(t)
 	f := redisFactory(t, r, &sync.Map{}, 1000)
-	p := mustBuild(t, f, map[string]string{"requests_per_second": "0.01", "burst": "3", "backend": "redis", "response_headers": "true"})
+	p := mustBuild(t, f, map[string]string{"requests_per_second": "0.01", "burst": "3", "backend": "redis", "response_headers": "true", "on_backend_error": "deny"})
 	for i := range 3 {
 		res := execute(t, p, request("users", "192.0.2.1"))
 		fl, ok := parseFields(states(res)[stateKey])
@@ -195,9 +226,11 @@ func TestRedisBucket(t *testing.T) {
 func TestRedisKeyExpires(t *testing.T) {
 	r := startRedis(t)
 	f := redisFactory(t, r, &sync.Map{}, 1000)
-	p := mustBuild(t, f, map[string]string{"requests_per_second": "20", "burst": "2", "backend": "redis"})
-	execute(t, p, request("users", "192.0.2.1"))
-	execute(t, p, request("users", "192.0.2.1"))
+	// Refilled one second after the request: long enough to see the key first.
+	p := mustBuild(t, f, map[string]string{"requests_per_second": "1", "burst": "1", "backend": "redis", "on_backend_error": "deny"})
+	if res := execute(t, p, request("users", "192.0.2.1")); res.Status != agentv1.StatusCode_OK {
+		t.Fatalf("first request: %v", res)
+	}
 	c := r.client()
 	if n, _ := c.DBSize(context.Background()).Result(); n != 1 {
 		t.Fatalf("Redis holds %d keys, want 1", n)
@@ -209,7 +242,7 @@ func TestRedisKeyExpires(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("key still there 5s after its 100ms refill: %d keys, %v", n, err)
+			t.Fatalf("key still there 5s after its 1s refill: %d keys, %v", n, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -224,7 +257,7 @@ func TestRedisSharedAcrossFactories(t *testing.T) {
 	if f1.redis.client == f2.redis.client {
 		t.Fatal("factories with separate Shared maps share a client")
 	}
-	md := map[string]string{"requests_per_second": "0.01", "burst": "5", "backend": "redis", "key": "header:x-tenant"}
+	md := map[string]string{"requests_per_second": "0.01", "burst": "5", "backend": "redis", "key": "header:x-tenant", "on_backend_error": "deny"}
 	p1, p2 := mustBuild(t, f1, md), mustBuild(t, f2, md)
 	allowed := 0
 	for i := range 20 {
@@ -234,7 +267,11 @@ func TestRedisSharedAcrossFactories(t *testing.T) {
 		}
 		c := request("users", fmt.Sprintf("192.0.2.%d", i))
 		c.Headers["x-tenant"] = "acme"
-		if execute(t, p, c).Status == agentv1.StatusCode_OK {
+		res := execute(t, p, c)
+		if immediate(res).GetStatusCode() == 503 {
+			t.Fatalf("request %d: Redis did not answer within timeout_ms", i)
+		}
+		if res.Status == agentv1.StatusCode_OK {
 			allowed++
 		}
 	}
@@ -277,7 +314,7 @@ agent_core:
 `, r.addr())
 	a := testAgent(t, fmt.Sprintf(cfg, "agent-a"))
 	b := testAgent(t, fmt.Sprintf(cfg, "agent-b"))
-	md := map[string]string{"requests_per_second": "0.01", "burst": "4", "backend": "redis", "key": "state:user_id", "response_headers": "true"}
+	md := map[string]string{"requests_per_second": "0.01", "burst": "4", "backend": "redis", "key": "state:user_id", "response_headers": "true", "on_backend_error": "deny"}
 	req := func(user string) *agentv1.PolicyRequest {
 		return &agentv1.PolicyRequest{
 			RequestId: "r", RouteName: "users", Phase: agentv1.PolicyPhase_REQUEST,
@@ -360,16 +397,14 @@ func TestRedisOutage(t *testing.T) {
 	// The three entries have one limit, so they share buckets: each uses its own client.
 	// survivorIP is used once before the outage and not during it.
 	const localIP, allowIP, denyIP, survivorIP = "192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"
-	// Warm up: one request each, from Redis. On a loaded machine the first call (a dial,
-	// EVALSHA, then EVAL) can outlast 50ms; a call that failed took no token from an
-	// untouched bucket, so it is simply tried again.
-	warm := func(p *RateLimit, ip string) {
+	// Warm up: one request each, from Redis, through a client with a long timeout (the
+	// buckets are named by scope and limit, not by client), so that no warm-up request can
+	// time out and still be counted later.
+	slowF := redisFactory(t, r, &sync.Map{}, 1000)
+	warm := func(_ *RateLimit, ip string) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for execute(t, p, request("users", ip)).Status != agentv1.StatusCode_OK {
-			if time.Now().After(deadline) {
-				t.Fatalf("warm-up request for %s not allowed within 10s", ip)
-			}
+		if execute(t, mustBuild(t, slowF, base), request("users", ip)).Status != agentv1.StatusCode_OK {
+			t.Fatalf("warm-up request for %s denied", ip)
 		}
 	}
 	warm(onLocal, localIP)
@@ -378,10 +413,12 @@ func TestRedisOutage(t *testing.T) {
 	warm(onDeny, survivorIP)
 
 	// Every decision must end near timeout_ms. The median shows the timeout itself (a few
-	// milliseconds over it); the hard bound leaves room for a loaded CI machine under -race,
-	// and is still far below go-redis's defaults (5s dial, 3s read, 3 retries).
+	// milliseconds over it) and the 90th percentile that stragglers are rare. The hard bound
+	// catches a decision that waits on something else (a retry, a dial or read timeout of
+	// go-redis's defaults: 5s, 3s, 3 retries); it is loose because on a loaded machine under
+	// -race the scheduler alone has delayed single decisions by up to a second.
 	timeout := time.Duration(timeoutMS) * time.Millisecond
-	medianBound, hardBound := timeout+25*time.Millisecond, timeout+450*time.Millisecond
+	medianBound, p90Bound, hardBound := timeout+25*time.Millisecond, timeout+100*time.Millisecond, timeout+2*time.Second
 	var took []time.Duration
 	timed := func(p *RateLimit, c *policy.Context) policy.Result {
 		t.Helper()
@@ -398,11 +435,15 @@ func TestRedisOutage(t *testing.T) {
 		t.Helper()
 		took = took[:0]
 		defer func() {
+			if len(took) == 0 {
+				return
+			}
 			slices.Sort(took)
-			median := took[len(took)/2]
-			t.Logf("%s: decisions took %v to %v, median %v (timeout_ms %d)", name, took[0], took[len(took)-1], median, timeoutMS)
-			if median > medianBound {
-				t.Errorf("%s: median decision took %v, want at most %v", name, median, medianBound)
+			median, p90 := took[len(took)/2], took[len(took)*9/10]
+			t.Logf("%s: %d decisions took %v to %v, median %v, 90th percentile %v (timeout_ms %d)",
+				name, len(took), took[0], took[len(took)-1], median, p90, timeoutMS)
+			if median > medianBound || p90 > p90Bound {
+				t.Errorf("%s: median decision took %v, 90th percentile %v; want at most %v and %v", name, median, p90, medianBound, p90Bound)
 			}
 		}()
 		errsLocal, errsAllow, errsDeny := backendErrors[errorLocal].Get(), backendErrors[errorAllow].Get(), backendErrors[errorDeny].Get()
@@ -413,7 +454,7 @@ func TestRedisOutage(t *testing.T) {
 				t.Fatalf("%s: on_backend_error local, request %d: got %v, want %v", name, i, got, want)
 			}
 		}
-		for range 3 {
+		for range 10 {
 			if res := timed(onAllow, request("users", allowIP)); res.Status != agentv1.StatusCode_OK || len(res.Instructions) != 0 {
 				t.Fatalf("%s: on_backend_error allow: %v", name, res)
 			}
@@ -425,11 +466,11 @@ func TestRedisOutage(t *testing.T) {
 		if d := backendErrors[errorLocal].Get() - errsLocal; d != 3 {
 			t.Fatalf("%s: counted %d errors with action local, want 3", name, d)
 		}
-		if d := backendErrors[errorAllow].Get() - errsAllow; d != 3 {
-			t.Fatalf("%s: counted %d errors with action allow, want 3", name, d)
+		if d := backendErrors[errorAllow].Get() - errsAllow; d != 10 {
+			t.Fatalf("%s: counted %d errors with action allow, want 10", name, d)
 		}
-		if d := backendErrors[errorDeny].Get() - errsDeny; d != 3 {
-			t.Fatalf("%s: counted %d errors with action deny, want 3", name, d)
+		if d := backendErrors[errorDeny].Get() - errsDeny; d != 10 {
+			t.Fatalf("%s: counted %d errors with action deny, want 10", name, d)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 		defer cancel()
@@ -488,7 +529,7 @@ func TestRedisOutage(t *testing.T) {
 func TestRedisScriptFlush(t *testing.T) {
 	r := startRedis(t)
 	f := redisFactory(t, r, &sync.Map{}, 1000)
-	p := mustBuild(t, f, map[string]string{"requests_per_second": "0.01", "burst": "2", "backend": "redis"})
+	p := mustBuild(t, f, map[string]string{"requests_per_second": "0.01", "burst": "2", "backend": "redis", "on_backend_error": "deny"})
 	c := r.client()
 	ctx := context.Background()
 	for i, want := range []agentv1.StatusCode{agentv1.StatusCode_OK, agentv1.StatusCode_OK, agentv1.StatusCode_POLICY_DENIED} {
