@@ -42,6 +42,42 @@ type execSnapshot struct {
 	seed      maphash.Seed
 	cache     *xsync.Map[uint64, []*instance]
 	cached    atomic.Int64
+
+	// refs counts the chains running on the snapshot; once a newer snapshot replaced it
+	// (retired) and none runs, its factories are closed, so a reload never closes a client
+	// under a running policy.
+	refs      atomic.Int64
+	retired   atomic.Bool
+	closeOnce sync.Once
+}
+
+// retire marks a replaced snapshot and closes it when no chain runs on it.
+func (s *execSnapshot) retire() {
+	s.retired.Store(true)
+	if s.refs.Load() == 0 {
+		s.closeOnce.Do(func() { closeFactories(s) })
+	}
+}
+
+func (s *execSnapshot) release() {
+	if s.refs.Add(-1) == 0 && s.retired.Load() {
+		s.closeOnce.Do(func() { closeFactories(s) })
+	}
+}
+
+// acquire returns the current snapshot, counted as in use until release.
+func (e *Executor) acquire() *execSnapshot {
+	for {
+		s := e.snap.Load()
+		if s == nil {
+			return nil
+		}
+		s.refs.Add(1)
+		if e.snap.Load() == s {
+			return s
+		}
+		s.release() // replaced meanwhile: it may be closing; take the new one
+	}
 }
 
 type factoryEntry struct {
@@ -90,7 +126,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 		return errors.Join(errs...)
 	}
 	if old := e.snap.Swap(s); old != nil {
-		closeFactories(old)
+		old.retire()
 	}
 	return nil
 }
@@ -98,7 +134,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 // Close releases the resources of the current snapshot's factories.
 func (e *Executor) Close() {
 	if old := e.snap.Swap(nil); old != nil {
-		closeFactories(old)
+		old.retire()
 	}
 }
 
@@ -211,10 +247,11 @@ var errStateTooLarge = errors.New("state exceeds max_state_size_bytes")
 // Execute runs req's chain and returns the agent's answer. It never returns nil.
 func (e *Executor) Execute(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
 	resp := &agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId()}
-	s := e.snap.Load()
+	s := e.acquire()
 	if s == nil {
 		return fail(resp, agentv1.StatusCode_POLICY_ERROR, "", "agent has no config loaded")
 	}
+	defer s.release()
 	if req.GetPhase() != agentv1.PolicyPhase_REQUEST && req.GetPhase() != agentv1.PolicyPhase_RESPONSE {
 		return fail(resp, agentv1.StatusCode_POLICY_ERROR, "", fmt.Sprintf("unknown phase %d", req.GetPhase()))
 	}

@@ -521,3 +521,66 @@ func TestChainObserver(t *testing.T) {
 		policy.Outcome{Status: agentv1.StatusCode_POLICY_DENIED, DecidedBy: "t.requireHeader", Message: "want y got ", HTTPStatus: 403})
 	f([]*agentv1.Policy{p("t.observer"), p("t.fail")}, policy.Outcome{Status: agentv1.StatusCode_POLICY_ERROR, DecidedBy: "t.fail", Message: "boom"})
 }
+
+// closeCounter is a factory that records when it is closed.
+type closeCounter struct{ closed atomic.Bool }
+
+func (c *closeCounter) Build(map[string]string) (policy.Policy, error) {
+	return funcPolicy(func(ctx context.Context, _ *policy.Context) (policy.Result, error) {
+		if c.closed.Load() {
+			return policy.Result{}, errors.New("ran on a closed factory")
+		}
+		<-ctx.Done() // hold the chain until the test lets it go
+		if c.closed.Load() {
+			return policy.Result{}, errors.New("factory closed under a running policy")
+		}
+		return policy.Result{}, nil
+	}), nil
+}
+
+func (c *closeCounter) Close() error { c.closed.Store(true); return nil }
+
+var closers = make(chan *closeCounter, 8)
+
+func init() {
+	policy.Register(policy.Module{
+		Name: "t.closer", Phases: policy.Request,
+		New: func(policy.Config) (policy.Factory, error) {
+			c := &closeCounter{}
+			select {
+			case closers <- c:
+			default: // other tests load configs too; only TestReloadWaitsForRunningChains reads these
+			}
+			return c, nil
+		},
+	})
+}
+
+// TestReloadWaitsForRunningChains: a reload closes the old factories only after the chains
+// running on them end.
+func TestReloadWaitsForRunningChains(t *testing.T) {
+	for len(closers) > 0 {
+		<-closers
+	}
+	e, _ := newTestExecutor(t, testCore())
+	first := <-closers
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan *agentv1.PolicyResponse)
+	go func() { done <- e.Execute(ctx, req(p("t.closer"))) }()
+	time.Sleep(50 * time.Millisecond) // the chain is running
+	if err := e.Load(testCore(), "v2"); err != nil {
+		t.Fatal(err)
+	}
+	<-closers
+	if first.closed.Load() {
+		t.Fatal("the old factory was closed under a running chain")
+	}
+	cancel()
+	r := <-done
+	if strings.Contains(r.GetMessage(), "closed") {
+		t.Fatalf("%v", r)
+	}
+	if !first.closed.Load() {
+		t.Fatal("the old factory was not closed once its last chain ended")
+	}
+}
