@@ -153,6 +153,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 			Ready:          k.readiness,
 			Pprof:          pprofOn,
 			ProcessMetrics: true,
+			Families:       Families,
 		}))
 		if err != nil {
 			ln.Close()
