@@ -169,6 +169,16 @@ func (t *Tracer) StartRemote(ctx context.Context, carrier map[string]string, nam
 	return ctx, span
 }
 
+// Remote returns ctx with the remote span of carrier's W3C trace context as parent, and
+// whether that parent was sampled.
+func Remote(ctx context.Context, carrier map[string]string) (context.Context, bool) {
+	if len(carrier) == 0 {
+		return ctx, false
+	}
+	ctx = propagator.Extract(ctx, mapCarrier(carrier))
+	return ctx, trace.SpanContextFromContext(ctx).IsSampled()
+}
+
 // Start starts a child span of the span in ctx.
 func (t *Tracer) Start(ctx context.Context, name string, kind trace.SpanKind, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
 	return t.tracer.Start(ctx, name, trace.WithSpanKind(kind), trace.WithAttributes(attrs...))
