@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
@@ -102,6 +103,11 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		return nil
 	}
 	exec.metrics.loaded(version)
+	var names []string
+	for _, m := range policy.Modules() {
+		names = append(names, m.Name)
+	}
+	exec.metrics.precreate(names)
 	tr, err := newTracer(core.Observability.Tracing, log)
 	if err != nil {
 		return fmt.Errorf("%s: %w", f.config, err)

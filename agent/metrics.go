@@ -68,6 +68,20 @@ func newAgentMetrics() *agentMetrics {
 	return m
 }
 
+// precreate makes the series of every compiled-in policy, so that they are exported (at 0)
+// before the policy first runs or fails, and rate() over them works from the start.
+func (m *agentMetrics) precreate(names []string) {
+	for _, name := range names {
+		m.forPolicy(name)
+		for _, reason := range []string{"error", "timeout"} {
+			key := name + "\x00" + reason
+			if _, ok := m.failures.Load(key); !ok {
+				m.failures.Store(key, m.set.GetOrCreateCounter(`policy_agent_policy_failures_total{policy=`+obs.Label(name)+`,reason=`+obs.Label(reason)+`}`))
+			}
+		}
+	}
+}
+
 // Set returns the metrics set, for the /metrics handler.
 func (m *agentMetrics) Set() *metrics.Set { return m.set }
 
