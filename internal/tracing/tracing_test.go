@@ -155,3 +155,38 @@ func TestTLSOption(t *testing.T) {
 	defer cancel()
 	_ = tr.Shutdown(ctx)
 }
+
+func TestRemote(t *testing.T) {
+	if _, ok := Remote(context.Background(), nil); ok {
+		t.Fatal("no carrier")
+	}
+	if _, ok := Remote(context.Background(), map[string]string{"traceparent": parentNotSampled}); ok {
+		t.Fatal("unsampled parent")
+	}
+	ctx, ok := Remote(context.Background(), map[string]string{"traceparent": parentSampled, "tracestate": "k=v"})
+	if !ok || trace.SpanContextFromContext(ctx).TraceState().Get("k") != "v" {
+		t.Fatal("sampled parent with its trace state")
+	}
+	if _, ok := Remote(context.Background(), map[string]string{"traceparent": "garbage"}); ok {
+		t.Fatal("a malformed traceparent")
+	}
+	c := mapCarrier{"traceparent": "x", "tracestate": "y"}
+	if k := c.Keys(); len(k) != 2 {
+		t.Fatalf("Keys %v", k)
+	}
+}
+
+// FuzzRemote feeds any traceparent and tracestate to the extraction the agent does for every
+// chain: no panic, and a context is sampled only if it is valid.
+func FuzzRemote(f *testing.F) {
+	f.Add(parentSampled, "k=v")
+	f.Add(parentNotSampled, "")
+	f.Add("00-00000000000000000000000000000000-0000000000000000-01", "a=b,c=d")
+	f.Add("ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "=")
+	f.Fuzz(func(t *testing.T, tp, ts string) {
+		ctx, ok := Remote(context.Background(), map[string]string{"traceparent": tp, "tracestate": ts})
+		if ok && !trace.SpanContextFromContext(ctx).IsValid() {
+			t.Fatalf("sampled but invalid: %q", tp)
+		}
+	})
+}
