@@ -11,8 +11,11 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/policy-engine/policy-engine/agent"
 	"github.com/policy-engine/policy-engine/internal/envoytest"
+	"github.com/policy-engine/policy-engine/internal/obs"
 	"github.com/policy-engine/policy-engine/internal/testenv"
+	"github.com/policy-engine/policy-engine/kernel"
 )
 
 // series parses a Prometheus text exposition into the label names of each sample, by metric
@@ -231,5 +234,18 @@ func TestDashboard(t *testing.T) {
 	}
 	if !strings.Contains(string(b), `"uid": "${datasource}"`) {
 		t.Error("panels must use the datasource variable")
+	}
+}
+
+// TestMetricsDocumented finds every metric family of both processes in the operations guide.
+func TestMetricsDocumented(t *testing.T) {
+	b, err := os.ReadFile(repoRoot + "docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range append(append([]obs.Family{}, kernel.Families...), agent.Families...) {
+		if !strings.Contains(string(b), "`"+f.Name+"`") {
+			t.Errorf("docs/operations.md does not document %s", f.Name)
+		}
 	}
 }

@@ -20,9 +20,9 @@ import (
 // chain runs), and the process exits 0.
 func TestSIGTERMDrains(t *testing.T) {
 	const drainDelay = 1500 * time.Millisecond
-	kernel := strings.Replace(fmt.Sprintf(kernelYAML, "d1"), "    message_timeout_ms: 2000\n",
+	kernelCfg := strings.Replace(fmt.Sprintf(kernelYAML, "d1"), "    message_timeout_ms: 2000\n",
 		"    message_timeout_ms: 2000\n    drain_delay_ms: 1500\n    shutdown_timeout_ms: 20000\n", 1)
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernel})
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernelCfg})
 	c := dial(t, e)
 
 	reached, release := make(chan struct{}), make(chan struct{})

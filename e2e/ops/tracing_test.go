@@ -32,8 +32,8 @@ func TestTracingOTLP(t *testing.T) {
 	tracingKernel := func(rate string) string {
 		return fmt.Sprintf(kernelYAML, "t-"+rate) + "  observability:\n    tracing:\n      enabled: true\n      sampling_rate: " + rate + "\n      endpoint: " + col.Addr() + "\n"
 	}
-	agent := agentYAML + "    tracing:\n      enabled: true\n      endpoint: " + col.Addr() + "\n"
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agent, KernelYAML: tracingKernel("1")})
+	agentCfg := agentYAML + "    tracing:\n      enabled: true\n      endpoint: " + col.Addr() + "\n"
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentCfg, KernelYAML: tracingKernel("1")})
 	c := dial(t, e)
 	r := do(t, c,
 		[2]string{"traceparent", "00-" + envoyTraceID + "-" + envoySpanID + "-01"},
@@ -109,8 +109,8 @@ func TestTracingOffByDefault(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer col.Stop()
-	agent := agentYAML + "    tracing:\n      enabled: true\n      endpoint: " + col.Addr() + "\n"
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agent, KernelYAML: fmt.Sprintf(kernelYAML, "off")})
+	agentCfg := agentYAML + "    tracing:\n      enabled: true\n      endpoint: " + col.Addr() + "\n"
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentCfg, KernelYAML: fmt.Sprintf(kernelYAML, "off")})
 	c := dial(t, e)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -131,7 +131,7 @@ func TestSecretsFromFileAndEnv(t *testing.T) {
 	if err := os.WriteFile(keyFile, []byte("file-secret-key\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	agent := `agent_core:
+	agentCfg := `agent_core:
   name: default-agent
   socket_path: "{{SOCK}}"
   policies:
@@ -145,7 +145,7 @@ func TestSecretsFromFileAndEnv(t *testing.T) {
   observability:
     metrics_address: "{{AGENT_METRICS}}"
 `
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agent, KernelYAML: fmt.Sprintf(kernelYAML, "s"), AgentEnv: []string{"OPS_ENV_SECRET=env-secret-key"}})
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentCfg, KernelYAML: fmt.Sprintf(kernelYAML, "s"), AgentEnv: []string{"OPS_ENV_SECRET=env-secret-key"}})
 	c := dial(t, e)
 	for key, want := range map[string]int{"file-secret-key": 200, "env-secret-key": 200, "${env:OPS_ENV_SECRET}": 403} {
 		r, err := c.Do(t.Context(), &envoytest.Request{Path: "/api/v1/users", Headers: [][2]string{{"x-api-key", key}}}, nil)
@@ -156,7 +156,7 @@ func TestSecretsFromFileAndEnv(t *testing.T) {
 	// A reload whose reference cannot be resolved is refused and names the reference.
 	os.Remove(keyFile)
 	k := strings.Count(e.Agent.Logs.String(), "config reload failed")
-	e.WriteConfig(t, e.AgentConfig, agent+"  version: v2\n")
+	e.WriteConfig(t, e.AgentConfig, agentCfg+"  version: v2\n")
 	if err := e.Agent.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
