@@ -463,7 +463,7 @@ func (k *Kernel) rebuild() {
 }
 
 // readiness is ready when the config is loaded, every agent is healthy, and the kernel is not
-// draining; its detail says which part is not.
+// draining; its detail says which part is not, in not_ready.
 func (k *Kernel) readiness() (bool, any) {
 	snap := k.server.Snapshot()
 	type agentInfo struct {
@@ -473,23 +473,32 @@ func (k *Kernel) readiness() (bool, any) {
 	}
 	detail := struct {
 		Status        string               `json:"status"`
+		NotReady      []string             `json:"not_ready,omitempty"`
 		ConfigVersion string               `json:"config_version"`
 		Agents        map[string]agentInfo `json:"agents"`
 		InvalidRoutes []string             `json:"invalid_routes,omitempty"`
 		Draining      bool                 `json:"draining,omitempty"`
 	}{Status: "ready", Agents: map[string]agentInfo{}}
-	ready := snap != nil && !k.stopping.Load()
-	if snap != nil {
+	if snap == nil {
+		detail.NotReady = append(detail.NotReady, "no config loaded")
+	} else {
 		detail.ConfigVersion = snap.Version
 		detail.InvalidRoutes = snap.invalid
-		for name, a := range snap.agents {
+		for _, ac := range snap.Config.Agents {
+			a := snap.agents[ac.Name]
 			h := a.healthy.Load()
-			ready = ready && h
+			if !h {
+				detail.NotReady = append(detail.NotReady, fmt.Sprintf("agent %q is not reachable at %q", ac.Name, ac.SocketPath))
+			}
 			info := a.info.Load()
-			detail.Agents[name] = agentInfo{Healthy: h, Version: info.GetAgentVersion(), ConfigVersion: info.GetConfigVersion()}
+			detail.Agents[ac.Name] = agentInfo{Healthy: h, Version: info.GetAgentVersion(), ConfigVersion: info.GetConfigVersion()}
 		}
 	}
-	detail.Draining = k.stopping.Load()
+	if k.stopping.Load() {
+		detail.Draining = true
+		detail.NotReady = append(detail.NotReady, "shutting down")
+	}
+	ready := len(detail.NotReady) == 0
 	if !ready {
 		detail.Status = "not ready"
 	}

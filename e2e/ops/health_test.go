@@ -34,8 +34,9 @@ func grpcHealth(t *testing.T, addr string) healthpb.HealthCheckResponse_ServingS
 }
 
 type readyBody struct {
-	Status        string `json:"status"`
-	ConfigVersion string `json:"config_version"`
+	Status        string   `json:"status"`
+	NotReady      []string `json:"not_ready"`
+	ConfigVersion string   `json:"config_version"`
 	Agents        map[string]struct {
 		Healthy bool `json:"healthy"`
 	} `json:"agents"`
@@ -61,7 +62,7 @@ func TestReadinessFollowsAgent(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: fmt.Sprintf(kernelYAML, "h1")})
 	c := dial(t, e)
 	code, b := ready(t, e)
-	if code != 200 || b.Status != "ready" || !b.Agents["default-agent"].Healthy || !strings.HasPrefix(b.ConfigVersion, "h1-") {
+	if code != 200 || b.Status != "ready" || len(b.NotReady) != 0 || !b.Agents["default-agent"].Healthy || !strings.HasPrefix(b.ConfigVersion, "h1-") {
 		t.Fatalf("ready: %d %+v", code, b)
 	}
 	if st := grpcHealth(t, e.KernelAddr); st != healthpb.HealthCheckResponse_SERVING {
@@ -74,7 +75,8 @@ func TestReadinessFollowsAgent(t *testing.T) {
 	e.Agent.Kill()
 	testenv.WaitFor(t, 5*time.Second, "not ready", func() bool { c, _ := ready(t, e); return c == 503 })
 	_, b = ready(t, e)
-	if b.Status != "not ready" || b.Agents["default-agent"].Healthy {
+	if b.Status != "not ready" || b.Agents["default-agent"].Healthy || len(b.NotReady) != 1 ||
+		b.NotReady[0] != fmt.Sprintf("agent %q is not reachable at %q", "default-agent", e.AgentSock) {
 		t.Fatalf("not ready body %+v", b)
 	}
 	testenv.WaitFor(t, 5*time.Second, "gRPC NOT_SERVING", func() bool {

@@ -57,7 +57,10 @@ func TestSIGTERMDrains(t *testing.T) {
 	if err := e.Kernel.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	testenv.WaitFor(t, time.Second, "readiness off", func() bool { c, b := ready(t, e); return c == 503 && b.Draining })
+	testenv.WaitFor(t, time.Second, "readiness off", func() bool {
+		c, b := ready(t, e)
+		return c == 503 && b.Draining && len(b.NotReady) == 1 && b.NotReady[0] == "shutting down"
+	})
 	if st := grpcHealth(t, e.KernelAddr); st != healthpb.HealthCheckResponse_NOT_SERVING {
 		t.Fatalf("gRPC health during drain: %v", st)
 	}
