@@ -27,7 +27,7 @@ func ParseDoc(file string, data []byte) (*Doc, error) {
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return nil, fmt.Errorf("%s: %w", file, err)
 	}
-	if doc.Kind == 0 || len(doc.Content) == 0 {
+	if doc.Kind == 0 || len(doc.Content) == 0 || isNull(doc.Content[0]) {
 		return nil, fmt.Errorf("%s: empty config", file)
 	}
 	return &Doc{file: file, root: doc.Content[0]}, nil

@@ -165,7 +165,15 @@ func FuzzDocValidate(f *testing.F) {
 		if err != nil {
 			return
 		}
-		lines := strings.Count(string(data), "\n") + 1
+		// YAML breaks lines at \n, \r\n and \r, and libyaml also at NEL, LS and PS.
+		text := strings.ReplaceAll(string(data), "\r\n", "\n")
+		lines := 1
+		for _, r := range text {
+			switch r {
+			case '\n', '\r', '\u0085', '\u2028', '\u2029':
+				lines++
+			}
+		}
 		if l := d.Line(path); l < 0 || l > lines {
 			t.Fatalf("Line(%q) = %d in a document of %d lines", path, l, lines)
 		}
@@ -176,4 +184,39 @@ func FuzzDocValidate(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestNulls shows that a null where a value is required is an error, not a nil that a caller
+// would dereference, and that a document of nothing but null is empty.
+func TestNulls(t *testing.T) {
+	type inner struct {
+		Name string `yaml:"name" required:"true"`
+	}
+	type top struct {
+		Inner *inner `yaml:"inner" required:"true"`
+		Opt   *inner `yaml:"opt"`
+	}
+	f := func(doc, want string) {
+		t.Helper()
+		var v top
+		err := Decode("f.yaml", []byte(doc), &v)
+		if want == "" {
+			if err != nil {
+				t.Fatalf("Decode(%q) = %v", doc, err)
+			}
+			return
+		}
+		if err == nil || err.Error() != want {
+			t.Fatalf("Decode(%q) = %v, want %q", doc, err, want)
+		}
+	}
+	f("---\n", "f.yaml: empty config")
+	f("~\n", "f.yaml: empty config")
+	f("inner: ~\n", "f.yaml:1: inner: must not be null")
+	f("inner: &n ~\nopt: *n\n", "f.yaml:1: inner: must not be null")
+	f("inner: {name: null}\n", "f.yaml:1: inner.name: must not be null")
+	f("inner: {name: x}\nopt: ~\n", "")
+	if _, err := ParseDoc("f.yaml", []byte("---\n")); err == nil || err.Error() != "f.yaml: empty config" {
+		t.Fatalf("ParseDoc: %v", err)
+	}
 }
