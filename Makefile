@@ -5,7 +5,7 @@ PKGS      := ./...
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X github.com/policy-engine/policy-engine/agent.Version=$(VERSION) -X github.com/policy-engine/policy-engine/kernel.Version=$(VERSION)
 
-.PHONY: all build run test test-unit test-e2e cover bench loadtest profile proto lint fmt vet fuzz faults soak clean
+.PHONY: all build run test test-unit test-e2e cover bench loadtest profile proto lint fmt vet fuzz faults soak clean docker
 
 all: build
 
@@ -47,6 +47,10 @@ vet:
 
 fmt:
 	gofmt -w $$(git ls-files '*.go' | grep -v '\.pb\.go$$')
+
+# The container image (Dockerfile: both binaries under supervisord, user policy-engine).
+docker:
+	docker build -t policy-engine:$(VERSION) --build-arg VERSION=$(VERSION) .
 
 clean:
 	rm -rf $(BIN) run coverage.out

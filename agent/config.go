@@ -3,9 +3,15 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
+	"slices"
+	"sync"
 
+	"github.com/policy-engine/policy-engine/config"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/secrets"
+	"github.com/policy-engine/policy-engine/internal/tracing"
 	"github.com/policy-engine/policy-engine/internal/yamlconf"
 )
 
@@ -37,14 +43,16 @@ type PoliciesConfig struct {
 	Config        map[string]yamlconf.Raw `yaml:"config"`
 }
 
-// ObservabilityConfig sets logs and metrics.
+// ObservabilityConfig sets logs, metrics and tracing.
 type ObservabilityConfig struct {
-	LogLevel       string `yaml:"log_level"`
-	MetricsEnabled bool   `yaml:"metrics_enabled"`
+	LogLevel string `yaml:"log_level"`
+	// MetricsEnabled serves /metrics on MetricsAddress; nil means true.
+	MetricsEnabled *bool `yaml:"metrics_enabled"`
 	// MetricsAddress is where /metrics, /health/* and /debug/pprof/ are served; empty turns
 	// the HTTP listener off.
-	MetricsAddress string `yaml:"metrics_address"`
-	PprofEnabled   *bool  `yaml:"pprof_enabled"`
+	MetricsAddress string         `yaml:"metrics_address"`
+	PprofEnabled   *bool          `yaml:"pprof_enabled"`
+	Tracing        tracing.Config `yaml:"tracing"`
 }
 
 // ResourceLimits caps what one request may carry.
@@ -61,26 +69,60 @@ const (
 	DefaultMaxStateSizeBytes     = 64 << 10
 )
 
-// LoadConfig reads, decodes and validates an agent config file.
+// agentSchema is the JSON schema every agent config is checked against.
+var agentSchema = sync.OnceValue(func() *yamlconf.Schema {
+	return yamlconf.MustCompileSchema("agent-config.schema.json", config.AgentSchema)
+})
+
+// LoadConfig reads, decodes and validates an agent config file, and resolves the secret
+// references (${env:NAME}, ${file:/path}) in the policies' settings.
 func LoadConfig(path string) (*Config, []byte, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read agent config: %w", err)
 	}
 	cfg, err := ParseConfig(path, data)
-	return cfg, data, err
+	if err != nil {
+		return nil, data, err
+	}
+	if err := resolveSecrets(path, cfg.AgentCore, secrets.OS); err != nil {
+		return nil, data, err
+	}
+	return cfg, data, nil
 }
 
-// ParseConfig decodes and validates an agent config; file names the source in errors.
+// resolveSecrets replaces the secret references in the policies' settings by the secrets.
+func resolveSecrets(file string, c *CoreConfig, l secrets.Lookup) error {
+	var errs []error
+	for _, name := range slices.Sorted(maps.Keys(c.Policies.Config)) {
+		raw, err := l.ResolveJSON(c.Policies.Config[name])
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: agent_core.policies.config.%s: %w", file, name, err))
+			continue
+		}
+		c.Policies.Config[name] = raw
+	}
+	return errors.Join(errs...)
+}
+
+// ParseConfig decodes and validates an agent config; file names the source in errors. Every
+// problem is reported at once, each as file:line: key: message, checked by the rules below and
+// by the JSON schema config/schema/agent-config.schema.json.
 func ParseConfig(file string, data []byte) (*Config, error) {
-	var cfg Config
-	if err := yamlconf.Decode(file, data, &cfg); err != nil {
+	doc, err := yamlconf.ParseDoc(file, data)
+	if err != nil {
 		return nil, err
 	}
+	probs := yamlconf.NewProblems(doc)
+	var cfg Config
+	if err := yamlconf.Decode(file, data, &cfg); err != nil {
+		probs.Add(err)
+		probs.Add(doc.Validate(agentSchema())...)
+		return nil, probs.Err()
+	}
 	c := cfg.AgentCore
-	var errs []error
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: agent_core.%s: %s", file, key, fmt.Sprintf(format, args...)))
+		probs.Addf("agent_core."+key, format, args...)
 	}
 	if c.Name == "" {
 		bad("name", "must not be empty")
@@ -103,8 +145,12 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	if _, err := logging.ParseLevel(c.Observability.LogLevel); err != nil {
 		bad("observability.log_level", "%v", err)
 	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
+	if c.Observability.Tracing.Enabled && c.Observability.Tracing.Endpoint == "" {
+		bad("observability.tracing.endpoint", "required when tracing is enabled")
+	}
+	probs.Add(doc.Validate(agentSchema())...)
+	if err := probs.Err(); err != nil {
+		return nil, err
 	}
 	if c.Server.MaxConcurrentRequests == 0 {
 		c.Server.MaxConcurrentRequests = DefaultMaxConcurrentRequests

@@ -18,6 +18,7 @@ import (
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/tracing"
 )
 
 // maxCachedInstances bounds the compiled-policy cache. The kernel sends only the chains of its
@@ -32,6 +33,8 @@ type Executor struct {
 	// shared outlives snapshots: policies keep clients there that a reload must not drop.
 	shared sync.Map
 	panicT *logging.Throttle
+	// tracer is nil while tracing is off.
+	tracer atomic.Pointer[tracing.Tracer]
 }
 
 // execSnapshot is one immutable state of the agent's config with the factories made from it.
@@ -261,6 +264,7 @@ func (e *Executor) Execute(ctx context.Context, req *agentv1.PolicyRequest) *age
 		defer cancel()
 	}
 	limits := s.cfg.ResourceLimits
+	e.metrics.observeContext(req)
 	pc := newPolicyContext(req)
 	if pc.Response == nil && len(pc.Body) > limits.MaxBodySizeBytes {
 		r := policy.Deny(413, "payload_too_large", fmt.Sprintf("request body of %d bytes exceeds the limit of %d bytes", len(pc.Body), limits.MaxBodySizeBytes), nil)
@@ -318,6 +322,7 @@ func outcomeOf(resp *agentv1.PolicyResponse) policy.Outcome {
 // runChain runs the chain's policies in order on pc.
 func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.PolicyRequest, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
 	limits := s.cfg.ResourceLimits
+	trace := e.traceChain(ctx, req)
 	for _, entry := range req.GetPolicies() {
 		if err := ctx.Err(); err != nil {
 			e.metrics.failure(entry.GetName(), "timeout")
@@ -337,6 +342,7 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 			err    error
 		)
 		start := time.Now()
+		span := trace.policy(name)
 		if !f.module.Phases.Has(req.GetPhase()) {
 			err = fmt.Errorf("policy %q does not run in the %s phase", name, strings.ToLower(req.GetPhase().String()))
 		} else {
@@ -350,6 +356,7 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 			err = applyInstructions(pc, result.Instructions, limits.MaxStateSizeBytes)
 		}
 		e.metrics.observe(name, start, result.Status, err)
+		endPolicySpan(span, result.Status, err)
 		if err != nil {
 			if ctx.Err() != nil {
 				return fail(resp, agentv1.StatusCode_TIMEOUT, name, err.Error())

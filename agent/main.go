@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"reflect"
 	"syscall"
 	"time"
 
@@ -21,9 +22,11 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
+	"github.com/policy-engine/policy-engine/internal/tracing"
 	"github.com/policy-engine/policy-engine/internal/uds"
 )
 
@@ -99,6 +102,18 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		fmt.Fprintf(stderr, "%s: valid (version %s)\n", f.config, version)
 		return nil
 	}
+	exec.metrics.loaded(version)
+	var names []string
+	for _, m := range policy.Modules() {
+		names = append(names, m.Name)
+	}
+	exec.metrics.precreate(names)
+	tr, err := newTracer(core.Observability.Tracing, log)
+	if err != nil {
+		return fmt.Errorf("%s: %w", f.config, err)
+	}
+	exec.SetTracer(tr)
+	defer func() { shutdownTracer(exec.SetTracer(nil)) }()
 
 	ln, err := uds.Listen(core.SocketPath)
 	if err != nil {
@@ -116,26 +131,20 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus(agentv1.PolicyAgent_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 
-	var httpSrv *obs.Server
 	if core.Observability.MetricsAddress != "" {
-		pprofOn := core.Observability.PprofEnabled == nil || *core.Observability.PprofEnabled
+		o := core.Observability
 		h := obs.Handler(obs.Options{
 			Sets:           func() []*metrics.Set { return []*metrics.Set{exec.metrics.Set()} },
-			Pprof:          pprofOn,
+			Pprof:          o.PprofEnabled == nil || *o.PprofEnabled,
 			ProcessMetrics: true,
-			Ready: func() (bool, any) {
-				hctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-				defer cancel()
-				if err := exec.HealthCheck(hctx); err != nil {
-					return false, map[string]string{"status": "not ready", "error": err.Error()}
-				}
-				return true, map[string]string{"status": "ready", "config_version": exec.snap.Load().version}
-			},
+			Families:       Families,
+			NoMetrics:      o.MetricsEnabled != nil && !*o.MetricsEnabled,
+			Ready:          exec.readiness,
 		})
-		httpSrv, err = obs.Listen(core.Observability.MetricsAddress, h)
+		httpSrv, err := obs.Listen(o.MetricsAddress, h)
 		if err != nil {
 			ln.Close()
-			return fmt.Errorf("listen on metrics address %q: %w", core.Observability.MetricsAddress, err)
+			return fmt.Errorf("listen on metrics address %q: %w", o.MetricsAddress, err)
 		}
 		defer httpSrv.Close()
 	}
@@ -152,18 +161,59 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		case err := <-serveErr:
 			return fmt.Errorf("grpc server: %w", err)
 		case <-ctx.Done():
-			log.Info().Msg("shutting down")
+			timeout := time.Duration(exec.snap.Load().cfg.Server.RequestTimeoutMS) * time.Millisecond
+			log.Info().Int64("request_timeout_ms", timeout.Milliseconds()).Msg("shutting down: finishing the calls in flight")
 			hs.Shutdown()
 			stopped := make(chan struct{})
 			go func() { srv.GracefulStop(); close(stopped) }()
 			select {
 			case <-stopped:
-			case <-time.After(time.Duration(core.Server.RequestTimeoutMS) * time.Millisecond):
+			case <-time.After(timeout):
 				srv.Stop()
 			}
+			log.Info().Msg("stopped")
 			return nil
 		}
 	}
+}
+
+// readiness is ready when a config is loaded and every policy that depends on something
+// outside (a Redis server) can reach it.
+func (e *Executor) readiness() (bool, any) {
+	type detail struct {
+		Status        string `json:"status"`
+		ConfigVersion string `json:"config_version"`
+		Error         string `json:"error,omitempty"`
+	}
+	d := detail{Status: "ready"}
+	if s := e.snap.Load(); s != nil {
+		d.ConfigVersion = s.version
+	}
+	hctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := e.HealthCheck(hctx); err != nil {
+		d.Status, d.Error = "not ready", err.Error()
+		return false, d
+	}
+	return true, d
+}
+
+// newTracer makes the agent's tracer (nil when tracing is off); export errors go to the log,
+// at most one every ten seconds.
+func newTracer(cfg tracing.Config, log *logging.Logger) (*tracing.Tracer, error) {
+	th := logging.NewThrottle(10 * time.Second)
+	return tracing.New(cfg, tracing.Follower, "policy-agent", Version, func(err error) {
+		if th.Allow() {
+			log.Warn().Err(err).Msg("trace export failed")
+		}
+	})
+}
+
+// shutdownTracer flushes the spans of a tracer that is no longer used.
+func shutdownTracer(tr *tracing.Tracer) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_ = tr.Shutdown(ctx)
 }
 
 // reloadAgent re-reads the config file and swaps in a new snapshot when it changed and is
@@ -174,30 +224,49 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 		log.Info().Msg("config unchanged; reload skipped")
 		return current
 	}
+	var version string
+	var tr *tracing.Tracer
+	old := exec.snap.Load().cfg
 	if err == nil {
 		if f.socket != "" {
 			cfg.AgentCore.SocketPath = f.socket
 		}
-		if cfg.AgentCore.SocketPath != exec.snap.Load().cfg.SocketPath {
-			err = errors.New("agent_core.socket_path cannot change on reload; restart the agent")
+		if cfg.AgentCore.SocketPath != old.SocketPath {
+			err = fmt.Errorf("%s: agent_core.socket_path: cannot change on reload (from %q to %q); restart the agent", f.config, old.SocketPath, cfg.AgentCore.SocketPath)
+		}
+	}
+	tracingChanged := err == nil && !reflect.DeepEqual(cfg.AgentCore.Observability.Tracing, old.Observability.Tracing)
+	if tracingChanged {
+		if tr, err = newTracer(cfg.AgentCore.Observability.Tracing, log); err != nil {
+			err = fmt.Errorf("%s: %w", f.config, err)
 		}
 	}
 	if err == nil {
-		version := configVersion(cfg.AgentCore.Version, data)
-		if err = exec.Load(cfg.AgentCore, version); err == nil {
-			if lvl, lerr := logging.ParseLevel(cfg.AgentCore.Observability.LogLevel); lerr == nil {
-				log.SetLevel(lvl)
-			}
-			reloadTotal("success").Inc()
-			log.Info().Str("config_version", version).Msg("config reloaded")
-			return data
+		version = configVersion(cfg.AgentCore.Version, data)
+		if err = exec.Load(cfg.AgentCore, version); err != nil {
+			err = fmt.Errorf("%s: %w", f.config, err)
 		}
 	}
-	reloadTotal("failure").Inc()
-	log.Error().Str("error", err.Error()).Msg("config reload failed; keeping the previous config")
-	return current
-}
-
-func reloadTotal(status string) *metrics.Counter {
-	return metrics.GetOrCreateCounter(`policy_agent_config_reload_total{status="` + status + `"}`)
+	if err != nil {
+		if tr != nil {
+			shutdownTracer(tr)
+		}
+		exec.metrics.reloadFailure.Inc()
+		log.Error().Errors("errors", err).Msg("config reload failed; keeping the previous config")
+		return current
+	}
+	if tracingChanged {
+		go shutdownTracer(exec.SetTracer(tr))
+	}
+	if o := cfg.AgentCore.Observability; o.MetricsAddress != old.Observability.MetricsAddress ||
+		!reflect.DeepEqual(o.PprofEnabled, old.Observability.PprofEnabled) || !reflect.DeepEqual(o.MetricsEnabled, old.Observability.MetricsEnabled) {
+		log.Warn().Msg("observability.metrics_address, metrics_enabled and pprof_enabled take effect on restart only")
+	}
+	if lvl, lerr := logging.ParseLevel(cfg.AgentCore.Observability.LogLevel); lerr == nil {
+		log.SetLevel(lvl)
+	}
+	exec.metrics.reloadSuccess.Inc()
+	exec.metrics.loaded(version)
+	log.Info().Str("config_version", version).Msg("config reloaded")
+	return data
 }

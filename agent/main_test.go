@@ -234,7 +234,7 @@ func TestMainReload(t *testing.T) {
 	if err := os.WriteFile(a.cfgPath, []byte("agent_core:\n  name: a1\n  socket_path: /elsewhere.sock\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	hup("socket_path cannot change on reload")
+	hup("agent_core.socket_path: cannot change on reload")
 	// A valid change takes effect.
 	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, a.metrics)+"  version: \"v2\"\n"), 0o600); err != nil {
 		t.Fatal(err)

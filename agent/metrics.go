@@ -18,19 +18,116 @@ type agentMetrics struct {
 	mu       sync.RWMutex
 	byPolicy map[string]*policyMetrics
 	failures sync.Map // "policy\x00reason" → *metrics.Counter
+
+	// Context sizes, by part of the context a chain runs on.
+	reqHeaders, reqBody, respHeaders, respBody, state *metrics.PrometheusHistogram
+
+	reloadSuccess, reloadFailure *metrics.Counter
+	infoMu                       sync.Mutex
+	infoVersion                  string
+	lastReloadSuccess            *metrics.Gauge
 }
 
 type policyMetrics struct {
 	ok, denied, errored *metrics.Counter
-	duration            *metrics.Histogram
+	duration            *metrics.PrometheusHistogram
+}
+
+// executionBuckets are the upper bounds of policy_agent_execution_duration_seconds: policies
+// run within the kernel's agent timeout (150 ms by default), most in well under a millisecond.
+var executionBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1}
+
+// sizeBuckets are the upper bounds of policy_agent_context_size_bytes, up to the default 1 MiB
+// body limit.
+var sizeBuckets = []float64{64, 256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20}
+
+// Families describes the agent's metrics for /metrics (HELP and TYPE) and the operations guide.
+var Families = []obs.Family{
+	{Name: "policy_agent_executions_total", Type: "counter", Help: "Policy executions by policy and status: ok, denied, error."},
+	{Name: "policy_agent_execution_duration_seconds", Type: "histogram", Help: "Time one policy took to execute, by policy."},
+	{Name: "policy_agent_policy_failures_total", Type: "counter", Help: "Policy failures by policy and reason: error, timeout, unknown_policy."},
+	{Name: "policy_agent_context_size_bytes", Type: "histogram", Help: "Size of the context a chain runs on, by type: request_headers, request_body, response_headers, response_body, state."},
+	{Name: "policy_agent_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
+	{Name: "policy_agent_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
+	{Name: "policy_agent_config_info", Type: "gauge", Help: "Always 1; the version label is the config in force (user version and content hash)."},
 }
 
 func newAgentMetrics() *agentMetrics {
-	return &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}}
+	m := &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}}
+	size := func(typ string) *metrics.PrometheusHistogram {
+		return m.set.NewPrometheusHistogramExt(`policy_agent_context_size_bytes{type="`+typ+`"}`, sizeBuckets)
+	}
+	m.reqHeaders = size("request_headers")
+	m.reqBody = size("request_body")
+	m.respHeaders = size("response_headers")
+	m.respBody = size("response_body")
+	m.state = size("state")
+	m.reloadSuccess = m.set.NewCounter(`policy_agent_config_reload_total{status="success"}`)
+	m.reloadFailure = m.set.NewCounter(`policy_agent_config_reload_total{status="failure"}`)
+	m.lastReloadSuccess = m.set.NewGauge(`policy_agent_config_last_reload_success_timestamp_seconds`, nil)
+	return m
+}
+
+// precreate makes the series of every compiled-in policy, so that they are exported (at 0)
+// before the policy first runs or fails, and rate() over them works from the start.
+func (m *agentMetrics) precreate(names []string) {
+	for _, name := range names {
+		m.forPolicy(name)
+		for _, reason := range []string{"error", "timeout"} {
+			key := name + "\x00" + reason
+			if _, ok := m.failures.Load(key); !ok {
+				m.failures.Store(key, m.set.GetOrCreateCounter(`policy_agent_policy_failures_total{policy=`+obs.Label(name)+`,reason=`+obs.Label(reason)+`}`))
+			}
+		}
+	}
 }
 
 // Set returns the metrics set, for the /metrics handler.
 func (m *agentMetrics) Set() *metrics.Set { return m.set }
+
+// loaded records a config that was loaded: its version and the time.
+func (m *agentMetrics) loaded(version string) {
+	m.lastReloadSuccess.Set(float64(time.Now().UnixNano()) / 1e9)
+	m.infoMu.Lock()
+	defer m.infoMu.Unlock()
+	if m.infoVersion == version {
+		return
+	}
+	if m.infoVersion != "" {
+		m.set.UnregisterMetric(`policy_agent_config_info{version=` + obs.Label(m.infoVersion) + `}`)
+	}
+	m.infoVersion = version
+	m.set.GetOrCreateGauge(`policy_agent_config_info{version=`+obs.Label(version)+`}`, func() float64 { return 1 })
+}
+
+// observeContext records the sizes of what a chain runs on.
+func (m *agentMetrics) observeContext(req *agentv1.PolicyRequest) {
+	if req.GetPhase() == agentv1.PolicyPhase_RESPONSE {
+		r := req.GetResponse()
+		m.respHeaders.Update(float64(mapSize(r.GetHeaders())))
+		if b := r.GetBody(); len(b) > 0 {
+			m.respBody.Update(float64(len(b)))
+		}
+	} else {
+		rc := req.GetContext()
+		m.reqHeaders.Update(float64(mapSize(rc.GetHeaders())))
+		if b := rc.GetBody(); len(b) > 0 {
+			m.reqBody.Update(float64(len(b)))
+		}
+	}
+	if st := req.GetState(); len(st) > 0 {
+		m.state.Update(float64(mapSize(st)))
+	}
+}
+
+// mapSize is the bytes of a map's keys and values.
+func mapSize(m map[string]string) int {
+	n := 0
+	for k, v := range m {
+		n += len(k) + len(v)
+	}
+	return n
+}
 
 func (m *agentMetrics) forPolicy(name string) *policyMetrics {
 	m.mu.RLock()
@@ -49,7 +146,7 @@ func (m *agentMetrics) forPolicy(name string) *policyMetrics {
 		ok:       m.set.GetOrCreateCounter(`policy_agent_executions_total{policy=` + q + `,status="ok"}`),
 		denied:   m.set.GetOrCreateCounter(`policy_agent_executions_total{policy=` + q + `,status="denied"}`),
 		errored:  m.set.GetOrCreateCounter(`policy_agent_executions_total{policy=` + q + `,status="error"}`),
-		duration: m.set.GetOrCreateHistogram(`policy_agent_execution_duration_seconds{policy=` + q + `}`),
+		duration: m.set.GetOrCreatePrometheusHistogramExt(`policy_agent_execution_duration_seconds{policy=`+q+`}`, executionBuckets),
 	}
 	m.byPolicy[name] = pm
 	return pm

@@ -93,7 +93,9 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		req.Response = &agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
 	}
 	agent := route.agent
+	span := st.traceCall(req, agent.cfg.Name)
 	resp, err := s.callAgent(ctx, agent, req, start, cfg.Server.MessageTimeoutMS)
+	endCallSpan(span, resp, err)
 	defer route.metrics.duration.UpdateDuration(start)
 	if err != nil {
 		return s.agentFailed(st, agent, err)
@@ -142,6 +144,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 // outcome counts the result of the phase being run: policy_kernel_requests_total counts HTTP
 // requests by the request phase's decision; response-phase decisions have their own counter.
 func (st *stream) outcome(status string) {
+	st.result = status
 	if st.phase == agentv1.PolicyPhase_RESPONSE {
 		st.route.metrics.responses[status].Inc()
 		return

@@ -1,11 +1,13 @@
 package kernel
 
 import (
-	"errors"
 	"fmt"
 	"os"
+	"sync"
 
+	"github.com/policy-engine/policy-engine/config"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/tracing"
 	"github.com/policy-engine/policy-engine/internal/yamlconf"
 )
 
@@ -38,6 +40,9 @@ type ServerConfig struct {
 	// DrainDelayMS is how long the kernel keeps accepting new streams after SIGTERM while
 	// reporting not ready, so that load balancers and Envoy's health checks notice first.
 	DrainDelayMS int `yaml:"drain_delay_ms"`
+	// ShutdownTimeoutMS is how long streams still open after the drain delay may take to
+	// finish before they are cut.
+	ShutdownTimeoutMS int `yaml:"shutdown_timeout_ms"`
 	// StatusOnError is the HTTP status of a request denied because the kernel could not
 	// decide (agent down, invalid route, invalid agent reply).
 	StatusOnError int `yaml:"status_on_error"`
@@ -96,12 +101,7 @@ type ObservabilityConfig struct {
 }
 
 // TracingConfig sets OpenTelemetry tracing.
-type TracingConfig struct {
-	Enabled      bool    `yaml:"enabled"`
-	SamplingRate float64 `yaml:"sampling_rate"`
-	// Endpoint is the OTLP/gRPC collector, host:port.
-	Endpoint string `yaml:"endpoint"`
-}
+type TracingConfig = tracing.Config
 
 // Defaults of the kernel config.
 const (
@@ -116,7 +116,13 @@ const (
 	DefaultConnections           = 2
 	DefaultStatusOnError         = 500
 	DefaultMetricsPort           = 9090
+	DefaultShutdownTimeoutMS     = 10000
 )
+
+// kernelSchema is the JSON schema every kernel config is checked against.
+var kernelSchema = sync.OnceValue(func() *yamlconf.Schema {
+	return yamlconf.MustCompileSchema("kernel-config.schema.json", config.KernelSchema)
+})
 
 // LoadConfig reads, decodes and validates a kernel config file.
 func LoadConfig(path string) (*Config, []byte, error) {
@@ -129,16 +135,23 @@ func LoadConfig(path string) (*Config, []byte, error) {
 }
 
 // ParseConfig decodes and validates a kernel config; file names the source in errors. Every
-// problem is reported at once.
+// problem is reported at once, each as file:line: key: message, checked by the rules below and
+// by the JSON schema config/schema/kernel-config.schema.json.
 func ParseConfig(file string, data []byte) (*Config, error) {
-	var cfg Config
-	if err := yamlconf.Decode(file, data, &cfg); err != nil {
+	doc, err := yamlconf.ParseDoc(file, data)
+	if err != nil {
 		return nil, err
 	}
+	probs := yamlconf.NewProblems(doc)
+	var cfg Config
+	if err := yamlconf.Decode(file, data, &cfg); err != nil {
+		probs.Add(err)
+		probs.Add(doc.Validate(kernelSchema())...)
+		return nil, probs.Err()
+	}
 	k := cfg.PolicyKernel
-	var errs []error
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: policy_kernel.%s: %s", file, key, fmt.Sprintf(format, args...)))
+		probs.Addf("policy_kernel."+key, format, args...)
 	}
 	s := &k.Server
 	if s.Address == "" {
@@ -167,6 +180,12 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	}
 	if s.DrainDelayMS < 0 {
 		bad("server.drain_delay_ms", "must not be negative, got %d", s.DrainDelayMS)
+	}
+	if s.ShutdownTimeoutMS == 0 {
+		s.ShutdownTimeoutMS = DefaultShutdownTimeoutMS
+	}
+	if s.ShutdownTimeoutMS < 0 {
+		bad("server.shutdown_timeout_ms", "must not be negative, got %d", s.ShutdownTimeoutMS)
 	}
 	if s.StatusOnError == 0 {
 		s.StatusOnError = DefaultStatusOnError
@@ -260,14 +279,15 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	if _, err := logging.ParseLevel(o.LogLevel); err != nil {
 		bad("observability.log_level", "%v", err)
 	}
-	if o.Tracing.SamplingRate < 0 || o.Tracing.SamplingRate > 1 {
-		bad("observability.tracing.sampling_rate", "must be from 0 to 1, got %g", o.Tracing.SamplingRate)
+	if r := o.Tracing.Rate(); r < 0 || r > 1 {
+		bad("observability.tracing.sampling_rate", "must be from 0 to 1, got %g", r)
 	}
 	if o.Tracing.Enabled && o.Tracing.Endpoint == "" {
 		bad("observability.tracing.endpoint", "required when tracing is enabled")
 	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
+	probs.Add(doc.Validate(kernelSchema())...)
+	if err := probs.Err(); err != nil {
+		return nil, err
 	}
 	return &cfg, nil
 }

@@ -14,7 +14,8 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"sort"
+	"reflect"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -32,6 +33,8 @@ import (
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
+	"github.com/policy-engine/policy-engine/internal/tracing"
+	"github.com/policy-engine/policy-engine/internal/yamlconf"
 )
 
 // DefaultConfigPath is where the container keeps the kernel's config.
@@ -77,11 +80,15 @@ type Kernel struct {
 	metrics *kernelMetrics
 	server  *Server
 	pool    *agentPool
+	// health is the gRPC health service on the ext_proc port; it follows readiness.
+	health *health.Server
 
 	mu      sync.Mutex // serialises snapshot builds (reloads and agent rediscovery)
 	current []byte     // bytes of the config in force
 	// stopping turns readiness off once SIGTERM arrives.
 	stopping atomic.Bool
+	// serving is the last status given to the gRPC health service; 0 before the first.
+	serving atomic.Int32
 }
 
 // Main runs the kernel until ctx is cancelled. cmd/policy-kernel turns SIGTERM and SIGINT into
@@ -91,6 +98,8 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// SIGHUP is registered before the first load, so that a reload asked for during start-up
+	// is not lost.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -109,10 +118,10 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		metrics: m,
 		server:  NewServer(log, m),
 		pool:    &agentPool{byName: map[string]*agentState{}, maxMsg: grpcMsgLimit(kc), metrics: m},
+		health:  health.NewServer(),
 	}
 	defer k.pool.closeAll()
 	m.registerStreams(k.server)
-	m.markReloaded()
 	agents, err := k.pool.agentsFor(kc)
 	if err != nil {
 		return err
@@ -121,9 +130,16 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	k.discover(ctx, agents, f.agentWait)
 	snap := buildSnapshot(kc, configVersion(kc.Version, data), agents, m)
 	if f.validate {
-		return validateReport(stderr, f.config, snap)
+		return validateReport(stderr, f.config, data, snap)
 	}
+	tr, err := newTracer(kc.Observability.Tracing, log)
+	if err != nil {
+		return fmt.Errorf("%s: %w", f.config, err)
+	}
+	k.server.SetTracer(tr)
+	defer func() { shutdownTracer(k.server.SetTracer(nil)) }()
 	k.install(snap, data)
+	m.markReloaded()
 
 	addr := net.JoinHostPort(kc.Server.Address, strconv.Itoa(kc.Server.Port))
 	if f.listen != "" {
@@ -140,19 +156,17 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	extprocv3.RegisterExternalProcessorServer(srv, k.server)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(srv, hs)
-	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	hs.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(srv, k.health)
+	k.syncHealth()
 
-	var httpSrv *obs.Server
 	if maddr := metricsAddr(f, kc); maddr != "" {
 		pprofOn := kc.Observability.PprofEnabled == nil || *kc.Observability.PprofEnabled
-		httpSrv, err = obs.Listen(maddr, obs.Handler(obs.Options{
+		httpSrv, err := obs.Listen(maddr, obs.Handler(obs.Options{
 			Sets:           func() []*metrics.Set { return []*metrics.Set{m.set} },
 			Ready:          k.readiness,
 			Pprof:          pprofOn,
 			ProcessMetrics: true,
+			Families:       Families,
 		}))
 		if err != nil {
 			ln.Close()
@@ -163,7 +177,8 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 
 	hctx, stopHealth := context.WithCancel(ctx)
 	defer stopHealth()
-	go k.healthLoop(hctx)
+	healthDone := make(chan struct{})
+	go func() { k.healthLoop(hctx); close(healthDone) }()
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
@@ -177,7 +192,9 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		case err := <-serveErr:
 			return fmt.Errorf("grpc server: %w", err)
 		case <-ctx.Done():
-			k.shutdown(srv, hs)
+			stopHealth()
+			<-healthDone
+			k.shutdown(srv)
 			return nil
 		}
 	}
@@ -197,10 +214,11 @@ func metricsAddr(f *flags, kc *KernelConfig) string {
 	return net.JoinHostPort(kc.Observability.MetricsAddress, strconv.Itoa(kc.Observability.MetricsPort))
 }
 
-// install makes snap current.
+// install makes snap current and drops the metric series its predecessor alone used.
 func (k *Kernel) install(snap *Snapshot, data []byte) {
 	k.server.Store(snap)
 	k.current = data
+	snap.retainMetrics(k.metrics)
 	k.metrics.setInfo(snap.Version)
 	for _, inv := range snap.invalid {
 		k.log.Error().Str("config_version", snap.Version).Str("error", inv).Msg("route marked invalid; its requests are denied")
@@ -237,48 +255,126 @@ func (k *Kernel) discover(ctx context.Context, agents map[string]*agentState, wa
 	wg.Wait()
 }
 
-// reload re-reads the config file and swaps in a new snapshot when the file changed and is
-// valid; otherwise the current snapshot stays and the failure is counted.
+// reloadTimeout bounds the GetAgentConfig query of each agent during a reload; an agent that
+// does not answer in time keeps what it advertised last.
+const reloadTimeout = time.Second
+
+// reload re-reads the config file, asks every agent for its policies again, and swaps in the
+// new snapshot when the file changed and the snapshot is valid: the file passes its schema and
+// checks, and every chain passes the agents' policies and metadata schemas. Otherwise the
+// current snapshot stays, the problems are logged with file, line and key, and the failure is
+// counted. Streams already open finish on the snapshot they started with.
 func (k *Kernel) reload() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	cfg, data, err := LoadConfig(k.flags.config)
+	file := k.flags.config
+	cfg, data, err := LoadConfig(file)
 	if err == nil && bytes.Equal(data, k.current) {
-		k.log.Info().Msg("config unchanged; reload skipped")
+		k.log.Info().Str("config_version", k.server.Snapshot().Version).Msg("config unchanged; reload skipped")
 		return
 	}
 	if err != nil {
-		k.metrics.reloadFailure.Inc()
-		k.log.Error().Str("error", err.Error()).Msg("config reload failed; keeping the previous config")
+		k.reloadFailed(err)
 		return
 	}
 	kc := cfg.PolicyKernel
 	old := k.server.Snapshot().Config
-	if kc.Server.Address != old.Server.Address || kc.Server.Port != old.Server.Port {
-		k.log.Warn().Msg("server.address and server.port take effect on restart only")
-	}
 	agents, err := k.pool.agentsFor(kc)
 	if err != nil {
-		k.metrics.reloadFailure.Inc()
-		k.log.Error().Str("error", err.Error()).Msg("config reload failed; keeping the previous config")
+		k.reloadFailed(fmt.Errorf("%s: %w", file, err))
 		return
 	}
-	fresh := map[string]*agentState{}
-	for n, a := range agents {
-		if a.info.Load() == nil {
-			fresh[n] = a
+	k.query(agents, reloadTimeout)
+	snap := buildSnapshot(kc, configVersion(kc.Version, data), agents, k.metrics)
+	if len(snap.problems) > 0 {
+		k.pool.discard(agents)
+		k.reloadFailed(problemsError(file, data, snap.problems))
+		return
+	}
+	var tr *tracing.Tracer
+	tracingChanged := !reflect.DeepEqual(kc.Observability.Tracing, old.Observability.Tracing)
+	if tracingChanged {
+		if tr, err = newTracer(kc.Observability.Tracing, k.log); err != nil {
+			k.pool.discard(agents)
+			k.reloadFailed(fmt.Errorf("%s: policy_kernel.observability.tracing: %w", file, err))
+			return
 		}
 	}
-	k.discover(context.Background(), fresh, 2*time.Second)
-	snap := buildSnapshot(kc, configVersion(kc.Version, data), agents, k.metrics)
-	k.pool.commit(agents, 2*time.Duration(kc.Server.MessageTimeoutMS)*time.Millisecond+time.Second)
+	grace := time.Duration(2*kc.Server.MessageTimeoutMS)*time.Millisecond + time.Second
+	k.pool.commit(agents, grace)
 	k.install(snap, data)
+	if tracingChanged {
+		prev := k.server.SetTracer(tr)
+		time.AfterFunc(grace, func() { shutdownTracer(prev) })
+	}
 	if lvl, err := logging.ParseLevel(kc.Observability.LogLevel); err == nil {
 		k.log.SetLevel(lvl)
 	}
+	if restart := restartOnly(old, kc); len(restart) > 0 {
+		k.log.Warn().Strs("keys", restart).Msg("these settings take effect on restart only")
+	}
 	k.metrics.reloadSuccess.Inc()
 	k.metrics.markReloaded()
-	k.log.Info().Str("config_version", snap.Version).Msg("config reloaded")
+	k.log.Info().Str("config_version", snap.Version).Int("routes", snap.routes.Len()).Msg("config reloaded")
+}
+
+func (k *Kernel) reloadFailed(err error) {
+	k.metrics.reloadFailure.Inc()
+	k.log.Error().Str("file", k.flags.config).Str("config_version", k.server.Snapshot().Version).
+		Errors("errors", err).Msg("config reload failed; keeping the previous config")
+}
+
+// restartOnly lists the settings that changed but only apply when the kernel starts.
+func restartOnly(old, cur *KernelConfig) []string {
+	var out []string
+	add := func(changed bool, key string) {
+		if changed {
+			out = append(out, "policy_kernel."+key)
+		}
+	}
+	add(old.Server.Address != cur.Server.Address, "server.address")
+	add(old.Server.Port != cur.Server.Port, "server.port")
+	add(old.Server.MaxConcurrentStreams != cur.Server.MaxConcurrentStreams, "server.max_concurrent_streams")
+	add(old.Server.MaxBodySizeBytes != cur.Server.MaxBodySizeBytes, "server.max_body_size_bytes")
+	o, c := old.Observability, cur.Observability
+	add(o.MetricsPort != c.MetricsPort, "observability.metrics_port")
+	add(o.MetricsAddress != c.MetricsAddress, "observability.metrics_address")
+	add(!reflect.DeepEqual(o.PprofEnabled, c.PprofEnabled), "observability.pprof_enabled")
+	return out
+}
+
+// query asks every agent for its config once, in parallel, within timeout; agents that do not
+// answer keep what they advertised before.
+func (k *Kernel) query(agents map[string]*agentState, timeout time.Duration) {
+	var wg sync.WaitGroup
+	for _, a := range agents {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			info, err := a.client.GetAgentConfig(ctx)
+			if err != nil {
+				k.log.Warn().Str("agent", a.cfg.Name).Err(err).Msg("agent did not answer GetAgentConfig; its chains are checked against what it advertised before")
+				return
+			}
+			a.info.Store(info)
+		}()
+	}
+	wg.Wait()
+}
+
+// problemsError turns snapshot problems into file:line: key: message errors.
+func problemsError(file string, data []byte, problems []problem) error {
+	doc, err := yamlconf.ParseDoc(file, data)
+	if err != nil {
+		return err
+	}
+	probs := yamlconf.NewProblems(doc)
+	for _, p := range problems {
+		probs.Add(doc.Errorf(p.key, "%s", p.msg))
+	}
+	return probs.Err()
 }
 
 // healthLoop checks every agent on its interval, and asks an agent for its config again when it
@@ -300,16 +396,23 @@ func (k *Kernel) healthLoop(ctx context.Context) {
 				next[name] = now.Add(time.Duration(a.cfg.HealthCheckIntervalMS) * time.Millisecond)
 				k.checkAgent(ctx, a)
 			}
+			k.syncHealth()
 		}
 	}
 }
 
+// healthCheckTimeout bounds an agent health check (specification §3.7).
+const healthCheckTimeout = 100 * time.Millisecond
+
 func (k *Kernel) checkAgent(ctx context.Context, a *agentState) {
-	cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	cctx, cancel := context.WithTimeout(ctx, healthCheckTimeout)
 	err := a.client.Check(cctx)
 	cancel()
 	was := a.healthy.Load()
 	if err != nil {
+		if ctx.Err() != nil {
+			return // shutting down; the agent is fine as far as we know
+		}
 		a.healthy.Store(false)
 		a.metrics.healthVal.Store(0)
 		if was {
@@ -334,6 +437,21 @@ func (k *Kernel) checkAgent(ctx context.Context, a *agentState) {
 	}
 }
 
+// syncHealth makes the gRPC health service on the ext_proc port say what readiness says, so
+// that Envoy's health checks of the cluster see the same as /health/ready.
+func (k *Kernel) syncHealth() {
+	ready, _ := k.readiness()
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if ready {
+		st = healthpb.HealthCheckResponse_SERVING
+	}
+	if k.serving.Swap(int32(st)) == int32(st) {
+		return
+	}
+	k.health.SetServingStatus("", st)
+	k.health.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, st)
+}
+
 // rebuild compiles the config in force again, against what the agents advertise now.
 func (k *Kernel) rebuild() {
 	k.mu.Lock()
@@ -345,51 +463,64 @@ func (k *Kernel) rebuild() {
 }
 
 // readiness is ready when the config is loaded, every agent is healthy, and the kernel is not
-// draining.
+// draining; its detail says which part is not, in not_ready.
 func (k *Kernel) readiness() (bool, any) {
 	snap := k.server.Snapshot()
 	type agentInfo struct {
-		Healthy bool   `json:"healthy"`
-		Version string `json:"version,omitempty"`
+		Healthy       bool   `json:"healthy"`
+		Version       string `json:"version,omitempty"`
+		ConfigVersion string `json:"config_version,omitempty"`
 	}
 	detail := struct {
 		Status        string               `json:"status"`
+		NotReady      []string             `json:"not_ready,omitempty"`
 		ConfigVersion string               `json:"config_version"`
 		Agents        map[string]agentInfo `json:"agents"`
 		InvalidRoutes []string             `json:"invalid_routes,omitempty"`
 		Draining      bool                 `json:"draining,omitempty"`
 	}{Status: "ready", Agents: map[string]agentInfo{}}
-	ready := snap != nil && !k.stopping.Load()
-	if snap != nil {
+	if snap == nil {
+		detail.NotReady = append(detail.NotReady, "no config loaded")
+	} else {
 		detail.ConfigVersion = snap.Version
 		detail.InvalidRoutes = snap.invalid
-		for name, a := range snap.agents {
+		for _, ac := range snap.Config.Agents {
+			a := snap.agents[ac.Name]
 			h := a.healthy.Load()
-			ready = ready && h
-			detail.Agents[name] = agentInfo{Healthy: h, Version: a.info.Load().GetAgentVersion()}
+			if !h {
+				detail.NotReady = append(detail.NotReady, fmt.Sprintf("agent %q is not reachable at %q", ac.Name, ac.SocketPath))
+			}
+			info := a.info.Load()
+			detail.Agents[ac.Name] = agentInfo{Healthy: h, Version: info.GetAgentVersion(), ConfigVersion: info.GetConfigVersion()}
 		}
 	}
-	detail.Draining = k.stopping.Load()
+	if k.stopping.Load() {
+		detail.Draining = true
+		detail.NotReady = append(detail.NotReady, "shutting down")
+	}
+	ready := len(detail.NotReady) == 0
 	if !ready {
 		detail.Status = "not ready"
 	}
 	return ready, detail
 }
 
-// shutdown reports not ready, keeps serving for the drain delay so that Envoy and load
-// balancers notice, then refuses new streams and lets open ones finish.
-func (k *Kernel) shutdown(srv *grpc.Server, hs *health.Server) {
-	snap := k.server.Snapshot()
-	k.log.Info().Int("drain_delay_ms", snap.Config.Server.DrainDelayMS).Msg("shutting down: draining")
-	hs.Shutdown() // gRPC health reports NOT_SERVING
+// shutdown reports not ready (on /health/ready and the gRPC health service), keeps serving for
+// the drain delay so that Envoy and load balancers notice, then refuses new streams and lets
+// open ones finish within the shutdown timeout.
+func (k *Kernel) shutdown(srv *grpc.Server) {
+	cfg := k.server.Snapshot().Config.Server
 	k.stopping.Store(true)
-	time.Sleep(time.Duration(snap.Config.Server.DrainDelayMS) * time.Millisecond)
+	k.health.Shutdown() // NOT_SERVING from now on
+	k.log.Info().Int("drain_delay_ms", cfg.DrainDelayMS).Int64("streams", k.server.streams.Load()).Msg("shutting down: draining")
+	time.Sleep(time.Duration(cfg.DrainDelayMS) * time.Millisecond)
 	k.server.draining.Store(true)
 	stopped := make(chan struct{})
 	go func() { srv.GracefulStop(); close(stopped) }()
 	select {
 	case <-stopped:
-	case <-time.After(10 * time.Second):
+	case <-time.After(time.Duration(cfg.ShutdownTimeoutMS) * time.Millisecond):
+		k.log.Warn().Int64("streams", k.server.streams.Load()).Msg("shutdown timeout: cutting the streams still open")
 		srv.Stop()
 	}
 	k.log.Info().Msg("stopped")
@@ -409,24 +540,21 @@ func policySetChanged(prev, cur *agentv1.GetAgentConfigResponse) bool {
 	return false
 }
 
-// validateReport prints every problem of a snapshot and fails when there is one.
-func validateReport(w io.Writer, file string, snap *Snapshot) error {
-	var unreached []string
-	for name, a := range snap.agents {
-		if a.info.Load() == nil {
-			unreached = append(unreached, name)
+// validateReport checks a snapshot built for --validate: every agent must have answered, so
+// that every chain was checked against its agent's policies and metadata schemas. It returns
+// every problem at once, as file:line: key: message.
+func validateReport(w io.Writer, file string, data []byte, snap *Snapshot) error {
+	problems := slices.Clone(snap.problems)
+	for i, ac := range snap.Config.Agents {
+		if snap.agents[ac.Name].info.Load() == nil {
+			problems = append(problems, problem{
+				key: fmt.Sprintf("policy_kernel.agents[%d].socket_path", i),
+				msg: fmt.Sprintf("agent %q did not answer at %q: its chains could not be checked against its policies", ac.Name, ac.SocketPath),
+			})
 		}
 	}
-	sort.Strings(unreached)
-	for _, name := range unreached {
-		fmt.Fprintf(w, "%s: agent %q not reachable: its chains were not checked against its policies\n", file, name)
-	}
-	if len(snap.invalid) > 0 {
-		var errs []error
-		for _, inv := range snap.invalid {
-			errs = append(errs, fmt.Errorf("%s: %s", file, inv))
-		}
-		return errors.Join(errs...)
+	if len(problems) > 0 {
+		return problemsError(file, data, problems)
 	}
 	fmt.Fprintf(w, "%s: valid (version %s)\n", file, snap.Version)
 	return nil

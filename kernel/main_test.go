@@ -222,7 +222,26 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
 	if r := e.do(t, "/api/v1/users"); r.GetImmediateResponse().GetStatus().GetCode() != 401 {
 		t.Fatal("an invalid reload changed behaviour")
 	}
-	// A valid reload: the route now allows everyone and names an unsupported policy elsewhere.
+	// A reload whose chains its agent cannot run is invalid too: the snapshot is checked
+	// against the agent's policies before it replaces the current one.
+	os.WriteFile(e.kernelCfg, []byte(fmt.Sprintf(`policy_kernel:
+  agents:
+    - name: default-agent
+      socket_path: %s
+  route_policies:
+    - route_name: /api/v1/users
+      request_policy_chain: [{policy: allowAll}]
+    - route_name: /broken
+      request_policy_chain: [{policy: noSuchPolicy}]
+`, e.sock)), 0o600)
+	hup("config reload failed; keeping the previous config")
+	if !strings.Contains(e.kernel.logs.String(), `kernel.yaml:9: policy_kernel.route_policies[1].request_policy_chain[0].policy: policy \"noSuchPolicy\" is not supported by agent \"default-agent\"`) {
+		t.Fatalf("rejected snapshot not reported with file, line and key:\n%s", e.kernel.logs.String())
+	}
+	if r := e.do(t, "/api/v1/users"); r.GetImmediateResponse().GetStatus().GetCode() != 401 {
+		t.Fatal("a rejected reload changed behaviour")
+	}
+	// A valid reload: the route now allows everyone.
 	os.WriteFile(e.kernelCfg, []byte(fmt.Sprintf(`policy_kernel:
   version: v2
   agents:
@@ -232,22 +251,17 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
   route_policies:
     - route_name: /api/v1/users
       request_policy_chain: [{policy: allowAll}]
-    - route_name: /broken
-      request_policy_chain: [{policy: noSuchPolicy}]
 `, e.sock)), 0o600)
 	hup("config reloaded")
 	if r := e.do(t, "/api/v1/users"); r.GetRequestHeaders() == nil {
 		t.Fatalf("after reload: %v", r)
 	}
-	if r := e.do(t, "/broken"); r.GetImmediateResponse().GetStatus().GetCode() != 500 {
-		t.Fatalf("invalid route: %v", r)
-	}
 	_, body := e.get(t, "/metrics")
-	if !strings.Contains(body, `policy_kernel_config_reload_total{status="success"} 1`) || !strings.Contains(body, `policy_kernel_config_reload_total{status="failure"} 1`) || !strings.Contains(body, `policy_kernel_config_info{version="v2-`) {
+	if !strings.Contains(body, `policy_kernel_config_reload_total{status="success"} 1`) || !strings.Contains(body, `policy_kernel_config_reload_total{status="failure"} 2`) || !strings.Contains(body, `policy_kernel_config_info{version="v2-`) {
 		t.Fatalf("reload metrics:\n%s", body)
 	}
 	_, ready := e.get(t, "/health/ready")
-	if !strings.Contains(ready, `"config_version":"v2-`) || !strings.Contains(ready, `noSuchPolicy`) {
+	if !strings.Contains(ready, `"config_version":"v2-`) {
 		t.Fatalf("ready %s", ready)
 	}
 
@@ -273,7 +287,7 @@ func TestMainValidateAndErrors(t *testing.T) {
 	os.WriteFile(cfg, []byte(fmt.Sprintf(mainKernelYAML, sock, "")), 0o600)
 	var out bytes.Buffer
 	err := Main(context.Background(), []string{"--config", cfg, "--validate", "--agent-wait", "0"}, &out)
-	if err != nil || !strings.Contains(out.String(), `agent "default-agent" not reachable`) || !strings.Contains(out.String(), "valid (version") {
+	if err == nil || !strings.Contains(err.Error(), `k.yaml:4: policy_kernel.agents[0].socket_path: agent "default-agent" did not answer`) || strings.Contains(out.String(), "valid (version") {
 		t.Fatalf("validate without agent: %v %s", err, out.String())
 	}
 	f := func(args []string, want string) {
@@ -310,7 +324,8 @@ func TestMainValidateAndErrors(t *testing.T) {
 	os.WriteFile(bad, []byte(fmt.Sprintf(mainKernelYAML, asock, "    - route_name: /x\n      response_policy_chain: [{policy: apiKeyAuth}]\n    - route_name: /y\n      request_policy_chain: [{policy: nope}]")), 0o600)
 	out.Reset()
 	err = Main(context.Background(), []string{"--config", bad, "--validate"}, &out)
-	if err == nil || !strings.Contains(err.Error(), `route "/x": policy "apiKeyAuth" does not run in the response phase`) || !strings.Contains(err.Error(), `route "/y": policy "nope" is not supported by agent "default-agent"`) {
+	if err == nil || !strings.Contains(err.Error(), `bad.yaml:13: policy_kernel.route_policies[1].response_policy_chain[0].policy: policy "apiKeyAuth" does not run in the response phase`) ||
+		!strings.Contains(err.Error(), `bad.yaml:15: policy_kernel.route_policies[2].request_policy_chain[0].policy: policy "nope" is not supported by agent "default-agent"`) {
 		t.Fatalf("validate with bad chains: %v", err)
 	}
 }

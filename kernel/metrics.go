@@ -41,8 +41,28 @@ type routeMetrics struct {
 	names     []string
 	requests  map[string]*metrics.Counter
 	responses map[string]*metrics.Counter
-	duration  *metrics.Histogram
+	duration  *metrics.PrometheusHistogram
 	rejected  *metrics.Counter
+}
+
+// durationBuckets are the upper bounds of policy_kernel_request_duration_seconds: fine below
+// Envoy's 200 ms message timeout, where the kernel's answers fall.
+var durationBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .2, .5, 1, 2.5, 5}
+
+// Families describes the kernel's metrics for /metrics (HELP and TYPE) and the operations guide.
+var Families = []obs.Family{
+	{Name: "policy_kernel_requests_total", Type: "counter", Help: "HTTP requests by route, agent and the request phase's outcome: allow, deny, error, fail_open, invalid_route."},
+	{Name: "policy_kernel_response_phase_total", Type: "counter", Help: "Response-phase chain runs by route, agent and outcome: allow, deny, error, fail_open."},
+	{Name: "policy_kernel_request_duration_seconds", Type: "histogram", Help: "Time the kernel took to answer an ext_proc message that ran a policy chain, agent call included, by route and agent."},
+	{Name: "policy_kernel_agent_health", Type: "gauge", Help: "1 when the agent answered its last health check, else 0."},
+	{Name: "policy_kernel_agent_timeouts_total", Type: "counter", Help: "Agent calls that ran out of time."},
+	{Name: "policy_kernel_agent_unavailable_total", Type: "counter", Help: "Agent calls that failed for another reason than time (agent down, connection refused)."},
+	{Name: "policy_kernel_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
+	{Name: "policy_kernel_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
+	{Name: "policy_kernel_config_info", Type: "gauge", Help: "Always 1; the version label is the config in force (user version and content hash)."},
+	{Name: "policy_kernel_protocol_errors_total", Type: "counter", Help: "ext_proc streams ended because Envoy's messages broke the protocol."},
+	{Name: "policy_kernel_mutations_rejected_total", Type: "counter", Help: "Header mutations dropped because Envoy's mutation rules would reject them, by route and agent."},
+	{Name: "policy_kernel_streams_active", Type: "gauge", Help: "ext_proc streams open now."},
 }
 
 type agentMetrics struct {
@@ -94,7 +114,7 @@ func (m *kernelMetrics) forRoute(route, agent string) *routeMetrics {
 		rm.names = append(rm.names, name)
 	}
 	dname := `policy_kernel_request_duration_seconds{` + labels + `}`
-	rm.duration = m.set.GetOrCreateHistogram(dname)
+	rm.duration = m.set.GetOrCreatePrometheusHistogramExt(dname, durationBuckets)
 	rname := `policy_kernel_mutations_rejected_total{` + labels + `}`
 	rm.rejected = m.set.GetOrCreateCounter(rname)
 	rm.names = append(rm.names, dname, rname)

@@ -16,8 +16,11 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"go.opentelemetry.io/otel/trace"
+
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/tracing"
 )
 
 // attributesKey is the map key under which Envoy sends the attributes of the ext_proc filter.
@@ -33,6 +36,8 @@ type Server struct {
 	streams atomic.Int64
 	// draining makes new streams fail fast once the drain delay has passed.
 	draining atomic.Bool
+	// tracer is nil while tracing is off.
+	tracer atomic.Pointer[tracing.Tracer]
 
 	errLog     *logging.Throttle
 	invalidLog *logging.Throttle
@@ -69,6 +74,12 @@ type stream struct {
 	respBody                    []byte
 	// phase is the phase whose chain runs, for counting its outcome.
 	phase agentv1.PolicyPhase
+	// result is the outcome of the last phase, for the stream's span.
+	result string
+	// span is the stream's span, nil unless the stream is traced.
+	span    trace.Span
+	spanCtx context.Context
+	tracer  *tracing.Tracer
 }
 
 const (
@@ -101,6 +112,7 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 	ctx := ps.Context()
 	st := getStream(snap)
 	defer putStream(st)
+	defer endStreamSpan(st)
 	for {
 		req, err := ps.Recv()
 		if err != nil {
@@ -188,11 +200,13 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 	st.requestID = rc.Headers["x-request-id"]
 	route := st.snap.route(attribute(req, "xds.route_name"), rc.Path)
 	st.route = route
+	s.traceStream(ctx, st)
 	if route == nil {
 		return requestHeadersReply(nil, skipResponseMode), nil
 	}
 	if route.invalid != "" {
 		route.metrics.requests[statusInvalidRoute].Inc()
+		st.result = statusInvalidRoute
 		if s.invalidLog.Allow() {
 			s.log.Error().Str("route", route.Name).Str("request_id", st.requestID).Str("error", route.invalid).Msg("request on an invalid route denied")
 		}

@@ -31,6 +31,17 @@ type Snapshot struct {
 	agents       map[string]*agentState
 	// invalid lists why routes were marked invalid, for logs and readiness.
 	invalid []string
+	// problems are the same problems with the config key each is about, for file:line
+	// reports (reload, --validate).
+	problems []problem
+	// metricKeys are the route series the snapshot uses; installing it drops the others.
+	metricKeys map[string]bool
+}
+
+// problem is something wrong with a config that only the agents' advertised policies reveal.
+type problem struct {
+	key string // dotted config key, e.g. policy_kernel.route_policies[0].request_policy_chain[1]
+	msg string
 }
 
 // Route is a route's compiled chains.
@@ -101,55 +112,76 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 	first := cfg.Agents[0].Name
 	routes := map[string]*Route{}
 	keepRoutes := map[string]bool{}
-	compile := func(name, agentName string, reqChain, respChain []ChainEntry) *Route {
+	compile := func(name, key, agentName string, reqChain, respChain []ChainEntry) *Route {
 		if agentName == "" {
 			agentName = first
 		}
 		r := &Route{Name: name, agent: agents[agentName]}
-		var problems []string
-		r.request, problems = compileChain(reqChain, agentv1.PolicyPhase_REQUEST, agentName, adv[agentName], problems)
-		r.response, problems = compileChain(respChain, agentv1.PolicyPhase_RESPONSE, agentName, adv[agentName], problems)
+		var problems []problem
+		r.request, problems = compileChain(reqChain, agentv1.PolicyPhase_REQUEST, agentName, adv[agentName], key+".request_policy_chain", problems)
+		r.response, problems = compileChain(respChain, agentv1.PolicyPhase_RESPONSE, agentName, adv[agentName], key+".response_policy_chain", problems)
 		if len(problems) > 0 {
-			r.invalid = strings.Join(problems, "; ")
+			msgs := make([]string, len(problems))
+			for i, p := range problems {
+				msgs[i] = p.msg
+			}
+			r.invalid = strings.Join(msgs, "; ")
 			s.invalid = append(s.invalid, fmt.Sprintf("route %q: %s", name, r.invalid))
+			s.problems = append(s.problems, problems...)
 		}
 		r.metrics = m.forRoute(name, agentName)
 		r.procMode = computeMode(r)
 		keepRoutes[name+"\x00"+agentName] = true
 		return r
 	}
-	for _, rp := range cfg.RoutePolicies {
-		routes[rp.RouteName] = compile(rp.RouteName, rp.Agent, rp.RequestPolicyChain, rp.ResponsePolicyChain)
+	for i, rp := range cfg.RoutePolicies {
+		routes[rp.RouteName] = compile(rp.RouteName, fmt.Sprintf("policy_kernel.route_policies[%d]", i), rp.Agent, rp.RequestPolicyChain, rp.ResponsePolicyChain)
 	}
 	if d := cfg.DefaultPolicy; d != nil {
-		s.defaultRoute = compile("default", d.Agent, d.RequestPolicyChain, d.ResponsePolicyChain)
+		s.defaultRoute = compile("default", "policy_kernel.default_policy", d.Agent, d.RequestPolicyChain, d.ResponsePolicyChain)
 	}
 	s.routes = routetable.New(routes)
 	sort.Strings(s.invalid)
-	keepAgents := map[string]bool{}
-	for name := range agents {
-		keepAgents[name] = true
-	}
-	m.retain(keepRoutes, keepAgents)
+	s.metricKeys = keepRoutes
 	return s
 }
 
+// retainMetrics drops the series of the routes and agents that the snapshot no longer has;
+// it is called when the snapshot is installed, so that a rejected snapshot changes nothing.
+func (s *Snapshot) retainMetrics(m *kernelMetrics) {
+	keepAgents := make(map[string]bool, len(s.agents))
+	for name := range s.agents {
+		keepAgents[name] = true
+	}
+	m.retain(s.metricKeys, keepAgents)
+}
+
 // compileChain turns a config chain into the policies sent to the agent, checking each against
-// what the agent advertises (when it has been reached).
-func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, problems []string) (chain, []string) {
+// what the agent advertises (when it has been reached): that it has the policy, that the
+// policy runs in the phase, and that the metadata satisfies the policy's metadata schema.
+// key is the chain's config key.
+func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, key string, problems []problem) (chain, []problem) {
 	var c chain
-	for _, e := range entries {
+	for i, e := range entries {
 		c.policies = append(c.policies, &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure})
 		if adv == nil {
 			continue // the agent was not reached yet; it is checked again when it is
 		}
+		ekey := fmt.Sprintf("%s[%d]", key, i)
 		info, ok := adv[e.Policy]
 		if !ok {
-			problems = append(problems, fmt.Sprintf("policy %q is not supported by agent %q", e.Policy, agentName))
+			problems = append(problems, problem{ekey + ".policy", fmt.Sprintf("policy %q is not supported by agent %q", e.Policy, agentName)})
 			continue
 		}
 		if !phaseSupported(info, phase) {
-			problems = append(problems, fmt.Sprintf("policy %q does not run in the %s phase", e.Policy, strings.ToLower(phase.String())))
+			problems = append(problems, problem{ekey + ".policy", fmt.Sprintf("policy %q does not run in the %s phase", e.Policy, strings.ToLower(phase.String()))})
+		}
+		for _, mp := range checkMetadata(info.GetMetadataSchema(), e.Metadata) {
+			k, where := ekey+".metadata", "metadata"
+			if mp.key != "" {
+				k, where = k+"."+mp.key, where+"."+mp.key
+			}
+			problems = append(problems, problem{k, fmt.Sprintf("policy %q: %s: %s", e.Policy, where, mp.msg)})
 		}
 		if phase == agentv1.PolicyPhase_REQUEST && info.GetRequiresRequestBody() {
 			c.body = true
@@ -218,6 +250,18 @@ func (p *agentPool) agentsFor(cfg *KernelConfig) (map[string]*agentState, error)
 		out[ac.Name] = &agentState{cfg: ac, client: client, metrics: p.metrics.forAgent(ac.Name)}
 	}
 	return out, nil
+}
+
+// discard closes the clients of agents that agentsFor opened but that were never committed,
+// because the snapshot that needed them was rejected.
+func (p *agentPool) discard(agents map[string]*agentState) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, st := range agents {
+		if !p.owns(st.client) {
+			st.client.Close()
+		}
+	}
 }
 
 func (p *agentPool) owns(c AgentClient) bool {

@@ -3,6 +3,8 @@ package logging
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -71,4 +73,117 @@ func TestNilLoggerDiscards(t *testing.T) {
 		t.Fatal("a nil logger must discard")
 	}
 	l.Error().Str("k", "v").Msg("nothing")
+}
+
+func decodeLine(t *testing.T, b *bytes.Buffer) map[string]any {
+	t.Helper()
+	line := strings.TrimSpace(b.String())
+	if strings.Count(line, "\n") != 0 {
+		t.Fatalf("want one line, got %q", line)
+	}
+	var m map[string]any
+	if err := json.Unmarshal([]byte(line), &m); err != nil {
+		t.Fatalf("log line %q is not JSON: %v", line, err)
+	}
+	b.Reset()
+	return m
+}
+
+func TestEventFields(t *testing.T) {
+	var buf bytes.Buffer
+	l := New(&buf, "kernel", zerolog.DebugLevel)
+	l.Warn().Str("request_id", "req-1").Str("route", "/api").Strs("dropped", []string{"host"}).
+		Int("n", 3).Int64("n64", 4).Uint64("u", 5).Float64("f", 1.5).Bool("ok", true).
+		Dur("took", 1500*time.Microsecond).Err(errors.New("boom")).Any("obj", map[string]int{"a": 1}).
+		Msg("policy failed")
+	m := decodeLine(t, &buf)
+	for k, want := range map[string]any{"level": "warn", "component": "kernel", "request_id": "req-1", "message": "policy failed"} {
+		if m[k] != want {
+			t.Errorf("%s = %v, want %v", k, m[k], want)
+		}
+	}
+	ts, ok := m["timestamp"].(string)
+	if !ok {
+		t.Fatalf("timestamp missing: %v", m)
+	}
+	if _, err := time.Parse(time.RFC3339Nano, ts); err != nil {
+		t.Errorf("timestamp %q is not ISO 8601: %v", ts, err)
+	}
+	md, ok := m["metadata"].(map[string]any)
+	if !ok {
+		t.Fatalf("metadata missing: %v", m)
+	}
+	want := map[string]any{
+		"route": "/api", "dropped": []any{"host"}, "n": 3.0, "n64": 4.0, "u": 5.0, "f": 1.5, "ok": true,
+		"took_ms": 1.5, "error": "boom", "obj": map[string]any{"a": 1.0},
+	}
+	if fmt.Sprint(md) != fmt.Sprint(want) {
+		t.Errorf("metadata = %v, want %v", md, want)
+	}
+	if _, top := m["route"]; top {
+		t.Error("a context field is at the top level")
+	}
+}
+
+func TestEventWithoutMetadata(t *testing.T) {
+	var buf bytes.Buffer
+	l := New(&buf, "agent", zerolog.InfoLevel)
+	l.Info().Str("request_id", "").Err(nil).Msgf("serving %d policies", 3)
+	m := decodeLine(t, &buf)
+	if _, ok := m["metadata"]; ok {
+		t.Errorf("metadata written without fields: %v", m)
+	}
+	if _, ok := m["request_id"]; ok {
+		t.Errorf("empty request_id written: %v", m)
+	}
+	if m["message"] != "serving 3 policies" {
+		t.Errorf("message = %v", m["message"])
+	}
+}
+
+func TestLevels(t *testing.T) {
+	var buf bytes.Buffer
+	l := New(&buf, "kernel", zerolog.WarnLevel)
+	if l.Info() != nil || l.Debug() != nil {
+		t.Fatal("events below the level are not nil")
+	}
+	// A nil event discards every call.
+	var e *Event
+	e.Str("a", "b").Str("request_id", "x").Strs("s", nil).Int("i", 1).Int64("i", 1).Uint64("u", 1).Float64("f", 1).
+		Bool("b", true).Dur("d", time.Second).Err(errors.New("x")).Errors("errors", errors.New("x")).Any("a", 1).Msg("dropped")
+	e.Msgf("%d", 1)
+	l.Info().Msg("dropped")
+	if buf.Len() != 0 {
+		t.Fatalf("disabled events wrote %q", buf.String())
+	}
+	l.SetLevel(zerolog.DebugLevel)
+	if l.Level() != zerolog.DebugLevel || !l.Enabled(zerolog.DebugLevel) {
+		t.Fatal("SetLevel did not take")
+	}
+	l.Debug().Msg("now written")
+	if m := decodeLine(t, &buf); m["level"] != "debug" {
+		t.Fatalf("level = %v", m["level"])
+	}
+	l.Error().Msg("error")
+	if m := decodeLine(t, &buf); m["level"] != "error" {
+		t.Fatalf("level = %v", m["level"])
+	}
+}
+
+func TestErrorsFlattened(t *testing.T) {
+	var buf bytes.Buffer
+	l := New(&buf, "kernel", zerolog.InfoLevel)
+	err := errors.Join(errors.New("f:1: a: bad"), errors.Join(errors.New("f:2: b: bad"), errors.New("f:3: c: bad")))
+	l.Error().Errors("errors", err).Errors("none", nil).Msg("config reload failed")
+	m := decodeLine(t, &buf)
+	got := m["metadata"].(map[string]any)["errors"]
+	if fmt.Sprint(got) != "[f:1: a: bad f:2: b: bad f:3: c: bad]" {
+		t.Fatalf("errors = %v", got)
+	}
+	if Flatten(nil) != nil {
+		t.Fatal("Flatten(nil) is not nil")
+	}
+	if one := errors.New("x"); len(Flatten(one)) != 1 || Flatten(one)[0] != one {
+		t.Fatal("Flatten of a plain error")
+	}
 }

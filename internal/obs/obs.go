@@ -3,12 +3,16 @@
 package obs
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -44,23 +48,23 @@ type Options struct {
 	Pprof bool
 	// ProcessMetrics adds the default set, Go runtime and process metrics.
 	ProcessMetrics bool
+	// Families describe the process's own metric families, for the HELP and TYPE lines.
+	Families []Family
+	// NoMetrics leaves /metrics out (the health probes and pprof stay).
+	NoMetrics bool
 }
 
 // Handler returns the HTTP handler for /metrics, /health/live, /health/ready and, when
 // enabled, /debug/pprof/.
 func Handler(o Options) http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		if o.Sets != nil {
-			for _, s := range o.Sets() {
-				s.WritePrometheus(w)
-			}
-		}
-		if o.ProcessMetrics {
-			metrics.WritePrometheus(w, true)
-		}
-	})
+	if !o.NoMetrics {
+		fams := familyIndex(o.Families)
+		mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+			WriteMetrics(w, fams, o.Sets, o.ProcessMetrics)
+		})
+	}
 	mux.HandleFunc("/health/live", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "live"})
 	})
@@ -119,4 +123,136 @@ func (s *Server) Close() error {
 		return s.srv.Close()
 	}
 	return nil
+}
+
+// Family is a metric family: its name, Prometheus type (counter, gauge, histogram) and help.
+type Family struct {
+	Name, Type, Help string
+}
+
+// familyIndex maps family names to their descriptions, the process's own over the built-in
+// descriptions of the Go runtime and process metrics.
+func familyIndex(own []Family) map[string]Family {
+	m := make(map[string]Family, len(own)+len(runtimeFamilies))
+	for _, f := range runtimeFamilies {
+		m[f.Name] = f
+	}
+	for _, f := range own {
+		m[f.Name] = f
+	}
+	return m
+}
+
+var scrapeBufPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
+// maxPooledScrape caps the buffers kept for the next scrape.
+const maxPooledScrape = 1 << 20
+
+// WriteMetrics writes the sets (and, when process is set, the Go runtime and process metrics)
+// in the Prometheus text format with a HELP line for every family and a TYPE line for the
+// families that fams describes, each family's samples together. VictoriaMetrics/metrics
+// writes samples only; Prometheus's linter (promtool check metrics) wants every family
+// described, and the runtime families it writes carry no type we could vouch for, so they are
+// left untyped.
+func WriteMetrics(w io.Writer, fams map[string]Family, sets func() []*metrics.Set, process bool) {
+	buf := scrapeBufPool.Get().(*bytes.Buffer)
+	defer func() {
+		if buf.Cap() <= maxPooledScrape {
+			buf.Reset()
+			scrapeBufPool.Put(buf)
+		}
+	}()
+	if sets != nil {
+		for _, s := range sets() {
+			s.WritePrometheus(buf)
+		}
+	}
+	if process {
+		metrics.WritePrometheus(buf, true)
+	}
+	type group struct {
+		fam   Family
+		lines []string
+	}
+	var order []*group
+	byName := map[string]*group{}
+	for _, line := range strings.Split(buf.String(), "\n") {
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		f := familyOf(line, fams)
+		g := byName[f.Name]
+		if g == nil {
+			g = &group{fam: f}
+			byName[f.Name] = g
+			order = append(order, g)
+		}
+		g.lines = append(g.lines, line)
+	}
+	var out bytes.Buffer
+	for _, g := range order {
+		out.WriteString("# HELP " + g.fam.Name + " " + escapeHelp(g.fam.Help) + "\n")
+		if g.fam.Type != "" {
+			out.WriteString("# TYPE " + g.fam.Name + " " + g.fam.Type + "\n")
+		}
+		for _, l := range g.lines {
+			out.WriteString(l)
+			out.WriteByte('\n')
+		}
+	}
+	_, _ = w.Write(out.Bytes())
+}
+
+// familyOf returns the family of a sample line: a described family by its exact name or, for
+// a histogram or summary, by the name without _bucket, _sum or _count; else an untyped family
+// of the sample's own name.
+func familyOf(line string, fams map[string]Family) Family {
+	name := line
+	if i := strings.IndexAny(line, "{ "); i >= 0 {
+		name = line[:i]
+	}
+	if f, ok := fams[name]; ok {
+		return f
+	}
+	for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+		base, ok := strings.CutSuffix(name, suffix)
+		if !ok {
+			continue
+		}
+		if f, ok := fams[base]; ok && (f.Type == "histogram" || f.Type == "summary") {
+			return f
+		}
+	}
+	help := "Process metric."
+	switch {
+	case strings.HasPrefix(name, "go_"):
+		help = "Go runtime metric."
+	case strings.HasPrefix(name, "process_"):
+		help = "Operating system process metric."
+	}
+	return Family{Name: name, Help: help}
+}
+
+func escapeHelp(s string) string {
+	return strings.NewReplacer("\\", "\\\\", "\n", "\\n").Replace(s)
+}
+
+// runtimeFamilies describe the Go runtime and process metrics that have a well-known meaning;
+// the rest get a generic help text.
+var runtimeFamilies = []Family{
+	{Name: "go_goroutines", Help: "Number of goroutines."},
+	{Name: "go_threads", Help: "Number of OS threads created."},
+	{Name: "go_gomaxprocs", Help: "Value of GOMAXPROCS."},
+	{Name: "go_memstats_alloc_bytes", Help: "Bytes of allocated heap objects."},
+	{Name: "go_memstats_heap_inuse_bytes", Help: "Bytes in in-use heap spans."},
+	{Name: "go_memstats_sys_bytes", Help: "Bytes of memory obtained from the OS."},
+	{Name: "go_memlimit_bytes", Help: "Go runtime memory limit (GOMEMLIMIT)."},
+	{Name: "go_gc_duration_seconds", Help: "Durations of garbage collection pauses."},
+	{Name: "process_cpu_seconds_total", Help: "Total user and system CPU time spent, in seconds."},
+	{Name: "process_resident_memory_bytes", Help: "Resident memory size in bytes."},
+	{Name: "process_virtual_memory_bytes", Help: "Virtual memory size in bytes."},
+	{Name: "process_start_time_seconds", Help: "Start time of the process since the Unix epoch, in seconds."},
+	{Name: "process_open_fds", Help: "Number of open file descriptors."},
+	{Name: "process_max_fds", Help: "Maximum number of open file descriptors."},
+	{Name: "process_num_threads", Help: "Number of OS threads in the process."},
 }

@@ -24,7 +24,7 @@ func Decode(file string, data []byte, dst any) error {
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return fmt.Errorf("%s: %w", file, err)
 	}
-	if doc.Kind == 0 || len(doc.Content) == 0 {
+	if doc.Kind == 0 || len(doc.Content) == 0 || isNull(doc.Content[0]) {
 		return fmt.Errorf("%s: empty config", file)
 	}
 	root := doc.Content[0]
@@ -148,6 +148,10 @@ func (c *checker) checkStruct(n *yaml.Node, t reflect.Type, path string) {
 			c.add(k, join(path, k.Value), "duplicate key")
 		}
 		seen[k.Value] = true
+		if f.Tag.Get("required") == "true" && isNull(v) {
+			c.add(v, join(path, k.Value), "must not be null")
+			continue
+		}
 		c.check(v, f.Type, join(path, k.Value))
 	}
 	for _, name := range names {
@@ -187,6 +191,14 @@ func (c *checker) checkScalar(n *yaml.Node, t reflect.Type, path string) {
 	if err != nil {
 		c.add(n, path, "want %s, got %q", kindName(t), n.Value)
 	}
+}
+
+// isNull reports whether n is an explicit or implicit null ("~", "null", or nothing).
+func isNull(n *yaml.Node) bool {
+	if n.Kind == yaml.AliasNode && n.Alias != nil {
+		n = n.Alias
+	}
+	return n.Kind == yaml.ScalarNode && n.Tag == "!!null"
 }
 
 func yamlName(f reflect.StructField) string {

@@ -1,0 +1,33 @@
+# policy-engine: the policy-kernel and the policy-agent in one image, run by supervisord
+# (specification §9.1). Build: docker build -t policy-engine --build-arg VERSION=$(git describe --always) .
+
+FROM golang:1.26-trixie AS build
+WORKDIR /src
+COPY go.mod go.sum ./
+RUN go mod download
+COPY . .
+ARG VERSION=dev
+RUN CGO_ENABLED=0 go build -trimpath \
+      -ldflags "-s -w -X github.com/policy-engine/policy-engine/kernel.Version=${VERSION} -X github.com/policy-engine/policy-engine/agent.Version=${VERSION}" \
+      -o /out/ ./cmd/policy-kernel ./cmd/policy-agent
+
+FROM debian:trixie-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends supervisor ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 1000 policy-engine \
+ && useradd --system --uid 1000 --gid policy-engine --no-create-home --shell /usr/sbin/nologin policy-engine \
+ && mkdir -p /var/run/policy-engine/agents /var/log/policy-engine /etc/policy-engine \
+ && chown -R policy-engine:policy-engine /var/run/policy-engine /var/log/policy-engine
+# The configs stay owned by root: the processes read them (and re-read them on SIGHUP) but
+# cannot change them. Mount your own over /etc/policy-engine/.
+COPY config/kernel-config.yaml config/agent-config.yaml /etc/policy-engine/
+COPY config/schema/ /etc/policy-engine/schema/
+COPY deploy/supervisord.conf /etc/supervisord.conf
+COPY --from=build /out/policy-kernel /out/policy-agent /usr/local/bin/
+USER policy-engine
+# 9001: ext_proc (gRPC, with the gRPC health service); 9090: the kernel's /metrics,
+# /health/live, /health/ready and /debug/pprof/.
+EXPOSE 9001 9090
+STOPSIGNAL SIGTERM
+CMD ["/usr/bin/supervisord", "-c", "/etc/supervisord.conf"]

@@ -1,0 +1,205 @@
+package ops
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"go.yaml.in/yaml/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/policy-engine/policy-engine/kernel"
+)
+
+// loadBootstrap decodes an Envoy YAML bootstrap strictly: unknown fields and unresolvable
+// typed configs are errors, as they are for Envoy.
+func loadBootstrap(path string) (*bootstrapv3.Bootstrap, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var doc any
+	if err := yaml.Unmarshal(b, &doc); err != nil {
+		return nil, fmt.Errorf("parse %s: %w", path, err)
+	}
+	j, err := json.Marshal(doc)
+	if err != nil {
+		return nil, err
+	}
+	var bs bootstrapv3.Bootstrap
+	if err := (protojson.UnmarshalOptions{}).Unmarshal(j, &bs); err != nil {
+		return nil, fmt.Errorf("decode %s as an Envoy bootstrap: %w", path, err)
+	}
+	return &bs, nil
+}
+
+// validateDeep runs each message's protoc-gen-validate rules (Envoy's own config checks), also
+// inside every typed config (Any), which the generated validators do not enter.
+func validateDeep(m proto.Message, path string) error {
+	var errs []error
+	if v, ok := m.(interface{ ValidateAll() error }); ok {
+		if err := v.ValidateAll(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", path, err))
+		}
+	}
+	if a, ok := m.(*anypb.Any); ok {
+		inner, err := a.UnmarshalNew()
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		return validateDeep(inner, path+"("+a.GetTypeUrl()+")")
+	}
+	m.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd.Kind() != protoreflect.MessageKind && fd.Kind() != protoreflect.GroupKind {
+			return true
+		}
+		p := path + "." + string(fd.Name())
+		switch {
+		case fd.IsList():
+			for i := 0; i < v.List().Len(); i++ {
+				errs = append(errs, validateDeep(v.List().Get(i).Message().Interface(), fmt.Sprintf("%s[%d]", p, i)))
+			}
+		case fd.IsMap():
+			if fd.MapValue().Kind() == protoreflect.MessageKind {
+				v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
+					errs = append(errs, validateDeep(mv.Message().Interface(), p+"["+k.String()+"]"))
+					return true
+				})
+			}
+		default:
+			errs = append(errs, validateDeep(v.Message().Interface(), p))
+		}
+		return true
+	})
+	return errors.Join(errs...)
+}
+
+// TestEnvoyBootstrap decodes deploy/envoy/envoy.yaml into go-control-plane's Bootstrap with
+// every typed config resolved and validated, and checks that it is the setup the kernel
+// expects: route names of config/kernel-config.yaml, the ext_proc filter with the route
+// attribute, mode override, message timeout and fail-closed, and an HTTP/2 cluster to the
+// kernel on 127.0.0.1:9001 health-checked over gRPC.
+func TestEnvoyBootstrap(t *testing.T) {
+	bs, err := loadBootstrap(repoRoot + "deploy/envoy/envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := validateDeep(bs, "bootstrap"); err != nil {
+		t.Fatal(err)
+	}
+
+	ls := bs.GetStaticResources().GetListeners()
+	if len(ls) != 1 || len(ls[0].GetFilterChains()) != 1 {
+		t.Fatalf("want one listener with one filter chain, got %d", len(ls))
+	}
+	var hcm hcmv3.HttpConnectionManager
+	if err := ls[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm); err != nil {
+		t.Fatal(err)
+	}
+	var envoyRoutes []string
+	for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+		for _, r := range vh.GetRoutes() {
+			envoyRoutes = append(envoyRoutes, r.GetName())
+		}
+	}
+	cfg, _, err := kernel.LoadConfig(repoRoot + "config/kernel-config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rp := range cfg.PolicyKernel.RoutePolicies {
+		if !slices.Contains(envoyRoutes, rp.RouteName) {
+			t.Errorf("kernel route %q has no Envoy route of that name (Envoy routes: %q)", rp.RouteName, envoyRoutes)
+		}
+	}
+
+	filters := hcm.GetHttpFilters()
+	if len(filters) != 2 || filters[0].GetName() != "envoy.filters.http.ext_proc" || filters[1].GetName() != "envoy.filters.http.router" {
+		t.Fatalf("http filters: %v", filters)
+	}
+	var ep extprocv3.ExternalProcessor
+	if err := filters[0].GetTypedConfig().UnmarshalTo(&ep); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(ep.GetRequestAttributes(), "xds.route_name") {
+		t.Errorf("request_attributes %q lack xds.route_name", ep.GetRequestAttributes())
+	}
+	if !ep.GetAllowModeOverride() {
+		t.Error("allow_mode_override is off: the kernel cannot ask for bodies or skip the response phase")
+	}
+	if ep.GetFailureModeAllow() {
+		t.Error("failure_mode_allow is on: a broken policy engine would let every request through")
+	}
+	if d := ep.GetMessageTimeout().AsDuration(); d != time.Duration(cfg.PolicyKernel.Server.MessageTimeoutMS)*time.Millisecond {
+		t.Errorf("message_timeout %v, but the kernel config's message_timeout_ms is %d", d, cfg.PolicyKernel.Server.MessageTimeoutMS)
+	}
+	cluster := ep.GetGrpcService().GetEnvoyGrpc().GetClusterName()
+
+	var kc *clusterv3.Cluster
+	for _, c := range bs.GetStaticResources().GetClusters() {
+		if c.GetName() == cluster {
+			kc = c
+		}
+	}
+	if kc == nil {
+		t.Fatalf("no cluster %q for the ext_proc filter", cluster)
+	}
+	var po upstreamhttpv3.HttpProtocolOptions
+	if err := kc.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].UnmarshalTo(&po); err != nil {
+		t.Fatal(err)
+	}
+	if po.GetExplicitHttpConfig().GetHttp2ProtocolOptions() == nil {
+		t.Error("the kernel's cluster does not speak HTTP/2")
+	}
+	sa := kc.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+	if sa.GetAddress() != "127.0.0.1" || sa.GetPortValue() != uint32(cfg.PolicyKernel.Server.Port) {
+		t.Errorf("kernel endpoint %s:%d, want 127.0.0.1:%d", sa.GetAddress(), sa.GetPortValue(), cfg.PolicyKernel.Server.Port)
+	}
+	hc := kc.GetHealthChecks()
+	if len(hc) != 1 || hc[0].GetGrpcHealthCheck() == nil || hc[0].GetTimeout().AsDuration() != 100*time.Millisecond {
+		t.Errorf("the kernel's cluster is not health-checked over gRPC with a 100 ms timeout: %v", hc)
+	}
+}
+
+// TestEnvoyBootstrapCatchesMistakes shows that the decoding above fails on the mistakes it is
+// there to catch.
+func TestEnvoyBootstrapCatchesMistakes(t *testing.T) {
+	good, err := os.ReadFile(repoRoot + "deploy/envoy/envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := func(name, from, to, wantErr string) {
+		t.Helper()
+		if !strings.Contains(string(good), from) {
+			t.Fatalf("%s: envoy.yaml no longer contains %q", name, from)
+		}
+		p := t.TempDir() + "/envoy.yaml"
+		if err := os.WriteFile(p, []byte(strings.Replace(string(good), from, to, 1)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		bs, err := loadBootstrap(p)
+		if err == nil {
+			err = validateDeep(bs, "bootstrap")
+		}
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Errorf("%s: error %v, want one containing %q", name, err, wantErr)
+		}
+	}
+	f("misspelt field", "allow_mode_override: true", "allow_mode_overide: true", "allow_mode_overide")
+	f("misspelt type", "ext_proc.v3.ExternalProcessor", "ext_proc.v3.ExternalProcesor", "ExternalProcesor")
+	f("wrong type of value", "message_timeout: 0.2s", "message_timeout: soon", `invalid google.protobuf.Duration value "soon"`)
+	f("invalid value", "port_value: 9001", "port_value: 99999", "PortValue")
+}

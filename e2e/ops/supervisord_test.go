@@ -1,0 +1,184 @@
+package ops
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/policy-engine/policy-engine/internal/envoytest"
+	"github.com/policy-engine/policy-engine/internal/testenv"
+)
+
+// container lays out the repository's deployment under dir the way the Dockerfile lays it out
+// under /: the supervisord config, the example configs and the binaries, with the container's
+// paths replaced by paths under dir, the ports by free loopback ports and the health check
+// made faster. It returns the supervisord config's path.
+type container struct {
+	dir, conf, kernelAddr, metricsAddr string
+}
+
+func newContainer(t *testing.T) *container {
+	t.Helper()
+	kbin, abin := testenv.Binaries(t)
+	// Unix socket paths must stay short: use a short temporary directory.
+	dir, err := os.MkdirTemp("", "pe-sv-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	c := &container{dir: dir, conf: filepath.Join(dir, "etc", "supervisord.conf"), kernelAddr: testenv.FreeAddr(t), metricsAddr: testenv.FreeAddr(t)}
+	for _, d := range []string{"bin", "etc", "run/agents", "log"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for src, dst := range map[string]string{kbin: "bin/policy-kernel", abin: "bin/policy-agent"} {
+		if err := os.Symlink(src, filepath.Join(dir, dst)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	paths := strings.NewReplacer(
+		"/usr/local/bin", filepath.Join(dir, "bin"),
+		"/etc/policy-engine", filepath.Join(dir, "etc"),
+		"/var/run/policy-engine", filepath.Join(dir, "run"),
+		"/var/log/policy-engine", filepath.Join(dir, "log"),
+	)
+	_, kport, _ := strings.Cut(c.kernelAddr, ":")
+	_, mport, _ := strings.Cut(c.metricsAddr, ":")
+	write := func(src, dst string, more ...string) {
+		t.Helper()
+		b, err := os.ReadFile(repoRoot + src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := paths.Replace(string(b))
+		for i := 0; i+1 < len(more); i += 2 {
+			if !strings.Contains(s, more[i]) {
+				t.Fatalf("%s no longer contains %q", src, more[i])
+			}
+			s = strings.ReplaceAll(s, more[i], more[i+1])
+		}
+		if err := os.WriteFile(filepath.Join(dir, dst), []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The test does not run as the container's user; supervisord ignores user= unless it runs
+	// as root, and then it would need that user to exist.
+	write("deploy/supervisord.conf", "etc/supervisord.conf", "user=policy-engine\n", "")
+	write("config/agent-config.yaml", "etc/agent-config.yaml", "127.0.0.1:9091", testenv.FreeAddr(t))
+	write("config/kernel-config.yaml", "etc/kernel-config.yaml",
+		`address: "0.0.0.0"`, `address: "127.0.0.1"`,
+		"port: 9001", "port: "+kport,
+		"metrics_port: 9090", "metrics_port: "+mport+"\n    metrics_address: 127.0.0.1",
+		"health_check_interval_ms: 5000", "health_check_interval_ms: 200",
+		"timeout_ms: 150", "timeout_ms: 1500",
+		"message_timeout_ms: 200", "message_timeout_ms: 2000",
+	)
+	return c
+}
+
+// ctl runs supervisorctl against the container's supervisord.
+func (c *container) ctl(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("supervisorctl", append([]string{"-c", c.conf}, args...)...).CombinedOutput()
+	if err != nil && !strings.Contains(args[0], "status") {
+		t.Fatalf("supervisorctl %v: %v\n%s", args, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+func (c *container) pid(t *testing.T, program string) int {
+	t.Helper()
+	n, err := strconv.Atoi(c.ctl(t, "pid", program))
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// TestSupervisordRestartsKilledAgent starts Debian's supervisord with the repository's
+// supervisord.conf, kills the agent with SIGKILL, and shows supervisord starting a new one and
+// the kernel serving again with it.
+func TestSupervisordRestartsKilledAgent(t *testing.T) {
+	if _, err := exec.LookPath("supervisord"); err != nil {
+		t.Fatal("supervisord is not installed (Debian package supervisor; .ci/run installs it)")
+	}
+	c := newContainer(t)
+	sv := testenv.Start(t, "supervisord", nil, "-c", c.conf)
+	readyURL := "http://" + c.metricsAddr + "/health/ready"
+	testenv.WaitFor(t, 30*time.Second, "the kernel ready under supervisord", func() bool {
+		if sv.Exited() {
+			t.Fatalf("supervisord exited:\n%s", sv.Logs.String())
+		}
+		code, _ := get(t, readyURL)
+		return code == 200
+	})
+	testenv.WaitFor(t, 10*time.Second, "both programs RUNNING", func() bool {
+		status := c.ctl(t, "status")
+		return strings.Contains(status, "policy-agent") && strings.Contains(status, "policy-kernel") && strings.Count(status, "RUNNING") == 2
+	})
+	client, err := envoytest.Dial(c.kernelAddr, envoyConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	req := func() *envoytest.Result {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		r, err := client.Do(ctx, &envoytest.Request{Path: "/api/v1/users", Attributes: map[string]string{"xds.route_name": "/api/v1/users"}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	// The example config: /api/v1/users needs the demo key.
+	if r := req(); r.Status != 401 {
+		t.Fatalf("before the kill: %d %s", r.Status, r.Body)
+	}
+
+	old := c.pid(t, "policy-agent")
+	if old <= 0 {
+		t.Fatal("no agent pid")
+	}
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	testenv.WaitFor(t, 30*time.Second, "a new agent", func() bool {
+		p := c.pid(t, "policy-agent")
+		return p > 0 && p != old
+	})
+	testenv.WaitFor(t, 30*time.Second, "the kernel serving again", func() bool {
+		code, _ := get(t, readyURL)
+		return code == 200 && req().Status == 401
+	})
+	log, err := os.ReadFile(filepath.Join(c.dir, "log", "supervisord.log"))
+	if err != nil || !strings.Contains(string(log), "exited: policy-agent (terminated by SIGKILL") {
+		t.Fatalf("supervisord.log: %v\n%s", err, log)
+	}
+	for _, f := range []string{"agent.log", "kernel.log"} {
+		b, err := os.ReadFile(filepath.Join(c.dir, "log", f))
+		if err != nil || !strings.Contains(string(b), `"component"`) {
+			t.Fatalf("%s: %v\n%s", f, err, b)
+		}
+	}
+
+	// SIGTERM to supervisord stops both processes and supervisord itself.
+	pids := []int{c.pid(t, "policy-kernel"), c.pid(t, "policy-agent")}
+	if err := sv.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := sv.Wait(40 * time.Second); !ok {
+		t.Fatal("supervisord did not stop")
+	}
+	for _, p := range pids {
+		if p > 0 && syscall.Kill(p, 0) == nil {
+			t.Errorf("process %d still runs after supervisord stopped", p)
+		}
+	}
+}

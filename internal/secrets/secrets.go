@@ -1,0 +1,141 @@
+// Package secrets resolves references to secrets in config values, so that a config file never
+// holds a secret itself: a string value that is exactly ${env:NAME} becomes the value of the
+// environment variable NAME, and ${file:/path} the contents of the file at /path, without its
+// trailing newline (Kubernetes and Docker secrets are files). Any other string is kept as it is;
+// $${ at the start escapes a literal ${.
+//
+// Errors name the reference (the variable or the file), never a secret.
+package secrets
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"slices"
+	"strings"
+)
+
+// ErrNotSet is returned for a reference to an environment variable that is not set.
+var ErrNotSet = errors.New("environment variable not set")
+
+// Lookup reads the environment and the file system; tests replace it.
+type Lookup struct {
+	Env  func(string) (string, bool)
+	File func(string) ([]byte, error)
+}
+
+// OS reads the real environment and file system.
+var OS = Lookup{Env: os.LookupEnv, File: os.ReadFile}
+
+// IsRef reports whether s is a secret reference.
+func IsRef(s string) bool {
+	_, _, ok := parseRef(s)
+	return ok
+}
+
+// parseRef splits ${kind:arg}.
+func parseRef(s string) (kind, arg string, ok bool) {
+	body, ok := strings.CutPrefix(s, "${")
+	if !ok {
+		return "", "", false
+	}
+	body, ok = strings.CutSuffix(body, "}")
+	if !ok {
+		return "", "", false
+	}
+	kind, arg, ok = strings.Cut(body, ":")
+	if !ok || arg == "" || (kind != "env" && kind != "file") {
+		return "", "", false
+	}
+	return kind, arg, true
+}
+
+// Resolve returns the value a config string stands for.
+func (l Lookup) Resolve(s string) (string, error) {
+	if rest, ok := strings.CutPrefix(s, "$${"); ok {
+		return "${" + rest, nil
+	}
+	kind, arg, ok := parseRef(s)
+	if !ok {
+		return s, nil
+	}
+	switch kind {
+	case "env":
+		v, set := l.Env(arg)
+		if !set {
+			return "", fmt.Errorf("secret ${env:%s}: %w", arg, ErrNotSet)
+		}
+		return v, nil
+	default:
+		b, err := l.File(arg)
+		if err != nil {
+			return "", fmt.Errorf("secret ${file:%s}: %w", arg, err)
+		}
+		return strings.TrimRight(string(b), "\r\n"), nil
+	}
+}
+
+// Resolve resolves s with the real environment and file system.
+func Resolve(s string) (string, error) { return OS.Resolve(s) }
+
+// ResolveMap returns a copy of m with every value resolved; every problem is reported.
+func (l Lookup) ResolveMap(m map[string]string) (map[string]string, error) {
+	if m == nil {
+		return nil, nil
+	}
+	out := make(map[string]string, len(m))
+	var errs []error
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		r, err := l.Resolve(m[k])
+		if err != nil {
+			errs = append(errs, fmt.Errorf("key %q: %w", k, err))
+			continue
+		}
+		out[k] = r
+	}
+	return out, errors.Join(errs...)
+}
+
+// ResolveJSON resolves every string of a JSON document, at any depth, and returns the new
+// document; a document without references comes back unchanged.
+func (l Lookup) ResolveJSON(doc []byte) ([]byte, error) {
+	if len(doc) == 0 || !bytes.Contains(doc, []byte("${")) {
+		return doc, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(doc))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, fmt.Errorf("parse JSON: %w", err)
+	}
+	var errs []error
+	v = l.walk(v, "", &errs)
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return json.Marshal(v)
+}
+
+func (l Lookup) walk(v any, path string, errs *[]error) any {
+	switch x := v.(type) {
+	case string:
+		r, err := l.Resolve(x)
+		if err != nil {
+			*errs = append(*errs, fmt.Errorf("%s: %w", strings.TrimPrefix(path, "."), err))
+			return x
+		}
+		return r
+	case map[string]any:
+		for _, k := range slices.Sorted(maps.Keys(x)) {
+			x[k] = l.walk(x[k], path+"."+k, errs)
+		}
+	case []any:
+		for i, e := range x {
+			x[i] = l.walk(e, fmt.Sprintf("%s[%d]", path, i), errs)
+		}
+	}
+	return v
+}

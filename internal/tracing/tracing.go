@@ -1,0 +1,192 @@
+// Package tracing is the OpenTelemetry tracing of both processes (specification §7.3): spans
+// exported over OTLP/gRPC, W3C trace context in and out.
+//
+// The kernel starts a span per ext_proc stream, a child of the traceparent Envoy forwards in
+// the request headers when there is one, and a span per agent call whose context travels to the
+// agent in PolicyRequest.trace_context; the agent starts a span per policy under it.
+//
+// Tracing costs nothing when it is off: the processes hold a nil *Tracer and test for it. When
+// it is on, whether a stream is traced is decided once, when its span starts; an unsampled
+// stream does no further span work and sends no trace context to the agent, so the agent, which
+// only records spans under a sampled parent, does none either.
+package tracing
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/policy-engine/policy-engine/internal/secrets"
+)
+
+// Config is the tracing section of both config files.
+type Config struct {
+	Enabled bool `yaml:"enabled"`
+	// SamplingRate is the share of streams traced, from 0 to 1; nil means 1. The agent
+	// follows the kernel's decision and has no rate of its own.
+	SamplingRate *float64 `yaml:"sampling_rate"`
+	// Endpoint is the OTLP/gRPC collector, host:port.
+	Endpoint string `yaml:"endpoint"`
+	// Insecure sends spans in plain text; nil means true (a collector next to the process).
+	Insecure *bool `yaml:"insecure"`
+	// Headers are gRPC metadata sent with every export; values may be secret references.
+	Headers map[string]string `yaml:"headers"`
+	// ServiceName is the service.name resource attribute.
+	ServiceName string `yaml:"service_name"`
+}
+
+// Rate returns the sampling rate in force.
+func (c Config) Rate() float64 {
+	if c.SamplingRate == nil {
+		return 1
+	}
+	return *c.SamplingRate
+}
+
+// Tracer creates the spans of one process.
+type Tracer struct {
+	cfg      Config
+	provider *sdktrace.TracerProvider
+	tracer   trace.Tracer
+}
+
+// Role says how a process samples.
+type Role int
+
+const (
+	// Root processes (the kernel) decide: a trace is sampled at the configured rate, and a
+	// remote parent that was not sampled is never traced.
+	Root Role = iota
+	// Follower processes (the agent) record spans only under a sampled remote parent.
+	Follower
+)
+
+// propagator reads and writes W3C traceparent and tracestate.
+var propagator = propagation.TraceContext{}
+
+// New returns a tracer that exports to cfg.Endpoint, or nil when tracing is off. Secret
+// references in the headers are resolved here. onError receives export failures (which the
+// OpenTelemetry SDK would otherwise print as plain text).
+func New(cfg Config, role Role, service, version string, onError func(error)) (*Tracer, error) {
+	if !cfg.Enabled {
+		return nil, nil
+	}
+	if cfg.Endpoint == "" {
+		return nil, errors.New("tracing: endpoint is required when tracing is enabled")
+	}
+	headers, err := secrets.OS.ResolveMap(cfg.Headers)
+	if err != nil {
+		return nil, fmt.Errorf("tracing headers: %w", err)
+	}
+	opts := []otlptracegrpc.Option{otlptracegrpc.WithEndpoint(cfg.Endpoint), otlptracegrpc.WithTimeout(5 * time.Second)}
+	if cfg.Insecure == nil || *cfg.Insecure {
+		opts = append(opts, otlptracegrpc.WithInsecure())
+	} else {
+		opts = append(opts, otlptracegrpc.WithTLSCredentials(credentials.NewClientTLSFromCert(nil, "")))
+	}
+	if len(headers) > 0 {
+		opts = append(opts, otlptracegrpc.WithHeaders(headers))
+	}
+	// The client connects lazily: a collector that is down delays nothing but its spans.
+	exp, err := otlptracegrpc.New(context.Background(), opts...)
+	if err != nil {
+		return nil, fmt.Errorf("tracing: OTLP exporter for %q: %w", cfg.Endpoint, err)
+	}
+	if cfg.ServiceName != "" {
+		service = cfg.ServiceName
+	}
+	var sampler sdktrace.Sampler
+	switch role {
+	case Follower:
+		sampler = sdktrace.ParentBased(sdktrace.NeverSample(),
+			sdktrace.WithRemoteParentNotSampled(sdktrace.NeverSample()))
+	default:
+		ratio := sdktrace.TraceIDRatioBased(cfg.Rate())
+		sampler = sdktrace.ParentBased(ratio,
+			sdktrace.WithRemoteParentSampled(ratio),
+			sdktrace.WithRemoteParentNotSampled(sdktrace.NeverSample()))
+	}
+	if onError != nil {
+		otel.SetErrorHandler(otel.ErrorHandlerFunc(onError))
+	}
+	tp := sdktrace.NewTracerProvider(
+		sdktrace.WithSampler(sampler),
+		sdktrace.WithBatcher(exp, sdktrace.WithBatchTimeout(time.Second)),
+		sdktrace.WithResource(resource.NewSchemaless(
+			attribute.String("service.name", service),
+			attribute.String("service.version", version),
+		)),
+	)
+	return &Tracer{cfg: cfg, provider: tp, tracer: tp.Tracer("github.com/policy-engine/policy-engine")}, nil
+}
+
+// Config returns the config the tracer was made from.
+func (t *Tracer) Config() Config { return t.cfg }
+
+// Shutdown exports the spans still buffered and stops the exporter.
+func (t *Tracer) Shutdown(ctx context.Context) error {
+	if t == nil {
+		return nil
+	}
+	return t.provider.Shutdown(ctx)
+}
+
+// mapCarrier adapts a map of header-like values to the propagator.
+type mapCarrier map[string]string
+
+func (c mapCarrier) Get(k string) string { return c[k] }
+func (c mapCarrier) Set(k, v string)     { c[k] = v }
+func (c mapCarrier) Keys() []string {
+	out := make([]string, 0, len(c))
+	for k := range c {
+		out = append(out, k)
+	}
+	return out
+}
+
+// StartRemote starts a span whose parent is the W3C trace context in carrier (request headers,
+// or PolicyRequest.trace_context), a root span when there is none. It returns nil when the
+// span is not sampled: the caller does no more span work for it.
+func (t *Tracer) StartRemote(ctx context.Context, carrier map[string]string, name string, kind trace.SpanKind, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
+	if len(carrier) > 0 {
+		ctx = propagator.Extract(ctx, mapCarrier(carrier))
+	}
+	ctx, span := t.tracer.Start(ctx, name, trace.WithSpanKind(kind), trace.WithAttributes(attrs...))
+	if !span.SpanContext().IsSampled() {
+		span.End()
+		return ctx, nil
+	}
+	return ctx, span
+}
+
+// Remote returns ctx with the remote span of carrier's W3C trace context as parent, and
+// whether that parent was sampled.
+func Remote(ctx context.Context, carrier map[string]string) (context.Context, bool) {
+	if len(carrier) == 0 {
+		return ctx, false
+	}
+	ctx = propagator.Extract(ctx, mapCarrier(carrier))
+	return ctx, trace.SpanContextFromContext(ctx).IsSampled()
+}
+
+// Start starts a child span of the span in ctx.
+func (t *Tracer) Start(ctx context.Context, name string, kind trace.SpanKind, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
+	return t.tracer.Start(ctx, name, trace.WithSpanKind(kind), trace.WithAttributes(attrs...))
+}
+
+// Inject returns the W3C trace context of the span in ctx, for PolicyRequest.trace_context.
+func Inject(ctx context.Context) map[string]string {
+	c := mapCarrier{}
+	propagator.Inject(ctx, c)
+	return c
+}
