@@ -23,7 +23,7 @@ RUN apt-get update \
 # cannot change them. Mount your own over /etc/policy-engine/.
 COPY config/kernel-config.yaml config/agent-config.yaml /etc/policy-engine/
 COPY config/schema/ /etc/policy-engine/schema/
-COPY deploy/supervisord.conf /etc/supervisord.conf
+COPY supervisord.conf /etc/supervisord.conf
 COPY --from=build /out/policy-kernel /out/policy-agent /usr/local/bin/
 USER policy-engine
 # 9001: ext_proc (gRPC, with the gRPC health service); 9090: the kernel's /metrics,

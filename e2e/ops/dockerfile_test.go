@@ -81,7 +81,7 @@ func TestDockerfile(t *testing.T) {
 	if !strings.Contains(strings.Join(runs, "\n"), "install -y --no-install-recommends supervisor") {
 		t.Error("supervisor is not installed")
 	}
-	sv, err := os.ReadFile(repoRoot + "deploy/supervisord.conf")
+	sv, err := os.ReadFile(repoRoot + "supervisord.conf")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +89,7 @@ func TestDockerfile(t *testing.T) {
 	for _, want := range []string{
 		"--from=build /out/policy-kernel /out/policy-agent /usr/local/bin/",
 		"config/kernel-config.yaml config/agent-config.yaml /etc/policy-engine/",
-		"deploy/supervisord.conf /etc/supervisord.conf",
+		"supervisord.conf /etc/supervisord.conf",
 	} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("no COPY %s", want)

@@ -70,7 +70,7 @@ func newContainer(t *testing.T) *container {
 	}
 	// The test does not run as the container's user; supervisord ignores user= unless it runs
 	// as root, and then it would need that user to exist.
-	write("deploy/supervisord.conf", "etc/supervisord.conf", "user=policy-engine\n", "")
+	write("supervisord.conf", "etc/supervisord.conf", "user=policy-engine\n", "")
 	write("config/agent-config.yaml", "etc/agent-config.yaml", "127.0.0.1:9091", testenv.FreeAddr(t))
 	write("config/kernel-config.yaml", "etc/kernel-config.yaml",
 		`address: "0.0.0.0"`, `address: "127.0.0.1"`,
