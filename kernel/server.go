@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -298,9 +299,14 @@ func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.Ht
 }
 
 // headerValue returns a header's value: Envoy sends raw_value only; value is read for clients
-// that use the older field.
+// that use the older field. HTTP lets a value hold bytes that are not UTF-8 (obs-text), but
+// every string of the agent API must be UTF-8, or the call fails before the agent sees it; such
+// bytes become U+FFFD, so that the request is still judged by its policies.
 func headerValue(raw []byte, value string) string {
 	if len(raw) > 0 {
+		if !utf8.Valid(raw) {
+			return strings.ToValidUTF8(string(raw), "\uFFFD")
+		}
 		return string(raw)
 	}
 	return value
