@@ -98,7 +98,18 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	endCallSpan(span, resp, err)
 	defer route.metrics.duration.UpdateDuration(start)
 	if err != nil {
+		if ctx.Err() != nil {
+			// Envoy ended the stream while the agent was deciding, its normal way of ending a
+			// request that is gone: no one waits for this answer, and it is no agent failure.
+			return chainResult{immediate: denial(cfg.Server.StatusOnError, "stream_ended", "the stream ended before the policy agent decided")}
+		}
+		if !agentUnreachable(err) {
+			return s.invalidReply(st, err)
+		}
 		return s.agentFailed(st, agent, err)
+	}
+	if resp.GetStatus() == nil {
+		return s.invalidReply(st, errors.New("reply without a status"))
 	}
 	if resp.GetCallId() != req.GetCallId() {
 		return s.invalidReply(st, errors.New("reply for another call"))
@@ -195,6 +206,22 @@ func (s *Server) callAgent(ctx context.Context, agent *agentState, req *agentv1.
 		lastErr = context.DeadlineExceeded
 	}
 	return nil, lastErr
+}
+
+// agentUnreachable reports whether a failed agent call is one that fail_open covers: the agent
+// could not be reached, or did not answer in time. Any other failure means the agent was reached
+// and the exchange broke (a reply that did not marshal or unmarshal, one over the size limit, a
+// handler error, no agent service at the socket); continuing then would let a request that
+// breaks the agent bypass its policies, so it is an invalid agent response.
+func agentUnreachable(err error) bool {
+	if errors.Is(err, ErrNotDelivered) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return true
+	}
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
+		return true
+	}
+	return false
 }
 
 // agentFailed answers for an agent that could not be asked: continue when the agent is
