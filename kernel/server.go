@@ -261,6 +261,7 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 	}
 	start := time.Now()
 	st.respHeaders = make(map[string]string, len(h.GetHeaders().GetHeaders()))
+	var rep map[string][]string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		v := headerValue(hv.GetRawValue(), hv.GetValue())
 		if hv.GetKey() == ":status" {
@@ -268,8 +269,9 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 			st.respStatus = int32(n)
 			continue
 		}
-		addHeader(st.respHeaders, hv.GetKey(), v)
+		addHeader(st.respHeaders, &rep, hv.GetKey(), v)
 	}
+	joinRepeated(st.respHeaders, rep)
 	if route.response.body && !h.GetEndOfStream() {
 		st.awaitRespBody = true
 		return responseHeadersReply(nil), nil
@@ -312,13 +314,30 @@ func headerValue(raw []byte, value string) string {
 	return value
 }
 
-// addHeader adds a header to a map, joining repeated headers with ", ".
-func addHeader(m map[string]string, k, v string) {
-	if old, ok := m[k]; ok {
-		m[k] = old + ", " + v
+// addHeader adds a header to a map. The values of a repeated header are collected in *rep and
+// joined with ", " once, by joinRepeated: joining them one at a time would copy the value so far
+// on every repeat, which a stream of many headers of one name turns into quadratic time.
+func addHeader(m map[string]string, rep *map[string][]string, k, v string) {
+	old, ok := m[k]
+	if !ok {
+		m[k] = v
 		return
 	}
-	m[k] = v
+	if *rep == nil {
+		*rep = map[string][]string{}
+	}
+	vs, seen := (*rep)[k]
+	if !seen {
+		vs = []string{old}
+	}
+	(*rep)[k] = append(vs, v)
+}
+
+// joinRepeated sets each repeated header to its values joined with ", ".
+func joinRepeated(m map[string]string, rep map[string][]string) {
+	for k, vs := range rep {
+		m[k] = strings.Join(vs, ", ")
+	}
 }
 
 // requestContext converts Envoy's request headers for the agent: pseudo-headers become fields,
@@ -326,6 +345,7 @@ func addHeader(m map[string]string, k, v string) {
 func requestContext(h *extprocv3.HttpHeaders) *agentv1.RequestContext {
 	hs := h.GetHeaders().GetHeaders()
 	rc := &agentv1.RequestContext{Headers: make(map[string]string, len(hs))}
+	var rep map[string][]string
 	for _, hv := range hs {
 		k := hv.GetKey()
 		v := headerValue(hv.GetRawValue(), hv.GetValue())
@@ -342,8 +362,9 @@ func requestContext(h *extprocv3.HttpHeaders) *agentv1.RequestContext {
 			}
 			continue
 		}
-		addHeader(rc.Headers, strings.ToLower(k), v)
+		addHeader(rc.Headers, &rep, strings.ToLower(k), v)
 	}
+	joinRepeated(rc.Headers, rep)
 	return rc
 }
 
