@@ -82,3 +82,33 @@ func TestStreamCancelledDuringAgentCall(t *testing.T) {
 		t.Errorf("a cancelled stream was logged as an agent failure:\n%s", k.logs.String())
 	}
 }
+
+// TestEachFailureKindIsLogged: failures are logged at most once per interval so that a failure
+// on every request does not flood the log, but each kind on its own: a client that can make a
+// policy fail, or send broken streams, at will must not be able to keep the agent's failures
+// out of the log.
+func TestEachFailureKindIsLogged(t *testing.T) {
+	fa := &fakeAgent{fn: func(_ context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+		switch req.GetContext().GetHeaders()["x-fail"] {
+		case "policy":
+			return &agentv1.PolicyResponse{Status: &agentv1.ResponseStatus{Code: agentv1.StatusCode_POLICY_ERROR}, Message: "boom"}, nil
+		case "reply":
+			return ok(&agentv1.Instruction{Type: agentv1.InstructionType(77)}), nil
+		}
+		return nil, status.Error(codes.Unavailable, "connection refused")
+	}}
+	k := newTestKernel(t, baseConfig, fa)
+	for _, kind := range []string{"policy", "reply", "agent", "policy", "reply", "agent"} {
+		st := k.open(t)
+		st.send(t, reqHeaders("/api/v1/users", true, "", "x-fail", kind))
+		st.end(t)
+	}
+	st := k.open(t)
+	st.sendErr(t, reqBody("x"))
+	logs := k.logs.String()
+	for _, want := range []string{"policy failed; request denied", "invalid agent response; request denied", "policy agent call failed", "ext_proc protocol error"} {
+		if n := strings.Count(logs, want); n != 1 {
+			t.Errorf("%q logged %d times, want once:\n%s", want, n, logs)
+		}
+	}
+}

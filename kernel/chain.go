@@ -120,7 +120,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		return s.agentFailed(st, agent, context.DeadlineExceeded)
 	case agentv1.StatusCode_POLICY_ERROR:
 		st.outcome(statusError)
-		if s.errLog.Allow() {
+		if s.policyLog.Allow() {
 			s.log.Warn().Str("route", route.Name).Str("request_id", st.requestID).
 				Str("policy", resp.GetStatus().GetPolicyName()).Str("error", resp.GetMessage()).Msg("policy failed; request denied")
 		}
@@ -234,7 +234,7 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 	} else {
 		agent.metrics.unavailable.Inc()
 	}
-	if s.errLog.Allow() {
+	if s.agentLog.Allow() {
 		s.log.Error().Str("agent", agent.cfg.Name).Str("route", route.Name).Str("request_id", st.requestID).
 			Bool("timeout", timeout).Bool("fail_open", agent.cfg.FailOpen).Str("error", err.Error()).Msg("policy agent call failed")
 	}
@@ -254,7 +254,7 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 // fail_open says, because the agent was reached and said something wrong (§3.5).
 func (s *Server) invalidReply(st *stream, err error) chainResult {
 	st.outcome(statusError)
-	if s.errLog.Allow() {
+	if s.replyLog.Allow() {
 		s.log.Error().Str("route", st.route.Name).Str("request_id", st.requestID).Str("error", err.Error()).Msg("invalid agent response; request denied")
 	}
 	return chainResult{immediate: denial(500, "invalid_agent_response", "the policy agent answered something the kernel cannot apply")}

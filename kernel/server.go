@@ -40,17 +40,21 @@ type Server struct {
 	// tracer is nil while tracing is off.
 	tracer atomic.Pointer[tracing.Tracer]
 
-	errLog     *logging.Throttle
-	invalidLog *logging.Throttle
+	// One throttle per kind of failure, so that a failure a client can cause at will (a
+	// policy error, a broken stream) cannot keep the others out of the log.
+	protocolLog, agentLog, replyLog, policyLog, invalidLog *logging.Throttle
 }
 
 // NewServer returns a server with no snapshot; Store gives it one.
 func NewServer(log *logging.Logger, m *kernelMetrics) *Server {
 	return &Server{
-		log:        log,
-		metrics:    m,
-		errLog:     logging.NewThrottle(5 * time.Second),
-		invalidLog: logging.NewThrottle(5 * time.Second),
+		log:         log,
+		metrics:     m,
+		protocolLog: logging.NewThrottle(5 * time.Second),
+		agentLog:    logging.NewThrottle(5 * time.Second),
+		replyLog:    logging.NewThrottle(5 * time.Second),
+		policyLog:   logging.NewThrottle(5 * time.Second),
+		invalidLog:  logging.NewThrottle(5 * time.Second),
 	}
 }
 
@@ -127,7 +131,7 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 		resp, err := s.handle(ctx, st, req)
 		if err != nil {
 			s.metrics.protocolErrors.Inc()
-			if s.errLog.Allow() {
+			if s.protocolLog.Allow() {
 				s.log.Warn().Str("error", err.Error()).Str("request_id", st.requestID).Msg("ext_proc protocol error")
 			}
 			return err
