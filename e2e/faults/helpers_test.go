@@ -27,13 +27,20 @@ func scale[T any](short, long T) T {
 	return short
 }
 
-// envoyConfig is the filter config of the README's Envoy example, with the default 200 ms
-// message timeout.
+// envoyConfig is the filter config of the README's Envoy example, but for its message timeout:
+// a second instead of 200 ms. The suite runs on shared machines where a process can lose the
+// CPU for a few hundred milliseconds, and a late answer is not a lost one; each test asserts the
+// bound the kernel promises (its answer within the agent's timeout and a margin) on the latency
+// it measures.
 var envoyConfig = envoytest.FilterConfig{
 	AllowModeOverride: true,
 	RequestAttributes: []string{"xds.route_name", "source.address"},
-	MessageTimeout:    200 * time.Millisecond,
+	MessageTimeout:    time.Second,
 }
+
+// margin is what the latency bounds allow beyond the kernel's own timeouts, for a machine that
+// is busy with other work.
+const margin = 250 * time.Millisecond
 
 func dial(t *testing.T, e *testenv.Env) *envoytest.Client {
 	t.Helper()

@@ -15,7 +15,7 @@ import (
 // socket directories that every user may write to; and the shipped agent carries none of the
 // misbehaving test policies.
 func TestLeastPrivilege(t *testing.T) {
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: strings.Replace(twoAgentsYAML, "%s", keyRoutes, 1)})
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: twoAgents(400, 500, keyRoutes)})
 	fi, err := os.Lstat(e.AgentSock)
 	if err != nil {
 		t.Fatal(err)

@@ -14,15 +14,17 @@ import (
 )
 
 // taggedKernelYAML tags the request and the response of /tagged with the config's version, so
-// that every answer shows which config produced each phase.
+// that every answer shows which config produced each phase. Its timeouts are far from the
+// agent's speed: the storm tests reloads, and a CPU-starved machine must not turn into agent
+// timeouts here.
 func taggedKernelYAML(v int) string {
 	return fmt.Sprintf(`policy_kernel:
   version: v%d
-  server: {message_timeout_ms: 200}
+  server: {message_timeout_ms: 1000}
   agents:
     - name: a
       socket_path: "{{SOCK}}"
-      timeout_ms: 150
+      timeout_ms: 800
       health_check_interval_ms: 2000
   route_policies:
     - route_name: /tagged
@@ -32,13 +34,14 @@ func taggedKernelYAML(v int) string {
 }
 
 // brokenKernelYAML are configs a reload must refuse: bad YAML, an unknown key, a bad value, a
-// duplicate route, no agent.
+// duplicate route, no agent, an empty section.
 var brokenKernelYAML = []string{
 	"policy_kernel:\n  agents: [\n",
 	taggedKernelYAML(0) + "  bogus: 1\n",
-	strings.Replace(taggedKernelYAML(0), "timeout_ms: 150", "timeout_ms: soon", 1),
+	strings.Replace(taggedKernelYAML(0), "timeout_ms: 800", "timeout_ms: soon", 1),
 	taggedKernelYAML(0) + "    - route_name: /tagged\n",
 	"policy_kernel:\n  agents: []\n",
+	"policy_kernel:\n",
 }
 
 func taggedAgentYAML(v int) string {
@@ -49,6 +52,7 @@ var brokenAgentYAML = []string{
 	"agent_core:\n  name: [\n",
 	agentYAML + "  bogus: 1\n",
 	strings.Replace(agentYAML, "user_id: fault-user", "user_id: \"\"", 1),
+	"agent_core:\n",
 }
 
 // hup sends SIGHUP and waits until the process has logged one more line holding any of want,
