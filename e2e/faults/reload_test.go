@@ -34,7 +34,7 @@ func taggedKernelYAML(v int) string {
 }
 
 // brokenKernelYAML are configs a reload must refuse: bad YAML, an unknown key, a bad value, a
-// duplicate route, no agent, an empty section.
+// duplicate route, no agent, an empty section, a null document.
 var brokenKernelYAML = []string{
 	"policy_kernel:\n  agents: [\n",
 	taggedKernelYAML(0) + "  bogus: 1\n",
@@ -42,6 +42,7 @@ var brokenKernelYAML = []string{
 	taggedKernelYAML(0) + "    - route_name: /tagged\n",
 	"policy_kernel:\n  agents: []\n",
 	"policy_kernel:\n",
+	"~\n",
 }
 
 func taggedAgentYAML(v int) string {
@@ -53,6 +54,7 @@ var brokenAgentYAML = []string{
 	agentYAML + "  bogus: 1\n",
 	strings.Replace(agentYAML, "user_id: fault-user", "user_id: \"\"", 1),
 	"agent_core:\n",
+	"null\n",
 }
 
 // hup sends SIGHUP and waits until the process has logged one more line holding any of want,
