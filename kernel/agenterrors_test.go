@@ -2,7 +2,10 @@ package kernel
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -110,5 +113,36 @@ func TestEachFailureKindIsLogged(t *testing.T) {
 		if n := strings.Count(logs, want); n != 1 {
 			t.Errorf("%q logged %d times, want once:\n%s", want, n, logs)
 		}
+	}
+}
+
+// TestRetriesBoundedByMaxAttempts: a call that never reached the agent is tried at most
+// max_attempts times; one that reached it (a policy may have run) or timed out, once.
+func TestRetriesBoundedByMaxAttempts(t *testing.T) {
+	f := func(maxAttempts int, agentErr error, wantCalls int) {
+		t.Helper()
+		var calls atomic.Int32
+		fa := &fakeAgent{fn: func(ctx context.Context, _ *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+			calls.Add(1)
+			if errors.Is(agentErr, context.DeadlineExceeded) {
+				<-ctx.Done()
+			}
+			return nil, agentErr
+		}}
+		cfg := strings.Replace(baseConfig, "retry: {max_attempts: 3, backoff_ms: 1}", fmt.Sprintf("retry: {max_attempts: %d, backoff_ms: 1}", maxAttempts), 1)
+		k := newTestKernel(t, cfg, fa)
+		st := k.open(t)
+		st.send(t, reqHeaders("/api/v1/users", true, ""))
+		st.end(t)
+		if int(calls.Load()) != wantCalls {
+			t.Errorf("max_attempts %d, %v: %d calls, want %d", maxAttempts, agentErr, calls.Load(), wantCalls)
+		}
+	}
+	notDelivered := fmt.Errorf("%w: %w", ErrNotDelivered, status.Error(codes.Unavailable, "connection refused"))
+	for n := 1; n <= 5; n++ {
+		f(n, notDelivered, n)
+		f(n, status.Error(codes.Unavailable, "transport is closing"), 1)
+		f(n, status.Error(codes.Internal, "boom"), 1)
+		f(n, context.DeadlineExceeded, 1)
 	}
 }
