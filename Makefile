@@ -23,6 +23,28 @@ test:
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) test -race -count=1 -timeout 12m $(PKGS)
 
+# The fault suite in its long form: longer traffic and more kill, reload and early-end cycles
+# (make test runs the short form). Every test logs its figures on "reliability:" lines.
+faults:
+	FAULTS_FULL=1 $(GO) test -race -count=1 -timeout 30m -v ./e2e/faults/
+
+# Ten minutes of steady traffic, with reloads and streams ended early: RSS and goroutines of both
+# processes must stay flat. FAULTS_SOAK sets the duration.
+SOAK ?= 10m
+soak:
+	FAULTS_SOAK=$(SOAK) $(GO) test -count=1 -timeout 30m -v -run '^TestSoak$$' ./e2e/faults/
+
+# Every native fuzz target, one at a time on one worker, FUZZTIME each.
+FUZZTIME ?= 5m
+fuzz:
+	@set -e; for file in $$(git ls-files '*_test.go' | xargs grep -l '^func Fuzz'); do \
+	  pkg=./$$(dirname $$file); \
+	  for target in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' $$file); do \
+	    echo "== $$pkg $$target"; \
+	    $(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) -parallel=1 $$pkg; \
+	  done; \
+	done
+
 cover:
 	$(GO) test -count=1 -timeout 12m -coverpkg=./... -coverprofile=coverage.out $(PKGS) >/dev/null
 	@$(GO) run ./scripts/coverage coverage.out

@@ -24,6 +24,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/fsperm"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
 	"github.com/policy-engine/policy-engine/internal/tracing"
@@ -99,6 +100,9 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	defer exec.Close()
 	if f.validate {
+		if err := errors.Join(fsperm.CheckConfig(f.config), fsperm.CheckSocket(uds.Path(core.SocketPath))); err != nil {
+			return err
+		}
 		fmt.Fprintf(stderr, "%s: valid (version %s)\n", f.config, version)
 		return nil
 	}

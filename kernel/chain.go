@@ -98,7 +98,18 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	endCallSpan(span, resp, err)
 	defer route.metrics.duration.UpdateDuration(start)
 	if err != nil {
+		if ctx.Err() != nil {
+			// Envoy ended the stream while the agent was deciding, its normal way of ending a
+			// request that is gone: no one waits for this answer, and it is no agent failure.
+			return chainResult{immediate: denial(cfg.Server.StatusOnError, "stream_ended", "the stream ended before the policy agent decided")}
+		}
+		if !agentUnreachable(err) {
+			return s.invalidReply(st, err)
+		}
 		return s.agentFailed(st, agent, err)
+	}
+	if resp.GetStatus() == nil {
+		return s.invalidReply(st, errors.New("reply without a status"))
 	}
 	if resp.GetCallId() != req.GetCallId() {
 		return s.invalidReply(st, errors.New("reply for another call"))
@@ -109,7 +120,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		return s.agentFailed(st, agent, context.DeadlineExceeded)
 	case agentv1.StatusCode_POLICY_ERROR:
 		st.outcome(statusError)
-		if s.errLog.Allow() {
+		if s.policyLog.Allow() {
 			s.log.Warn().Str("route", route.Name).Str("request_id", st.requestID).
 				Str("policy", resp.GetStatus().GetPolicyName()).Str("error", resp.GetMessage()).Msg("policy failed; request denied")
 		}
@@ -197,6 +208,22 @@ func (s *Server) callAgent(ctx context.Context, agent *agentState, req *agentv1.
 	return nil, lastErr
 }
 
+// agentUnreachable reports whether a failed agent call is one that fail_open covers: the agent
+// could not be reached, or did not answer in time. Any other failure means the agent was reached
+// and the exchange broke (a reply that did not marshal or unmarshal, one over the size limit, a
+// handler error, no agent service at the socket); continuing then would let a request that
+// breaks the agent bypass its policies, so it is an invalid agent response.
+func agentUnreachable(err error) bool {
+	if errors.Is(err, ErrNotDelivered) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return true
+	}
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
+		return true
+	}
+	return false
+}
+
 // agentFailed answers for an agent that could not be asked: continue when the agent is
 // fail-open, else deny.
 func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResult {
@@ -207,7 +234,7 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 	} else {
 		agent.metrics.unavailable.Inc()
 	}
-	if s.errLog.Allow() {
+	if s.agentLog.Allow() {
 		s.log.Error().Str("agent", agent.cfg.Name).Str("route", route.Name).Str("request_id", st.requestID).
 			Bool("timeout", timeout).Bool("fail_open", agent.cfg.FailOpen).Str("error", err.Error()).Msg("policy agent call failed")
 	}
@@ -227,7 +254,7 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 // fail_open says, because the agent was reached and said something wrong (§3.5).
 func (s *Server) invalidReply(st *stream, err error) chainResult {
 	st.outcome(statusError)
-	if s.errLog.Allow() {
+	if s.replyLog.Allow() {
 		s.log.Error().Str("route", st.route.Name).Str("request_id", st.requestID).Str("error", err.Error()).Msg("invalid agent response; request denied")
 	}
 	return chainResult{immediate: denial(500, "invalid_agent_response", "the policy agent answered something the kernel cannot apply")}

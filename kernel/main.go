@@ -553,8 +553,12 @@ func validateReport(w io.Writer, file string, data []byte, snap *Snapshot) error
 			})
 		}
 	}
+	errs := permissionProblems(file, snap.Config)
 	if len(problems) > 0 {
-		return problemsError(file, data, problems)
+		errs = append([]error{problemsError(file, data, problems)}, errs...)
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
 	}
 	fmt.Fprintf(w, "%s: valid (version %s)\n", file, snap.Version)
 	return nil

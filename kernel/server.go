@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -39,17 +40,21 @@ type Server struct {
 	// tracer is nil while tracing is off.
 	tracer atomic.Pointer[tracing.Tracer]
 
-	errLog     *logging.Throttle
-	invalidLog *logging.Throttle
+	// One throttle per kind of failure, so that a failure a client can cause at will (a
+	// policy error, a broken stream) cannot keep the others out of the log.
+	protocolLog, agentLog, replyLog, policyLog, invalidLog *logging.Throttle
 }
 
 // NewServer returns a server with no snapshot; Store gives it one.
 func NewServer(log *logging.Logger, m *kernelMetrics) *Server {
 	return &Server{
-		log:        log,
-		metrics:    m,
-		errLog:     logging.NewThrottle(5 * time.Second),
-		invalidLog: logging.NewThrottle(5 * time.Second),
+		log:         log,
+		metrics:     m,
+		protocolLog: logging.NewThrottle(5 * time.Second),
+		agentLog:    logging.NewThrottle(5 * time.Second),
+		replyLog:    logging.NewThrottle(5 * time.Second),
+		policyLog:   logging.NewThrottle(5 * time.Second),
+		invalidLog:  logging.NewThrottle(5 * time.Second),
 	}
 }
 
@@ -126,7 +131,7 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 		resp, err := s.handle(ctx, st, req)
 		if err != nil {
 			s.metrics.protocolErrors.Inc()
-			if s.errLog.Allow() {
+			if s.protocolLog.Allow() {
 				s.log.Warn().Str("error", err.Error()).Str("request_id", st.requestID).Msg("ext_proc protocol error")
 			}
 			return err
@@ -260,6 +265,7 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 	}
 	start := time.Now()
 	st.respHeaders = make(map[string]string, len(h.GetHeaders().GetHeaders()))
+	var rep map[string][]string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		v := headerValue(hv.GetRawValue(), hv.GetValue())
 		if hv.GetKey() == ":status" {
@@ -267,8 +273,9 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 			st.respStatus = int32(n)
 			continue
 		}
-		addHeader(st.respHeaders, hv.GetKey(), v)
+		addHeader(st.respHeaders, &rep, hv.GetKey(), v)
 	}
+	joinRepeated(st.respHeaders, rep)
 	if route.response.body && !h.GetEndOfStream() {
 		st.awaitRespBody = true
 		return responseHeadersReply(nil), nil
@@ -298,21 +305,43 @@ func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.Ht
 }
 
 // headerValue returns a header's value: Envoy sends raw_value only; value is read for clients
-// that use the older field.
+// that use the older field. HTTP lets a value hold bytes that are not UTF-8 (obs-text), but
+// every string of the agent API must be UTF-8, or the call fails before the agent sees it; such
+// bytes become U+FFFD, so that the request is still judged by its policies.
 func headerValue(raw []byte, value string) string {
 	if len(raw) > 0 {
+		if !utf8.Valid(raw) {
+			return strings.ToValidUTF8(string(raw), "\uFFFD")
+		}
 		return string(raw)
 	}
 	return value
 }
 
-// addHeader adds a header to a map, joining repeated headers with ", ".
-func addHeader(m map[string]string, k, v string) {
-	if old, ok := m[k]; ok {
-		m[k] = old + ", " + v
+// addHeader adds a header to a map. The values of a repeated header are collected in *rep and
+// joined with ", " once, by joinRepeated: joining them one at a time would copy the value so far
+// on every repeat, which a stream of many headers of one name turns into quadratic time.
+func addHeader(m map[string]string, rep *map[string][]string, k, v string) {
+	old, ok := m[k]
+	if !ok {
+		m[k] = v
 		return
 	}
-	m[k] = v
+	if *rep == nil {
+		*rep = map[string][]string{}
+	}
+	vs, seen := (*rep)[k]
+	if !seen {
+		vs = []string{old}
+	}
+	(*rep)[k] = append(vs, v)
+}
+
+// joinRepeated sets each repeated header to its values joined with ", ".
+func joinRepeated(m map[string]string, rep map[string][]string) {
+	for k, vs := range rep {
+		m[k] = strings.Join(vs, ", ")
+	}
 }
 
 // requestContext converts Envoy's request headers for the agent: pseudo-headers become fields,
@@ -320,6 +349,7 @@ func addHeader(m map[string]string, k, v string) {
 func requestContext(h *extprocv3.HttpHeaders) *agentv1.RequestContext {
 	hs := h.GetHeaders().GetHeaders()
 	rc := &agentv1.RequestContext{Headers: make(map[string]string, len(hs))}
+	var rep map[string][]string
 	for _, hv := range hs {
 		k := hv.GetKey()
 		v := headerValue(hv.GetRawValue(), hv.GetValue())
@@ -336,8 +366,9 @@ func requestContext(h *extprocv3.HttpHeaders) *agentv1.RequestContext {
 			}
 			continue
 		}
-		addHeader(rc.Headers, strings.ToLower(k), v)
+		addHeader(rc.Headers, &rep, strings.ToLower(k), v)
 	}
+	joinRepeated(rc.Headers, rep)
 	return rc
 }
 

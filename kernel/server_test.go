@@ -266,7 +266,8 @@ func TestAgentFailures(t *testing.T) {
 	f(true, notDelivered, 0, "", 3)
 	// Delivered but failed: never retried, a policy may have run.
 	f(false, status.Error(codes.Unavailable, "transport is closing"), 500, "policy_agent_unavailable", 1)
-	f(false, status.Error(codes.Internal, "boom"), 500, "policy_agent_unavailable", 1)
+	f(false, status.Error(codes.Internal, "boom"), 500, "invalid_agent_response", 1)
+	f(true, status.Error(codes.Internal, "boom"), 500, "invalid_agent_response", 1)
 	f(false, context.DeadlineExceeded, 500, "policy_agent_timeout", 1)
 	f(true, context.DeadlineExceeded, 0, "", 1)
 }

@@ -25,7 +25,13 @@ var (
 	buildOnce sync.Once
 	binDir    string
 	buildErr  error
+
+	extraMu    sync.Mutex
+	extraBuilt = map[string]string{} // package path → binary
 )
+
+// TestAgentPackage is the agent with the misbehaving test policies compiled in.
+const TestAgentPackage = "github.com/policy-engine/policy-engine/internal/testpolicies/cmd/policy-testagent"
 
 // Main runs a test package's tests and removes the binaries built for them.
 func Main(m *testing.M) {
@@ -56,6 +62,28 @@ func Binaries(t testing.TB) (kernel, agent string) {
 		t.Fatal(buildErr)
 	}
 	return filepath.Join(binDir, "policy-kernel"), filepath.Join(binDir, "policy-agent")
+}
+
+// Build builds the main package pkg once per test process, next to the kernel and agent, and
+// returns the binary's path.
+func Build(t testing.TB, pkg string) string {
+	t.Helper()
+	Binaries(t)
+	extraMu.Lock()
+	defer extraMu.Unlock()
+	if bin, ok := extraBuilt[pkg]; ok {
+		return bin
+	}
+	dir, err := os.MkdirTemp(binDir, "pkg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), pkg).CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, out)
+	}
+	bin := filepath.Join(dir, filepath.Base(pkg))
+	extraBuilt[pkg] = bin
+	return bin
 }
 
 // SyncBuffer collects a process's output; safe for concurrent use.
@@ -186,6 +214,9 @@ type Env struct {
 	agentBin     string
 }
 
+// AgentBin returns the agent binary the environment starts.
+func (e *Env) AgentBin() string { return e.agentBin }
+
 // Options configure StartEnv. The configs may use the placeholders {{SOCK}} (the agent's
 // socket), {{DIR}} (a temporary directory) and {{AGENT_METRICS}} (a free address for the
 // agent's metrics listener).
@@ -195,6 +226,8 @@ type Options struct {
 	AgentEnv   []string
 	// NoAgent leaves the agent to the test.
 	NoAgent bool
+	// AgentBin is the agent binary to run; empty means policy-agent. Build makes one.
+	AgentBin string
 }
 
 // StartEnv writes the configs, starts the agent, waits for its socket, starts the kernel on a
@@ -212,6 +245,9 @@ func StartEnv(t testing.TB, o Options) *Env {
 		AgentConfig: filepath.Join(dir, "agent.yaml"), KernelConfig: filepath.Join(dir, "kernel.yaml"),
 		KernelAddr: FreeAddr(t), MetricsAddr: FreeAddr(t), AgentMetrics: FreeAddr(t),
 		AgentEnv: o.AgentEnv, kernelBin: kbin, agentBin: abin,
+	}
+	if o.AgentBin != "" {
+		e.agentBin = o.AgentBin
 	}
 	e.WriteConfig(t, e.AgentConfig, o.AgentYAML)
 	e.WriteConfig(t, e.KernelConfig, o.KernelYAML)
@@ -251,7 +287,14 @@ func (e *Env) WriteConfig(t testing.TB, path, yaml string) {
 // StartAgent starts (or restarts) the agent and waits for its socket to accept connections.
 func (e *Env) StartAgent(t testing.TB) {
 	t.Helper()
-	e.Agent = Start(t, e.agentBin, e.AgentEnv, "--config", e.AgentConfig)
+	e.StartAgentBin(t, e.agentBin)
+}
+
+// StartAgentBin starts (or restarts) the agent from another binary, such as one with a
+// different set of compiled-in policies, and waits for its socket to accept connections.
+func (e *Env) StartAgentBin(t testing.TB, bin string) {
+	t.Helper()
+	e.Agent = Start(t, bin, e.AgentEnv, "--config", e.AgentConfig)
 	WaitFor(t, 15*time.Second, "the agent's socket", func() bool {
 		if e.Agent.Exited() {
 			t.Fatalf("agent exited:\n%s", e.Agent.Logs.String())
@@ -267,9 +310,20 @@ func (e *Env) StartAgent(t testing.TB) {
 // Get fetches a path from the kernel's metrics listener.
 func (e *Env) Get(t testing.TB, path string) (int, string) {
 	t.Helper()
+	return get(e.MetricsAddr, path)
+}
+
+// GetAgent fetches a path from the agent's metrics listener (observability.metrics_address,
+// "{{AGENT_METRICS}}" in the agent's config).
+func (e *Env) GetAgent(t testing.TB, path string) (int, string) {
+	t.Helper()
+	return get(e.AgentMetrics, path)
+}
+
+func get(addr, path string) (int, string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+e.MetricsAddr+path, nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
 	r, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return 0, err.Error()

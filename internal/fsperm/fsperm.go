@@ -1,0 +1,83 @@
+// Package fsperm checks that the files a process trusts cannot be replaced by any user of the
+// machine: a config file, or a directory that holds a config or a Unix socket, that every user
+// may write to lets any of them change the policies in force, or put their own socket where the
+// kernel sends every request (with its API keys and tokens) to be judged.
+package fsperm
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+// CheckDir fails when dir is writable by every user (whatever its sticky bit, which stops no one
+// from creating a file that is not there yet). A directory that does not exist yet is judged by
+// its nearest existing ancestor, where it would be created. what names the directory's role in
+// the error, such as "config directory".
+func CheckDir(what, dir string) error {
+	d := filepath.Clean(dir)
+	for {
+		fi, err := os.Stat(d)
+		if err == nil {
+			if fi.Mode().Perm()&0o002 == 0 {
+				return nil
+			}
+			where := fmt.Sprintf("%s %q", what, d)
+			if d != filepath.Clean(dir) {
+				where = fmt.Sprintf("%q, the nearest existing directory above the %s %q,", d, what, filepath.Clean(dir))
+			}
+			return fmt.Errorf("%s is writable by every user (mode %s): any user could replace what the process trusts there; remove their write permission (chmod o-w %s)", where, mode(fi), d)
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("check %s %q: %w", what, d, err)
+		}
+		parent := filepath.Dir(d)
+		if parent == d {
+			return nil
+		}
+		d = parent
+	}
+}
+
+// CheckFile fails when the file at path is writable by every user; a missing file is no
+// problem of permissions.
+func CheckFile(what, path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("check %s %q: %w", what, path, err)
+	}
+	if fi.Mode().Perm()&0o002 != 0 {
+		return fmt.Errorf("%s %q is writable by every user (mode %s); remove their write permission (chmod o-w %s)", what, path, mode(fi), path)
+	}
+	return nil
+}
+
+// CheckConfig checks a config file and its directory.
+func CheckConfig(path string) error {
+	return errors.Join(CheckFile("config file", path), CheckDir("config directory", filepath.Dir(path)))
+}
+
+// CheckSocket checks the directory of a Unix socket.
+func CheckSocket(socketPath string) error {
+	return CheckDir("socket directory", filepath.Dir(socketPath))
+}
+
+// mode formats permission bits the way chmod takes them, sticky bit included.
+func mode(fi fs.FileInfo) string {
+	m := uint32(fi.Mode().Perm())
+	if fi.Mode()&fs.ModeSticky != 0 {
+		m |= 0o1000
+	}
+	if fi.Mode()&fs.ModeSetgid != 0 {
+		m |= 0o2000
+	}
+	if fi.Mode()&fs.ModeSetuid != 0 {
+		m |= 0o4000
+	}
+	return fmt.Sprintf("%04o", m)
+}

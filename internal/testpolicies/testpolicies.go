@@ -1,0 +1,179 @@
+// Package testpolicies holds policies that misbehave on purpose, for the fault and hostile-input
+// suites: a policy that sleeps past any timeout, one that panics, one whose reply is too large
+// or cannot be marshalled, one that tags both phases with a value of its chain entry. They are
+// compiled into the test agent (internal/testpolicies/cmd/policy-testagent) and into test
+// binaries only, never into policy-agent.
+//
+// The sleep policy counts what happened to each run in the process's default metric set, which
+// the agent's /metrics serves, so that a test in another process can tell a cancelled chain
+// from one that ran to its end, and a chain run once from one run twice.
+package testpolicies
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/policy-engine/policy-engine/agent/policy"
+)
+
+// Policy names.
+const (
+	Sleep     = "testSleep"
+	Tag       = "testTag"
+	Panic     = "testPanic"
+	HugeReply = "testHugeReply"
+	BadUTF8   = "testBadUTF8"
+	Echo      = "testEcho"
+	Body      = "testBody"
+)
+
+// TagHeader is the header testTag sets, in the request phase on the request and in the
+// response phase on the response.
+const TagHeader = "x-test-tag"
+
+// Counters of testSleep runs, by outcome.
+var (
+	SleepStarted   = metrics.NewCounter(`policy_testagent_sleep_total{outcome="started"}`)
+	SleepCompleted = metrics.NewCounter(`policy_testagent_sleep_total{outcome="completed"}`)
+	SleepCancelled = metrics.NewCounter(`policy_testagent_sleep_total{outcome="cancelled"}`)
+)
+
+func init() {
+	register(Sleep, "Sleeps for sleep_ms, or until its context ends.", func(md map[string]string) (policy.Policy, error) {
+		var s struct {
+			SleepMS int `json:"sleep_ms"`
+		}
+		s.SleepMS = 1000
+		if err := policy.DecodeMetadata(md, &s); err != nil {
+			return nil, err
+		}
+		return sleeper(time.Duration(s.SleepMS) * time.Millisecond), nil
+	})
+	register(Tag, "Sets "+TagHeader+" to its tag, on the request or the response.", func(md map[string]string) (policy.Policy, error) {
+		var s struct {
+			Tag string `json:"tag" required:"true"`
+		}
+		if err := policy.DecodeMetadata(md, &s); err != nil {
+			return nil, err
+		}
+		return tagger(s.Tag), nil
+	})
+	register(Panic, "Panics.", func(md map[string]string) (policy.Policy, error) {
+		return panicker{}, policy.DecodeMetadata(md, &struct{}{})
+	})
+	register(HugeReply, "Sets a header of size bytes.", func(md map[string]string) (policy.Policy, error) {
+		var s struct {
+			Size int `json:"size" required:"true"`
+		}
+		if err := policy.DecodeMetadata(md, &s); err != nil {
+			return nil, err
+		}
+		return huge(strings.Repeat("h", s.Size)), nil
+	})
+	register(BadUTF8, "Sets a header whose value is not UTF-8, so that its reply cannot be marshalled.", func(md map[string]string) (policy.Policy, error) {
+		return badUTF8{}, policy.DecodeMetadata(md, &struct{}{})
+	})
+	register(Echo, "Copies the request header from into the request header to.", func(md map[string]string) (policy.Policy, error) {
+		var s struct {
+			From string `json:"from" required:"true"`
+			To   string `json:"to" required:"true"`
+		}
+		if err := policy.DecodeMetadata(md, &s); err != nil {
+			return nil, err
+		}
+		return echo{from: strings.ToLower(s.From), to: s.To}, nil
+	})
+	m := module(Body, "Reads the body of its phase and sets x-test-body-length to its length.", func(md map[string]string) (policy.Policy, error) {
+		return bodyLength{}, policy.DecodeMetadata(md, &struct{}{})
+	})
+	m.RequestBody, m.ResponseBody = true, true
+	policy.Register(m)
+}
+
+func register(name, description string, build policy.FactoryFunc) {
+	policy.Register(module(name, description, build))
+}
+
+func module(name, description string, build policy.FactoryFunc) policy.Module {
+	return policy.Module{
+		Name:        name,
+		Version:     "test",
+		Description: description,
+		Phases:      policy.Both,
+		New:         func(policy.Config) (policy.Factory, error) { return build, nil },
+	}
+}
+
+type sleeper time.Duration
+
+func (d sleeper) Execute(ctx context.Context, _ *policy.Context) (policy.Result, error) {
+	SleepStarted.Inc()
+	t := time.NewTimer(time.Duration(d))
+	defer t.Stop()
+	select {
+	case <-t.C:
+		SleepCompleted.Inc()
+		return policy.Allow(), nil
+	case <-ctx.Done():
+		SleepCancelled.Inc()
+		return policy.Result{}, ctx.Err()
+	}
+}
+
+type tagger string
+
+func (t tagger) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
+	return policy.Allow(policy.SetHeader(TagHeader, string(t))), nil
+}
+
+type panicker struct{}
+
+func (panicker) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	panic("testPanic panics on purpose")
+}
+
+type huge string
+
+func (h huge) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	return policy.Allow(policy.SetHeader("x-test-huge", string(h))), nil
+}
+
+type badUTF8 struct{}
+
+func (badUTF8) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	return policy.Allow(policy.SetHeader("x-test-bad", "\xff\xfe")), nil
+}
+
+type echo struct{ from, to string }
+
+func (e echo) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
+	v, ok := c.Headers[e.from]
+	if !ok {
+		return policy.Allow(), nil
+	}
+	return policy.Allow(policy.SetHeader(e.to, v)), nil
+}
+
+type bodyLength struct{}
+
+func (bodyLength) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
+	body := c.Body
+	if c.Response != nil {
+		body = c.Response.Body
+	}
+	return policy.Allow(policy.SetHeader("x-test-body-length", strconv.Itoa(len(body)))), nil
+}
+
+var (
+	_ policy.Policy = bodyLength{}
+	_ policy.Policy = sleeper(0)
+	_ policy.Policy = tagger("")
+	_ policy.Policy = panicker{}
+	_ policy.Policy = huge("")
+	_ policy.Policy = badUTF8{}
+	_ policy.Policy = echo{}
+)
