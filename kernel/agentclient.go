@@ -68,12 +68,26 @@ func dialAgent(socketPath string, n int, maxMsg int) (*grpcAgentClient, error) {
 	return c, nil
 }
 
+// dialStreamAgent opens the connections to an agent and runs its calls over long-lived
+// streams, stuck sends given up after the agent's timeout.
+func dialStreamAgent(ac AgentConfig, maxMsg int) (AgentClient, error) {
+	u, err := dialAgent(ac.SocketPath, ac.Connections, maxMsg)
+	if err != nil {
+		return nil, err
+	}
+	return newStreamAgentClient(u, time.Duration(ac.TimeoutMS)*time.Millisecond), nil
+}
+
 func (c *grpcAgentClient) pick() int {
 	return int(c.next.Add(1) % uint32(len(c.conns)))
 }
 
 func (c *grpcAgentClient) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
-	i := c.pick()
+	return c.executeOn(ctx, c.pick(), req)
+}
+
+// executeOn runs a unary Execute on connection i.
+func (c *grpcAgentClient) executeOn(ctx context.Context, i int, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
 	// A call on a connection that is not ready when it starts can only fail before the
 	// agent reads it; on a ready connection an Unavailable error may come after delivery.
 	wasReady := c.conns[i].GetState() == connectivity.Ready

@@ -147,7 +147,7 @@ type target struct {
 	metricsURL string // the kernel's /metrics; empty for the baseline
 	// pprof lists the base URLs of /debug/pprof/ by process name.
 	pprof map[string]string
-	conns      *Conns
+	conns *Conns
 }
 
 // Run starts the targets, drives each phase and returns the report. Every process it started
