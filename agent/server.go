@@ -10,6 +10,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	// Marshals the agent API and ext_proc messages without reflection.
+	_ "github.com/policy-engine/policy-engine/internal/vtcodec"
 )
 
 // service implements the PolicyAgent gRPC service.

@@ -17,6 +17,8 @@ import (
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/uds"
+	// Marshals the agent API and ext_proc messages without reflection.
+	_ "github.com/policy-engine/policy-engine/internal/vtcodec"
 )
 
 // AgentClient is how the kernel talks to one policy-agent. The transport behind it (a unary
