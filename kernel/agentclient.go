@@ -33,6 +33,12 @@ type AgentClient interface {
 	Close() error
 }
 
+// timeoutExecutor is an AgentClient that takes a call's timeout as a duration, which saves the
+// derived context on the hot path.
+type timeoutExecutor interface {
+	ExecuteTimeout(ctx context.Context, req *agentv1.PolicyRequest, timeout time.Duration) (*agentv1.PolicyResponse, error)
+}
+
 // ErrNotDelivered marks an agent call that failed before the agent could see it.
 var ErrNotDelivered = errors.New("request not delivered to the agent")
 

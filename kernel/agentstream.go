@@ -84,9 +84,44 @@ type laneStream struct {
 	failed  chan struct{} // closed when err is set
 }
 
-// call is one Execute waiting for its reply.
+// call is one Execute waiting for its reply. Calls are pooled with their channel and timer.
 type call struct {
-	done chan callResult
+	done  chan callResult
+	timer *time.Timer
+	// expired fires when the call's timeout passes; nil when the call has none.
+	expired <-chan time.Time
+}
+
+// start arms the call's timer for timeout; 0 means no timeout of the call's own.
+func (cl *call) start(timeout time.Duration) {
+	if timeout <= 0 {
+		cl.expired = nil
+		return
+	}
+	if cl.timer == nil {
+		cl.timer = time.NewTimer(timeout)
+	} else {
+		cl.timer.Reset(timeout)
+	}
+	cl.expired = cl.timer.C
+}
+
+func (cl *call) stop() {
+	if cl.expired != nil {
+		cl.timer.Stop()
+		cl.expired = nil
+	}
+}
+
+func getCall(timeout time.Duration) *call {
+	cl := callPool.Get().(*call)
+	cl.start(timeout)
+	return cl
+}
+
+func putCall(cl *call) {
+	cl.stop()
+	callPool.Put(cl)
 }
 
 type callResult struct {
@@ -112,40 +147,70 @@ func newStreamAgentClient(unary *grpcAgentClient, stuckAfter time.Duration) *str
 	return c
 }
 
-// Execute runs one chain on the agent.
+// Execute runs one chain on the agent within ctx.
 func (c *streamAgentClient) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+	return c.ExecuteTimeout(ctx, req, 0)
+}
+
+// ExecuteTimeout runs one chain on the agent within ctx and timeout, without deriving a
+// context for the timeout (0: none): a pooled timer does the work of the several allocations
+// of context.WithTimeout. Running out of time is reported as context.DeadlineExceeded.
+func (c *streamAgentClient) ExecuteTimeout(ctx context.Context, req *agentv1.PolicyRequest, timeout time.Duration) (*agentv1.PolicyResponse, error) {
 	if c.closed.Load() {
 		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, errClientClosed)
 	}
+	cl := getCall(timeout)
+	defer putCall(cl)
 	select {
 	case c.slots <- struct{}{}:
 	case <-ctx.Done():
 		return nil, fmt.Errorf("%w: waiting for a free call slot: %w", ErrNotDelivered, ctx.Err())
+	case <-cl.expired:
+		return nil, fmt.Errorf("%w: waiting for a free call slot: %w", ErrNotDelivered, context.DeadlineExceeded)
 	}
 	defer func() { <-c.slots }()
 	l := c.lanes[int(c.next.Add(1)%uint32(len(c.lanes)))]
 	// A stream found broken before the request went out is replaced once.
 	for attempt := 0; ; attempt++ {
 		if l.unary.Load() {
-			return c.unary.executeOn(ctx, l.i, req)
+			return c.unaryWithin(ctx, l.i, req, timeout)
 		}
-		ls, err := l.stream(ctx)
+		ls, err := l.stream(ctx, cl)
 		if err != nil {
 			if l.unary.Load() {
-				return c.unary.executeOn(ctx, l.i, req)
+				return c.unaryWithin(ctx, l.i, req, timeout)
 			}
 			return nil, fmt.Errorf("%w: open stream: %w", ErrNotDelivered, err)
 		}
-		resp, err, retry := ls.execute(ctx, req, c.callID.Add(1))
+		resp, err, retry := ls.execute(ctx, cl, req, c.callID.Add(1))
 		if !retry || attempt == 1 {
 			return resp, err
 		}
 	}
 }
 
+// unaryWithin calls unary Execute, for agents without ExecuteStream.
+func (c *streamAgentClient) unaryWithin(ctx context.Context, i int, req *agentv1.PolicyRequest, timeout time.Duration) (*agentv1.PolicyResponse, error) {
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	return c.unary.executeOn(ctx, i, req)
+}
+
+// callErr is the error of a call that stopped waiting: its context's, or a deadline error
+// when its own timer fired.
+func callErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return context.DeadlineExceeded
+}
+
 // stream returns the lane's open stream, opening one if there is none. Calls that arrive while
 // a stream is being opened wait for that one, each until its own deadline.
-func (l *lane) stream(ctx context.Context) (*laneStream, error) {
+func (l *lane) stream(ctx context.Context, cl *call) (*laneStream, error) {
 	if ls := l.cur.Load(); ls != nil {
 		return ls, nil
 	}
@@ -166,6 +231,8 @@ func (l *lane) stream(ctx context.Context) (*laneStream, error) {
 		return op.ls, op.err
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	case <-cl.expired:
+		return nil, context.DeadlineExceeded
 	}
 }
 
@@ -194,49 +261,51 @@ func (l *lane) open(op *streamOpen) {
 
 // execute sends one request on the stream and waits for its reply. retry says that the
 // stream was already broken and nothing was sent, so another stream may be tried.
-func (ls *laneStream) execute(ctx context.Context, req *agentv1.PolicyRequest, id uint64) (_ *agentv1.PolicyResponse, _ error, retry bool) {
-	cl := callPool.Get().(*call)
+func (ls *laneStream) execute(ctx context.Context, cl *call, req *agentv1.PolicyRequest, id uint64) (_ *agentv1.PolicyResponse, _ error, retry bool) {
 	ls.mu.Lock()
 	if ls.err != nil {
 		ls.mu.Unlock()
-		callPool.Put(cl)
 		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, ls.err), true
 	}
 	ls.pending[id] = cl
 	ls.mu.Unlock()
 
 	req.CallId = id
-	if err := ls.send(ctx, req); err != nil {
+	if err := ls.send(ctx, cl, req); err != nil {
 		// Not sent. If the stream failed meanwhile, fail handed the call an error: drop it.
 		if !ls.forget(id) {
 			<-cl.done
 		}
-		callPool.Put(cl)
-		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, err), ctx.Err() == nil
+		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, err), ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded)
 	}
+	var expired bool
 	select {
 	case r := <-cl.done:
-		callPool.Put(cl)
 		return r.resp, r.err, false
 	case <-ctx.Done():
-		if !ls.forget(id) {
-			// The reply (or the stream's failure) is already on its way: take it, so that
-			// the pooled call is empty, and answer with it.
-			r := <-cl.done
-			callPool.Put(cl)
-			return r.resp, r.err, false
-		}
-		callPool.Put(cl)
-		return nil, ctx.Err(), false
+	case <-cl.expired:
+		expired = true
 	}
+	if !ls.forget(id) {
+		// The reply (or the stream's failure) is already on its way: take it, so that the
+		// pooled call is empty, and answer with it.
+		r := <-cl.done
+		return r.resp, r.err, false
+	}
+	if expired {
+		return nil, context.DeadlineExceeded, false
+	}
+	return nil, callErr(ctx), false
 }
 
 // send writes a request on the stream. An error means the request was not sent.
-func (ls *laneStream) send(ctx context.Context, req *agentv1.PolicyRequest) error {
+func (ls *laneStream) send(ctx context.Context, cl *call, req *agentv1.PolicyRequest) error {
 	select {
 	case ls.sendLock <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
+	case <-cl.expired:
+		return context.DeadlineExceeded
 	}
 	defer func() { <-ls.sendLock }()
 	ls.sendingSince.Store(time.Now().UnixNano())
@@ -253,6 +322,8 @@ func (ls *laneStream) send(ctx context.Context, req *agentv1.PolicyRequest) erro
 			return fmt.Errorf("stream already ended: %w", ls.err)
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-cl.expired:
+			return context.DeadlineExceeded
 		}
 	}
 	ls.fail(err)
@@ -376,4 +447,7 @@ func (c *streamAgentClient) Close() error {
 	return c.unary.Close()
 }
 
-var _ AgentClient = (*streamAgentClient)(nil)
+var (
+	_ AgentClient     = (*streamAgentClient)(nil)
+	_ timeoutExecutor = (*streamAgentClient)(nil)
+)
