@@ -460,3 +460,57 @@ func TestStreamFailClassifiesErrors(t *testing.T) {
 	f(status.Error(codes.Unavailable, "gone"), false)
 	f(errSendStuck, false)
 }
+
+func TestStreamClientOwnTimeout(t *testing.T) {
+	path := socketPath(t)
+	f := newFakeAgent()
+	serveAgent(t, path, f)
+	c := newTestStreamClient(t, path, 1)
+	warm(t, c)
+	start := time.Now()
+	_, err := c.ExecuteTimeout(context.Background(), &agentv1.PolicyRequest{RouteName: "sleep"}, 50*time.Millisecond)
+	if !errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrNotDelivered) {
+		t.Fatalf("err = %v, want a deadline error of a delivered call", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("call returned after %s, want about 50ms", d)
+	}
+	if n := pendingCalls(c); n != 0 {
+		t.Errorf("%d calls pending after the timeout", n)
+	}
+	// No free slot within the timeout: never sent.
+	c.slots = make(chan struct{})
+	if _, err := c.ExecuteTimeout(context.Background(), &agentv1.PolicyRequest{}, 30*time.Millisecond); !errors.Is(err, ErrNotDelivered) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("no slot: err = %v, want not delivered by deadline", err)
+	}
+}
+
+func TestStreamClientUnaryFallbackTimeout(t *testing.T) {
+	path := socketPath(t)
+	f := newFakeAgent()
+	serveAgent(t, path, &unaryAgent{f: f})
+	c := newTestStreamClient(t, path, 1)
+	warm(t, c)
+	resp, err := c.ExecuteTimeout(context.Background(), &agentv1.PolicyRequest{RequestId: "u"}, time.Second)
+	if err != nil || resp.GetRequestId() != "u" {
+		t.Fatalf("unary call: %v, %v", resp, err)
+	}
+	_, err = c.ExecuteTimeout(context.Background(), &agentv1.PolicyRequest{RouteName: "sleep"}, 50*time.Millisecond)
+	if status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("slow unary call: err = %v, want DeadlineExceeded", err)
+	}
+}
+
+func TestStreamClientUnaryCallsPassThrough(t *testing.T) {
+	path := socketPath(t)
+	serveAgent(t, path, newFakeAgent()) // no GetAgentConfig, no health service
+	c := newTestStreamClient(t, path, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := c.GetAgentConfig(ctx); status.Code(err) != codes.Unimplemented {
+		t.Errorf("GetAgentConfig: err = %v, want the agent's Unimplemented", err)
+	}
+	if err := c.Check(ctx); status.Code(err) != codes.Unimplemented {
+		t.Errorf("Check: err = %v, want the agent's Unimplemented", err)
+	}
+}
