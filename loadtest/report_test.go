@@ -4,8 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"math"
+	"os"
 	"strings"
 	"testing"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protodesc"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/descriptorpb"
 )
 
 func sampleReport() *Report {
@@ -91,5 +97,54 @@ func TestFormatHelpers(t *testing.T) {
 	}
 	if dur(0) != "-" || dur(12) != "12" {
 		t.Error("dur")
+	}
+}
+
+func TestGHZDataIsCurrent(t *testing.T) {
+	var b bytes.Buffer
+	if err := WriteGHZData(&b, DefaultTraffic(RouteName, APIKey)); err != nil {
+		t.Fatal(err)
+	}
+	committed, err := os.ReadFile("ghz/process.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The x-request-id differs per request; compare everything else.
+	strip := func(s string) string {
+		i := strings.Index(s, `"key": "x-request-id"`)
+		if i < 0 {
+			t.Fatal("no x-request-id in ghz data")
+		}
+		j := strings.Index(s[i:], "}")
+		return s[:i] + s[i+j:]
+	}
+	if strip(b.String()) != strip(string(committed)) {
+		t.Errorf("ghz/process.json is stale: regenerate it with go run ./loadtest/cmd/ghzdata -data loadtest/ghz/process.json")
+	}
+	var msgs []json.RawMessage
+	if err := json.Unmarshal(committed, &msgs); err != nil || len(msgs) != 2 {
+		t.Fatalf("ghz data: %d messages, %v", len(msgs), err)
+	}
+}
+
+func TestProtoset(t *testing.T) {
+	var b bytes.Buffer
+	if err := WriteProtoset(&b); err != nil {
+		t.Fatal(err)
+	}
+	var set descriptorpb.FileDescriptorSet
+	if err := proto.Unmarshal(b.Bytes(), &set); err != nil {
+		t.Fatal(err)
+	}
+	files, err := protodesc.NewFiles(&set)
+	if err != nil {
+		t.Fatalf("protoset does not resolve on its own: %v", err)
+	}
+	d, err := files.FindDescriptorByName("envoy.service.ext_proc.v3.ExternalProcessor")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := d.(protoreflect.ServiceDescriptor).Methods().ByName("Process"); m == nil || !m.IsStreamingClient() || !m.IsStreamingServer() {
+		t.Fatalf("Process method: %v", m)
 	}
 }
