@@ -7,6 +7,7 @@ package vtcodec
 
 import (
 	"fmt"
+	"sync/atomic"
 
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
@@ -85,15 +86,44 @@ func (c *Codec) Marshal(v any) (mem.BufferSlice, error) {
 	return mem.BufferSlice{mem.NewBuffer(buf, pool)}, nil
 }
 
+// Decoder decodes the message types it knows, reporting ok; it must copy whatever it keeps
+// of data.
+type Decoder func(data []byte, v any) (ok bool, err error)
+
+var decoder atomic.Pointer[Decoder]
+
+// SetDecoder makes d the first decoder tried for every message: for types that have no
+// generated code, such as the ext_proc requests the kernel receives. nil removes it.
+func SetDecoder(d Decoder) {
+	if d == nil {
+		decoder.Store(nil)
+		return
+	}
+	decoder.Store(&d)
+}
+
 // Unmarshal decodes data into v. The generated code copies what it keeps, so the buffer is
 // returned to the pool at once.
 func (c *Codec) Unmarshal(data mem.BufferSlice, v any) error {
+	d := decoder.Load()
 	m, ok := v.(vtUnmarshaler)
-	if !ok {
+	if !ok && d == nil {
 		return c.fallback.Unmarshal(data, v)
 	}
 	buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
 	defer buf.Free()
+	if d != nil {
+		handled, err := (*d)(buf.ReadOnlyData(), v)
+		if handled {
+			if err != nil {
+				return fmt.Errorf("unmarshal %T: %w", v, err)
+			}
+			return nil
+		}
+	}
+	if !ok {
+		return c.fallback.Unmarshal(mem.BufferSlice{buf}, v)
+	}
 	if err := m.UnmarshalVT(buf.ReadOnlyData()); err != nil {
 		return fmt.Errorf("unmarshal %T: %w", v, err)
 	}

@@ -112,3 +112,31 @@ func TestMarshalError(t *testing.T) {
 		}
 	}
 }
+
+func TestSetDecoder(t *testing.T) {
+	defer SetDecoder(nil)
+	var calls int
+	SetDecoder(func(data []byte, v any) (bool, error) {
+		m, ok := v.(*healthpb.HealthCheckRequest)
+		if !ok {
+			return false, nil
+		}
+		calls++
+		if len(data) == 0 {
+			return true, errFail
+		}
+		m.Service = string(data)
+		return true, nil
+	})
+	c := New()
+	var req healthpb.HealthCheckRequest
+	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte("svc"))}, &req); err != nil || req.Service != "svc" || calls != 1 {
+		t.Fatalf("decoder not used: %v, %q, %d calls", err, req.Service, calls)
+	}
+	if err := c.Unmarshal(mem.BufferSlice{}, &req); !errors.Is(err, errFail) {
+		t.Fatalf("decoder error not returned: %v", err)
+	}
+	// Types the decoder does not take go to the generated code or the standard codec.
+	roundTrip(t, &agentv1.PolicyRequest{RequestId: "x"}, &agentv1.PolicyRequest{})
+	roundTrip(t, &healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_SERVING}, &healthpb.HealthCheckResponse{})
+}
