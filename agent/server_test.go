@@ -66,7 +66,7 @@ func startStreamService(t *testing.T) (*service, agentv1.PolicyAgent_ExecuteStre
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := &service{exec: exec}
+	svc := newService(exec, 100)
 	srv := grpc.NewServer()
 	agentv1.RegisterPolicyAgentServer(srv, svc)
 	go func() { _ = srv.Serve(ln) }()

