@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/vtcodec"
 )
 
@@ -26,11 +27,16 @@ import (
 
 func init() {
 	vtcodec.SetDecoder(func(data []byte, v any) (bool, error) {
-		m, ok := v.(*extprocv3.ProcessingRequest)
-		if !ok {
-			return false, nil
+		switch m := v.(type) {
+		case *extprocv3.ProcessingRequest:
+			return true, decodeProcessingRequest(data, m)
+		case *agentv1.PolicyResponse:
+			// The same for the agent's replies: their strings point into one private copy.
+			// The kernel keeps them no longer than the stream (state values), so the copy
+			// does not outlive its use.
+			return true, m.UnmarshalVTUnsafe(append([]byte(nil), data...))
 		}
-		return true, decodeProcessingRequest(data, m)
+		return false, nil
 	})
 }
 

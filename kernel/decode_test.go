@@ -11,6 +11,8 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 )
 
 // decodeSamples are messages as Envoy sends them, one of each kind, plus a few it would not
@@ -102,6 +104,26 @@ func TestDecoderRegisteredWithCodec(t *testing.T) {
 	}
 	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x12, 0x05})}, &extprocv3.ProcessingRequest{}); err == nil {
 		t.Fatal("truncated message decoded without error")
+	}
+
+	// Agent replies too, into memory of their own.
+	reply := &agentv1.PolicyResponse{CallId: 9, Instructions: cannedRequest, Status: &agentv1.ResponseStatus{PolicyName: "apiKeyAuth"}}
+	data, err = proto.Marshal(reply)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotReply := &agentv1.PolicyResponse{}
+	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer(data)}, gotReply); err != nil {
+		t.Fatal(err)
+	}
+	for i := range data {
+		data[i] = 0
+	}
+	if !proto.Equal(gotReply, reply) {
+		t.Fatalf("agent reply decoded as %v, want %v", gotReply, reply)
+	}
+	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x12, 0x05})}, &agentv1.PolicyResponse{}); err == nil {
+		t.Fatal("truncated agent reply decoded without error")
 	}
 }
 

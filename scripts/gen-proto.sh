@@ -20,5 +20,5 @@ GOBIN="$bindir" go install "github.com/planetscale/vtprotobuf/cmd/protoc-gen-go-
 PATH="$bindir:$PATH" protoc -I . \
   --go_out=. --go_opt=paths=source_relative \
   --go-grpc_out=. --go-grpc_opt=paths=source_relative \
-  --go-vtproto_out=. --go-vtproto_opt=paths=source_relative,features=marshal+unmarshal+size \
+  --go-vtproto_out=. --go-vtproto_opt=paths=source_relative,features=marshal+unmarshal+unmarshal_unsafe+size \
   api/agent/v1/agent.proto
