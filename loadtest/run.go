@@ -59,6 +59,8 @@ type Options struct {
 	MaxInFlight   int
 	StartTimeout  time.Duration
 	ExtraKernelYA string // appended to the kernel config's policy_kernel section, for experiments
+	// ServerEnv is added to the environment of the kernel and agent, e.g. GOGC=200.
+	ServerEnv []string
 }
 
 func parseOptions(args []string, stderr io.Writer) (*Options, error) {
@@ -83,10 +85,21 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	fs.IntVar(&o.MaxInFlight, "max-in-flight", 20000, "open-loop requests outstanding at once before new ones are dropped")
 	fs.DurationVar(&o.StartTimeout, "start-timeout", 30*time.Second, "how long to wait for the servers to be ready")
 	fs.StringVar(&o.ExtraKernelYA, "kernel-yaml", "", "extra YAML lines for the kernel config's policy_kernel section")
+	var env string
+	fs.StringVar(&env, "server-env", "", "comma-separated KEY=VALUE pairs added to the kernel's and agent's environment, e.g. GOGC=200")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	var errs []error
+	if env != "" {
+		for kv := range strings.SplitSeq(env, ",") {
+			if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+				errs = append(errs, fmt.Errorf("-server-env: %q is not KEY=VALUE", kv))
+				continue
+			}
+			o.ServerEnv = append(o.ServerEnv, kv)
+		}
+	}
 	if fs.NArg() > 0 {
 		errs = append(errs, fmt.Errorf("unexpected arguments: %q", fs.Args()))
 	}
@@ -372,12 +385,12 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 		if err := os.WriteFile(kcfg, []byte(kernelConfig(port, mport, sock, reqChain, o.ExtraKernelYA)), 0o600); err != nil {
 			return nil, fmt.Errorf("write kernel config: %w", err)
 		}
-		agent, err := startProcess(filepath.Join(o.BinDir, "policy-agent"), []string{"-config", acfg}, "agent", dir)
+		agent, err := startProcess(filepath.Join(o.BinDir, "policy-agent"), []string{"-config", acfg}, "agent", dir, o.ServerEnv...)
 		if err != nil {
 			return nil, err
 		}
 		*started = append(*started, agent)
-		kernel, err := startProcess(filepath.Join(o.BinDir, "policy-kernel"), []string{"-config", kcfg}, "kernel", dir)
+		kernel, err := startProcess(filepath.Join(o.BinDir, "policy-kernel"), []string{"-config", kcfg}, "kernel", dir, o.ServerEnv...)
 		if err != nil {
 			return nil, err
 		}
@@ -456,7 +469,7 @@ type process struct {
 	log  string
 }
 
-func startProcess(bin string, args []string, name, dir string) (*process, error) {
+func startProcess(bin string, args []string, name, dir string, env ...string) (*process, error) {
 	logPath := filepath.Join(dir, name+".log")
 	lf, err := os.Create(logPath)
 	if err != nil {
@@ -464,6 +477,9 @@ func startProcess(bin string, args []string, name, dir string) (*process, error)
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = lf, lf
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	// If the load test dies without stopping it, the kernel kills the child.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -21,6 +21,9 @@ func TestParseOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if e, err := parseOptions([]string{"-server-env", "GOGC=200,GOMAXPROCS=2"}, &bytes.Buffer{}); err != nil || len(e.ServerEnv) != 2 || e.ServerEnv[1] != "GOMAXPROCS=2" {
+		t.Errorf("-server-env: %v, %v", e, err)
+	}
 	if o.Rate != 5000 || o.Conns != 2 || o.Streams != 10000 || len(o.Targets) != 2 || o.OpenFor+o.ClosedFor+o.Warmup > 30*time.Second {
 		t.Errorf("defaults %+v", o)
 	}
@@ -34,6 +37,7 @@ func TestParseOptions(t *testing.T) {
 		{[]string{"-targets", "noop,envoy"}, `unknown target "envoy"`},
 		{[]string{"x"}, "unexpected arguments"},
 		{[]string{"-rate", "x"}, "invalid value"},
+		{[]string{"-server-env", "GOGC=200,oops"}, `"oops" is not KEY=VALUE`},
 	} {
 		if _, err := parseOptions(c.args, &bytes.Buffer{}); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("parseOptions(%q): err = %v, want %q", c.args, err, c.want)
@@ -200,13 +204,13 @@ func TestProcessStopEscalates(t *testing.T) {
 }
 
 func TestWaitForTimesOut(t *testing.T) {
-	p, err := startProcess("/bin/sh", []string{"-c", "sleep 30"}, "sleeper", t.TempDir())
+	p, err := startProcess("/bin/sh", []string{"-c", "echo $LOADTEST_MARK; sleep 30"}, "sleeper", t.TempDir(), "LOADTEST_MARK=marked")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.stop()
 	err = waitTCP(context.Background(), "127.0.0.1:1", p, 300*time.Millisecond)
-	if err == nil || !strings.Contains(err.Error(), "sleeper not ready after 300ms") {
+	if err == nil || !strings.Contains(err.Error(), "sleeper not ready after 300ms: marked") {
 		t.Fatalf("err = %v", err)
 	}
 	err = waitReady(context.Background(), "http://127.0.0.1:1/health/ready", p, 200*time.Millisecond)
