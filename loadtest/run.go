@@ -61,6 +61,9 @@ type Options struct {
 	ExtraKernelYA string // appended to the kernel config's policy_kernel section, for experiments
 	// ServerEnv is added to the environment of the kernel and agent, e.g. GOGC=200.
 	ServerEnv []string
+	// MessageTimeout is Envoy's message_timeout that the kernel is configured with; the agent
+	// timeout is three quarters of it, as in the example config.
+	MessageTimeout time.Duration
 }
 
 func parseOptions(args []string, stderr io.Writer) (*Options, error) {
@@ -85,6 +88,7 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	fs.IntVar(&o.MaxInFlight, "max-in-flight", 20000, "open-loop requests outstanding at once before new ones are dropped")
 	fs.DurationVar(&o.StartTimeout, "start-timeout", 30*time.Second, "how long to wait for the servers to be ready")
 	fs.StringVar(&o.ExtraKernelYA, "kernel-yaml", "", "extra YAML lines for the kernel config's policy_kernel section")
+	fs.DurationVar(&o.MessageTimeout, "message-timeout", 200*time.Millisecond, "Envoy's message_timeout for the kernel config (the agent timeout is 3/4 of it)")
 	var env string
 	fs.StringVar(&env, "server-env", "", "comma-separated KEY=VALUE pairs added to the kernel's and agent's environment, e.g. GOGC=200")
 	if err := fs.Parse(args); err != nil {
@@ -108,6 +112,9 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	}
 	if o.Concurrency <= 0 || o.Conns <= 0 || o.Repeat <= 0 || o.MaxInFlight <= 0 {
 		errs = append(errs, errors.New("-concurrency, -conns, -repeat and -max-in-flight must be positive"))
+	}
+	if o.MessageTimeout < 4*time.Millisecond || o.MessageTimeout > 6*time.Second {
+		errs = append(errs, fmt.Errorf("-message-timeout must be from 4ms to 6s, got %s", o.MessageTimeout))
 	}
 	if o.Streams < 0 {
 		errs = append(errs, fmt.Errorf("-streams must not be negative, got %d", o.Streams))
@@ -382,7 +389,7 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 		if err := os.WriteFile(acfg, []byte(agentConfig(sock, aport)), 0o600); err != nil {
 			return nil, fmt.Errorf("write agent config: %w", err)
 		}
-		if err := os.WriteFile(kcfg, []byte(kernelConfig(port, mport, sock, reqChain, o.ExtraKernelYA)), 0o600); err != nil {
+		if err := os.WriteFile(kcfg, []byte(kernelConfig(port, mport, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)), 0o600); err != nil {
 			return nil, fmt.Errorf("write kernel config: %w", err)
 		}
 		agent, err := startProcess(filepath.Join(o.BinDir, "policy-agent"), []string{"-config", acfg}, "agent", dir, o.ServerEnv...)
@@ -424,7 +431,7 @@ func agentConfig(sock string, mport int) string {
 `, sock, APIKey, mport)
 }
 
-func kernelConfig(port, mport int, sock, reqChain, extra string) string {
+func kernelConfig(port, mport int, sock, reqChain string, messageTimeout time.Duration, extra string) string {
 	second := `        - policy: "allowAll"`
 	if strings.Contains(reqChain, "rateLimit") {
 		second = `        - policy: "rateLimit"
@@ -437,9 +444,11 @@ func kernelConfig(port, mport int, sock, reqChain, extra string) string {
     address: "127.0.0.1"
     port: %d
     max_concurrent_streams: 1024
+    message_timeout_ms: %d
   agents:
     - name: "loadtest-agent"
       socket_path: %q
+      timeout_ms: %d
   route_policies:
     - route_name: %q
       request_policy_chain:
@@ -454,7 +463,7 @@ func kernelConfig(port, mport int, sock, reqChain, extra string) string {
     metrics_address: "127.0.0.1"
     metrics_port: %d
     log_level: "warn"
-`, port, sock, RouteName, second, mport)
+`, port, messageTimeout.Milliseconds(), sock, messageTimeout.Milliseconds()*3/4, RouteName, second, mport)
 	if extra != "" {
 		cfg += extra + "\n"
 	}

@@ -38,6 +38,7 @@ func TestParseOptions(t *testing.T) {
 		{[]string{"x"}, "unexpected arguments"},
 		{[]string{"-rate", "x"}, "invalid value"},
 		{[]string{"-server-env", "GOGC=200,oops"}, `"oops" is not KEY=VALUE`},
+		{[]string{"-message-timeout", "10s"}, "-message-timeout must be from 4ms to 6s"},
 	} {
 		if _, err := parseOptions(c.args, &bytes.Buffer{}); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("parseOptions(%q): err = %v, want %q", c.args, err, c.want)
@@ -48,7 +49,7 @@ func TestParseOptions(t *testing.T) {
 // The configs the load test writes must be valid for the real binaries.
 func TestConfigsAreValid(t *testing.T) {
 	for _, chain := range []string{"apiKeyAuth + allowAll", "apiKeyAuth + rateLimit"} {
-		kc := kernelConfig(9001, 9090, "/tmp/a.sock", chain, "  version: \"x\"")
+		kc := kernelConfig(9001, 9090, "/tmp/a.sock", chain, 200*time.Millisecond, "  version: \"x\"")
 		cfg, err := kernel.ParseConfig("kernel.yaml", []byte(kc))
 		if err != nil {
 			t.Fatalf("%s: kernel config: %v\n%s", chain, err, kc)
@@ -62,6 +63,9 @@ func TestConfigsAreValid(t *testing.T) {
 		}
 		if cfg.PolicyKernel.Version != "x" {
 			t.Errorf("extra YAML not applied")
+		}
+		if cfg.PolicyKernel.Server.MessageTimeoutMS != 200 || cfg.PolicyKernel.Agents[0].TimeoutMS != 150 {
+			t.Errorf("timeouts: message %d ms, agent %d ms; want 200 and 150", cfg.PolicyKernel.Server.MessageTimeoutMS, cfg.PolicyKernel.Agents[0].TimeoutMS)
 		}
 	}
 	ac, err := agent.ParseConfig("agent.yaml", []byte(agentConfig("/tmp/a.sock", 9091)))
@@ -104,6 +108,8 @@ func TestMainEndToEnd(t *testing.T) {
 		"-bin", bin, "-rate", "200", "-open", "500ms", "-closed", "1500ms", "-warmup", "300ms", "-concurrency", "4",
 		"-streams", "300", "-json", jsonOut, "-workdir", filepath.Join(work, "run"),
 		"-profile", profiles, "-profile-seconds", "1s",
+		// The test checks the pipeline, not timing: other packages' tests share the CPUs.
+		"-message-timeout", "4s",
 	}, &stdout, &stderr)
 	if err != nil {
 		t.Fatalf("Main: %v\nstderr:\n%s", err, stderr.String())
@@ -126,14 +132,12 @@ func TestMainEndToEnd(t *testing.T) {
 		t.Fatalf("%d rows, want open, closed and streams for both targets:\n%s", len(rep.Rows), out)
 	}
 	for _, row := range rep.Rows {
-		// On a loaded machine (the race detector, other builds) a call may miss the kernel's
-		// 150ms agent timeout; more than 2% of them is a fault.
-		if row.Errors*50 > row.Requests+row.Errors {
-			t.Errorf("%s %s: %d errors for %d requests: %v", row.Target, row.Phase, row.Errors, row.Requests, row.Errs)
+		if row.Errors != 0 {
+			t.Errorf("%s %s: %d errors: %v", row.Target, row.Phase, row.Errors, row.Errs)
 		}
 		if strings.HasPrefix(row.Phase, phaseStreams) {
-			if row.Requests+row.Errors != 300 {
-				t.Errorf("%s held %d streams and failed %d, want 300 in all", row.Target, row.Requests, row.Errors)
+			if row.Requests != 300 {
+				t.Errorf("%s held %d streams, want 300", row.Target, row.Requests)
 			}
 			continue
 		}
