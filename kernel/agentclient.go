@@ -25,7 +25,9 @@ import (
 // RPC per call, or long-lived multiplexed streams) is the client's business.
 type AgentClient interface {
 	// Execute runs one chain. An error wrapping ErrNotDelivered means the request never
-	// reached the agent, so no policy ran and a retry is safe.
+	// reached the agent, so no policy ran and a retry is safe. Execute must not keep req, or
+	// anything it points to, after it returns: the kernel reuses them for the stream's next
+	// phase and for the next stream.
 	Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error)
 	GetAgentConfig(ctx context.Context) (*agentv1.GetAgentConfigResponse, error)
 	// Check asks the agent's gRPC health service.

@@ -55,18 +55,72 @@ func TestVMHistogram(t *testing.T) {
 
 func TestVMHistogramErrors(t *testing.T) {
 	for _, c := range []struct{ text, want string }{
-		{`m_bucket{vmrange="1...2} 3`, "unterminated vmrange"},
+		{`m_bucket{vmrange="1...2} 3`, "unterminated bucket label"},
 		{`m_bucket{vmrange="1...2"} x`, "value of"},
 	} {
 		if _, err := parseVMHistogram(strings.NewReader(c.text), "m"); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("parse %q: err = %v, want %q", c.text, err, c.want)
 		}
 	}
-	h, err := parseVMHistogram(strings.NewReader(`m_bucket{le="1"} 3`), "m")
+	h, err := parseVMHistogram(strings.NewReader(`m_bucket{other="1"} 3`), "m")
 	if err != nil || len(h) != 0 {
-		t.Errorf("a bucket without vmrange: %v, %v; want it skipped", h, err)
+		t.Errorf("a bucket without vmrange or le: %v, %v; want it skipped", h, err)
 	}
 	for _, bad := range []vmHistogram{{"12": 1}, {"a...2": 1}} {
+		if _, err := bad.quantile(0.5); err == nil {
+			t.Errorf("quantile of %v succeeded", bad)
+		}
+	}
+}
+
+const leSample = `policy_kernel_request_duration_seconds_bucket{route="/a",agent="x",le="0.0005"} 60
+policy_kernel_request_duration_seconds_bucket{route="/a",agent="x",le="0.001"} 97
+policy_kernel_request_duration_seconds_bucket{route="/a",agent="x",le="0.0025"} 99
+policy_kernel_request_duration_seconds_bucket{route="/a",agent="x",le="+Inf"} 100
+policy_kernel_request_duration_seconds_bucket{route="/b",agent="x",le="0.0005"} 40
+policy_kernel_request_duration_seconds_bucket{route="/b",agent="x",le="0.001"} 100
+policy_kernel_request_duration_seconds_bucket{route="/b",agent="x",le="0.0025"} 100
+policy_kernel_request_duration_seconds_bucket{route="/b",agent="x",le="+Inf"} 100
+policy_kernel_request_duration_seconds_count{route="/b",agent="x"} 100
+`
+
+func TestLEHistogram(t *testing.T) {
+	h, err := parseVMHistogram(strings.NewReader(leSample), "policy_kernel_request_duration_seconds")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.count() != 200 {
+		t.Fatalf("count = %g, want 200", h.count())
+	}
+	f := func(h vmHistogram, q, want float64) {
+		t.Helper()
+		got, err := h.quantile(q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Errorf("quantile(%g) = %g, want %g", q, got, want)
+		}
+	}
+	f(h, 0.5, 0.0005)
+	f(h, 0.9, 0.001)
+	f(h, 0.99, 0.0025)
+	// One of the 200 took longer than 2.5ms: the maximum is only known to be finite.
+	f(h, 1, math.Inf(1))
+	f(vmHistogram{"le:0.001": 1, "le:+Inf": 3}, 0.9, math.Inf(1))
+	// Since an earlier scrape.
+	earlier := vmHistogram{"le:0.0005": 100, "le:0.001": 150, "le:0.0025": 150, "le:+Inf": 150}
+	f(h.sub(earlier), 0.5, 0.001)
+	if top := h.topBound(); top != 0.0025 {
+		t.Errorf("top bound %g, want 0.0025", top)
+	}
+	if top := (vmHistogram{"1.0e-3...2.0e-3": 1}).topBound(); top != 0.002 {
+		t.Errorf("vmrange top bound %g", top)
+	}
+	if q, _ := (vmHistogram{"le:+Inf": 0}).quantile(0.5); !math.IsNaN(q) {
+		t.Errorf("empty le histogram: %g", q)
+	}
+	for _, bad := range []vmHistogram{{"le:+Inf": 1, "1...2": 1}, {"le:+Inf": 1, "le:x": 1}} {
 		if _, err := bad.quantile(0.5); err == nil {
 			t.Errorf("quantile of %v succeeded", bad)
 		}

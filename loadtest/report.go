@@ -55,6 +55,9 @@ type Row struct {
 	// KernelP99us is the p99 of the kernel's own policy_kernel_request_duration_seconds
 	// histogram over the phase (an upper bound: the bucket's top); 0 when not measured.
 	KernelP99us float64 `json:"kernel_p99_us,omitempty"`
+	// KernelP99Above says that the p99 lies above the histogram's largest finite bucket,
+	// which KernelP99us then holds.
+	KernelP99Above bool `json:"kernel_p99_above_top_bucket,omitempty"`
 	// Procs lists each server process's CPU and memory over the phase.
 	Procs []ProcUsage `json:"processes"`
 	// CPUPer1k is the CPU seconds of all the target's processes per 1,000 requests.
@@ -118,7 +121,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t\n",
 			row.Run, row.Target, row.Phase, num(row.RPS, "%.0f"), dur(row.P50us), dur(row.P99us), dur(row.P999us), row.Errors,
-			num(row.KernelP99us, "%.0f"), cpuCol, num(row.CPURatio, "%.2f×"), strings.Join(rss, ", "))
+			kernelP99(row), cpuCol, num(row.CPURatio, "%.2f×"), strings.Join(rss, ", "))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -129,6 +132,13 @@ func (r *Report) WriteTable(w io.Writer) error {
 		}
 	}
 	return nil
+}
+
+func kernelP99(row Row) string {
+	if row.KernelP99Above {
+		return ">" + num(row.KernelP99us, "%.0f")
+	}
+	return num(row.KernelP99us, "%.0f")
 }
 
 func num(v float64, format string) string {

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -304,7 +305,11 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 		if err != nil {
 			return row, err
 		}
-		if q, err := h.sub(hist0).quantile(0.99); err == nil {
+		if q, err := h.sub(hist0).quantile(0.99); err == nil && !math.IsNaN(q) {
+			if math.IsInf(q, 1) {
+				row.KernelP99Above = true
+				q = h.topBound()
+			}
 			row.KernelP99us = q * 1e6
 		}
 	}
