@@ -10,7 +10,7 @@ LDFLAGS   := -s -w -X github.com/policy-engine/policy-engine/agent.Version=$(VER
 all: build
 
 build:
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/policy-kernel ./cmd/policy-agent
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/policy-kernel ./cmd/policy-agent ./loadtest/cmd/extproc-noop
 
 run: build
 	./scripts/run.sh
@@ -49,9 +49,12 @@ cover:
 	$(GO) test -count=1 -timeout 12m -coverpkg=./... -coverprofile=coverage.out $(PKGS) >/dev/null
 	@$(GO) run ./scripts/coverage coverage.out
 
+# Benchmarks of the hot path with allocation counts; compare two runs with benchstat (see the
+# comments of kernel/bench_test.go).
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./internal/... ./kernel/... ./agent/... ./bench/...
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./internal/... ./kernel/... ./agent/...
 
+# A measurement, not a test: kernel + agent against the no-op baseline (docs/performance.md).
 loadtest: build
 	$(GO) run ./loadtest/cmd/loadtest
 

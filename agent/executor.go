@@ -259,9 +259,9 @@ func (e *Executor) Execute(ctx context.Context, req *agentv1.PolicyRequest) *age
 		return fail(resp, agentv1.StatusCode_POLICY_ERROR, "", fmt.Sprintf("unknown phase %d", req.GetPhase()))
 	}
 	if req.GetDeadlineMs() > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.GetDeadlineMs())*time.Millisecond)
-		defer cancel()
+		cc := newChainCtx(ctx, time.Now().Add(time.Duration(req.GetDeadlineMs())*time.Millisecond))
+		defer cc.release()
+		ctx = cc
 	}
 	limits := s.cfg.ResourceLimits
 	e.metrics.observeContext(req)

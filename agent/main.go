@@ -129,7 +129,8 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		grpc.MaxSendMsgSize(maxMsg),
 		grpc.MaxConcurrentStreams(uint32(core.Server.MaxConcurrentRequests)),
 	)
-	agentv1.RegisterPolicyAgentServer(srv, newService(exec, core.Server.MaxConcurrentRequests))
+	svc := newService(exec, core.Server.MaxConcurrentRequests)
+	agentv1.RegisterPolicyAgentServer(srv, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
@@ -168,6 +169,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 			timeout := time.Duration(exec.snap.Load().cfg.Server.RequestTimeoutMS) * time.Millisecond
 			log.Info().Int64("request_timeout_ms", timeout.Milliseconds()).Msg("shutting down: finishing the calls in flight")
 			hs.Shutdown()
+			svc.beginDrain()
 			stopped := make(chan struct{})
 			go func() { srv.GracefulStop(); close(stopped) }()
 			select {

@@ -10,6 +10,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	// Marshals the agent API and ext_proc messages without reflection.
+	_ "github.com/policy-engine/policy-engine/internal/vtcodec"
 )
 
 // service implements the PolicyAgent gRPC service.
@@ -19,6 +21,10 @@ type service struct {
 	// sem bounds the chains running at once (server.max_concurrent_requests), across unary
 	// calls and streams alike.
 	sem chan struct{}
+
+	drainOnce sync.Once
+	drainMu   sync.Mutex
+	drain     chan struct{}
 }
 
 func newService(exec *Executor, maxConcurrent int) *service {
@@ -48,34 +54,76 @@ func (s *service) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*age
 
 // ExecuteStream serves many chains over one stream. Each request runs in its own goroutine so
 // that a slow policy does not hold up the others; sends are serialised.
+//
+// The stream ends cleanly (status OK) only after every request read from it has been answered,
+// so a client may take the requests it sent and never got an answer for as never run. When the
+// agent drains, its streams stop reading, answer what they read and end that way, so the
+// kernel moves its calls to another stream at once instead of waiting for a hard stop.
 func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) error {
 	ctx := stream.Context()
 	var (
-		sendMu  sync.Mutex
+		mu      sync.Mutex // guards stopped and the wg.Add that stopped forbids
+		stopped bool
 		wg      sync.WaitGroup
+		sendMu  sync.Mutex
 		sendErr error
 	)
-	defer wg.Wait()
-	for {
-		req, err := stream.Recv()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil
+	recvDone := make(chan error, 1)
+	go func() {
+		for {
+			req, err := stream.Recv()
+			if err != nil {
+				recvDone <- err
+				return
 			}
-			if status.Code(err) == codes.Canceled {
-				return nil
+			mu.Lock()
+			if stopped {
+				// Read after the drain began: neither run nor answered.
+				mu.Unlock()
+				return
 			}
-			return err
+			wg.Add(1)
+			mu.Unlock()
+			go func() {
+				defer wg.Done()
+				resp := s.run(ctx, req)
+				sendMu.Lock()
+				defer sendMu.Unlock()
+				if sendErr == nil {
+					sendErr = stream.Send(resp)
+				}
+			}()
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			resp := s.run(ctx, req)
-			sendMu.Lock()
-			defer sendMu.Unlock()
-			if sendErr == nil {
-				sendErr = stream.Send(resp)
-			}
-		}()
+	}()
+	var err error
+	select {
+	case err = <-recvDone:
+	case <-s.draining():
+	}
+	mu.Lock()
+	stopped = true
+	mu.Unlock()
+	wg.Wait()
+	if err == nil || errors.Is(err, io.EOF) || status.Code(err) == codes.Canceled {
+		return nil
+	}
+	return err
+}
+
+// draining returns a channel closed when the agent begins to shut down.
+func (s *service) draining() <-chan struct{} {
+	s.drainOnce.Do(func() { s.drain = make(chan struct{}) })
+	return s.drain
+}
+
+// beginDrain makes every ExecuteStream stop reading and end once its requests are answered.
+func (s *service) beginDrain() {
+	s.draining()
+	s.drainMu.Lock()
+	defer s.drainMu.Unlock()
+	select {
+	case <-s.drain:
+	default:
+		close(s.drain)
 	}
 }

@@ -17,18 +17,28 @@ import (
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/uds"
+	// Marshals the agent API and ext_proc messages without reflection.
+	_ "github.com/policy-engine/policy-engine/internal/vtcodec"
 )
 
 // AgentClient is how the kernel talks to one policy-agent. The transport behind it (a unary
 // RPC per call, or long-lived multiplexed streams) is the client's business.
 type AgentClient interface {
 	// Execute runs one chain. An error wrapping ErrNotDelivered means the request never
-	// reached the agent, so no policy ran and a retry is safe.
+	// reached the agent, so no policy ran and a retry is safe. Execute must not keep req, or
+	// anything it points to, after it returns: the kernel reuses them for the stream's next
+	// phase and for the next stream.
 	Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error)
 	GetAgentConfig(ctx context.Context) (*agentv1.GetAgentConfigResponse, error)
 	// Check asks the agent's gRPC health service.
 	Check(ctx context.Context) error
 	Close() error
+}
+
+// timeoutExecutor is an AgentClient that takes a call's timeout as a duration, which saves the
+// derived context on the hot path.
+type timeoutExecutor interface {
+	ExecuteTimeout(ctx context.Context, req *agentv1.PolicyRequest, timeout time.Duration) (*agentv1.PolicyResponse, error)
 }
 
 // ErrNotDelivered marks an agent call that failed before the agent could see it.
@@ -68,12 +78,26 @@ func dialAgent(socketPath string, n int, maxMsg int) (*grpcAgentClient, error) {
 	return c, nil
 }
 
+// dialStreamAgent opens the connections to an agent and runs its calls over long-lived
+// streams, stuck sends given up after the agent's timeout.
+func dialStreamAgent(ac AgentConfig, maxMsg int) (AgentClient, error) {
+	u, err := dialAgent(ac.SocketPath, ac.Connections, maxMsg)
+	if err != nil {
+		return nil, err
+	}
+	return newStreamAgentClient(u, time.Duration(ac.TimeoutMS)*time.Millisecond), nil
+}
+
 func (c *grpcAgentClient) pick() int {
 	return int(c.next.Add(1) % uint32(len(c.conns)))
 }
 
 func (c *grpcAgentClient) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
-	i := c.pick()
+	return c.executeOn(ctx, c.pick(), req)
+}
+
+// executeOn runs a unary Execute on connection i.
+func (c *grpcAgentClient) executeOn(ctx context.Context, i int, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
 	// A call on a connection that is not ready when it starts can only fail before the
 	// agent reads it; on a ready connection an Unavailable error may come after delivery.
 	wasReady := c.conns[i].GetState() == connectivity.Ready

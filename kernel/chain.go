@@ -81,7 +81,9 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		ch = &route.response
 	}
 	cfg := st.snap.Config
-	req := &agentv1.PolicyRequest{
+	// The request is the stream's, reused by both phases: it is only read while it is sent.
+	req := &st.call.req
+	*req = agentv1.PolicyRequest{
 		RequestId: st.requestID,
 		Policies:  ch.policies,
 		Context:   st.reqCtx,
@@ -90,7 +92,8 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		RouteName: route.Name,
 	}
 	if phase == agentv1.PolicyPhase_RESPONSE {
-		req.Response = &agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
+		st.call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
+		req.Response = &st.call.resp
 	}
 	agent := route.agent
 	span := st.traceCall(req, agent.cfg.Name)
@@ -186,9 +189,17 @@ func (s *Server) callAgent(ctx context.Context, agent *agentState, req *agentv1.
 		}
 		timeout := min(time.Duration(cfg.TimeoutMS)*time.Millisecond, remaining)
 		req.DeadlineMs = timeout.Milliseconds()
-		actx, cancel := context.WithTimeout(ctx, timeout)
-		resp, err := agent.client.Execute(actx, req)
-		cancel()
+		var (
+			resp *agentv1.PolicyResponse
+			err  error
+		)
+		if te, ok := agent.client.(timeoutExecutor); ok {
+			resp, err = te.ExecuteTimeout(ctx, req, timeout)
+		} else {
+			actx, cancel := context.WithTimeout(ctx, timeout)
+			resp, err = agent.client.Execute(actx, req)
+			cancel()
+		}
 		if err == nil {
 			return resp, nil
 		}

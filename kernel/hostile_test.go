@@ -10,6 +10,7 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 )
@@ -20,7 +21,7 @@ import (
 func TestRepeatedHeadersJoinInLinearTime(t *testing.T) {
 	var seen *agentv1.RequestContext
 	fa := wireAgent(func(req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
-		seen = req.GetContext()
+		seen = proto.Clone(req.GetContext()).(*agentv1.RequestContext) // the request is the stream's, reused
 		return ok()
 	})
 	// A budget far above what linear work needs, so that only the join's cost can fail the test.

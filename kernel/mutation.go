@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unsafe"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -38,6 +39,8 @@ type mutation struct {
 	immediate *extprocv3.ImmediateResponse
 	// dropped lists mutations that Envoy's rules would reject, so they were not sent.
 	dropped []string
+	// opsBuf holds the first operations, so that a typical reply allocates no slice.
+	opsBuf [6]headerOp
 }
 
 // foldHeader records a header operation so that the reply holds at most one net operation per
@@ -68,6 +71,7 @@ func (m *mutation) foldHeader(op headerOp) {
 // understand, which makes the whole reply invalid.
 func buildMutation(phase agentv1.PolicyPhase, ins []*agentv1.Instruction, setState func(k, v string)) (*mutation, error) {
 	m := &mutation{}
+	m.ops = m.opsBuf[:0]
 	for _, in := range ins {
 		switch in.GetType() {
 		case agentv1.InstructionType_SET_HEADER, agentv1.InstructionType_REMOVE_HEADER:
@@ -147,6 +151,37 @@ func setRejected(phase agentv1.PolicyPhase, key, value string) string {
 	return ""
 }
 
+// Shared read-only values of the append flag: replies are only read by the encoder, so every
+// header option can point to one of these instead of allocating its own.
+var (
+	appendTrue  = wrapperspb.Bool(true)
+	appendFalse = wrapperspb.Bool(false)
+)
+
+func appendFlag(b bool) *wrapperspb.BoolValue {
+	if b {
+		return appendTrue
+	}
+	return appendFalse
+}
+
+// headerOption is a header option and its header in one allocation.
+type headerOption struct {
+	opt corev3.HeaderValueOption
+	hv  corev3.HeaderValue
+}
+
+// newHeaderOption returns the option that sets key to value. The raw value shares value's
+// memory: the encoder only reads it.
+func newHeaderOption(key, value string, appendValue bool) *corev3.HeaderValueOption {
+	o := &headerOption{}
+	o.hv.Key = key
+	o.hv.RawValue = unsafe.Slice(unsafe.StringData(value), len(value))
+	o.opt.Header = &o.hv
+	o.opt.Append = appendFlag(appendValue)
+	return &o.opt
+}
+
 // headerMutation is the ext_proc form of the mutation's header operations: values in raw_value
 // only (Envoy reads nothing else) and the append BoolValue always set, because Envoy ignores
 // append_action.
@@ -155,17 +190,27 @@ func (m *mutation) headerMutation() *extprocv3.HeaderMutation {
 		return nil
 	}
 	hm := &extprocv3.HeaderMutation{}
+	m.fillHeaderMutation(hm)
+	return hm
+}
+
+func (m *mutation) fillHeaderMutation(hm *extprocv3.HeaderMutation) {
+	sets := 0
+	for _, o := range m.ops {
+		if o.kind != opRemove {
+			sets++
+		}
+	}
+	if sets > 0 {
+		hm.SetHeaders = make([]*corev3.HeaderValueOption, 0, sets)
+	}
 	for _, o := range m.ops {
 		if o.kind == opRemove {
 			hm.RemoveHeaders = append(hm.RemoveHeaders, o.key)
 			continue
 		}
-		hm.SetHeaders = append(hm.SetHeaders, &corev3.HeaderValueOption{
-			Header: &corev3.HeaderValue{Key: o.key, RawValue: []byte(o.value)},
-			Append: wrapperspb.Bool(o.kind == opAppend),
-		})
+		hm.SetHeaders = append(hm.SetHeaders, newHeaderOption(o.key, o.value, o.kind == opAppend))
 	}
-	return hm
 }
 
 // common builds the CommonResponse of a headers or body reply; nil when nothing changes.
@@ -177,11 +222,19 @@ func (m *mutation) common(inBody bool) *extprocv3.CommonResponse {
 	} else if m.bodySet {
 		m.dropped = append(m.dropped, "body: no body was requested for this phase")
 	}
-	hm := m.headerMutation()
-	if hm == nil && !(m.bodySet && inBody) {
+	if len(m.ops) == 0 && !(m.bodySet && inBody) {
 		return nil
 	}
-	c := &extprocv3.CommonResponse{HeaderMutation: hm}
+	// The response and its header mutation in one allocation.
+	both := &struct {
+		c  extprocv3.CommonResponse
+		hm extprocv3.HeaderMutation
+	}{}
+	c := &both.c
+	if len(m.ops) > 0 {
+		m.fillHeaderMutation(&both.hm)
+		c.HeaderMutation = &both.hm
+	}
 	if m.bodySet && inBody {
 		c.BodyMutation = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: m.body}}
 	}
@@ -208,10 +261,7 @@ func immediateFrom(ir *agentv1.ImmediateResponse, dropped *[]string) (*extprocv3
 				*dropped = append(*dropped, "immediate response header "+key)
 				continue
 			}
-			hm.SetHeaders = append(hm.SetHeaders, &corev3.HeaderValueOption{
-				Header: &corev3.HeaderValue{Key: key, RawValue: []byte(v)},
-				Append: wrapperspb.Bool(false),
-			})
+			hm.SetHeaders = append(hm.SetHeaders, newHeaderOption(key, v, false))
 		}
 		out.Headers = hm
 	}

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -85,7 +86,24 @@ type stream struct {
 	span    trace.Span
 	spanCtx context.Context
 	tracer  *tracing.Tracer
+
+	// call holds the agent request of the phase being run.
+	call *agentCall
+
+	// rcBuf and respBuf outlive a pooled stream's reset, so that their maps are reused.
+	rcBuf   *agentv1.RequestContext
+	respBuf map[string]string
 }
+
+// agentCall is a stream's agent request, allocated once per pooled stream.
+type agentCall struct {
+	req  agentv1.PolicyRequest
+	resp agentv1.ResponseContext
+}
+
+// maxPooledHeaders caps the header maps a pooled stream keeps: a map grown by an unusual
+// request is dropped rather than kept alive in the pool.
+const maxPooledHeaders = 64
 
 const (
 	seenRequestHeaders uint8 = 1 << iota
@@ -97,13 +115,53 @@ var streamPool = sync.Pool{New: func() any { return new(stream) }}
 func getStream(snap *Snapshot) *stream {
 	st := streamPool.Get().(*stream)
 	st.snap = snap
+	if st.call == nil {
+		st.call = &agentCall{}
+	}
 	return st
 }
 
-// putStream clears every reference before pooling, so a pooled stream keeps nothing alive.
+// putStream clears every reference before pooling, so a pooled stream keeps nothing alive but
+// its own emptied maps.
 func putStream(st *stream) {
-	*st = stream{}
+	st.reset()
 	streamPool.Put(st)
+}
+
+func (st *stream) reset() {
+	rc, rh, call := st.rcBuf, st.respBuf, st.call
+	*st = stream{}
+	if call != nil {
+		call.req = agentv1.PolicyRequest{}
+		call.resp = agentv1.ResponseContext{}
+		st.call = call
+	}
+	if rc != nil && len(rc.Headers) <= maxPooledHeaders {
+		h := rc.Headers
+		clear(h)
+		*rc = agentv1.RequestContext{Headers: h}
+		st.rcBuf = rc
+	}
+	if rh != nil && len(rh) <= maxPooledHeaders {
+		clear(rh)
+		st.respBuf = rh
+	}
+}
+
+// requestContext returns the stream's emptied request context, made on first use.
+func (st *stream) requestContext() *agentv1.RequestContext {
+	if st.rcBuf == nil {
+		st.rcBuf = &agentv1.RequestContext{Headers: make(map[string]string, 16)}
+	}
+	return st.rcBuf
+}
+
+// responseHeaders returns the stream's emptied response header map, made on first use.
+func (st *stream) responseHeaders(n int) map[string]string {
+	if st.respBuf == nil {
+		st.respBuf = make(map[string]string, max(n, 8))
+	}
+	return st.respBuf
 }
 
 // Process serves one ext_proc stream: one HTTP request's exchange.
@@ -161,15 +219,35 @@ func (s *Server) handle(ctx context.Context, st *stream, req *extprocv3.Processi
 	}
 }
 
+// requestHeadersReplyAlloc and responseHeadersReplyAlloc hold a reply and its parts, so that
+// the reply to a headers message is one allocation instead of three.
+type requestHeadersReplyAlloc struct {
+	resp  extprocv3.ProcessingResponse
+	oneof extprocv3.ProcessingResponse_RequestHeaders
+	h     extprocv3.HeadersResponse
+}
+
+type responseHeadersReplyAlloc struct {
+	resp  extprocv3.ProcessingResponse
+	oneof extprocv3.ProcessingResponse_ResponseHeaders
+	h     extprocv3.HeadersResponse
+}
+
 func requestHeadersReply(c *extprocv3.CommonResponse, mode *filterv3.ProcessingMode) *extprocv3.ProcessingResponse {
-	return &extprocv3.ProcessingResponse{
-		Response:     &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: c}},
-		ModeOverride: mode,
-	}
+	a := &requestHeadersReplyAlloc{}
+	a.h.Response = c
+	a.oneof.RequestHeaders = &a.h
+	a.resp.Response = &a.oneof
+	a.resp.ModeOverride = mode
+	return &a.resp
 }
 
 func responseHeadersReply(c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
-	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: &extprocv3.HeadersResponse{Response: c}}}
+	a := &responseHeadersReplyAlloc{}
+	a.h.Response = c
+	a.oneof.ResponseHeaders = &a.h
+	a.resp.Response = &a.oneof
+	return &a.resp
 }
 
 func requestBodyReply(c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
@@ -199,7 +277,8 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 	}
 	st.seen |= seenRequestHeaders
 	start := time.Now()
-	rc := requestContext(h)
+	rc := st.requestContext()
+	fillRequestContext(rc, h)
 	rc.ClientIp = clientIP(attribute(req, "source.address"))
 	st.reqCtx = rc
 	st.requestID = rc.Headers["x-request-id"]
@@ -264,7 +343,7 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 		return responseHeadersReply(nil), nil
 	}
 	start := time.Now()
-	st.respHeaders = make(map[string]string, len(h.GetHeaders().GetHeaders()))
+	st.respHeaders = st.responseHeaders(len(h.GetHeaders().GetHeaders()))
 	var rep map[string][]string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		v := headerValue(hv.GetRawValue(), hv.GetValue())
@@ -307,13 +386,15 @@ func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.Ht
 // headerValue returns a header's value: Envoy sends raw_value only; value is read for clients
 // that use the older field. HTTP lets a value hold bytes that are not UTF-8 (obs-text), but
 // every string of the agent API must be UTF-8, or the call fails before the agent sees it; such
-// bytes become U+FFFD, so that the request is still judged by its policies.
+// bytes become U+FFFD, so that the request is still judged by its policies. A valid value
+// shares raw's memory instead of copying it: a received message is never modified, and the
+// string keeps it alive for as long as it is used.
 func headerValue(raw []byte, value string) string {
 	if len(raw) > 0 {
 		if !utf8.Valid(raw) {
 			return strings.ToValidUTF8(string(raw), "\uFFFD")
 		}
-		return string(raw)
+		return unsafe.String(unsafe.SliceData(raw), len(raw))
 	}
 	return value
 }
@@ -347,10 +428,15 @@ func joinRepeated(m map[string]string, rep map[string][]string) {
 // requestContext converts Envoy's request headers for the agent: pseudo-headers become fields,
 // the rest a map of lowercase names.
 func requestContext(h *extprocv3.HttpHeaders) *agentv1.RequestContext {
-	hs := h.GetHeaders().GetHeaders()
-	rc := &agentv1.RequestContext{Headers: make(map[string]string, len(hs))}
+	rc := &agentv1.RequestContext{Headers: make(map[string]string, len(h.GetHeaders().GetHeaders()))}
+	fillRequestContext(rc, h)
+	return rc
+}
+
+// fillRequestContext adds Envoy's request headers to rc, whose header map must be empty.
+func fillRequestContext(rc *agentv1.RequestContext, h *extprocv3.HttpHeaders) {
 	var rep map[string][]string
-	for _, hv := range hs {
+	for _, hv := range h.GetHeaders().GetHeaders() {
 		k := hv.GetKey()
 		v := headerValue(hv.GetRawValue(), hv.GetValue())
 		if len(k) > 0 && k[0] == ':' {
@@ -366,10 +452,9 @@ func requestContext(h *extprocv3.HttpHeaders) *agentv1.RequestContext {
 			}
 			continue
 		}
-		addHeader(rc.Headers, &rep, strings.ToLower(k), v)
+		addHeader(rc.Headers, &rep, strings.ToLower(k), v) // no copy when already lowercase
 	}
 	joinRepeated(rc.Headers, rep)
-	return rc
 }
 
 // clientIP takes the address of Envoy's source.address attribute without its port.

@@ -238,7 +238,7 @@ func (p *agentPool) agentsFor(cfg *KernelConfig) (map[string]*agentState, error)
 			out[ac.Name] = st
 			continue
 		}
-		client, err := dialAgent(ac.SocketPath, ac.Connections, p.maxMsg)
+		client, err := dialStreamAgent(ac, p.maxMsg)
 		if err != nil {
 			for _, st := range out {
 				if !p.owns(st.client) {

@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"context"
+	"maps"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -34,7 +35,7 @@ func TestInvalidUTF8HeadersReachTheAgent(t *testing.T) {
 	cfg := strings.Replace(baseConfig, "timeout_ms: 50", failOpenConfig, 1)
 	var seen *agentv1.RequestContext
 	fa := wireAgent(func(req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
-		seen = req.GetContext()
+		seen = proto.Clone(req.GetContext()).(*agentv1.RequestContext) // the request is the stream's, reused
 		return ok(immediateIns(403, nil, `{"error":"forbidden"}`))
 	})
 	k := newTestKernel(t, cfg, fa)
@@ -55,7 +56,7 @@ func TestInvalidUTF8HeadersReachTheAgent(t *testing.T) {
 	}
 	// The response phase's headers take the same path to the agent.
 	fa = wireAgent(func(req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
-		seen = &agentv1.RequestContext{Headers: req.GetResponse().GetHeaders()}
+		seen = &agentv1.RequestContext{Headers: maps.Clone(req.GetResponse().GetHeaders())}
 		return ok()
 	})
 	k = newTestKernel(t, cfg, fa)

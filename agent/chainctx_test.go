@@ -1,0 +1,120 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+type ctxKey struct{}
+
+func TestChainCtxWithoutDone(t *testing.T) {
+	parent := context.WithValue(context.Background(), ctxKey{}, "v")
+	c := newChainCtx(parent, time.Now().Add(80*time.Millisecond))
+	defer c.release()
+	if c.Value(ctxKey{}) != "v" {
+		t.Error("value of the parent not visible")
+	}
+	if d, ok := c.Deadline(); !ok || time.Until(d) > 80*time.Millisecond {
+		t.Errorf("deadline %v %v", d, ok)
+	}
+	if err := c.Err(); err != nil {
+		t.Fatalf("Err before the deadline: %v", err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if err := c.Err(); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Err after the deadline: %v", err)
+	}
+	// Done asked for after the deadline is closed at once.
+	select {
+	case <-c.Done():
+	default:
+		t.Fatal("Done not closed after the deadline")
+	}
+}
+
+func TestChainCtxDoneAtDeadline(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	c := newChainCtx(context.Background(), time.Now().Add(50*time.Millisecond))
+	done := c.Done()
+	if c.Done() != done {
+		t.Fatal("Done returned another channel")
+	}
+	if err := c.Err(); err != nil {
+		t.Fatalf("Err while Done is open: %v", err)
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed at the deadline")
+	}
+	if err := c.Err(); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Err = %v", err)
+	}
+	c.release()
+}
+
+func TestChainCtxParentCancelled(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	parent, cancel := context.WithCancel(context.Background())
+	c := newChainCtx(parent, time.Now().Add(time.Hour))
+	// Without Done: Err follows the parent.
+	cancel()
+	if err := c.Err(); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Err after the parent's cancel: %v", err)
+	}
+	c.release()
+
+	parent, cancel = context.WithCancel(context.Background())
+	c = newChainCtx(parent, time.Now().Add(time.Hour))
+	done := c.Done()
+	// A context derived from it sees the cancellation too.
+	child, stopChild := context.WithCancel(c)
+	defer stopChild()
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed when the parent was cancelled")
+	}
+	select {
+	case <-child.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("derived context not cancelled")
+	}
+	if !errors.Is(c.Err(), context.Canceled) {
+		t.Fatalf("Err = %v", c.Err())
+	}
+	c.release()
+}
+
+func TestChainCtxEarlierParentDeadline(t *testing.T) {
+	parent, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	c := newChainCtx(parent, time.Now().Add(time.Hour))
+	defer c.release()
+	d, _ := c.Deadline()
+	if time.Until(d) > time.Second {
+		t.Fatalf("deadline %v: want the parent's earlier one", d)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed at the parent's deadline")
+	}
+}
+
+func TestChainCtxReleaseStopsTimers(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	for range 100 {
+		c := newChainCtx(context.Background(), time.Now().Add(time.Hour))
+		_ = c.Done()
+		c.release()
+		if c.Err() != nil {
+			t.Fatal("released context reports an error")
+		}
+	}
+}

@@ -1,0 +1,155 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"io"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/uds"
+)
+
+// streamTestPolicy answers after the wait its metadata names ("wait": a Go duration).
+const streamTestPolicy = "streamTestWait"
+
+func init() {
+	policy.Register(policy.Module{
+		Name:   streamTestPolicy,
+		Phases: policy.Both,
+		New: func(policy.Config) (policy.Factory, error) {
+			return policy.FactoryFunc(func(md map[string]string) (policy.Policy, error) {
+				var s struct {
+					Wait time.Duration `json:"wait"`
+				}
+				if err := policy.DecodeMetadata(md, &s); err != nil {
+					return nil, err
+				}
+				return waitPolicy(s.Wait), nil
+			}), nil
+		},
+	})
+}
+
+type waitPolicy time.Duration
+
+func (w waitPolicy) Execute(ctx context.Context, _ *policy.Context) (policy.Result, error) {
+	select {
+	case <-time.After(time.Duration(w)):
+	case <-ctx.Done():
+	}
+	return policy.Allow(policy.SetHeader("x-waited", time.Duration(w).String())), nil
+}
+
+// startStreamService serves the agent's gRPC service on a Unix socket and returns it with a
+// client stream.
+func startStreamService(t *testing.T) (*service, agentv1.PolicyAgent_ExecuteStreamClient) {
+	t.Helper()
+	cfg, err := ParseConfig("test.yaml", []byte("agent_core:\n  name: t\n  socket_path: unused.sock\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	exec := NewExecutor(logging.New(io.Discard, "agent", zerolog.ErrorLevel))
+	if err := exec.Load(cfg.AgentCore, "v1"); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "a.sock")
+	ln, err := uds.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := newService(exec, 100)
+	srv := grpc.NewServer()
+	agentv1.RegisterPolicyAgentServer(srv, svc)
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	st, err := agentv1.NewPolicyAgentClient(conn).ExecuteStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svc, st
+}
+
+func waitRequest(id uint64, wait string) *agentv1.PolicyRequest {
+	return &agentv1.PolicyRequest{
+		CallId:   id,
+		Policies: []*agentv1.Policy{{Name: streamTestPolicy, Metadata: map[string]string{"wait": wait}}},
+		Context:  &agentv1.RequestContext{Headers: map[string]string{}},
+	}
+}
+
+func TestExecuteStreamAnswersByCallID(t *testing.T) {
+	_, st := startStreamService(t)
+	// The slow request goes first; replies come back as they are ready.
+	for id, wait := range map[uint64]string{1: "300ms", 2: "0s", 3: "0s"} {
+		if err := st.Send(waitRequest(id, wait)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var order []uint64
+	for range 3 {
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.GetStatus().GetCode() != agentv1.StatusCode_OK || len(resp.GetInstructions()) != 1 {
+			t.Fatalf("reply %v", resp)
+		}
+		order = append(order, resp.GetCallId())
+	}
+	if order[2] != 1 {
+		t.Errorf("reply order %v: the slow call 1 should come last", order)
+	}
+}
+
+func TestExecuteStreamDrainAnswersWhatItReadThenEnds(t *testing.T) {
+	svc, st := startStreamService(t)
+	if err := st.Send(waitRequest(1, "300ms")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // call 1 is running
+	svc.beginDrain()
+	svc.beginDrain() // a second drain changes nothing
+	resp, err := st.Recv()
+	if err != nil {
+		t.Fatalf("the call read before the drain was not answered: %v", err)
+	}
+	if resp.GetCallId() != 1 {
+		t.Fatalf("reply for call %d, want 1", resp.GetCallId())
+	}
+	// Then the stream ends cleanly: status OK, seen as io.EOF.
+	if _, err := st.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("after the drain: err = %v, want io.EOF (a clean end)", err)
+	}
+}
+
+func TestExecuteStreamClientEnd(t *testing.T) {
+	_, st := startStreamService(t)
+	if err := st.Send(waitRequest(1, "0s")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("after CloseSend: err = %v, want io.EOF", err)
+	}
+}

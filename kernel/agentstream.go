@@ -1,0 +1,453 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+)
+
+// maxInFlightCalls bounds the calls outstanding on one agent. Past it, a call waits for a slot
+// within its own deadline; one that never gets a slot was never sent.
+const maxInFlightCalls = 8192
+
+var (
+	// errClientClosed is returned by calls on a closed client.
+	errClientClosed = errors.New("agent client closed")
+	// errStreamEnded is a stream the agent ended cleanly: it answers every request it reads
+	// before it ends a stream, so the requests still waiting were never run.
+	errStreamEnded = errors.New("agent ended the stream")
+	// errSendStuck is a stream whose send blocked longer than the agent's timeout: the agent
+	// stopped reading it.
+	errSendStuck = errors.New("agent stopped reading the stream")
+)
+
+// streamAgentClient runs calls over long-lived ExecuteStream streams, one per pooled
+// connection, matching replies to calls by call_id. Compared with a unary RPC per call it
+// saves the HTTP/2 stream set-up and tear-down, the headers and the trailers of every call.
+//
+// A stream that breaks fails the calls waiting on it and is replaced by the next call. A call
+// is reported as not delivered (ErrNotDelivered, so that it may be retried) only when the
+// agent surely did not run it: no stream could be opened, the request could not be sent, or
+// the agent ended the stream cleanly, which it does only after answering every request it
+// read. An agent that does not know ExecuteStream is called with unary Execute instead.
+type streamAgentClient struct {
+	unary  *grpcAgentClient
+	lanes  []*lane
+	next   atomic.Uint32
+	callID atomic.Uint64
+	slots  chan struct{}
+	// stuckAfter is how long one send may block before its stream is given up.
+	stuckAfter time.Duration
+	closed     atomic.Bool
+	stopWatch  chan struct{}
+	watchDone  chan struct{}
+}
+
+// lane is one connection's stream, replaced when it breaks.
+type lane struct {
+	c      *streamAgentClient
+	i      int
+	cur    atomic.Pointer[laneStream]
+	unary  atomic.Bool // the agent does not implement ExecuteStream
+	mu     sync.Mutex
+	opener *streamOpen // the open in progress, if any
+}
+
+// streamOpen is an attempt to open a lane's stream that many calls may wait for.
+type streamOpen struct {
+	done chan struct{}
+	ls   *laneStream
+	err  error
+}
+
+// laneStream is one open ExecuteStream.
+type laneStream struct {
+	lane   *lane
+	stream agentv1.PolicyAgent_ExecuteStreamClient
+	cancel context.CancelFunc
+	// sendLock serialises sends; a channel so that a call can stop waiting at its deadline.
+	sendLock     chan struct{}
+	sendingSince atomic.Int64 // unix nanoseconds of the send in progress, 0 when none
+
+	mu      sync.Mutex
+	pending map[uint64]*call
+	err     error         // set once the stream is broken; no call is added after
+	failed  chan struct{} // closed when err is set
+}
+
+// call is one Execute waiting for its reply. Calls are pooled with their channel and timer.
+type call struct {
+	done  chan callResult
+	timer *time.Timer
+	// expired fires when the call's timeout passes; nil when the call has none.
+	expired <-chan time.Time
+}
+
+// start arms the call's timer for timeout; 0 means no timeout of the call's own.
+func (cl *call) start(timeout time.Duration) {
+	if timeout <= 0 {
+		cl.expired = nil
+		return
+	}
+	if cl.timer == nil {
+		cl.timer = time.NewTimer(timeout)
+	} else {
+		cl.timer.Reset(timeout)
+	}
+	cl.expired = cl.timer.C
+}
+
+func (cl *call) stop() {
+	if cl.expired != nil {
+		cl.timer.Stop()
+		cl.expired = nil
+	}
+}
+
+func getCall(timeout time.Duration) *call {
+	cl := callPool.Get().(*call)
+	cl.start(timeout)
+	return cl
+}
+
+func putCall(cl *call) {
+	cl.stop()
+	callPool.Put(cl)
+}
+
+type callResult struct {
+	resp *agentv1.PolicyResponse
+	err  error
+}
+
+var callPool = sync.Pool{New: func() any { return &call{done: make(chan callResult, 1)} }}
+
+// newStreamAgentClient wraps a pool of connections; stuckAfter is the agent's call timeout.
+func newStreamAgentClient(unary *grpcAgentClient, stuckAfter time.Duration) *streamAgentClient {
+	c := &streamAgentClient{
+		unary:      unary,
+		slots:      make(chan struct{}, maxInFlightCalls),
+		stuckAfter: stuckAfter,
+		stopWatch:  make(chan struct{}),
+		watchDone:  make(chan struct{}),
+	}
+	for i := range unary.conns {
+		c.lanes = append(c.lanes, &lane{c: c, i: i})
+	}
+	go c.watch()
+	return c
+}
+
+// Execute runs one chain on the agent within ctx.
+func (c *streamAgentClient) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+	return c.ExecuteTimeout(ctx, req, 0)
+}
+
+// ExecuteTimeout runs one chain on the agent within ctx and timeout, without deriving a
+// context for the timeout (0: none): a pooled timer does the work of the several allocations
+// of context.WithTimeout. Running out of time is reported as context.DeadlineExceeded.
+func (c *streamAgentClient) ExecuteTimeout(ctx context.Context, req *agentv1.PolicyRequest, timeout time.Duration) (*agentv1.PolicyResponse, error) {
+	if c.closed.Load() {
+		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, errClientClosed)
+	}
+	cl := getCall(timeout)
+	defer putCall(cl)
+	select {
+	case c.slots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: waiting for a free call slot: %w", ErrNotDelivered, ctx.Err())
+	case <-cl.expired:
+		return nil, fmt.Errorf("%w: waiting for a free call slot: %w", ErrNotDelivered, context.DeadlineExceeded)
+	}
+	defer func() { <-c.slots }()
+	l := c.lanes[int(c.next.Add(1)%uint32(len(c.lanes)))]
+	// A stream found broken before the request went out is replaced once.
+	for attempt := 0; ; attempt++ {
+		if l.unary.Load() {
+			return c.unaryWithin(ctx, l.i, req, timeout)
+		}
+		ls, err := l.stream(ctx, cl)
+		if err != nil {
+			if l.unary.Load() {
+				return c.unaryWithin(ctx, l.i, req, timeout)
+			}
+			return nil, fmt.Errorf("%w: open stream: %w", ErrNotDelivered, err)
+		}
+		resp, err, retry := ls.execute(ctx, cl, req, c.callID.Add(1))
+		if !retry || attempt == 1 {
+			return resp, err
+		}
+	}
+}
+
+// unaryWithin calls unary Execute, for agents without ExecuteStream.
+func (c *streamAgentClient) unaryWithin(ctx context.Context, i int, req *agentv1.PolicyRequest, timeout time.Duration) (*agentv1.PolicyResponse, error) {
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	return c.unary.executeOn(ctx, i, req)
+}
+
+// callErr is the error of a call that stopped waiting: its context's, or a deadline error
+// when its own timer fired.
+func callErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return context.DeadlineExceeded
+}
+
+// stream returns the lane's open stream, opening one if there is none. Calls that arrive while
+// a stream is being opened wait for that one, each until its own deadline.
+func (l *lane) stream(ctx context.Context, cl *call) (*laneStream, error) {
+	if ls := l.cur.Load(); ls != nil {
+		return ls, nil
+	}
+	l.mu.Lock()
+	if ls := l.cur.Load(); ls != nil {
+		l.mu.Unlock()
+		return ls, nil
+	}
+	op := l.opener
+	if op == nil {
+		op = &streamOpen{done: make(chan struct{})}
+		l.opener = op
+		go l.open(op)
+	}
+	l.mu.Unlock()
+	select {
+	case <-op.done:
+		return op.ls, op.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-cl.expired:
+		return nil, context.DeadlineExceeded
+	}
+}
+
+// open opens a stream for the lane. The stream's context is not a call's: it lives until the
+// stream breaks or the client is closed.
+func (l *lane) open(op *streamOpen) {
+	defer close(op.done)
+	sctx, cancel := context.WithCancel(context.Background())
+	st, err := l.c.unary.agents[l.i].ExecuteStream(sctx)
+	if err == nil && l.c.closed.Load() {
+		err = errClientClosed
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.opener = nil
+	if err != nil {
+		cancel()
+		op.err = err
+		return
+	}
+	ls := &laneStream{lane: l, stream: st, cancel: cancel, sendLock: make(chan struct{}, 1), pending: map[uint64]*call{}, failed: make(chan struct{})}
+	l.cur.Store(ls)
+	op.ls = ls
+	go ls.receive()
+}
+
+// execute sends one request on the stream and waits for its reply. retry says that the
+// stream was already broken and nothing was sent, so another stream may be tried.
+func (ls *laneStream) execute(ctx context.Context, cl *call, req *agentv1.PolicyRequest, id uint64) (_ *agentv1.PolicyResponse, _ error, retry bool) {
+	ls.mu.Lock()
+	if ls.err != nil {
+		ls.mu.Unlock()
+		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, ls.err), true
+	}
+	ls.pending[id] = cl
+	ls.mu.Unlock()
+
+	req.CallId = id
+	if err := ls.send(ctx, cl, req); err != nil {
+		// Not sent. If the stream failed meanwhile, fail handed the call an error: drop it.
+		if !ls.forget(id) {
+			<-cl.done
+		}
+		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, err), ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded)
+	}
+	var expired bool
+	select {
+	case r := <-cl.done:
+		return r.resp, r.err, false
+	case <-ctx.Done():
+	case <-cl.expired:
+		expired = true
+	}
+	if !ls.forget(id) {
+		// The reply (or the stream's failure) is already on its way: take it, so that the
+		// pooled call is empty, and answer with it.
+		r := <-cl.done
+		return r.resp, r.err, false
+	}
+	if expired {
+		return nil, context.DeadlineExceeded, false
+	}
+	return nil, callErr(ctx), false
+}
+
+// send writes a request on the stream. An error means the request was not sent.
+func (ls *laneStream) send(ctx context.Context, cl *call, req *agentv1.PolicyRequest) error {
+	select {
+	case ls.sendLock <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-cl.expired:
+		return context.DeadlineExceeded
+	}
+	defer func() { <-ls.sendLock }()
+	ls.sendingSince.Store(time.Now().UnixNano())
+	err := ls.stream.Send(req)
+	ls.sendingSince.Store(0)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, io.EOF) {
+		// The stream is over and its status comes from Recv: wait for receive to learn it,
+		// so that the next attempt knows, for one, whether the agent has ExecuteStream.
+		select {
+		case <-ls.failed:
+			return fmt.Errorf("stream already ended: %w", ls.err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-cl.expired:
+			return context.DeadlineExceeded
+		}
+	}
+	ls.fail(err)
+	return err
+}
+
+// forget removes a call that no longer waits. It reports false when the call was already
+// taken by the receiver or by fail, which will send (or has sent) its result.
+func (ls *laneStream) forget(id uint64) bool {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if _, ok := ls.pending[id]; !ok {
+		return false
+	}
+	delete(ls.pending, id)
+	return true
+}
+
+// receive hands each reply to its call until the stream breaks.
+func (ls *laneStream) receive() {
+	for {
+		resp, err := ls.stream.Recv()
+		if err != nil {
+			ls.fail(err)
+			return
+		}
+		ls.mu.Lock()
+		cl, ok := ls.pending[resp.GetCallId()]
+		if ok {
+			delete(ls.pending, resp.GetCallId())
+		}
+		ls.mu.Unlock()
+		if ok {
+			cl.done <- callResult{resp: resp}
+		}
+		// A reply for a call that gave up is dropped.
+	}
+}
+
+// fail marks the stream broken, takes it off its lane and fails every waiting call. The
+// calls were sent, so they may have run, except when the agent ended the stream cleanly or
+// does not implement it.
+func (ls *laneStream) fail(err error) {
+	ls.mu.Lock()
+	if ls.err != nil {
+		ls.mu.Unlock()
+		return
+	}
+	callErr := fmt.Errorf("agent stream broke: %w", err)
+	switch {
+	case errors.Is(err, io.EOF):
+		err = errStreamEnded
+		callErr = fmt.Errorf("%w: %w", ErrNotDelivered, errStreamEnded)
+	case status.Code(err) == codes.Unimplemented:
+		ls.lane.unary.Store(true)
+		callErr = fmt.Errorf("%w: %w", ErrNotDelivered, err)
+	}
+	ls.err = err
+	close(ls.failed)
+	pending := ls.pending
+	ls.pending = nil
+	ls.mu.Unlock()
+	ls.lane.cur.CompareAndSwap(ls, nil)
+	ls.cancel()
+	for _, cl := range pending {
+		cl.done <- callResult{err: callErr}
+	}
+}
+
+// watch gives up streams whose send has blocked longer than stuckAfter, so that an agent that
+// stopped reading does not hold calls beyond their deadlines: the blocked send fails and the
+// next call opens a new stream.
+func (c *streamAgentClient) watch() {
+	defer close(c.watchDone)
+	tick := time.NewTicker(max(c.stuckAfter/4, 10*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-c.stopWatch:
+			return
+		case now := <-tick.C:
+			for _, l := range c.lanes {
+				ls := l.cur.Load()
+				if ls == nil {
+					continue
+				}
+				if since := ls.sendingSince.Load(); since != 0 && now.UnixNano()-since > int64(c.stuckAfter) {
+					ls.fail(errSendStuck)
+				}
+			}
+		}
+	}
+}
+
+// GetAgentConfig asks the agent for its config with a unary call.
+func (c *streamAgentClient) GetAgentConfig(ctx context.Context) (*agentv1.GetAgentConfigResponse, error) {
+	return c.unary.GetAgentConfig(ctx)
+}
+
+// Check asks the agent's health service.
+func (c *streamAgentClient) Check(ctx context.Context) error { return c.unary.Check(ctx) }
+
+// Close ends every stream, failing the calls still waiting, and closes the connections.
+func (c *streamAgentClient) Close() error {
+	if c.closed.Swap(true) {
+		return nil
+	}
+	close(c.stopWatch)
+	<-c.watchDone
+	for _, l := range c.lanes {
+		l.mu.Lock()
+		op := l.opener
+		l.mu.Unlock()
+		if op != nil {
+			<-op.done
+		}
+		if ls := l.cur.Load(); ls != nil {
+			ls.fail(errClientClosed)
+		}
+	}
+	return c.unary.Close()
+}
+
+var (
+	_ AgentClient     = (*streamAgentClient)(nil)
+	_ timeoutExecutor = (*streamAgentClient)(nil)
+)

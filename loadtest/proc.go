@@ -1,0 +1,105 @@
+package loadtest
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// clockTicks is USER_HZ, the unit of the CPU times in /proc/<pid>/stat; Linux fixes it at 100
+// on every architecture Go supports.
+const clockTicks = 100
+
+// procRoot is where the proc file system is mounted; tests point it at fixtures.
+var procRoot = "/proc"
+
+// CPUTime returns the user plus system CPU time a process has used so far, from
+// /proc/<pid>/stat.
+func CPUTime(pid int) (time.Duration, error) {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/stat", procRoot, pid))
+	if err != nil {
+		return 0, fmt.Errorf("read cpu time of pid %d: %w", pid, err)
+	}
+	return parseStatCPU(data)
+}
+
+// parseStatCPU reads utime and stime (fields 14 and 15) of a /proc/<pid>/stat line. The
+// command name (field 2) is in parentheses and may hold spaces and parentheses itself, so
+// fields are counted from the last ')'.
+func parseStatCPU(data []byte) (time.Duration, error) {
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("parse /proc stat %q: no command name", truncate(data))
+	}
+	// After ") " come field 3 (state) onwards; utime is field 14, so index 11 here.
+	f := strings.Fields(string(data[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("parse /proc stat %q: %d fields after the command name, want at least 13", truncate(data), len(f))
+	}
+	utime, err := strconv.ParseUint(f[11], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("parse /proc stat utime %q: %w", f[11], err)
+	}
+	stime, err := strconv.ParseUint(f[12], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("parse /proc stat stime %q: %w", f[12], err)
+	}
+	return time.Duration(utime+stime) * time.Second / clockTicks, nil
+}
+
+// PeakRSS returns the peak resident set size of a process in bytes (VmHWM of
+// /proc/<pid>/status).
+func PeakRSS(pid int) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/status", procRoot, pid))
+	if err != nil {
+		return 0, fmt.Errorf("read peak rss of pid %d: %w", pid, err)
+	}
+	return parseStatusKB(data, "VmHWM:")
+}
+
+// RSS returns the current resident set size of a process in bytes (VmRSS).
+func RSS(pid int) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/status", procRoot, pid))
+	if err != nil {
+		return 0, fmt.Errorf("read rss of pid %d: %w", pid, err)
+	}
+	return parseStatusKB(data, "VmRSS:")
+}
+
+// ResetPeakRSS sets a process's VmHWM back to its current RSS, so that the peak of one phase
+// is not the peak of an earlier one. Only the process's owner (or root) may do it.
+func ResetPeakRSS(pid int) error {
+	if err := os.WriteFile(fmt.Sprintf("%s/%d/clear_refs", procRoot, pid), []byte("5"), 0); err != nil {
+		return fmt.Errorf("reset peak rss of pid %d: %w", pid, err)
+	}
+	return nil
+}
+
+func parseStatusKB(data []byte, key string) (int64, error) {
+	for line := range strings.SplitSeq(string(data), "\n") {
+		rest, ok := strings.CutPrefix(line, key)
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) != 2 || f[1] != "kB" {
+			return 0, fmt.Errorf("parse /proc status %s %q: want a number of kB", key, strings.TrimSpace(rest))
+		}
+		n, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("parse /proc status %s %q: %w", key, f[0], err)
+		}
+		return n << 10, nil
+	}
+	return 0, fmt.Errorf("parse /proc status: no %s line", key)
+}
+
+func truncate(b []byte) string {
+	if len(b) > 80 {
+		return string(b[:80]) + "..."
+	}
+	return string(b)
+}

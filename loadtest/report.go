@@ -1,0 +1,156 @@
+package loadtest
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"strings"
+	"text/tabwriter"
+)
+
+// Report is everything one load-test run measured.
+type Report struct {
+	Machine  Machine  `json:"machine"`
+	Settings Settings `json:"settings"`
+	Rows     []Row    `json:"rows"`
+}
+
+// Machine describes where the run happened.
+type Machine struct {
+	CPUs      int    `json:"cpus"`
+	GoVersion string `json:"go_version"`
+	Kernel    string `json:"kernel"`
+	CPUModel  string `json:"cpu_model"`
+	// LoadAverage is /proc/loadavg at the start of the run: other work on the machine.
+	LoadAverage string `json:"load_average"`
+}
+
+// Settings are the load-test parameters of the run.
+type Settings struct {
+	Rate           float64 `json:"open_loop_rate"`
+	OpenSeconds    float64 `json:"open_loop_seconds"`
+	ClosedSeconds  float64 `json:"closed_loop_seconds"`
+	Concurrency    int     `json:"closed_loop_concurrency"`
+	Connections    int     `json:"connections"`
+	Streams        int     `json:"held_streams"`
+	Repeat         int     `json:"repeat"`
+	RequestChain   string  `json:"request_chain"`
+	ResponseChain  string  `json:"response_chain"`
+	MessagesPerReq int     `json:"messages_per_request"`
+}
+
+// Row is one target measured in one phase.
+type Row struct {
+	Run    int    `json:"run"`
+	Target string `json:"target"`
+	Phase  string `json:"phase"`
+	// Requests completed without error, and the rate they were completed at.
+	Requests int64   `json:"requests"`
+	Errors   int64   `json:"errors"`
+	RPS      float64 `json:"requests_per_second"`
+	P50us    int64   `json:"p50_us"`
+	P99us    int64   `json:"p99_us"`
+	P999us   int64   `json:"p999_us"`
+	// KernelP99us is the p99 of the kernel's own policy_kernel_request_duration_seconds
+	// histogram over the phase (an upper bound: the bucket's top); 0 when not measured.
+	KernelP99us float64 `json:"kernel_p99_us,omitempty"`
+	// KernelP99Above says that the p99 lies above the histogram's largest finite bucket,
+	// which KernelP99us then holds.
+	KernelP99Above bool `json:"kernel_p99_above_top_bucket,omitempty"`
+	// Procs lists each server process's CPU and memory over the phase.
+	Procs []ProcUsage `json:"processes"`
+	// CPUPer1k is the CPU seconds of all the target's processes per 1,000 requests.
+	CPUPer1k float64 `json:"cpu_seconds_per_1k_requests"`
+	// CPURatio is CPUPer1k divided by the baseline's in the same run and phase.
+	CPURatio float64  `json:"cpu_ratio_to_baseline,omitempty"`
+	Errs     []string `json:"error_samples,omitempty"`
+}
+
+// ProcUsage is one process's share of a phase.
+type ProcUsage struct {
+	Name     string  `json:"name"`
+	CPUSec   float64 `json:"cpu_seconds"`
+	CPUPer1k float64 `json:"cpu_seconds_per_1k_requests"`
+	PeakRSS  int64   `json:"peak_rss_bytes"`
+}
+
+// setRatios fills CPURatio of every row from the baseline row of the same run and phase.
+func (r *Report) setRatios(baseline string) {
+	base := map[string]float64{}
+	for _, row := range r.Rows {
+		if row.Target == baseline {
+			base[fmt.Sprint(row.Run, row.Phase)] = row.CPUPer1k
+		}
+	}
+	for i := range r.Rows {
+		row := &r.Rows[i]
+		if b := base[fmt.Sprint(row.Run, row.Phase)]; b > 0 && row.CPUPer1k > 0 {
+			row.CPURatio = row.CPUPer1k / b
+		}
+	}
+}
+
+// WriteJSON writes the report as indented JSON.
+func (r *Report) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// WriteTable writes the report as an aligned text table.
+func (r *Report) WriteTable(w io.Writer) error {
+	m := r.Machine
+	fmt.Fprintf(w, "machine: %d CPUs (%s), %s, %s, load average at start %s\n", m.CPUs, m.CPUModel, m.Kernel, m.GoVersion, m.LoadAverage)
+	s := r.Settings
+	fmt.Fprintf(w, "traffic: request chain %s; response chain %s; headers only; %d connections\n", s.RequestChain, s.ResponseChain, s.Connections)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "run\ttarget\tphase\treq/s\tp50 µs\tp99 µs\tp99.9 µs\terrors\tkernel p99 µs\tCPU s/1k req\tratio\tpeak RSS MiB\t")
+	for _, row := range r.Rows {
+		var cpu, rss []string
+		for _, p := range row.Procs {
+			cpu = append(cpu, fmt.Sprintf("%s %.3f", p.Name, p.CPUPer1k))
+			rss = append(rss, fmt.Sprintf("%s %.1f", p.Name, float64(p.PeakRSS)/(1<<20)))
+		}
+		cpuCol := fmt.Sprintf("%.3f", row.CPUPer1k)
+		if len(row.Procs) > 1 {
+			cpuCol = strings.Join(cpu, " + ") + " = " + cpuCol
+		}
+		if strings.HasPrefix(row.Phase, phaseStreams) {
+			cpuCol = "-"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t\n",
+			row.Run, row.Target, row.Phase, num(row.RPS, "%.0f"), dur(row.P50us), dur(row.P99us), dur(row.P999us), row.Errors,
+			kernelP99(row), cpuCol, num(row.CPURatio, "%.2f×"), strings.Join(rss, ", "))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, row := range r.Rows {
+		for _, e := range row.Errs {
+			fmt.Fprintf(w, "run %d %s %s error: %s\n", row.Run, row.Target, row.Phase, e)
+		}
+	}
+	return nil
+}
+
+func kernelP99(row Row) string {
+	if row.KernelP99Above {
+		return ">" + num(row.KernelP99us, "%.0f")
+	}
+	return num(row.KernelP99us, "%.0f")
+}
+
+func num(v float64, format string) string {
+	if v == 0 || math.IsNaN(v) {
+		return "-"
+	}
+	return fmt.Sprintf(format, v)
+}
+
+func dur(us int64) string {
+	if us == 0 {
+		return "-"
+	}
+	return fmt.Sprint(us)
+}

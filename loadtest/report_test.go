@@ -1,0 +1,151 @@
+package loadtest
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"os"
+	"strings"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protodesc"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/descriptorpb"
+)
+
+func sampleReport() *Report {
+	r := &Report{
+		Machine:  Machine{CPUs: 2, GoVersion: "go1.26", Kernel: "Linux 6", CPUModel: "cpu", LoadAverage: "0.1 0.2 0.3"},
+		Settings: Settings{Rate: 5000, Connections: 2, RequestChain: "apiKeyAuth + rateLimit", ResponseChain: "addSecurityHeaders"},
+		Rows: []Row{
+			{Run: 1, Target: targetNoop, Phase: phaseOpen, Requests: 1000, RPS: 5000, P50us: 100, P99us: 300, P999us: 900,
+				Procs: []ProcUsage{{Name: "noop", CPUSec: 0.08, CPUPer1k: 0.08, PeakRSS: 20 << 20}}, CPUPer1k: 0.08},
+			{Run: 1, Target: targetKernel, Phase: phaseOpen, Requests: 1000, RPS: 4999, P50us: 150, P99us: 500, P999us: 1500, KernelP99us: 240,
+				Procs: []ProcUsage{{Name: "kernel", CPUPer1k: 0.07, PeakRSS: 30 << 20}, {Name: "agent", CPUPer1k: 0.03, PeakRSS: 25 << 20}}, CPUPer1k: 0.10,
+				Errors: 2, Errs: []string{"immediate response 500 to request_headers"}},
+			{Run: 2, Target: targetKernel, Phase: phaseOpen, CPUPer1k: 0.2, KernelP99us: 5e6, KernelP99Above: true}, // no baseline in run 2
+			{Run: 1, Target: targetKernel, Phase: phaseStreams + " 10000", Requests: 10000,
+				Procs: []ProcUsage{{Name: "kernel", PeakRSS: 100 << 20}, {Name: "agent", PeakRSS: 30 << 20}}},
+		},
+	}
+	r.setRatios(targetNoop)
+	return r
+}
+
+func TestSetRatios(t *testing.T) {
+	r := sampleReport()
+	if got := r.Rows[1].CPURatio; math.Abs(got-1.25) > 1e-9 {
+		t.Errorf("kernel ratio = %g, want 0.10/0.08 = 1.25", got)
+	}
+	if r.Rows[0].CPURatio != 1 {
+		t.Errorf("baseline ratio = %g, want 1", r.Rows[0].CPURatio)
+	}
+	if r.Rows[2].CPURatio != 0 {
+		t.Errorf("a row without a baseline in its run got ratio %g", r.Rows[2].CPURatio)
+	}
+}
+
+func TestWriteTable(t *testing.T) {
+	var b bytes.Buffer
+	if err := sampleReport().WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{
+		"machine: 2 CPUs (cpu), Linux 6, go1.26, load average at start 0.1 0.2 0.3",
+		"request chain apiKeyAuth + rateLimit; response chain addSecurityHeaders",
+		"kernel 0.070 + agent 0.030 = 0.100",
+		"1.25×",
+		"kernel 100.0, agent 30.0",
+		"streams 10000",
+		">5000000",
+		"run 1 kernel+agent open error: immediate response 500 to request_headers",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	// Every row of the table has as many columns as the header.
+	header := strings.Fields(lines[2])
+	if header[0] != "run" {
+		t.Fatalf("header line %q", lines[2])
+	}
+}
+
+func TestWriteJSON(t *testing.T) {
+	var b bytes.Buffer
+	r := sampleReport()
+	if err := r.WriteJSON(&b); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(b.Bytes(), &back); err != nil {
+		t.Fatal(err)
+	}
+	if len(back.Rows) != len(r.Rows) || back.Rows[1].CPURatio != r.Rows[1].CPURatio || back.Rows[1].Procs[1].Name != "agent" {
+		t.Fatalf("JSON round trip lost data: %+v", back.Rows)
+	}
+	if !strings.Contains(b.String(), `"cpu_seconds_per_1k_requests": 0.1`) {
+		t.Errorf("JSON lacks the per-1k CPU field:\n%s", b.String())
+	}
+}
+
+func TestFormatHelpers(t *testing.T) {
+	if num(0, "%.0f") != "-" || num(math.NaN(), "%.0f") != "-" || num(2.5, "%.1f") != "2.5" {
+		t.Error("num")
+	}
+	if dur(0) != "-" || dur(12) != "12" {
+		t.Error("dur")
+	}
+}
+
+func TestGHZDataIsCurrent(t *testing.T) {
+	var b bytes.Buffer
+	if err := WriteGHZData(&b, DefaultTraffic(RouteName, APIKey)); err != nil {
+		t.Fatal(err)
+	}
+	committed, err := os.ReadFile("ghz/process.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The x-request-id differs per request; compare everything else.
+	strip := func(s string) string {
+		i := strings.Index(s, `"key": "x-request-id"`)
+		if i < 0 {
+			t.Fatal("no x-request-id in ghz data")
+		}
+		j := strings.Index(s[i:], "}")
+		return s[:i] + s[i+j:]
+	}
+	if strip(b.String()) != strip(string(committed)) {
+		t.Errorf("ghz/process.json is stale: regenerate it with go run ./loadtest/cmd/ghzdata -data loadtest/ghz/process.json")
+	}
+	var msgs []json.RawMessage
+	if err := json.Unmarshal(committed, &msgs); err != nil || len(msgs) != 2 {
+		t.Fatalf("ghz data: %d messages, %v", len(msgs), err)
+	}
+}
+
+func TestProtoset(t *testing.T) {
+	var b bytes.Buffer
+	if err := WriteProtoset(&b); err != nil {
+		t.Fatal(err)
+	}
+	var set descriptorpb.FileDescriptorSet
+	if err := proto.Unmarshal(b.Bytes(), &set); err != nil {
+		t.Fatal(err)
+	}
+	files, err := protodesc.NewFiles(&set)
+	if err != nil {
+		t.Fatalf("protoset does not resolve on its own: %v", err)
+	}
+	d, err := files.FindDescriptorByName("envoy.service.ext_proc.v3.ExternalProcessor")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := d.(protoreflect.ServiceDescriptor).Methods().ByName("Process"); m == nil || !m.IsStreamingClient() || !m.IsStreamingServer() {
+		t.Fatalf("Process method: %v", m)
+	}
+}

@@ -1,0 +1,673 @@
+package loadtest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/policy-engine/policy-engine/agent/policy"
+	_ "github.com/policy-engine/policy-engine/policies/all" // to know which policies the agent has
+)
+
+// Phase names.
+const (
+	phaseOpen    = "open"
+	phaseClosed  = "closed"
+	phaseStreams = "streams"
+)
+
+// Target names.
+const (
+	targetNoop   = "noop"
+	targetKernel = "kernel+agent"
+)
+
+// APIKey is the API key of the load-test traffic; the agent config holds its digest.
+const APIKey = "loadtest-key-0123456789"
+
+// RouteName is the route of the load-test traffic.
+const RouteName = "/api/v1/users"
+
+// Options are the load test's settings.
+type Options struct {
+	BinDir        string
+	Rate          float64
+	OpenFor       time.Duration
+	ClosedFor     time.Duration
+	Warmup        time.Duration
+	Concurrency   int
+	Conns         int
+	Streams       int
+	Repeat        int
+	Targets       []string
+	JSONOut       string
+	WorkDir       string // empty: a temporary folder, removed at the end
+	ProfileDir    string // non-empty: capture kernel and agent profiles in the closed loop
+	ProfileFor    time.Duration
+	MaxInFlight   int
+	StartTimeout  time.Duration
+	ExtraKernelYA string // appended to the kernel config's policy_kernel section, for experiments
+	// ServerEnv is added to the environment of the kernel and agent, e.g. GOGC=200.
+	ServerEnv []string
+	// MessageTimeout is Envoy's message_timeout that the kernel is configured with; the agent
+	// timeout is three quarters of it, as in the example config.
+	MessageTimeout time.Duration
+}
+
+func parseOptions(args []string, stderr io.Writer) (*Options, error) {
+	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	o := &Options{}
+	var targets string
+	fs.StringVar(&o.BinDir, "bin", "bin", "folder with policy-kernel, policy-agent and extproc-noop")
+	fs.Float64Var(&o.Rate, "rate", 5000, "open-loop rate, requests per second")
+	fs.DurationVar(&o.OpenFor, "open", 10*time.Second, "open-loop phase length")
+	fs.DurationVar(&o.ClosedFor, "closed", 10*time.Second, "closed-loop phase length")
+	fs.DurationVar(&o.Warmup, "warmup", 2*time.Second, "closed-loop warm-up of each target before measuring")
+	fs.IntVar(&o.Concurrency, "concurrency", 64, "closed-loop concurrent requests")
+	fs.IntVar(&o.Conns, "conns", 2, "HTTP/2 connections to each server, like Envoy's per-worker connections")
+	fs.IntVar(&o.Streams, "streams", 10000, "streams held open at once in the memory phase (0: skip it)")
+	fs.IntVar(&o.Repeat, "repeat", 1, "how many times to run the open and closed phases, alternating the targets")
+	fs.StringVar(&targets, "targets", targetNoop+","+targetKernel, "targets to measure, comma-separated: noop, kernel+agent")
+	fs.StringVar(&o.JSONOut, "json", "loadtest/results/loadtest.json", "where to write the JSON report (empty: nowhere)")
+	fs.StringVar(&o.WorkDir, "workdir", "", "folder for configs, sockets and logs (default: a temporary one, removed at the end)")
+	fs.StringVar(&o.ProfileDir, "profile", "", "capture CPU and heap profiles of the kernel and agent during the closed loop into this folder")
+	fs.DurationVar(&o.ProfileFor, "profile-seconds", 8*time.Second, "CPU profile length (at most the closed-loop length)")
+	fs.IntVar(&o.MaxInFlight, "max-in-flight", 20000, "open-loop requests outstanding at once before new ones are dropped")
+	fs.DurationVar(&o.StartTimeout, "start-timeout", 30*time.Second, "how long to wait for the servers to be ready")
+	fs.StringVar(&o.ExtraKernelYA, "kernel-yaml", "", "extra YAML lines for the kernel config's policy_kernel section")
+	fs.DurationVar(&o.MessageTimeout, "message-timeout", 200*time.Millisecond, "Envoy's message_timeout for the kernel config (the agent timeout is 3/4 of it)")
+	var env string
+	fs.StringVar(&env, "server-env", "", "comma-separated KEY=VALUE pairs added to the kernel's and agent's environment, e.g. GOGC=200")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	var errs []error
+	if env != "" {
+		for kv := range strings.SplitSeq(env, ",") {
+			if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+				errs = append(errs, fmt.Errorf("-server-env: %q is not KEY=VALUE", kv))
+				continue
+			}
+			o.ServerEnv = append(o.ServerEnv, kv)
+		}
+	}
+	if fs.NArg() > 0 {
+		errs = append(errs, fmt.Errorf("unexpected arguments: %q", fs.Args()))
+	}
+	if o.Rate <= 0 {
+		errs = append(errs, fmt.Errorf("-rate must be positive, got %g", o.Rate))
+	}
+	if o.Concurrency <= 0 || o.Conns <= 0 || o.Repeat <= 0 || o.MaxInFlight <= 0 {
+		errs = append(errs, errors.New("-concurrency, -conns, -repeat and -max-in-flight must be positive"))
+	}
+	if o.MessageTimeout < 4*time.Millisecond || o.MessageTimeout > 6*time.Second {
+		errs = append(errs, fmt.Errorf("-message-timeout must be from 4ms to 6s, got %s", o.MessageTimeout))
+	}
+	if o.Streams < 0 {
+		errs = append(errs, fmt.Errorf("-streams must not be negative, got %d", o.Streams))
+	}
+	for t := range strings.SplitSeq(targets, ",") {
+		switch t = strings.TrimSpace(t); t {
+		case targetNoop, targetKernel:
+			o.Targets = append(o.Targets, t)
+		default:
+			errs = append(errs, fmt.Errorf("-targets: unknown target %q (want noop or kernel+agent)", t))
+		}
+	}
+	return o, errors.Join(errs...)
+}
+
+// Main runs the load test with command-line arguments, printing the table to stdout.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	o, err := parseOptions(args, stderr)
+	if err != nil {
+		return err
+	}
+	rep, err := Run(ctx, o, stderr)
+	if err != nil {
+		return err
+	}
+	if err := rep.WriteTable(stdout); err != nil {
+		return err
+	}
+	if o.JSONOut != "" {
+		if err := os.MkdirAll(filepath.Dir(o.JSONOut), 0o755); err != nil {
+			return fmt.Errorf("create report folder: %w", err)
+		}
+		var buf bytes.Buffer
+		if err := rep.WriteJSON(&buf); err != nil {
+			return err
+		}
+		if err := os.WriteFile(o.JSONOut, buf.Bytes(), 0o644); err != nil {
+			return fmt.Errorf("write report: %w", err)
+		}
+		fmt.Fprintf(stdout, "report written to %s\n", o.JSONOut)
+	}
+	return nil
+}
+
+// target is one server under test: its processes and where it listens.
+type target struct {
+	name       string
+	addr       string
+	procs      []*process
+	metricsURL string // the kernel's /metrics; empty for the baseline
+	// pprof lists the base URLs of /debug/pprof/ by process name.
+	pprof map[string]string
+	conns *Conns
+}
+
+// Run starts the targets, drives each phase and returns the report. Every process it started
+// is stopped before it returns, on error and on cancellation too.
+func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error) {
+	dir := o.WorkDir
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "loadtest-"); err != nil {
+			return nil, fmt.Errorf("create work folder: %w", err)
+		}
+		defer os.RemoveAll(dir)
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create work folder: %w", err)
+	}
+	var started []*process
+	defer func() {
+		for i := len(started) - 1; i >= 0; i-- {
+			started[i].stop()
+		}
+	}()
+	reqChain, respChain := chains()
+	rep = &Report{Machine: machine(), Settings: Settings{
+		Rate: o.Rate, OpenSeconds: o.OpenFor.Seconds(), ClosedSeconds: o.ClosedFor.Seconds(), Concurrency: o.Concurrency,
+		Connections: o.Conns, Streams: o.Streams, Repeat: o.Repeat, RequestChain: reqChain, ResponseChain: respChain,
+	}}
+
+	var targets []*target
+	for _, name := range o.Targets {
+		t, err := startTarget(ctx, name, o, dir, reqChain, respChain, &started)
+		if err != nil {
+			return nil, err
+		}
+		targets = append(targets, t)
+	}
+	for _, t := range targets {
+		if t.conns, err = Dial(t.addr, o.Conns); err != nil {
+			return nil, err
+		}
+		defer t.conns.Close()
+	}
+	tr := DefaultTraffic(RouteName, APIKey)
+	for _, t := range targets {
+		fmt.Fprintf(log, "loadtest: warming up %s for %s\n", t.name, o.Warmup)
+		res := ClosedLoop(ctx, t.conns, tr, o.Concurrency, o.Warmup)
+		if res.Requests == 0 {
+			return nil, fmt.Errorf("warm-up of %s: no request succeeded: %s", t.name, strings.Join(res.TopErrors(), "; "))
+		}
+	}
+	for run := 1; run <= o.Repeat; run++ {
+		for _, t := range targets {
+			row, err := measure(ctx, t, run, phaseOpen, func() *Result {
+				return OpenLoop(ctx, t.conns, tr, o.Rate, o.OpenFor, o.MaxInFlight)
+			})
+			if err != nil {
+				return nil, err
+			}
+			rep.Rows = append(rep.Rows, row)
+			fmt.Fprintf(log, "loadtest: run %d %s open loop: %.0f req/s, p99 %d µs, %d errors\n", run, t.name, row.RPS, row.P99us, row.Errors)
+		}
+		for _, t := range targets {
+			stopProfile := func() error { return nil }
+			if o.ProfileDir != "" && run == 1 && t.name == targetKernel {
+				stopProfile = profile(ctx, t, o.ProfileDir, min(o.ProfileFor, o.ClosedFor))
+			}
+			row, err := measure(ctx, t, run, phaseClosed, func() *Result {
+				return ClosedLoop(ctx, t.conns, tr, o.Concurrency, o.ClosedFor)
+			})
+			if err != nil {
+				return nil, err
+			}
+			if err := stopProfile(); err != nil {
+				return nil, err
+			}
+			rep.Rows = append(rep.Rows, row)
+			fmt.Fprintf(log, "loadtest: run %d %s closed loop: %.0f req/s, p99 %d µs, %d errors\n", run, t.name, row.RPS, row.P99us, row.Errors)
+		}
+	}
+	if o.Streams > 0 {
+		for _, t := range targets {
+			row, err := holdPhase(ctx, t, tr, o.Streams)
+			if err != nil {
+				return nil, err
+			}
+			rep.Rows = append(rep.Rows, row)
+			fmt.Fprintf(log, "loadtest: %s held %d streams\n", t.name, row.Requests)
+		}
+	}
+	rep.setRatios(targetNoop)
+	return rep, nil
+}
+
+// measure runs one load phase against t and fills a row with its client-side results and the
+// CPU and peak RSS of t's processes over it.
+func measure(ctx context.Context, t *target, run int, phase string, load func() *Result) (Row, error) {
+	row := Row{Run: run, Target: t.name, Phase: phase}
+	cpu0 := make([]time.Duration, len(t.procs))
+	for i, p := range t.procs {
+		if err := ResetPeakRSS(p.pid()); err != nil {
+			return row, err
+		}
+		c, err := CPUTime(p.pid())
+		if err != nil {
+			return row, err
+		}
+		cpu0[i] = c
+	}
+	var hist0 vmHistogram
+	if t.metricsURL != "" {
+		h, err := scrapeHistogram(ctx, t.metricsURL)
+		if err != nil {
+			return row, err
+		}
+		hist0 = h
+	}
+	res := load()
+	for i, p := range t.procs {
+		c, err := CPUTime(p.pid())
+		if err != nil {
+			return row, err
+		}
+		rss, err := PeakRSS(p.pid())
+		if err != nil {
+			return row, err
+		}
+		u := ProcUsage{Name: p.name, CPUSec: (c - cpu0[i]).Seconds(), PeakRSS: rss}
+		if res.Requests > 0 {
+			u.CPUPer1k = u.CPUSec / float64(res.Requests) * 1000
+		}
+		row.CPUPer1k += u.CPUPer1k
+		row.Procs = append(row.Procs, u)
+	}
+	if t.metricsURL != "" {
+		h, err := scrapeHistogram(ctx, t.metricsURL)
+		if err != nil {
+			return row, err
+		}
+		if q, err := h.sub(hist0).quantile(0.99); err == nil && !math.IsNaN(q) {
+			if math.IsInf(q, 1) {
+				row.KernelP99Above = true
+				q = h.topBound()
+			}
+			row.KernelP99us = q * 1e6
+		}
+	}
+	row.Requests, row.Errors, row.RPS = res.Requests, res.Errors, res.Rate()
+	row.P50us, row.P99us, row.P999us = res.Quantile(50), res.Quantile(99), res.Quantile(99.9)
+	row.Errs = res.TopErrors()
+	return row, nil
+}
+
+// holdPhase opens n streams at once against t and reports each process's peak RSS while they
+// are open.
+func holdPhase(ctx context.Context, t *target, tr *Traffic, n int) (Row, error) {
+	row := Row{Run: 1, Target: t.name, Phase: fmt.Sprintf("%s %d", phaseStreams, n)}
+	for _, p := range t.procs {
+		if err := ResetPeakRSS(p.pid()); err != nil {
+			return row, err
+		}
+	}
+	// Envoy allows 1024 streams per connection; the servers here allow as many.
+	conns, err := Dial(t.addr, (n+999)/1000)
+	if err != nil {
+		return row, err
+	}
+	defer conns.Close()
+	h := Hold(ctx, conns, tr, n, 256)
+	time.Sleep(500 * time.Millisecond)
+	for _, p := range t.procs {
+		rss, err := PeakRSS(p.pid())
+		if err != nil {
+			h.Release()
+			return row, err
+		}
+		row.Procs = append(row.Procs, ProcUsage{Name: p.name, PeakRSS: rss})
+	}
+	h.Release()
+	row.Requests, row.Errors = int64(h.Opened), int64(h.Errors)
+	if h.FirstError != nil {
+		row.Errs = []string{h.FirstError.Error()}
+	}
+	return row, nil
+}
+
+// chains names the chains of the load-test route: apiKeyAuth then rateLimit with a limit that
+// is never hit (allowAll where the agent has no rateLimit policy), and addSecurityHeaders on
+// the response.
+func chains() (request, response string) {
+	if _, ok := policy.Lookup("rateLimit"); ok {
+		return "apiKeyAuth + rateLimit", "addSecurityHeaders"
+	}
+	return "apiKeyAuth + allowAll", "addSecurityHeaders"
+}
+
+func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, respChain string, started *[]*process) (*target, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	t := &target{name: name, addr: fmt.Sprintf("127.0.0.1:%d", port)}
+	switch name {
+	case targetNoop:
+		p, err := startProcess(filepath.Join(o.BinDir, "extproc-noop"), []string{"-listen", t.addr}, "noop", dir)
+		if err != nil {
+			return nil, err
+		}
+		*started = append(*started, p)
+		t.procs = []*process{p}
+		if err := waitTCP(ctx, t.addr, p, o.StartTimeout); err != nil {
+			return nil, err
+		}
+	case targetKernel:
+		mport, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		aport, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		sock := filepath.Join(dir, "agent.sock")
+		acfg := filepath.Join(dir, "agent-config.yaml")
+		kcfg := filepath.Join(dir, "kernel-config.yaml")
+		if err := os.WriteFile(acfg, []byte(agentConfig(sock, aport)), 0o600); err != nil {
+			return nil, fmt.Errorf("write agent config: %w", err)
+		}
+		if err := os.WriteFile(kcfg, []byte(kernelConfig(port, mport, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)), 0o600); err != nil {
+			return nil, fmt.Errorf("write kernel config: %w", err)
+		}
+		agent, err := startProcess(filepath.Join(o.BinDir, "policy-agent"), []string{"-config", acfg}, "agent", dir, o.ServerEnv...)
+		if err != nil {
+			return nil, err
+		}
+		*started = append(*started, agent)
+		kernel, err := startProcess(filepath.Join(o.BinDir, "policy-kernel"), []string{"-config", kcfg}, "kernel", dir, o.ServerEnv...)
+		if err != nil {
+			return nil, err
+		}
+		*started = append(*started, kernel)
+		t.procs = []*process{kernel, agent}
+		base := fmt.Sprintf("http://127.0.0.1:%d", mport)
+		t.metricsURL = base + "/metrics"
+		t.pprof = map[string]string{"kernel": base + "/debug/pprof/", "agent": fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/", aport)}
+		if err := waitReady(ctx, base+"/health/ready", kernel, o.StartTimeout); err != nil {
+			return nil, err
+		}
+	}
+	return t, nil
+}
+
+func agentConfig(sock string, mport int) string {
+	return fmt.Sprintf(`agent_core:
+  name: "loadtest-agent"
+  socket_path: %q
+  server:
+    max_concurrent_requests: 100000
+  policies:
+    config:
+      apiKeyAuth:
+        keys:
+          - key: %q
+            user_id: "loadtest-user"
+  observability:
+    log_level: "warn"
+    metrics_address: "127.0.0.1:%d"
+`, sock, APIKey, mport)
+}
+
+func kernelConfig(port, mport int, sock, reqChain string, messageTimeout time.Duration, extra string) string {
+	second := `        - policy: "allowAll"`
+	if strings.Contains(reqChain, "rateLimit") {
+		second = `        - policy: "rateLimit"
+          metadata:
+            requests_per_second: 100000000
+            burst: 100000000`
+	}
+	cfg := fmt.Sprintf(`policy_kernel:
+  server:
+    address: "127.0.0.1"
+    port: %d
+    max_concurrent_streams: 1024
+    message_timeout_ms: %d
+  agents:
+    - name: "loadtest-agent"
+      socket_path: %q
+      timeout_ms: %d
+  route_policies:
+    - route_name: %q
+      request_policy_chain:
+        - policy: "apiKeyAuth"
+          metadata:
+            header_name: "X-API-Key"
+            required: true
+%s
+      response_policy_chain:
+        - policy: "addSecurityHeaders"
+  observability:
+    metrics_address: "127.0.0.1"
+    metrics_port: %d
+    log_level: "warn"
+`, port, messageTimeout.Milliseconds(), sock, messageTimeout.Milliseconds()*3/4, RouteName, second, mport)
+	if extra != "" {
+		cfg += extra + "\n"
+	}
+	return cfg
+}
+
+// process is a server process the load test started; stop ends it by its PID.
+type process struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  string
+}
+
+func startProcess(bin string, args []string, name, dir string, env ...string) (*process, error) {
+	logPath := filepath.Join(dir, name+".log")
+	lf, err := os.Create(logPath)
+	if err != nil {
+		return nil, fmt.Errorf("create log of %s: %w", name, err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
+	// If the load test dies without stopping it, the kernel kills the child.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		lf.Close()
+		return nil, fmt.Errorf("start %s (%s): %w", name, bin, err)
+	}
+	p := &process{name: name, cmd: cmd, done: make(chan struct{}), log: logPath}
+	go func() {
+		_ = cmd.Wait()
+		lf.Close()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+func (p *process) pid() int { return p.cmd.Process.Pid }
+
+func (p *process) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// tail returns the end of the process's log, for error messages.
+func (p *process) tail() string {
+	data, _ := os.ReadFile(p.log)
+	if len(data) > 2000 {
+		data = data[len(data)-2000:]
+	}
+	return strings.TrimSpace(string(data))
+}
+
+// stop sends SIGTERM, then SIGKILL if the process has not exited within 5 seconds.
+func (p *process) stop() {
+	if p.exited() {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func waitTCP(ctx context.Context, addr string, p *process, timeout time.Duration) error {
+	return waitFor(ctx, p, timeout, func() bool {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+}
+
+func waitReady(ctx context.Context, url string, p *process, timeout time.Duration) error {
+	client := &http.Client{Timeout: time.Second}
+	return waitFor(ctx, p, timeout, func() bool {
+		resp, err := client.Get(url)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+func waitFor(ctx context.Context, p *process, timeout time.Duration, ready func() bool) error {
+	deadline := time.Now().Add(timeout)
+	for !ready() {
+		if p.exited() {
+			return fmt.Errorf("%s exited during start-up: %s", p.name, p.tail())
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("%s not ready after %s: %s", p.name, timeout, p.tail())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return nil
+}
+
+func scrapeHistogram(ctx context.Context, url string) (vmHistogram, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("scrape %s: status %d", url, resp.StatusCode)
+	}
+	return parseVMHistogram(resp.Body, "policy_kernel_request_duration_seconds")
+}
+
+// profile starts capturing a CPU profile of each of t's processes for d; the returned
+// function waits for them, then saves a heap profile of each, into dir as <name>.cpu.pprof and
+// <name>.heap.pprof.
+func profile(ctx context.Context, t *target, dir string, d time.Duration) func() error {
+	errs := make(chan error, len(t.pprof))
+	for name, base := range t.pprof {
+		go func() {
+			errs <- fetchTo(ctx, fmt.Sprintf("%sprofile?seconds=%d", base, max(1, int(d.Seconds()))), filepath.Join(dir, name+".cpu.pprof"))
+		}()
+	}
+	return func() error {
+		var all []error
+		for range t.pprof {
+			all = append(all, <-errs)
+		}
+		for name, base := range t.pprof {
+			all = append(all, fetchTo(ctx, base+"heap", filepath.Join(dir, name+".heap.pprof")))
+		}
+		return errors.Join(all...)
+	}
+}
+
+// fetchTo saves the body of a GET of url to path.
+func fetchTo(ctx context.Context, url, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return fmt.Errorf("fetch %s: %w", url, err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("fetch %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("fetch %s: status %d", url, resp.StatusCode)
+	}
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("fetch %s: %w", url, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("create profile folder: %w", err)
+	}
+	return os.WriteFile(path, data, 0o644)
+}
+
+func machine() Machine {
+	m := Machine{CPUs: runtime.NumCPU(), GoVersion: runtime.Version()}
+	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = "Linux " + strings.TrimSpace(string(data))
+	}
+	if data, err := os.ReadFile("/proc/loadavg"); err == nil {
+		f := strings.Fields(string(data))
+		if len(f) >= 3 {
+			m.LoadAverage = strings.Join(f[:3], " ")
+		}
+	}
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.SplitSeq(string(data), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPUModel = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	return m
+}

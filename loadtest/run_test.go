@@ -1,0 +1,231 @@
+package loadtest
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/policy-engine/policy-engine/agent"
+	"github.com/policy-engine/policy-engine/kernel"
+)
+
+func TestParseOptions(t *testing.T) {
+	o, err := parseOptions(nil, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, err := parseOptions([]string{"-server-env", "GOGC=200,GOMAXPROCS=2"}, &bytes.Buffer{}); err != nil || len(e.ServerEnv) != 2 || e.ServerEnv[1] != "GOMAXPROCS=2" {
+		t.Errorf("-server-env: %v, %v", e, err)
+	}
+	if o.Rate != 5000 || o.Conns != 2 || o.Streams != 10000 || len(o.Targets) != 2 || o.OpenFor+o.ClosedFor+o.Warmup > 30*time.Second {
+		t.Errorf("defaults %+v", o)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-rate", "0"}, "-rate must be positive"},
+		{[]string{"-conns", "0"}, "must be positive"},
+		{[]string{"-streams", "-1"}, "-streams must not be negative"},
+		{[]string{"-targets", "noop,envoy"}, `unknown target "envoy"`},
+		{[]string{"x"}, "unexpected arguments"},
+		{[]string{"-rate", "x"}, "invalid value"},
+		{[]string{"-server-env", "GOGC=200,oops"}, `"oops" is not KEY=VALUE`},
+		{[]string{"-message-timeout", "10s"}, "-message-timeout must be from 4ms to 6s"},
+	} {
+		if _, err := parseOptions(c.args, &bytes.Buffer{}); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("parseOptions(%q): err = %v, want %q", c.args, err, c.want)
+		}
+	}
+}
+
+// The configs the load test writes must be valid for the real binaries.
+func TestConfigsAreValid(t *testing.T) {
+	for _, chain := range []string{"apiKeyAuth + allowAll", "apiKeyAuth + rateLimit"} {
+		kc := kernelConfig(9001, 9090, "/tmp/a.sock", chain, 200*time.Millisecond, "  version: \"x\"")
+		cfg, err := kernel.ParseConfig("kernel.yaml", []byte(kc))
+		if err != nil {
+			t.Fatalf("%s: kernel config: %v\n%s", chain, err, kc)
+		}
+		rp := cfg.PolicyKernel.RoutePolicies
+		if len(rp) != 1 || rp[0].RouteName != RouteName || len(rp[0].RequestPolicyChain) != 2 || len(rp[0].ResponsePolicyChain) != 1 {
+			t.Fatalf("%s: routes %+v", chain, rp)
+		}
+		if want := strings.Fields(chain)[2]; rp[0].RequestPolicyChain[1].Policy != want {
+			t.Errorf("second policy %q, want %q", rp[0].RequestPolicyChain[1].Policy, want)
+		}
+		if cfg.PolicyKernel.Version != "x" {
+			t.Errorf("extra YAML not applied")
+		}
+		if cfg.PolicyKernel.Server.MessageTimeoutMS != 200 || cfg.PolicyKernel.Agents[0].TimeoutMS != 150 {
+			t.Errorf("timeouts: message %d ms, agent %d ms; want 200 and 150", cfg.PolicyKernel.Server.MessageTimeoutMS, cfg.PolicyKernel.Agents[0].TimeoutMS)
+		}
+	}
+	ac, err := agent.ParseConfig("agent.yaml", []byte(agentConfig("/tmp/a.sock", 9091)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ac.AgentCore.Observability.MetricsAddress != "127.0.0.1:9091" {
+		t.Errorf("agent metrics address %q", ac.AgentCore.Observability.MetricsAddress)
+	}
+	req, resp := chains()
+	if !strings.HasPrefix(req, "apiKeyAuth + ") || resp != "addSecurityHeaders" {
+		t.Errorf("chains() = %q, %q", req, resp)
+	}
+}
+
+// buildBinaries builds the three servers into a temporary folder.
+func buildBinaries(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/policy-kernel", "./cmd/policy-agent", "./loadtest/cmd/extproc-noop")
+	cmd.Dir = ".."
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	return dir
+}
+
+func TestMainEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the servers")
+	}
+	bin := buildBinaries(t)
+	work := t.TempDir()
+	jsonOut := filepath.Join(work, "out", "report.json")
+	profiles := filepath.Join(work, "profiles")
+	var stdout, stderr bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	err := Main(ctx, []string{
+		"-bin", bin, "-rate", "200", "-open", "500ms", "-closed", "1500ms", "-warmup", "300ms", "-concurrency", "4",
+		"-streams", "300", "-json", jsonOut, "-workdir", filepath.Join(work, "run"),
+		"-profile", profiles, "-profile-seconds", "1s",
+		// The test checks the pipeline, not timing: other packages' tests share the CPUs.
+		"-message-timeout", "4s",
+	}, &stdout, &stderr)
+	if err != nil {
+		t.Fatalf("Main: %v\nstderr:\n%s", err, stderr.String())
+	}
+	out := stdout.String()
+	for _, want := range []string{"noop", "kernel+agent", "streams 300", "report written to"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	data, err := os.ReadFile(jsonOut)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep Report
+	if err := json.Unmarshal(data, &rep); err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Rows) != 6 {
+		t.Fatalf("%d rows, want open, closed and streams for both targets:\n%s", len(rep.Rows), out)
+	}
+	for _, row := range rep.Rows {
+		if row.Errors != 0 {
+			t.Errorf("%s %s: %d errors: %v", row.Target, row.Phase, row.Errors, row.Errs)
+		}
+		if strings.HasPrefix(row.Phase, phaseStreams) {
+			if row.Requests != 300 {
+				t.Errorf("%s held %d streams, want 300", row.Target, row.Requests)
+			}
+			continue
+		}
+		if row.Requests == 0 || row.CPUPer1k <= 0 || row.CPURatio <= 0 || row.P99us <= 0 {
+			t.Errorf("row without measurements: %+v", row)
+		}
+		if row.Target == targetKernel && (len(row.Procs) != 2 || row.Procs[0].PeakRSS <= 0) {
+			t.Errorf("kernel row processes: %+v", row.Procs)
+		}
+		if row.Target == targetKernel && row.KernelP99us <= 0 {
+			t.Errorf("kernel row without the kernel's own p99: %+v", row)
+		}
+	}
+	for _, f := range []string{"kernel.cpu.pprof", "kernel.heap.pprof", "agent.cpu.pprof", "agent.heap.pprof"} {
+		if fi, err := os.Stat(filepath.Join(profiles, f)); err != nil || fi.Size() == 0 {
+			t.Errorf("profile %s: %v", f, err)
+		}
+	}
+	// The servers were stopped: nothing listens on the agent's socket any more.
+	if _, err := os.Stat(filepath.Join(work, "run", "kernel.log")); err != nil {
+		t.Errorf("kernel log: %v", err)
+	}
+}
+
+func TestRunFailsWhenAServerDoesNotStart(t *testing.T) {
+	bin := t.TempDir()
+	// A "server" that exits at once.
+	if err := os.WriteFile(filepath.Join(bin, "extproc-noop"), []byte("#!/bin/sh\necho broken >&2\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	o, err := parseOptions([]string{"-bin", bin, "-targets", "noop", "-start-timeout", "5s"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Run(context.Background(), o, &bytes.Buffer{})
+	if err == nil || !strings.Contains(err.Error(), "noop exited during start-up: broken") {
+		t.Fatalf("err = %v, want the start-up failure with the server's output", err)
+	}
+	o.BinDir = filepath.Join(bin, "missing")
+	if _, err := Run(context.Background(), o, &bytes.Buffer{}); err == nil || !strings.Contains(err.Error(), "start noop") {
+		t.Fatalf("missing binary: err = %v", err)
+	}
+}
+
+func TestProcessStopEscalates(t *testing.T) {
+	dir := t.TempDir()
+	// Ignores SIGTERM: stop must kill it after its grace period.
+	p, err := startProcess("/bin/sh", []string{"-c", "trap '' TERM; echo started; while :; do sleep 0.05; done"}, "stubborn", dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	start := time.Now()
+	p.stop()
+	if !p.exited() {
+		t.Fatal("process still running after stop")
+	}
+	if d := time.Since(start); d < 4*time.Second {
+		t.Errorf("stop took %s: it should have waited for SIGTERM before killing", d)
+	}
+	if err := syscall.Kill(p.pid(), 0); err == nil {
+		t.Error("the process is still alive")
+	}
+	if !strings.Contains(p.tail(), "started") {
+		t.Errorf("log tail %q", p.tail())
+	}
+	p.stop() // stopping a stopped process is a no-op
+}
+
+func TestWaitForTimesOut(t *testing.T) {
+	p, err := startProcess("/bin/sh", []string{"-c", "echo $LOADTEST_MARK; sleep 30"}, "sleeper", t.TempDir(), "LOADTEST_MARK=marked")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.stop()
+	err = waitTCP(context.Background(), "127.0.0.1:1", p, 300*time.Millisecond)
+	if err == nil || !strings.Contains(err.Error(), "sleeper not ready after 300ms: marked") {
+		t.Fatalf("err = %v", err)
+	}
+	err = waitReady(context.Background(), "http://127.0.0.1:1/health/ready", p, 200*time.Millisecond)
+	if err == nil {
+		t.Fatal("waitReady on a closed port succeeded")
+	}
+}
+
+func TestMachine(t *testing.T) {
+	m := machine()
+	if m.CPUs <= 0 || !strings.HasPrefix(m.GoVersion, "go") || !strings.HasPrefix(m.Kernel, "Linux ") || m.LoadAverage == "" {
+		t.Errorf("machine() = %+v", m)
+	}
+}
