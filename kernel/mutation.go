@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 	"unsafe"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -79,6 +80,11 @@ func buildMutation(phase agentv1.PolicyPhase, ins []*agentv1.Instruction, setSta
 			if h == nil {
 				return nil, fmt.Errorf("%w: %s instruction without a header", errInvalidAgentResponse, in.GetType())
 			}
+			// The agent API's strings are UTF-8; a reply that breaks that is not valid
+			// protobuf, whatever codec let it through.
+			if !utf8.ValidString(h.GetKey()) || !utf8.ValidString(h.GetValue()) {
+				return nil, fmt.Errorf("%w: header instruction that is not UTF-8", errInvalidAgentResponse)
+			}
 			key := strings.ToLower(h.GetKey())
 			if in.GetType() == agentv1.InstructionType_REMOVE_HEADER {
 				if headers.ValidName(key) != nil || !headers.RemoveAllowed(key) {
@@ -104,6 +110,9 @@ func buildMutation(phase agentv1.PolicyPhase, ins []*agentv1.Instruction, setSta
 			st := in.GetState()
 			if st == nil || st.GetKey() == "" {
 				return nil, fmt.Errorf("%w: SET_STATE instruction without a key", errInvalidAgentResponse)
+			}
+			if !utf8.ValidString(st.GetKey()) || !utf8.ValidString(st.GetValue()) {
+				return nil, fmt.Errorf("%w: SET_STATE instruction that is not UTF-8", errInvalidAgentResponse)
 			}
 			if setState != nil {
 				setState(st.GetKey(), st.GetValue())

@@ -575,3 +575,20 @@ func TestRequestsCountedOncePerHTTPRequest(t *testing.T) {
 		t.Fatalf("requests allow %d error %d; response phase error %d", route.metrics.requests[statusAllow].Get(), route.metrics.requests[statusError].Get(), route.metrics.responses[statusError].Get())
 	}
 }
+
+func TestAgentReplyNotUTF8IsInvalid(t *testing.T) {
+	for name, resp := range map[string]*agentv1.PolicyResponse{
+		"header value": ok(setHeader("x-a", "\xff")),
+		"header name":  ok(setHeader("x-\xc3\x28", "v")),
+		"state":        ok(setState("k", "\xc3\x28")),
+	} {
+		fa := &fakeAgent{fn: func(context.Context, *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) { return resp, nil }}
+		k := newTestKernel(t, baseConfig, fa)
+		st := k.open(t)
+		r := st.send(t, reqHeaders("/api/v1/users", true, ""))
+		st.end(t)
+		if ir := r.GetImmediateResponse(); ir.GetStatus().GetCode() != 500 || jsonErrorOf(t, ir) != "invalid_agent_response" {
+			t.Errorf("%s: %v", name, r)
+		}
+	}
+}

@@ -64,10 +64,14 @@ const secretsKernelYAML = `policy_kernel:
       request_policy_chain: [{policy: testPanic}]
     - route_name: /badutf8
       request_policy_chain: [{policy: testBadUTF8}]
-    - route_name: /broken
-      request_policy_chain: [{policy: noSuchPolicy}]
-  observability:
+%s  observability:
     log_level: %s
+`
+
+// brokenRoute names a policy the agent lacks. The kernel starts with it (the route is marked
+// invalid and denied) but refuses a reload that has it, so only the first config carries it.
+const brokenRoute = `    - route_name: /broken
+      request_policy_chain: [{policy: noSuchPolicy}]
 `
 
 // hupCounted sends SIGHUP and waits until the process counts one more of series.
@@ -87,7 +91,7 @@ func hupCounted(t *testing.T, p *testenv.Proc, get func(testing.TB, string) (int
 func TestSecretsNeverLeak(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{
 		AgentYAML:  fmt.Sprintf(secretsAgentYAML, "debug"),
-		KernelYAML: fmt.Sprintf(secretsKernelYAML, "debug"),
+		KernelYAML: fmt.Sprintf(secretsKernelYAML, brokenRoute, "debug"),
 		AgentEnv:   []string{"FAULTS_API_KEY=" + secrets["valid API key"], "FAULTS_JWT_SECRET=" + secrets["JWT HMAC secret"]},
 		AgentBin:   testenv.Build(t, testenv.TestAgentPackage),
 	})
@@ -173,7 +177,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 	for _, level := range []string{"debug", "info", "warn", "error"} {
 		if level != "debug" {
 			// Reloads are logged at info, so they are watched in the metrics.
-			writeAtomically(t, e, e.KernelConfig, fmt.Sprintf(secretsKernelYAML, level))
+			writeAtomically(t, e, e.KernelConfig, fmt.Sprintf(secretsKernelYAML, "", level))
 			hupCounted(t, e.Kernel, e.Get, `policy_kernel_config_reload_total{status="success"}`)
 			writeAtomically(t, e, e.AgentConfig, fmt.Sprintf(secretsAgentYAML, level))
 			hupCounted(t, e.Agent, e.GetAgent, `policy_agent_config_reload_total{status="success"}`)
