@@ -52,7 +52,7 @@ cover:
 # Benchmarks of the hot path with allocation counts; compare two runs with benchstat (see the
 # comments of kernel/bench_test.go).
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./internal/... ./kernel/... ./agent/...
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./internal/... ./kernel/... ./agent/... ./bench/... ./policies/...
 
 # A measurement, not a test: kernel + agent against the no-op baseline (docs/performance.md).
 loadtest: build
