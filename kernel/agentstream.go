@@ -391,7 +391,7 @@ func (ls *laneStream) receive() {
 		}
 		ls.mu.Unlock()
 		if ok {
-			cl.done <- callResult{resp: resp}
+			cl.done <- callResult{resp: resp, err: checkReplyUTF8(resp)}
 		}
 		// A reply for a call that gave up is dropped.
 	}
