@@ -3,6 +3,9 @@ GO        ?= go
 BIN       := bin
 PKGS      := ./...
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+# go-control-plane compiles its generated fast marshalling code (which internal/vtcodec uses
+# for the ext_proc replies) only with this tag; every go command below gets it.
+export GOFLAGS += -tags=vtprotobuf
 LDFLAGS   := -s -w -X github.com/policy-engine/policy-engine/agent.Version=$(VERSION) -X github.com/policy-engine/policy-engine/kernel.Version=$(VERSION)
 
 .PHONY: all build run test test-unit test-e2e cover bench loadtest profile proto lint fmt vet fuzz faults soak clean docker

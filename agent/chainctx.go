@@ -6,7 +6,8 @@ import (
 	"time"
 )
 
-// chainCtx is the context a chain runs in: the stream's context with the request's deadline.
+// chainCtx is the context a chain runs in: the stream's context with the request's deadline
+// (none when zero), and cancellable on its own when the kernel gives the call up.
 // context.WithTimeout would arm a timer and register the child with the stream's context, whose
 // lock every request on the stream then shares; most policies never ask for Done, so chainCtx
 // does neither unless Done is called. Until then, Err compares the clock with the deadline.
@@ -27,8 +28,9 @@ func newChainCtx(parent context.Context, deadline time.Time) *chainCtx {
 
 // Deadline returns the chain's deadline, or the parent's when that is earlier.
 func (c *chainCtx) Deadline() (time.Time, bool) {
-	if d, ok := c.Context.Deadline(); ok && d.Before(c.deadline) {
-		return d, true
+	d, ok := c.Context.Deadline()
+	if c.deadline.IsZero() || (ok && d.Before(c.deadline)) {
+		return d, ok
 	}
 	return c.deadline, true
 }
@@ -41,11 +43,17 @@ func (c *chainCtx) Done() <-chan struct{} {
 		return c.done
 	}
 	c.done = make(chan struct{})
+	if c.err != nil {
+		close(c.done) // cancelled before anyone asked for Done
+		return c.done
+	}
 	if err := c.errLocked(); err != nil {
 		c.closeLocked(err)
 		return c.done
 	}
-	c.timer = time.AfterFunc(time.Until(c.deadline), func() { c.close(context.DeadlineExceeded) })
+	if !c.deadline.IsZero() {
+		c.timer = time.AfterFunc(time.Until(c.deadline), func() { c.close(context.DeadlineExceeded) })
+	}
 	c.stopParent = context.AfterFunc(c.Context, func() { c.close(c.Context.Err()) })
 	return c.done
 }
@@ -68,10 +76,23 @@ func (c *chainCtx) errLocked() error {
 	if err := c.Context.Err(); err != nil {
 		return err
 	}
-	if !time.Now().Before(c.deadline) {
+	if !c.deadline.IsZero() && !time.Now().Before(c.deadline) {
 		return context.DeadlineExceeded
 	}
 	return nil
+}
+
+// cancel stops the chain: Err reports context.Canceled from now on.
+func (c *chainCtx) cancel() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return
+	}
+	c.err = context.Canceled
+	if c.done != nil {
+		close(c.done)
+	}
 }
 
 func (c *chainCtx) close(err error) {
@@ -85,6 +106,14 @@ func (c *chainCtx) closeLocked(err error) {
 		c.err = err
 		close(c.done)
 	}
+}
+
+// deadlineOf is the deadline a request asks for, zero for none.
+func deadlineOf(req interface{ GetDeadlineMs() int64 }) time.Time {
+	if ms := req.GetDeadlineMs(); ms > 0 {
+		return time.Now().Add(time.Duration(ms) * time.Millisecond)
+	}
+	return time.Time{}
 }
 
 // release stops what Done started; the chain is over.

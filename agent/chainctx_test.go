@@ -118,3 +118,36 @@ func TestChainCtxReleaseStopsTimers(t *testing.T) {
 		}
 	}
 }
+
+func TestChainCtxCancel(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	// Cancelled before Done is asked for.
+	c := newChainCtx(context.Background(), time.Time{})
+	if _, ok := c.Deadline(); ok {
+		t.Error("a chain without a deadline reports one")
+	}
+	c.cancel()
+	c.cancel()
+	if !errors.Is(c.Err(), context.Canceled) {
+		t.Fatalf("Err = %v", c.Err())
+	}
+	select {
+	case <-c.Done():
+	default:
+		t.Fatal("Done open after cancel")
+	}
+	c.release()
+	// Cancelled while a policy waits on Done.
+	c = newChainCtx(context.Background(), time.Now().Add(time.Hour))
+	done := c.Done()
+	go c.cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed by cancel")
+	}
+	if !errors.Is(c.Err(), context.Canceled) {
+		t.Fatalf("Err = %v", c.Err())
+	}
+	c.release()
+}

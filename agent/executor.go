@@ -249,6 +249,14 @@ var errStateTooLarge = errors.New("state exceeds max_state_size_bytes")
 
 // Execute runs req's chain and returns the agent's answer. It never returns nil.
 func (e *Executor) Execute(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
+	cc := newChainCtx(ctx, deadlineOf(req))
+	defer cc.release()
+	return e.execute(cc, req)
+}
+
+// execute runs req's chain in cc, which holds the request's deadline.
+func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
+	var ctx context.Context = cc
 	resp := &agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId()}
 	s := e.acquire()
 	if s == nil {
@@ -257,11 +265,6 @@ func (e *Executor) Execute(ctx context.Context, req *agentv1.PolicyRequest) *age
 	defer s.release()
 	if req.GetPhase() != agentv1.PolicyPhase_REQUEST && req.GetPhase() != agentv1.PolicyPhase_RESPONSE {
 		return fail(resp, agentv1.StatusCode_POLICY_ERROR, "", fmt.Sprintf("unknown phase %d", req.GetPhase()))
-	}
-	if req.GetDeadlineMs() > 0 {
-		cc := newChainCtx(ctx, time.Now().Add(time.Duration(req.GetDeadlineMs())*time.Millisecond))
-		defer cc.release()
-		ctx = cc
 	}
 	limits := s.cfg.ResourceLimits
 	e.metrics.observeContext(req)

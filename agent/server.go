@@ -34,14 +34,26 @@ func newService(exec *Executor, maxConcurrent int) *service {
 // run executes a chain once a slot is free; a caller that gives up while waiting gets a
 // TIMEOUT answer.
 func (s *service) run(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
+	cc := newChainCtx(ctx, deadlineOf(req))
+	defer cc.release()
+	return s.runIn(cc, req)
+}
+
+// runIn is run in a chain context made by the caller.
+func (s *service) runIn(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
 	select {
 	case s.sem <- struct{}{}:
-	case <-ctx.Done():
-		return fail(&agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId()},
-			agentv1.StatusCode_TIMEOUT, "", "agent busy: max_concurrent_requests reached")
+	default:
+		// Only a caller that has to wait asks for Done, which arms the chain's timer.
+		select {
+		case s.sem <- struct{}{}:
+		case <-cc.Done():
+			return fail(&agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId()},
+				agentv1.StatusCode_TIMEOUT, "", "agent busy: max_concurrent_requests reached")
+		}
 	}
 	defer func() { <-s.sem }()
-	return s.exec.Execute(ctx, req)
+	return s.exec.execute(cc, req)
 }
 
 func (s *service) GetAgentConfig(context.Context, *agentv1.GetAgentConfigRequest) (*agentv1.GetAgentConfigResponse, error) {
@@ -55,6 +67,9 @@ func (s *service) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*age
 // ExecuteStream serves many chains over one stream. Each request runs in its own goroutine so
 // that a slow policy does not hold up the others; sends are serialised.
 //
+// A request with cancel set stops the running call with its call_id: the kernel sends it when
+// the call's caller is gone (Envoy reset the stream), so that the policies stop too.
+//
 // The stream ends cleanly (status OK) only after every request read from it has been answered,
 // so a client may take the requests it sent and never got an answer for as never run. When the
 // agent drains, its streams stop reading, answer what they read and end that way, so the
@@ -62,8 +77,9 @@ func (s *service) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*age
 func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) error {
 	ctx := stream.Context()
 	var (
-		mu      sync.Mutex // guards stopped and the wg.Add that stopped forbids
+		mu      sync.Mutex // guards stopped, calls and the wg.Add that stopped forbids
 		stopped bool
+		calls   = map[uint64]*chainCtx{} // running calls by call_id, for cancel messages
 		wg      sync.WaitGroup
 		sendMu  sync.Mutex
 		sendErr error
@@ -76,6 +92,17 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 				recvDone <- err
 				return
 			}
+			id := req.GetCallId()
+			if req.GetCancel() {
+				mu.Lock()
+				cc := calls[id]
+				mu.Unlock()
+				if cc != nil {
+					cc.cancel()
+				}
+				continue
+			}
+			cc := newChainCtx(ctx, deadlineOf(req))
 			mu.Lock()
 			if stopped {
 				// Read after the drain began: neither run nor answered.
@@ -83,10 +110,17 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 				return
 			}
 			wg.Add(1)
+			calls[id] = cc
 			mu.Unlock()
 			go func() {
 				defer wg.Done()
-				resp := s.run(ctx, req)
+				resp := s.runIn(cc, req)
+				mu.Lock()
+				if calls[id] == cc {
+					delete(calls, id)
+				}
+				mu.Unlock()
+				cc.release()
 				sendMu.Lock()
 				defer sendMu.Unlock()
 				if sendErr == nil {

@@ -153,3 +153,32 @@ func TestExecuteStreamClientEnd(t *testing.T) {
 		t.Fatalf("after CloseSend: err = %v, want io.EOF", err)
 	}
 }
+
+func TestExecuteStreamCancelStopsTheCall(t *testing.T) {
+	_, st := startStreamService(t)
+	start := time.Now()
+	if err := st.Send(waitRequest(7, "10s")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	// A cancel for a call that does not exist changes nothing; the one for call 7 stops it.
+	for _, id := range []uint64{99, 7} {
+		if err := st.Send(&agentv1.PolicyRequest{CallId: id, Cancel: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetCallId() != 7 || time.Since(start) > 5*time.Second {
+		t.Fatalf("reply %v after %s: want call 7 stopped early", resp, time.Since(start))
+	}
+	// The stream still serves.
+	if err := st.Send(waitRequest(8, "0s")); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := st.Recv(); err != nil || resp.GetCallId() != 8 {
+		t.Fatalf("after the cancel: %v, %v", resp, err)
+	}
+}

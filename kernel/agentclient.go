@@ -105,6 +105,9 @@ func (c *grpcAgentClient) executeOn(ctx context.Context, i int, req *agentv1.Pol
 	if err != nil && !wasReady && status.Code(err) == codes.Unavailable {
 		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, err)
 	}
+	if err == nil {
+		err = checkReplyUTF8(resp)
+	}
 	return resp, err
 }
 

@@ -28,6 +28,11 @@ var (
 	// errSendStuck is a stream whose send blocked longer than the agent's timeout: the agent
 	// stopped reading it.
 	errSendStuck = errors.New("agent stopped reading the stream")
+	// errStrayReply is a reply for a call that was never made: the agent cannot be trusted
+	// with the calls waiting on that stream.
+	errStrayReply = errors.New("reply for a call that was never made")
+	// errStreamUnavailable makes a broken stream's own errors count as an unavailable agent.
+	errStreamUnavailable = status.Error(codes.Unavailable, "agent stream unusable")
 )
 
 // streamAgentClient runs calls over long-lived ExecuteStream streams, one per pooled
@@ -293,9 +298,33 @@ func (ls *laneStream) execute(ctx context.Context, cl *call, req *agentv1.Policy
 		return r.resp, r.err, false
 	}
 	if expired {
+		// The agent has the same deadline and stops by itself.
 		return nil, context.DeadlineExceeded, false
 	}
+	// The caller is gone (Envoy reset its stream): tell the agent to stop the call.
+	go ls.sendCancel(id)
 	return nil, callErr(ctx), false
+}
+
+// sendCancel asks the agent to stop a call whose caller is gone. It is best effort: on a
+// broken or busy stream the call's own deadline stops it anyway.
+func (ls *laneStream) sendCancel(id uint64) {
+	t := time.NewTimer(ls.lane.c.stuckAfter)
+	defer t.Stop()
+	select {
+	case ls.sendLock <- struct{}{}:
+	case <-ls.failed:
+		return
+	case <-t.C:
+		return
+	}
+	defer func() { <-ls.sendLock }()
+	ls.sendingSince.Store(time.Now().UnixNano())
+	err := ls.stream.Send(&agentv1.PolicyRequest{CallId: id, Cancel: true})
+	ls.sendingSince.Store(0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		ls.fail(err)
+	}
 }
 
 // send writes a request on the stream. An error means the request was not sent.
@@ -350,14 +379,19 @@ func (ls *laneStream) receive() {
 			ls.fail(err)
 			return
 		}
+		id := resp.GetCallId()
+		if id == 0 || id > ls.lane.c.callID.Load() {
+			ls.fail(fmt.Errorf("%w: call_id %d", errStrayReply, id))
+			return
+		}
 		ls.mu.Lock()
-		cl, ok := ls.pending[resp.GetCallId()]
+		cl, ok := ls.pending[id]
 		if ok {
-			delete(ls.pending, resp.GetCallId())
+			delete(ls.pending, id)
 		}
 		ls.mu.Unlock()
 		if ok {
-			cl.done <- callResult{resp: resp}
+			cl.done <- callResult{resp: resp, err: checkReplyUTF8(resp)}
 		}
 		// A reply for a call that gave up is dropped.
 	}
@@ -380,6 +414,12 @@ func (ls *laneStream) fail(err error) {
 	case status.Code(err) == codes.Unimplemented:
 		ls.lane.unary.Store(true)
 		callErr = fmt.Errorf("%w: %w", ErrNotDelivered, err)
+	case errors.Is(err, errStrayReply):
+		callErr = fmt.Errorf("%w: %w", errInvalidAgentResponse, err)
+	case status.Code(err) == codes.Unknown:
+		// Not a gRPC status (a stuck send, the client closing): for the caller the agent is
+		// unavailable, as it would be if the connection had dropped.
+		callErr = fmt.Errorf("agent stream broke: %w: %w", err, errStreamUnavailable)
 	}
 	ls.err = err
 	close(ls.failed)

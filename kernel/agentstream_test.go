@@ -28,15 +28,20 @@ type streamFake struct {
 	agentv1.UnimplementedPolicyAgentServer
 	executed atomic.Int64
 	release  chan struct{}
+	cancels  chan uint64 // call ids of the cancel messages received
 	// endAfterRead makes a stream read one request and end cleanly without answering it.
 	endAfterRead bool
 	// noRead makes a stream never read.
 	noRead bool
-	// garbage makes every reply carry another call id first.
-	garbage bool
+	// duplicate makes every reply go out twice: the second is for a call no longer waiting.
+	duplicate bool
+	// stray makes replies carry a call id that was never issued.
+	stray bool
 }
 
-func newStreamFake() *streamFake { return &streamFake{release: make(chan struct{})} }
+func newStreamFake() *streamFake {
+	return &streamFake{release: make(chan struct{}), cancels: make(chan uint64, 16)}
+}
 
 func (f *streamFake) answer(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
 	switch req.GetRouteName() {
@@ -72,16 +77,23 @@ func (f *streamFake) ExecuteStream(st agentv1.PolicyAgent_ExecuteStreamServer) e
 		if f.endAfterRead {
 			return nil
 		}
+		if req.GetCancel() {
+			f.cancels <- req.GetCallId()
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			resp := f.answer(st.Context(), req)
 			mu.Lock()
 			defer mu.Unlock()
-			if f.garbage {
-				_ = st.Send(&agentv1.PolicyResponse{CallId: resp.GetCallId() + 1<<40})
+			if f.stray {
+				resp.CallId += 1 << 40
 			}
 			_ = st.Send(resp)
+			if f.duplicate {
+				_ = st.Send(resp)
+			}
 		}()
 	}
 }
@@ -162,7 +174,7 @@ func pendingCalls(c *streamAgentClient) int {
 func TestStreamClientMatchesRepliesToCalls(t *testing.T) {
 	path := socketPath(t)
 	f := newStreamFake()
-	f.garbage = true // replies for unknown call ids must be dropped
+	f.duplicate = true // replies for calls no longer waiting must be dropped
 	serveAgent(t, path, f)
 	c := newTestStreamClient(t, path, 2)
 	warm(t, c)
@@ -459,6 +471,79 @@ func TestStreamFailClassifiesErrors(t *testing.T) {
 	f(status.Error(codes.Unimplemented, "no"), true)
 	f(status.Error(codes.Unavailable, "gone"), false)
 	f(errSendStuck, false)
+	f(errStrayReply, false)
+}
+
+func TestStreamErrorsForTheKernel(t *testing.T) {
+	f := func(err error) error {
+		l := &lane{}
+		ls := &laneStream{lane: l, cancel: func() {}, pending: map[uint64]*call{1: {done: make(chan callResult, 1)}}, failed: make(chan struct{})}
+		cl := ls.pending[1]
+		ls.fail(err)
+		return (<-cl.done).err
+	}
+	// A stuck or closed stream is an unavailable agent (fail_open applies) ...
+	for _, e := range []error{errSendStuck, errClientClosed} {
+		if err := f(e); !agentUnreachable(err) || status.Code(err) != codes.Unavailable || !errors.Is(err, e) {
+			t.Errorf("%v: caller sees %v (code %v)", e, err, status.Code(err))
+		}
+	}
+	// ... a stray reply an invalid one (500 whatever fail_open says).
+	if err := f(errStrayReply); agentUnreachable(err) || !errors.Is(err, errInvalidAgentResponse) {
+		t.Errorf("stray reply: caller sees %v", err)
+	}
+}
+
+func TestStreamClientStrayReplyIsInvalid(t *testing.T) {
+	path := socketPath(t)
+	f := newStreamFake()
+	f.stray = true
+	serveAgent(t, path, f)
+	c := newTestStreamClient(t, path, 1)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := callAgentFor(c, 2*time.Second, "", "x")
+		if errors.Is(err, errInvalidAgentResponse) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("err = %v, want an invalid agent response", err)
+		}
+		time.Sleep(20 * time.Millisecond) // the first connection attempt may time out when loaded
+	}
+}
+
+func TestStreamClientSendsCancelForAbandonedCalls(t *testing.T) {
+	path := socketPath(t)
+	f := newStreamFake()
+	serveAgent(t, path, f)
+	c := newTestStreamClient(t, path, 1)
+	warm(t, c)
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(50*time.Millisecond, cancel)
+	_, err := c.Execute(ctx, &agentv1.PolicyRequest{RouteName: "hold", RequestId: "gone"})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want the caller's cancellation", err)
+	}
+	select {
+	case id := <-f.cancels:
+		if id == 0 {
+			t.Fatal("cancel without a call id")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the agent got no cancel for the abandoned call")
+	}
+	// A call that ran out of its own time is not cancelled: the agent has the same deadline.
+	_, err = c.ExecuteTimeout(context.Background(), &agentv1.PolicyRequest{RouteName: "sleep"}, 30*time.Millisecond)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v", err)
+	}
+	select {
+	case id := <-f.cancels:
+		t.Fatalf("cancel sent for call %d that timed out", id)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(f.release)
 }
 
 func TestStreamClientOwnTimeout(t *testing.T) {

@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"unicode/utf8"
 	"unsafe"
@@ -496,4 +497,40 @@ func (d *decoder) bytes(v []byte) []byte {
 		return []byte{}
 	}
 	return v[:len(v):len(v)]
+}
+
+// errNotUTF8 is an agent reply with a string that is not UTF-8: proto3 forbids it, and the
+// generated decoder, unlike proto.Unmarshal, does not check it.
+var errNotUTF8 = fmt.Errorf("%w: a string of the reply is not UTF-8", errInvalidAgentResponse)
+
+// checkReplyUTF8 returns errNotUTF8 when a string field of resp is not valid UTF-8.
+func checkReplyUTF8(resp *agentv1.PolicyResponse) error {
+	ok := utf8.ValidString(resp.GetRequestId()) && utf8.ValidString(resp.GetMessage()) &&
+		utf8.ValidString(resp.GetStatus().GetPolicyName()) && validMap(resp.GetMetadata())
+	for _, in := range resp.GetInstructions() {
+		if !ok {
+			break
+		}
+		switch p := in.GetPayload().(type) {
+		case *agentv1.Instruction_Header:
+			ok = utf8.ValidString(p.Header.GetKey()) && utf8.ValidString(p.Header.GetValue())
+		case *agentv1.Instruction_State:
+			ok = utf8.ValidString(p.State.GetKey()) && utf8.ValidString(p.State.GetValue())
+		case *agentv1.Instruction_ImmediateResponse:
+			ok = utf8.ValidString(p.ImmediateResponse.GetDetails()) && validMap(p.ImmediateResponse.GetHeaders())
+		}
+	}
+	if !ok {
+		return errNotUTF8
+	}
+	return nil
+}
+
+func validMap(m map[string]string) bool {
+	for k, v := range m {
+		if !utf8.ValidString(k) || !utf8.ValidString(v) {
+			return false
+		}
+	}
+	return true
 }

@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"errors"
 	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -167,4 +168,36 @@ func BenchmarkDecodeProcessingRequest(b *testing.B) {
 			}
 		}
 	})
+}
+
+func TestCheckReplyUTF8(t *testing.T) {
+	bad := "caf\xc3"
+	valid := &agentv1.PolicyResponse{RequestId: "r", Message: "ok", Status: &agentv1.ResponseStatus{PolicyName: "p"},
+		Metadata: map[string]string{"k": "v"}, Instructions: []*agentv1.Instruction{
+			{Payload: &agentv1.Instruction_Header{Header: &agentv1.HeaderInstruction{Key: "x", Value: "café"}}},
+			{Payload: &agentv1.Instruction_State{State: &agentv1.StateInstruction{Key: "s", Value: "v"}}},
+			{Payload: &agentv1.Instruction_ImmediateResponse{ImmediateResponse: &agentv1.ImmediateResponse{Details: "d", Headers: map[string]string{"h": "v"}}}},
+			{Payload: &agentv1.Instruction_Body{Body: &agentv1.BodyInstruction{Body: []byte(bad)}}}, // bytes may be anything
+		}}
+	if err := checkReplyUTF8(valid); err != nil {
+		t.Fatalf("valid reply: %v", err)
+	}
+	for name, mutate := range map[string]func(*agentv1.PolicyResponse){
+		"request id":  func(r *agentv1.PolicyResponse) { r.RequestId = bad },
+		"message":     func(r *agentv1.PolicyResponse) { r.Message = bad },
+		"policy name": func(r *agentv1.PolicyResponse) { r.Status.PolicyName = bad },
+		"metadata":    func(r *agentv1.PolicyResponse) { r.Metadata = map[string]string{bad: "v"} },
+		"header":      func(r *agentv1.PolicyResponse) { r.Instructions[0].GetHeader().Value = bad },
+		"state":       func(r *agentv1.PolicyResponse) { r.Instructions[1].GetState().Key = bad },
+		"details":     func(r *agentv1.PolicyResponse) { r.Instructions[2].GetImmediateResponse().Details = bad },
+		"immediate header": func(r *agentv1.PolicyResponse) {
+			r.Instructions[2].GetImmediateResponse().Headers = map[string]string{"h": bad}
+		},
+	} {
+		r := proto.Clone(valid).(*agentv1.PolicyResponse)
+		mutate(r)
+		if err := checkReplyUTF8(r); !errors.Is(err, errInvalidAgentResponse) {
+			t.Errorf("%s not UTF-8: err = %v", name, err)
+		}
+	}
 }

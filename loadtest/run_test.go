@@ -85,7 +85,7 @@ func TestConfigsAreValid(t *testing.T) {
 func buildBinaries(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
-	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/policy-kernel", "./cmd/policy-agent", "./loadtest/cmd/extproc-noop")
+	cmd := exec.Command("go", "build", "-tags", "vtprotobuf", "-o", dir+"/", "./cmd/policy-kernel", "./cmd/policy-agent", "./loadtest/cmd/extproc-noop")
 	cmd.Dir = ".."
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)

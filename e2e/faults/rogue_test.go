@@ -44,14 +44,14 @@ var rogueReplies = map[string]struct {
 	"no-status": {func(req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
 		return &agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId()}, nil
 	}, "500 invalid_agent_response"},
-	// A reply with another call's id cannot be told from a late reply to a call that timed
-	// out, so the multiplexed stream drops it; the call itself times out, and the route's
-	// fail_open decides.
+	// A reply for a call id the kernel never issued: the stream cannot be trusted, and the
+	// calls waiting on it are invalid agent responses. (A late reply to a call that timed out
+	// carries an id that was issued, and is dropped.)
 	"other-call": {func(req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
 		r := okReply(req)
 		r.CallId = req.GetCallId() + 1000
 		return r, nil
-	}, "upstream"},
+	}, "500 invalid_agent_response"},
 	"header-without-payload": {func(req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
 		return okReply(req, &agentv1.Instruction{Type: agentv1.InstructionType_SET_HEADER}), nil
 	}, "500 invalid_agent_response"},

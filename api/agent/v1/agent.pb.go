@@ -405,7 +405,10 @@ type PolicyRequest struct {
 	// W3C trace context (traceparent, tracestate) of the kernel's span for this call.
 	TraceContext map[string]string `protobuf:"bytes,9,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Correlates a request with its response on ExecuteStream; unused by Execute.
-	CallId        uint64 `protobuf:"varint,10,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	CallId uint64 `protobuf:"varint,10,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	// On ExecuteStream only: stop the running call with this call_id (its caller is gone). Such
+	// a message carries nothing else and gets no answer.
+	Cancel        bool `protobuf:"varint,11,opt,name=cancel,proto3" json:"cancel,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -508,6 +511,13 @@ func (x *PolicyRequest) GetCallId() uint64 {
 		return x.CallId
 	}
 	return 0
+}
+
+func (x *PolicyRequest) GetCancel() bool {
+	if x != nil {
+		return x.Cancel
+	}
+	return false
 }
 
 type Policy struct {
@@ -1290,7 +1300,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x0fmetadata_schema\x18\x04 \x01(\tR\x0emetadataSchema\x12M\n" +
 	"\x10supported_phases\x18\x05 \x03(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x0fsupportedPhases\x122\n" +
 	"\x15requires_request_body\x18\x06 \x01(\bR\x13requiresRequestBody\x124\n" +
-	"\x16requires_response_body\x18\a \x01(\bR\x14requiresResponseBody\"\xa0\x05\n" +
+	"\x16requires_response_body\x18\a \x01(\bR\x14requiresResponseBody\"\xb8\x05\n" +
 	"\rPolicyRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x129\n" +
@@ -1305,7 +1315,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"route_name\x18\b \x01(\tR\trouteName\x12[\n" +
 	"\rtrace_context\x18\t \x03(\v26.policyengine.agent.v1.PolicyRequest.TraceContextEntryR\ftraceContext\x12\x17\n" +
 	"\acall_id\x18\n" +
-	" \x01(\x04R\x06callId\x1a8\n" +
+	" \x01(\x04R\x06callId\x12\x16\n" +
+	"\x06cancel\x18\v \x01(\bR\x06cancel\x1a8\n" +
 	"\n" +
 	"StateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
