@@ -37,16 +37,12 @@ SOAK ?= 10m
 soak:
 	FAULTS_SOAK=$(SOAK) $(GO) test -count=1 -timeout 30m -v -run '^TestSoak$$' ./e2e/faults/
 
-# Every native fuzz target, one at a time on one worker, FUZZTIME each.
+# Every native fuzz target, one at a time on one worker, FUZZTIME each; FUZZ picks targets by a
+# regular expression on "package target".
 FUZZTIME ?= 5m
+FUZZ ?= .
 fuzz:
-	@set -e; for file in $$(git ls-files '*_test.go' | xargs grep -l '^func Fuzz'); do \
-	  pkg=./$$(dirname $$file); \
-	  for target in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' $$file); do \
-	    echo "== $$pkg $$target"; \
-	    $(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) -parallel=1 $$pkg; \
-	  done; \
-	done
+	GO=$(GO) FUZZTIME=$(FUZZTIME) FUZZ='$(FUZZ)' ./scripts/fuzz.sh
 
 cover:
 	$(GO) test -count=1 -timeout 12m -coverpkg=./... -coverprofile=coverage.out $(PKGS) >/dev/null

@@ -213,9 +213,10 @@ func FuzzProcessingRequest(f *testing.F) {
 	})
 }
 
-// FuzzAgentResponse feeds an arbitrary agent reply, as it comes off the wire, to each phase:
-// whatever the agent says, the kernel's answer is one Envoy accepts, and a reply it cannot use
-// is a 500, never a continue.
+// FuzzAgentResponse feeds an arbitrary agent reply, decoded as the kernel's codec decodes it
+// off the wire (without checking UTF-8), to each phase, and to both phases of one request:
+// whatever the agent says, the kernel's answer is one Envoy accepts, what it sends the agent
+// next is still a valid request, and a reply it cannot use is a 500, never a continue.
 func FuzzAgentResponse(f *testing.F) {
 	for _, r := range []*agentv1.PolicyResponse{
 		ok(setHeader("x-user-id", "alice"), removeHeader("x-api-key"), setState("user", "alice")),
@@ -233,7 +234,7 @@ func FuzzAgentResponse(f *testing.F) {
 		if err != nil {
 			f.Fatal(err)
 		}
-		for phase := range byte(4) {
+		for phase := range byte(5) {
 			f.Add(phase, b)
 		}
 	}
@@ -252,14 +253,15 @@ func FuzzAgentResponse(f *testing.F) {
 	s := fuzzServer(f, agent)
 	f.Fuzz(func(t *testing.T, phase byte, data []byte) {
 		reply = &agentv1.PolicyResponse{}
-		if proto.Unmarshal(data, reply) != nil {
+		if reply.UnmarshalVT(data) != nil {
 			return // the gRPC client fails the call: covered by the error classification
 		}
 		agent.tb = t
 		st := getStream(s.Snapshot())
 		defer putStream(st)
 		var msgs []*extprocv3.ProcessingRequest
-		switch phase % 4 {
+		both := false
+		switch phase % 5 {
 		case 0:
 			msgs = []*extprocv3.ProcessingRequest{reqHeaders("/api/v1/users", true, "")}
 		case 1:
@@ -268,26 +270,32 @@ func FuzzAgentResponse(f *testing.F) {
 			msgs = []*extprocv3.ProcessingRequest{reqHeaders("/upload", false, ""), reqBody("{}")}
 		case 3:
 			msgs = []*extprocv3.ProcessingRequest{reqHeaders("/download", false, ""), respHeaders("200", false), respBody("{}")}
+		case 4:
+			// The same reply to both phases: state it sets goes back to the agent.
+			msgs = []*extprocv3.ProcessingRequest{reqHeaders("/api/v1/users", false, ""), respHeaders("200", true)}
+			both = true
 		}
-		var last *extprocv3.ProcessingResponse
 		for i, m := range msgs {
-			fuzzed = i == len(msgs)-1
+			fuzzed = both || i == len(msgs)-1
 			r, err := s.handle(context.Background(), st, m)
 			if err != nil {
 				t.Fatalf("%s: %v", kindOf(m), err)
 			}
 			checkReply(t, kindOf(m), r)
-			last = r
-		}
-		// The kernel lets the request go on only for a well-formed OK reply: a reply it cannot
-		// use, a denial or a failure never passes as a continue.
-		if last.GetImmediateResponse() == nil {
+			if r.GetImmediateResponse() != nil {
+				return // Envoy sends nothing more on this stream
+			}
+			if !fuzzed {
+				continue
+			}
+			// The kernel lets the request go on only for a well-formed OK reply: a reply it
+			// cannot use, a denial or a failure never passes as a continue.
 			if reply.GetStatus() == nil || reply.GetStatus().GetCode() != agentv1.StatusCode_OK || reply.GetCallId() != callID {
-				t.Fatalf("agent reply %v let the request go on: %v", reply, last)
+				t.Fatalf("agent reply %v let the request go on: %v", reply, r)
 			}
 			for _, in := range reply.GetInstructions() {
 				if in.GetType() == agentv1.InstructionType_IMMEDIATE_RESPONSE || in.GetType() > agentv1.InstructionType_SET_STATE {
-					t.Fatalf("agent reply %v let the request go on: %v", reply, last)
+					t.Fatalf("agent reply %v let the request go on: %v", reply, r)
 				}
 			}
 		}

@@ -155,11 +155,11 @@ func serveRogue(t *testing.T, sock string) *rogueAgent {
 // fail-open agent), the kernel keeps serving, and no chain is sent twice.
 func TestRogueAgent(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{NoAgent: true, KernelYAML: `policy_kernel:
-  server: {message_timeout_ms: 200}
+  server: {message_timeout_ms: 500}
   agents:
     - name: rogue
       socket_path: "{{SOCK}}"
-      timeout_ms: 150
+      timeout_ms: 400
       retry: {max_attempts: 3, backoff_ms: 10}
       health_check_interval_ms: 200
       fail_open: true

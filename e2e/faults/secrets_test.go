@@ -82,7 +82,13 @@ func hupCounted(t *testing.T, p *testenv.Proc, get func(testing.TB, string) (int
 	if err := p.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	testenv.WaitFor(t, 10*time.Second, series+" to count the reload", func() bool { return read() > before })
+	deadline := time.Now().Add(10 * time.Second)
+	for read() <= before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not count the reload:\n%s", series, p.Logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // TestSecretsNeverLeak sends API keys, tokens and cookies through every route and failure, at
