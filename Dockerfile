@@ -7,7 +7,7 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 ARG VERSION=dev
-RUN CGO_ENABLED=0 go build -trimpath \
+RUN CGO_ENABLED=0 go build -tags vtprotobuf -trimpath \
       -ldflags "-s -w -X github.com/policy-engine/policy-engine/kernel.Version=${VERSION} -X github.com/policy-engine/policy-engine/agent.Version=${VERSION}" \
       -o /out/ ./cmd/policy-kernel ./cmd/policy-agent
 
