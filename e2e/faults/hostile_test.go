@@ -269,3 +269,56 @@ func TestHostileWire(t *testing.T) {
 	t.Log("reliability: hostile: 2 MiB ext_proc message → ResourceExhausted")
 	check("a message over the limit")
 }
+
+// TestOversizedReplyFailsClosed: calls share one stream to the agent, and a reply over the
+// kernel's message limit breaks that stream. The calls waiting on it were sent and may have
+// run, and a broken exchange is no outage that fail_open covers: every one of them is answered
+// 500, never let through, and the next call opens a new stream.
+func TestOversizedReplyFailsClosed(t *testing.T) {
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, AgentBin: testenv.Build(t, testenv.TestAgentPackage), KernelYAML: `policy_kernel:
+  server: {message_timeout_ms: 1000}
+  agents:
+    - name: open
+      socket_path: "{{SOCK}}"
+      timeout_ms: 800
+      connections: 1
+      fail_open: true
+  route_policies:
+    - route_name: /huge
+      request_policy_chain: [{policy: testHugeReply, metadata: {size: 3000000}}]
+    - route_name: /slow
+      request_policy_chain: [{policy: testSleep, metadata: {sleep_ms: 400}}]
+    - route_name: /tagged
+      request_policy_chain: [{policy: testTag, metadata: {tag: t}}]
+`})
+	c := dial(t, e)
+	const waiting = 5
+	shots := make(chan shot, waiting)
+	for range waiting {
+		go func() { shots <- play(c, "/slow", request("/slow")) }()
+	}
+	// The slow calls are on the stream when the oversized reply comes.
+	testenv.WaitFor(t, 5*time.Second, "the slow calls to reach the agent", func() bool {
+		return agentMetric(t, e, `policy_testagent_sleep_total{outcome="started"}`) == waiting
+	})
+	if s := play(c, "/huge", request("/huge")); s.outcome() != "500 invalid_agent_response" {
+		t.Errorf("/huge: %s", s.outcome())
+	}
+	all := []shot{}
+	for range waiting {
+		s := <-shots
+		all = append(all, s)
+		if s.outcome() != "500 invalid_agent_response" {
+			t.Errorf("a call on the broken stream: %s, want 500 invalid_agent_response", s.outcome())
+		}
+	}
+	if s := play(c, "/tagged", request("/tagged")); s.outcome() != "upstream" {
+		t.Errorf("after the broken stream: %s", s.outcome())
+	}
+	alive(t, e)
+	tl := count(all)
+	tl.report(t, "calls on the stream an oversized agent reply broke")
+	if tl.lost() != 0 {
+		t.Errorf("%d requests lost", tl.lost())
+	}
+}
