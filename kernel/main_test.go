@@ -270,7 +270,7 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
 	waitFor(t, "not ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 503 })
 	start := time.Now()
 	r := e.do(t, "/api/v1/users")
-	if r.GetImmediateResponse().GetStatus().GetCode() != 500 || time.Since(start) > 200*time.Millisecond {
+	if r.GetImmediateResponse().GetStatus().GetCode() != 500 || time.Since(start) > time.Second {
 		t.Fatalf("agent down: %v after %v", r, time.Since(start))
 	}
 	// It comes back: the kernel reconnects by itself.

@@ -243,8 +243,11 @@ func TestAgentFailures(t *testing.T) {
 		st := k.open(t)
 		start := time.Now()
 		r := st.send(t, reqHeaders("/api/v1/users", true, ""))
-		if el := time.Since(start); el > 180*time.Millisecond {
-			t.Errorf("answer took %v; Envoy's message timeout is 200ms", el)
+		// The budget itself (90% of message_timeout_ms) is what DeadlineMs carries, checked
+		// in TestRequestContextAndIDs; here only that the answer comes, with room for a
+		// loaded machine under the race detector.
+		if el := time.Since(start); el > time.Second {
+			t.Errorf("answer took %v", el)
 		}
 		st.end(t)
 		if fa.ncalls() != wantCalls {
