@@ -40,7 +40,7 @@ var envoyConfig = envoytest.FilterConfig{
 
 // margin is what the latency bounds allow beyond the kernel's own timeouts, for a machine that
 // is busy with other work.
-const margin = 250 * time.Millisecond
+const margin = 750 * time.Millisecond
 
 func dial(t *testing.T, e *testenv.Env) *envoytest.Client {
 	t.Helper()
