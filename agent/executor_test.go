@@ -456,6 +456,7 @@ func TestHealthCheck(t *testing.T) {
 func TestConcurrencyBound(t *testing.T) {
 	e, _ := newTestExecutor(t, testCore())
 	s := newService(e, 1)
+	t.Cleanup(s.stop)
 	started := make(chan struct{})
 	done := make(chan *agentv1.PolicyResponse)
 	go func() {

@@ -130,6 +130,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		grpc.MaxConcurrentStreams(uint32(core.Server.MaxConcurrentRequests)),
 	)
 	svc := newService(exec, core.Server.MaxConcurrentRequests)
+	defer svc.stop()
 	agentv1.RegisterPolicyAgentServer(srv, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)

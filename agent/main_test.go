@@ -132,20 +132,25 @@ func TestMainServes(t *testing.T) {
 		t.Fatalf("health: %v %v", hc, err)
 	}
 
-	// Many calls multiplexed on one stream, answered by call id.
-	stream, err := a.client.ExecuteStream(ctx)
+	// Many calls multiplexed on one stream, in batches of ten, answered by call id.
+	raw, err := a.client.ExecuteStream(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
+	stream := &callStream{st: raw}
 	const n = 50
+	var batch []*agentv1.PolicyRequest
 	for i := 1; i <= n; i++ {
 		r := req(p("t.setHeader", "key", "x", "value", fmt.Sprint(i)))
 		r.CallId = uint64(i)
 		if i%10 == 0 {
 			r.Policies = []*agentv1.Policy{p("t.sleep", "sleep", "20ms"), p("t.setHeader", "key", "x", "value", fmt.Sprint(i))}
 		}
-		if err := stream.Send(r); err != nil {
-			t.Fatal(err)
+		if batch = append(batch, r); len(batch) == 10 {
+			if err := stream.Send(batch...); err != nil {
+				t.Fatal(err)
+			}
+			batch = nil
 		}
 	}
 	seen := map[uint64]bool{}

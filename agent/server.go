@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"io"
+	"runtime"
 	"sync"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/batch"
 	// Marshals the agent API and ext_proc messages without reflection.
 	_ "github.com/policy-engine/policy-engine/internal/vtcodec"
 )
@@ -21,6 +23,10 @@ type service struct {
 	// sem bounds the chains running at once (server.max_concurrent_requests), across unary
 	// calls and streams alike.
 	sem chan struct{}
+	// work hands chains to idle workers; workers counts the kept ones.
+	work     chan func()
+	quit     chan struct{}
+	quitOnce sync.Once
 
 	drainOnce sync.Once
 	drainMu   sync.Mutex
@@ -28,7 +34,11 @@ type service struct {
 }
 
 func newService(exec *Executor, maxConcurrent int) *service {
-	return &service{exec: exec, sem: make(chan struct{}, maxConcurrent)}
+	s := &service{exec: exec, sem: make(chan struct{}, maxConcurrent), work: make(chan func()), quit: make(chan struct{})}
+	for range workers() {
+		go s.worker()
+	}
+	return s
 }
 
 // run executes a chain once a slot is free; a caller that gives up while waiting gets a
@@ -64,8 +74,12 @@ func (s *service) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*age
 	return s.run(ctx, req), nil
 }
 
-// ExecuteStream serves many chains over one stream. Each request runs in its own goroutine so
-// that a slow policy does not hold up the others; sends are serialised.
+// maxReplyBatchBytes bounds one batch of replies; a larger reply is sent alone.
+const maxReplyBatchBytes = 64 << 10
+
+// ExecuteStream serves many chains over one stream. Each request runs in a goroutine of its
+// own (a pooled worker when one is idle) so that a slow policy does not hold up the others;
+// the replies that are ready at the same time go back as one batch.
 //
 // A request with cancel set stops the running call with its call_id: the kernel sends it when
 // the call's caller is gone (Envoy reset the stream), so that the policies stop too.
@@ -81,52 +95,56 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 		stopped bool
 		calls   = map[uint64]*chainCtx{} // running calls by call_id, for cancel messages
 		wg      sync.WaitGroup
-		sendMu  sync.Mutex
-		sendErr error
 	)
+	// A reply that cannot be sent is lost with the stream, which the kernel sees break.
+	sender := batch.NewSender(func(b *batch.Batch) error { return stream.SendMsg(b) },
+		func([]batch.Frame, error) {}, maxReplyBatchBytes)
+	run := func(id uint64, cc *chainCtx, req *agentv1.PolicyRequest) {
+		defer wg.Done()
+		resp := s.runIn(cc, req)
+		mu.Lock()
+		if calls[id] == cc {
+			delete(calls, id)
+		}
+		mu.Unlock()
+		cc.release()
+		f, err := batch.Encode(id, resp)
+		if err == nil && sender.Enqueue(f) != nil {
+			f.Release()
+		}
+	}
 	recvDone := make(chan error, 1)
 	go func() {
 		for {
-			req, err := stream.Recv()
+			b, err := stream.Recv()
 			if err != nil {
 				recvDone <- err
 				return
 			}
-			id := req.GetCallId()
-			if req.GetCancel() {
+			for _, req := range b.GetRequests() {
+				id := req.GetCallId()
+				if req.GetCancel() {
+					mu.Lock()
+					cc := calls[id]
+					mu.Unlock()
+					if cc != nil {
+						cc.cancel()
+					}
+					continue
+				}
+				cc := newChainCtx(ctx, deadlineOf(req))
 				mu.Lock()
-				cc := calls[id]
-				mu.Unlock()
-				if cc != nil {
-					cc.cancel()
+				if stopped {
+					// Read after the drain began: neither run nor answered.
+					mu.Unlock()
+					cc.release()
+					return
 				}
-				continue
+				wg.Add(1)
+				calls[id] = cc
+				mu.Unlock()
+				s.dispatch(func() { run(id, cc, req) })
 			}
-			cc := newChainCtx(ctx, deadlineOf(req))
-			mu.Lock()
-			if stopped {
-				// Read after the drain began: neither run nor answered.
-				mu.Unlock()
-				return
-			}
-			wg.Add(1)
-			calls[id] = cc
-			mu.Unlock()
-			go func() {
-				defer wg.Done()
-				resp := s.runIn(cc, req)
-				mu.Lock()
-				if calls[id] == cc {
-					delete(calls, id)
-				}
-				mu.Unlock()
-				cc.release()
-				sendMu.Lock()
-				defer sendMu.Unlock()
-				if sendErr == nil {
-					sendErr = stream.Send(resp)
-				}
-			}()
 		}
 	}()
 	var err error
@@ -138,11 +156,42 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 	stopped = true
 	mu.Unlock()
 	wg.Wait()
+	sender.Wait()
 	if err == nil || errors.Is(err, io.EOF) || status.Code(err) == codes.Canceled {
 		return nil
 	}
 	return err
 }
+
+// workers is how many goroutines are kept waiting for chains to run. A worker keeps the stack
+// it grew, where a new goroutine would grow its own for every chain; chains that find no idle
+// worker (many slow policies at once) run in goroutines of their own.
+func workers() int { return max(16, 8*runtime.GOMAXPROCS(0)) }
+
+// dispatch runs job in an idle worker, or in a new goroutine when none is idle.
+func (s *service) dispatch(job func()) {
+	select {
+	case s.work <- job:
+	default:
+		go job()
+	}
+}
+
+// worker runs the jobs handed to it until the service stops.
+func (s *service) worker() {
+	for {
+		select {
+		case job := <-s.work:
+			job()
+		case <-s.quit:
+			return
+		}
+	}
+}
+
+// stop ends the workers once they are idle; chains dispatched later run in goroutines of
+// their own.
+func (s *service) stop() { s.quitOnce.Do(func() { close(s.quit) }) }
 
 // draining returns a channel closed when the agent begins to shut down.
 func (s *service) draining() <-chan struct{} {

@@ -51,7 +51,7 @@ func (w waitPolicy) Execute(ctx context.Context, _ *policy.Context) (policy.Resu
 
 // startStreamService serves the agent's gRPC service on a Unix socket and returns it with a
 // client stream.
-func startStreamService(t *testing.T) (*service, agentv1.PolicyAgent_ExecuteStreamClient) {
+func startStreamService(t *testing.T) (*service, *callStream) {
 	t.Helper()
 	cfg, err := ParseConfig("test.yaml", []byte("agent_core:\n  name: t\n  socket_path: unused.sock\n"))
 	if err != nil {
@@ -67,6 +67,7 @@ func startStreamService(t *testing.T) (*service, agentv1.PolicyAgent_ExecuteStre
 		t.Fatal(err)
 	}
 	svc := newService(exec, 100)
+	t.Cleanup(svc.stop)
 	srv := grpc.NewServer()
 	agentv1.RegisterPolicyAgentServer(srv, svc)
 	go func() { _ = srv.Serve(ln) }()
@@ -82,8 +83,34 @@ func startStreamService(t *testing.T) (*service, agentv1.PolicyAgent_ExecuteStre
 	if err != nil {
 		t.Fatal(err)
 	}
-	return svc, st
+	return svc, &callStream{st: st}
 }
+
+// callStream sends requests on ExecuteStream in batches of one and hands out the replies one
+// at a time, however the agent batched them.
+type callStream struct {
+	st      agentv1.PolicyAgent_ExecuteStreamClient
+	pending []*agentv1.PolicyResponse
+}
+
+func (c *callStream) Send(reqs ...*agentv1.PolicyRequest) error {
+	return c.st.Send(&agentv1.PolicyRequestBatch{Requests: reqs})
+}
+
+func (c *callStream) Recv() (*agentv1.PolicyResponse, error) {
+	for len(c.pending) == 0 {
+		b, err := c.st.Recv()
+		if err != nil {
+			return nil, err
+		}
+		c.pending = b.GetResponses()
+	}
+	r := c.pending[0]
+	c.pending = c.pending[1:]
+	return r, nil
+}
+
+func (c *callStream) CloseSend() error { return c.st.CloseSend() }
 
 func waitRequest(id uint64, wait string) *agentv1.PolicyRequest {
 	return &agentv1.PolicyRequest{
@@ -95,11 +122,10 @@ func waitRequest(id uint64, wait string) *agentv1.PolicyRequest {
 
 func TestExecuteStreamAnswersByCallID(t *testing.T) {
 	_, st := startStreamService(t)
-	// The slow request goes first; replies come back as they are ready.
-	for id, wait := range map[uint64]string{1: "300ms", 2: "0s", 3: "0s"} {
-		if err := st.Send(waitRequest(id, wait)); err != nil {
-			t.Fatal(err)
-		}
+	// The slow request goes first, in one batch with the others; replies come back as they
+	// are ready.
+	if err := st.Send(waitRequest(1, "300ms"), waitRequest(2, "0s"), waitRequest(3, "0s")); err != nil {
+		t.Fatal(err)
 	}
 	var order []uint64
 	for range 3 {

@@ -13,7 +13,11 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/batch"
 )
+
+// maxBatchBytes bounds one batch of requests; a larger request is sent alone.
+const maxBatchBytes = 64 << 10
 
 // maxInFlightCalls bounds the calls outstanding on one agent. Past it, a call waits for a slot
 // within its own deadline; one that never gets a slot was never sent.
@@ -37,7 +41,9 @@ var (
 
 // streamAgentClient runs calls over long-lived ExecuteStream streams, one per pooled
 // connection, matching replies to calls by call_id. Compared with a unary RPC per call it
-// saves the HTTP/2 stream set-up and tear-down, the headers and the trailers of every call.
+// saves the HTTP/2 stream set-up and tear-down, the headers and the trailers of every call;
+// and the requests that are ready at the same time go out as one message (internal/batch),
+// as the agent's replies come back, so that under load gRPC's cost per message is shared.
 //
 // A stream that breaks fails the calls waiting on it and is replaced by the next call. A call
 // is reported as not delivered (ErrNotDelivered, so that it may be retried) only when the
@@ -79,8 +85,8 @@ type laneStream struct {
 	lane   *lane
 	stream agentv1.PolicyAgent_ExecuteStreamClient
 	cancel context.CancelFunc
-	// sendLock serialises sends; a channel so that a call can stop waiting at its deadline.
-	sendLock     chan struct{}
+	// sender batches the requests; its write runs in one goroutine at a time.
+	sender       *batch.Sender
 	sendingSince atomic.Int64 // unix nanoseconds of the send in progress, 0 when none
 
 	mu      sync.Mutex
@@ -132,6 +138,8 @@ func putCall(cl *call) {
 type callResult struct {
 	resp *agentv1.PolicyResponse
 	err  error
+	// notSent says that the request never left: another stream may be tried.
+	notSent bool
 }
 
 var callPool = sync.Pool{New: func() any { return &call{done: make(chan callResult, 1)} }}
@@ -258,7 +266,8 @@ func (l *lane) open(op *streamOpen) {
 		op.err = err
 		return
 	}
-	ls := &laneStream{lane: l, stream: st, cancel: cancel, sendLock: make(chan struct{}, 1), pending: map[uint64]*call{}, failed: make(chan struct{})}
+	ls := &laneStream{lane: l, stream: st, cancel: cancel, pending: map[uint64]*call{}, failed: make(chan struct{})}
+	ls.sender = batch.NewSender(ls.write, ls.unsent, maxBatchBytes)
 	l.cur.Store(ls)
 	op.ls = ls
 	go ls.receive()
@@ -276,22 +285,29 @@ func (ls *laneStream) execute(ctx context.Context, cl *call, req *agentv1.Policy
 	ls.mu.Unlock()
 
 	req.CallId = id
-	if err := ls.send(ctx, cl, req); err != nil {
-		// Not sent. If the stream failed meanwhile, fail handed the call an error: drop it.
-		if !ls.forget(id) {
+	f, err := batch.Encode(id, req)
+	if err == nil {
+		err = ls.sender.Enqueue(f)
+		if err != nil {
+			f.Release()
+		}
+	}
+	if err != nil {
+		// Not queued. If the stream failed meanwhile, fail handed the call an error: drop it.
+		if ls.take(id) == nil {
 			<-cl.done
 		}
-		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, err), ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded)
+		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, err), ctx.Err() == nil
 	}
 	var expired bool
 	select {
 	case r := <-cl.done:
-		return r.resp, r.err, false
+		return r.resp, r.err, r.notSent && ctx.Err() == nil
 	case <-ctx.Done():
 	case <-cl.expired:
 		expired = true
 	}
-	if !ls.forget(id) {
+	if ls.take(id) == nil {
 		// The reply (or the stream's failure) is already on its way: take it, so that the
 		// pooled call is empty, and answer with it.
 		r := <-cl.done
@@ -307,93 +323,82 @@ func (ls *laneStream) execute(ctx context.Context, cl *call, req *agentv1.Policy
 }
 
 // sendCancel asks the agent to stop a call whose caller is gone. It is best effort: on a
-// broken or busy stream the call's own deadline stops it anyway.
+// broken stream the call's own deadline stops it anyway.
 func (ls *laneStream) sendCancel(id uint64) {
-	t := time.NewTimer(ls.lane.c.stuckAfter)
-	defer t.Stop()
-	select {
-	case ls.sendLock <- struct{}{}:
-	case <-ls.failed:
-		return
-	case <-t.C:
+	f, err := batch.Encode(0, &agentv1.PolicyRequest{CallId: id, Cancel: true})
+	if err != nil {
 		return
 	}
-	defer func() { <-ls.sendLock }()
-	ls.sendingSince.Store(time.Now().UnixNano())
-	err := ls.stream.Send(&agentv1.PolicyRequest{CallId: id, Cancel: true})
-	ls.sendingSince.Store(0)
-	if err != nil && !errors.Is(err, io.EOF) {
-		ls.fail(err)
+	if ls.sender.Enqueue(f) != nil {
+		f.Release()
 	}
 }
 
-// send writes a request on the stream. An error means the request was not sent.
-func (ls *laneStream) send(ctx context.Context, cl *call, req *agentv1.PolicyRequest) error {
-	select {
-	case ls.sendLock <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-cl.expired:
-		return context.DeadlineExceeded
-	}
-	defer func() { <-ls.sendLock }()
+// write sends one batch on the stream, for the sender.
+func (ls *laneStream) write(b *batch.Batch) error {
 	ls.sendingSince.Store(time.Now().UnixNano())
-	err := ls.stream.Send(req)
+	err := ls.stream.SendMsg(b)
 	ls.sendingSince.Store(0)
-	if err == nil {
-		return nil
-	}
 	if errors.Is(err, io.EOF) {
 		// The stream is over and its status comes from Recv: wait for receive to learn it,
 		// so that the next attempt knows, for one, whether the agent has ExecuteStream.
+		t := time.NewTimer(ls.lane.c.stuckAfter)
+		defer t.Stop()
 		select {
 		case <-ls.failed:
 			return fmt.Errorf("stream already ended: %w", ls.err)
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-cl.expired:
-			return context.DeadlineExceeded
+		case <-t.C:
 		}
 	}
-	ls.fail(err)
 	return err
 }
 
-// forget removes a call that no longer waits. It reports false when the call was already
-// taken by the receiver or by fail, which will send (or has sent) its result.
-func (ls *laneStream) forget(id uint64) bool {
+// unsent fails the calls whose requests could not be sent, as not delivered, and then the
+// stream.
+func (ls *laneStream) unsent(frames []batch.Frame, err error) {
+	for _, f := range frames {
+		if cl := ls.take(f.ID); cl != nil {
+			cl.done <- callResult{err: fmt.Errorf("%w: %w", ErrNotDelivered, err), notSent: true}
+		}
+	}
+	ls.fail(err)
+}
+
+// take removes a call that no longer waits and returns it. It returns nil when the call was
+// already taken by the receiver or by fail, which will send (or has sent) its result.
+func (ls *laneStream) take(id uint64) *call {
+	if id == 0 {
+		return nil
+	}
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
-	if _, ok := ls.pending[id]; !ok {
-		return false
+	cl, ok := ls.pending[id]
+	if !ok {
+		return nil
 	}
 	delete(ls.pending, id)
-	return true
+	return cl
 }
 
 // receive hands each reply to its call until the stream breaks.
 func (ls *laneStream) receive() {
 	for {
-		resp, err := ls.stream.Recv()
+		b, err := ls.stream.Recv()
 		if err != nil {
 			ls.fail(err)
 			return
 		}
-		id := resp.GetCallId()
-		if id == 0 || id > ls.lane.c.callID.Load() {
-			ls.fail(fmt.Errorf("%w: call_id %d", errStrayReply, id))
-			return
+		for _, resp := range b.GetResponses() {
+			id := resp.GetCallId()
+			if id == 0 || id > ls.lane.c.callID.Load() {
+				ls.fail(fmt.Errorf("%w: call_id %d", errStrayReply, id))
+				return
+			}
+			// A reply for a call that gave up is dropped.
+			if cl := ls.take(id); cl != nil {
+				cl.done <- callResult{resp: resp, err: checkReplyUTF8(resp)}
+			}
 		}
-		ls.mu.Lock()
-		cl, ok := ls.pending[id]
-		if ok {
-			delete(ls.pending, id)
-		}
-		ls.mu.Unlock()
-		if ok {
-			cl.done <- callResult{resp: resp, err: checkReplyUTF8(resp)}
-		}
-		// A reply for a call that gave up is dropped.
 	}
 }
 
@@ -423,11 +428,16 @@ func (ls *laneStream) fail(err error) {
 	}
 	ls.err = err
 	close(ls.failed)
+	ls.mu.Unlock()
+	ls.lane.cur.CompareAndSwap(ls, nil)
+	// Cancelling the stream ends a send in progress; the requests still queued were never
+	// sent, and the sender hands them to unsent.
+	ls.cancel()
+	ls.sender.Close(err)
+	ls.mu.Lock()
 	pending := ls.pending
 	ls.pending = nil
 	ls.mu.Unlock()
-	ls.lane.cur.CompareAndSwap(ls, nil)
-	ls.cancel()
 	for _, cl := range pending {
 		cl.done <- callResult{err: callErr}
 	}

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/batch"
 	"github.com/policy-engine/policy-engine/internal/uds"
 )
 
@@ -70,31 +71,34 @@ func (f *streamFake) ExecuteStream(st agentv1.PolicyAgent_ExecuteStreamServer) e
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
-		req, err := st.Recv()
+		b, err := st.Recv()
 		if err != nil {
 			return nil
 		}
 		if f.endAfterRead {
 			return nil
 		}
-		if req.GetCancel() {
-			f.cancels <- req.GetCallId()
-			continue
+		for _, req := range b.GetRequests() {
+			if req.GetCancel() {
+				f.cancels <- req.GetCallId()
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				resp := f.answer(st.Context(), req)
+				mu.Lock()
+				defer mu.Unlock()
+				if f.stray {
+					resp.CallId += 1 << 40
+				}
+				out := &agentv1.PolicyResponseBatch{Responses: []*agentv1.PolicyResponse{resp}}
+				_ = st.Send(out)
+				if f.duplicate {
+					_ = st.Send(out)
+				}
+			}()
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			resp := f.answer(st.Context(), req)
-			mu.Lock()
-			defer mu.Unlock()
-			if f.stray {
-				resp.CallId += 1 << 40
-			}
-			_ = st.Send(resp)
-			if f.duplicate {
-				_ = st.Send(resp)
-			}
-		}()
 	}
 }
 
@@ -455,6 +459,7 @@ func TestStreamFailClassifiesErrors(t *testing.T) {
 		t.Helper()
 		l := &lane{}
 		ls := &laneStream{lane: l, cancel: func() {}, pending: map[uint64]*call{1: {done: make(chan callResult, 1)}}, failed: make(chan struct{})}
+		ls.sender = batch.NewSender(func(*batch.Batch) error { return nil }, ls.unsent, 1)
 		l.cur.Store(ls)
 		cl := ls.pending[1]
 		ls.fail(err)
@@ -478,6 +483,7 @@ func TestStreamErrorsForTheKernel(t *testing.T) {
 	f := func(err error) error {
 		l := &lane{}
 		ls := &laneStream{lane: l, cancel: func() {}, pending: map[uint64]*call{1: {done: make(chan callResult, 1)}}, failed: make(chan struct{})}
+		ls.sender = batch.NewSender(func(*batch.Batch) error { return nil }, ls.unsent, 1)
 		cl := ls.pending[1]
 		ls.fail(err)
 		return (<-cl.done).err

@@ -18,6 +18,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -286,10 +287,23 @@ func BenchmarkHTTPRequestAgentUDS(b *testing.B) {
 	reqMsg, respMsg := envoyRequest(), envoyResponse()
 	httpRequest(b, s, reqMsg, respMsg) // opens the streams
 	b.ReportAllocs()
+	b.SetParallelism(8)
+	cpu0 := processCPU()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			httpRequest(b, s, reqMsg, respMsg)
 		}
 	})
+	b.StopTimer()
+	b.ReportMetric(float64(processCPU()-cpu0)/float64(b.N), "cpu-ns/op")
+}
+
+// processCPU is the user and system CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

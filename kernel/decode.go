@@ -36,6 +36,8 @@ func init() {
 			// The kernel keeps them no longer than the stream (state values), so the copy
 			// does not outlive its use.
 			return true, m.UnmarshalVTUnsafe(append([]byte(nil), data...))
+		case *agentv1.PolicyResponseBatch:
+			return true, m.UnmarshalVTUnsafe(append([]byte(nil), data...))
 		}
 		return false, nil
 	})

@@ -14,12 +14,14 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/headers"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/vtcodec"
 )
 
 // fuzzAgent is an AgentClient for fuzzing: it marshals every request, as gRPC must before the
@@ -422,5 +424,41 @@ func FuzzRequestHeaders(f *testing.F) {
 			t.Fatalf("pseudo-headers %v became %v %v %v %v", pseudo, rc.GetMethod(), rc.GetPath(), rc.GetAuthority(), rc.GetScheme())
 		}
 		_ = clientIP(pseudo[":authority"])
+	})
+}
+
+// FuzzAgentReplyBatch decodes whatever an agent may send on ExecuteStream as the kernel does
+// (in place, through the codec) and turns every reply into a mutation: no input panics, and a
+// reply is either refused (invalid UTF-8, invalid instructions) or becomes a mutation.
+func FuzzAgentReplyBatch(f *testing.F) {
+	for _, b := range []*agentv1.PolicyResponseBatch{
+		{Responses: []*agentv1.PolicyResponse{ok(setHeader("x-user-id", "alice")), ok(setBody(`{"b":2}`))}},
+		{Responses: []*agentv1.PolicyResponse{{CallId: 3, Status: &agentv1.ResponseStatus{Code: agentv1.StatusCode_POLICY_DENIED}}}},
+		{Responses: []*agentv1.PolicyResponse{ok(immediateIns(401, map[string]string{"a": "b"}, "x")), {}}},
+		{},
+	} {
+		data, err := proto.Marshal(b)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(data)
+	}
+	codec := vtcodec.New()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var b agentv1.PolicyResponseBatch
+		if codec.Unmarshal(mem.BufferSlice{mem.SliceBuffer(data)}, &b) != nil {
+			return
+		}
+		for _, r := range b.GetResponses() {
+			if checkReplyUTF8(r) != nil {
+				continue
+			}
+			for _, phase := range []agentv1.PolicyPhase{agentv1.PolicyPhase_REQUEST, agentv1.PolicyPhase_RESPONSE} {
+				m, err := buildMutation(phase, r.GetInstructions(), func(string, string) {})
+				if err == nil && m == nil {
+					t.Fatal("no mutation and no error")
+				}
+			}
+		}
 	})
 }

@@ -112,22 +112,27 @@ func (r *rogueAgent) Execute(_ context.Context, req *agentv1.PolicyRequest) (*ag
 func (r *rogueAgent) ExecuteStream(st agentv1.PolicyAgent_ExecuteStreamServer) error {
 	var mu sync.Mutex
 	for {
-		req, err := st.Recv()
+		b, err := st.Recv()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				return nil
 			}
 			return err
 		}
-		resp, err := r.answer(req)
-		if err != nil {
-			return err
-		}
-		mu.Lock()
-		err = st.Send(resp)
-		mu.Unlock()
-		if err != nil {
-			return err
+		for _, req := range b.GetRequests() {
+			if req.GetCancel() {
+				continue
+			}
+			resp, err := r.answer(req)
+			if err != nil {
+				return err
+			}
+			mu.Lock()
+			err = st.Send(&agentv1.PolicyResponseBatch{Responses: []*agentv1.PolicyResponse{resp}})
+			mu.Unlock()
+			if err != nil {
+				return err
+			}
 		}
 	}
 }

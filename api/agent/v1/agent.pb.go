@@ -520,6 +520,96 @@ func (x *PolicyRequest) GetCancel() bool {
 	return false
 }
 
+// PolicyRequestBatch is one message of ExecuteStream from the kernel: requests and cancels.
+type PolicyRequestBatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Requests      []*PolicyRequest       `protobuf:"bytes,1,rep,name=requests,proto3" json:"requests,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PolicyRequestBatch) Reset() {
+	*x = PolicyRequestBatch{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PolicyRequestBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PolicyRequestBatch) ProtoMessage() {}
+
+func (x *PolicyRequestBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PolicyRequestBatch.ProtoReflect.Descriptor instead.
+func (*PolicyRequestBatch) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *PolicyRequestBatch) GetRequests() []*PolicyRequest {
+	if x != nil {
+		return x.Requests
+	}
+	return nil
+}
+
+// PolicyResponseBatch is one message of ExecuteStream from the agent.
+type PolicyResponseBatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Responses     []*PolicyResponse      `protobuf:"bytes,1,rep,name=responses,proto3" json:"responses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PolicyResponseBatch) Reset() {
+	*x = PolicyResponseBatch{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PolicyResponseBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PolicyResponseBatch) ProtoMessage() {}
+
+func (x *PolicyResponseBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PolicyResponseBatch.ProtoReflect.Descriptor instead.
+func (*PolicyResponseBatch) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *PolicyResponseBatch) GetResponses() []*PolicyResponse {
+	if x != nil {
+		return x.Responses
+	}
+	return nil
+}
+
 type Policy struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -531,7 +621,7 @@ type Policy struct {
 
 func (x *Policy) Reset() {
 	*x = Policy{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -543,7 +633,7 @@ func (x *Policy) String() string {
 func (*Policy) ProtoMessage() {}
 
 func (x *Policy) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -556,7 +646,7 @@ func (x *Policy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Policy.ProtoReflect.Descriptor instead.
 func (*Policy) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{4}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Policy) GetName() string {
@@ -596,7 +686,7 @@ type RequestContext struct {
 
 func (x *RequestContext) Reset() {
 	*x = RequestContext{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +698,7 @@ func (x *RequestContext) String() string {
 func (*RequestContext) ProtoMessage() {}
 
 func (x *RequestContext) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +711,7 @@ func (x *RequestContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestContext.ProtoReflect.Descriptor instead.
 func (*RequestContext) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RequestContext) GetHeaders() map[string]string {
@@ -691,7 +781,7 @@ type ResponseContext struct {
 
 func (x *ResponseContext) Reset() {
 	*x = ResponseContext{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -703,7 +793,7 @@ func (x *ResponseContext) String() string {
 func (*ResponseContext) ProtoMessage() {}
 
 func (x *ResponseContext) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -716,7 +806,7 @@ func (x *ResponseContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseContext.ProtoReflect.Descriptor instead.
 func (*ResponseContext) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ResponseContext) GetHeaders() map[string]string {
@@ -754,7 +844,7 @@ type PolicyResponse struct {
 
 func (x *PolicyResponse) Reset() {
 	*x = PolicyResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -766,7 +856,7 @@ func (x *PolicyResponse) String() string {
 func (*PolicyResponse) ProtoMessage() {}
 
 func (x *PolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -779,7 +869,7 @@ func (x *PolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyResponse.ProtoReflect.Descriptor instead.
 func (*PolicyResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PolicyResponse) GetRequestId() string {
@@ -841,7 +931,7 @@ type Instruction struct {
 
 func (x *Instruction) Reset() {
 	*x = Instruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +943,7 @@ func (x *Instruction) String() string {
 func (*Instruction) ProtoMessage() {}
 
 func (x *Instruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +956,7 @@ func (x *Instruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Instruction.ProtoReflect.Descriptor instead.
 func (*Instruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Instruction) GetType() InstructionType {
@@ -975,7 +1065,7 @@ type HeaderInstruction struct {
 
 func (x *HeaderInstruction) Reset() {
 	*x = HeaderInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -987,7 +1077,7 @@ func (x *HeaderInstruction) String() string {
 func (*HeaderInstruction) ProtoMessage() {}
 
 func (x *HeaderInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1000,7 +1090,7 @@ func (x *HeaderInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeaderInstruction.ProtoReflect.Descriptor instead.
 func (*HeaderInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HeaderInstruction) GetKey() string {
@@ -1033,7 +1123,7 @@ type BodyInstruction struct {
 
 func (x *BodyInstruction) Reset() {
 	*x = BodyInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1045,7 +1135,7 @@ func (x *BodyInstruction) String() string {
 func (*BodyInstruction) ProtoMessage() {}
 
 func (x *BodyInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1058,7 +1148,7 @@ func (x *BodyInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BodyInstruction.ProtoReflect.Descriptor instead.
 func (*BodyInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *BodyInstruction) GetBody() []byte {
@@ -1080,7 +1170,7 @@ type ImmediateResponse struct {
 
 func (x *ImmediateResponse) Reset() {
 	*x = ImmediateResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1092,7 +1182,7 @@ func (x *ImmediateResponse) String() string {
 func (*ImmediateResponse) ProtoMessage() {}
 
 func (x *ImmediateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1105,7 +1195,7 @@ func (x *ImmediateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImmediateResponse.ProtoReflect.Descriptor instead.
 func (*ImmediateResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ImmediateResponse) GetStatusCode() int32 {
@@ -1144,7 +1234,7 @@ type ContinueRequest struct {
 
 func (x *ContinueRequest) Reset() {
 	*x = ContinueRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1246,7 @@ func (x *ContinueRequest) String() string {
 func (*ContinueRequest) ProtoMessage() {}
 
 func (x *ContinueRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1259,7 @@ func (x *ContinueRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContinueRequest.ProtoReflect.Descriptor instead.
 func (*ContinueRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 type StateInstruction struct {
@@ -1182,7 +1272,7 @@ type StateInstruction struct {
 
 func (x *StateInstruction) Reset() {
 	*x = StateInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1194,7 +1284,7 @@ func (x *StateInstruction) String() string {
 func (*StateInstruction) ProtoMessage() {}
 
 func (x *StateInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1207,7 +1297,7 @@ func (x *StateInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateInstruction.ProtoReflect.Descriptor instead.
 func (*StateInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StateInstruction) GetKey() string {
@@ -1234,7 +1324,7 @@ type ResponseStatus struct {
 
 func (x *ResponseStatus) Reset() {
 	*x = ResponseStatus{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1246,7 +1336,7 @@ func (x *ResponseStatus) String() string {
 func (*ResponseStatus) ProtoMessage() {}
 
 func (x *ResponseStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1259,7 +1349,7 @@ func (x *ResponseStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseStatus.ProtoReflect.Descriptor instead.
 func (*ResponseStatus) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ResponseStatus) GetCode() StatusCode {
@@ -1323,7 +1413,11 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc1\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"V\n" +
+	"\x12PolicyRequestBatch\x12@\n" +
+	"\brequests\x18\x01 \x03(\v2$.policyengine.agent.v1.PolicyRequestR\brequests\"Z\n" +
+	"\x13PolicyResponseBatch\x12C\n" +
+	"\tresponses\x18\x01 \x03(\v2%.policyengine.agent.v1.PolicyResponseR\tresponses\"\xc1\x01\n" +
 	"\x06Policy\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12G\n" +
 	"\bmetadata\x18\x02 \x03(\v2+.policyengine.agent.v1.Policy.MetadataEntryR\bmetadata\x12\x1d\n" +
@@ -1413,11 +1507,11 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x02OK\x10\x00\x12\x11\n" +
 	"\rPOLICY_DENIED\x10\x01\x12\x10\n" +
 	"\fPOLICY_ERROR\x10\x02\x12\v\n" +
-	"\aTIMEOUT\x10\x032\xb6\x02\n" +
+	"\aTIMEOUT\x10\x032\xc0\x02\n" +
 	"\vPolicyAgent\x12m\n" +
 	"\x0eGetAgentConfig\x12,.policyengine.agent.v1.GetAgentConfigRequest\x1a-.policyengine.agent.v1.GetAgentConfigResponse\x12V\n" +
-	"\aExecute\x12$.policyengine.agent.v1.PolicyRequest\x1a%.policyengine.agent.v1.PolicyResponse\x12`\n" +
-	"\rExecuteStream\x12$.policyengine.agent.v1.PolicyRequest\x1a%.policyengine.agent.v1.PolicyResponse(\x010\x01B=Z;github.com/policy-engine/policy-engine/api/agent/v1;agentv1b\x06proto3"
+	"\aExecute\x12$.policyengine.agent.v1.PolicyRequest\x1a%.policyengine.agent.v1.PolicyResponse\x12j\n" +
+	"\rExecuteStream\x12).policyengine.agent.v1.PolicyRequestBatch\x1a*.policyengine.agent.v1.PolicyResponseBatch(\x010\x01B=Z;github.com/policy-engine/policy-engine/api/agent/v1;agentv1b\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -1432,7 +1526,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(PolicyPhase)(0),               // 0: policyengine.agent.v1.PolicyPhase
 	(InstructionType)(0),           // 1: policyengine.agent.v1.InstructionType
@@ -1441,63 +1535,67 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*GetAgentConfigResponse)(nil), // 4: policyengine.agent.v1.GetAgentConfigResponse
 	(*PolicyInfo)(nil),             // 5: policyengine.agent.v1.PolicyInfo
 	(*PolicyRequest)(nil),          // 6: policyengine.agent.v1.PolicyRequest
-	(*Policy)(nil),                 // 7: policyengine.agent.v1.Policy
-	(*RequestContext)(nil),         // 8: policyengine.agent.v1.RequestContext
-	(*ResponseContext)(nil),        // 9: policyengine.agent.v1.ResponseContext
-	(*PolicyResponse)(nil),         // 10: policyengine.agent.v1.PolicyResponse
-	(*Instruction)(nil),            // 11: policyengine.agent.v1.Instruction
-	(*HeaderInstruction)(nil),      // 12: policyengine.agent.v1.HeaderInstruction
-	(*BodyInstruction)(nil),        // 13: policyengine.agent.v1.BodyInstruction
-	(*ImmediateResponse)(nil),      // 14: policyengine.agent.v1.ImmediateResponse
-	(*ContinueRequest)(nil),        // 15: policyengine.agent.v1.ContinueRequest
-	(*StateInstruction)(nil),       // 16: policyengine.agent.v1.StateInstruction
-	(*ResponseStatus)(nil),         // 17: policyengine.agent.v1.ResponseStatus
-	nil,                            // 18: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
-	nil,                            // 19: policyengine.agent.v1.PolicyRequest.StateEntry
-	nil,                            // 20: policyengine.agent.v1.PolicyRequest.TraceContextEntry
-	nil,                            // 21: policyengine.agent.v1.Policy.MetadataEntry
-	nil,                            // 22: policyengine.agent.v1.RequestContext.HeadersEntry
-	nil,                            // 23: policyengine.agent.v1.RequestContext.QueryParamsEntry
-	nil,                            // 24: policyengine.agent.v1.ResponseContext.HeadersEntry
-	nil,                            // 25: policyengine.agent.v1.PolicyResponse.MetadataEntry
-	nil,                            // 26: policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	(*PolicyRequestBatch)(nil),     // 7: policyengine.agent.v1.PolicyRequestBatch
+	(*PolicyResponseBatch)(nil),    // 8: policyengine.agent.v1.PolicyResponseBatch
+	(*Policy)(nil),                 // 9: policyengine.agent.v1.Policy
+	(*RequestContext)(nil),         // 10: policyengine.agent.v1.RequestContext
+	(*ResponseContext)(nil),        // 11: policyengine.agent.v1.ResponseContext
+	(*PolicyResponse)(nil),         // 12: policyengine.agent.v1.PolicyResponse
+	(*Instruction)(nil),            // 13: policyengine.agent.v1.Instruction
+	(*HeaderInstruction)(nil),      // 14: policyengine.agent.v1.HeaderInstruction
+	(*BodyInstruction)(nil),        // 15: policyengine.agent.v1.BodyInstruction
+	(*ImmediateResponse)(nil),      // 16: policyengine.agent.v1.ImmediateResponse
+	(*ContinueRequest)(nil),        // 17: policyengine.agent.v1.ContinueRequest
+	(*StateInstruction)(nil),       // 18: policyengine.agent.v1.StateInstruction
+	(*ResponseStatus)(nil),         // 19: policyengine.agent.v1.ResponseStatus
+	nil,                            // 20: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	nil,                            // 21: policyengine.agent.v1.PolicyRequest.StateEntry
+	nil,                            // 22: policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	nil,                            // 23: policyengine.agent.v1.Policy.MetadataEntry
+	nil,                            // 24: policyengine.agent.v1.RequestContext.HeadersEntry
+	nil,                            // 25: policyengine.agent.v1.RequestContext.QueryParamsEntry
+	nil,                            // 26: policyengine.agent.v1.ResponseContext.HeadersEntry
+	nil,                            // 27: policyengine.agent.v1.PolicyResponse.MetadataEntry
+	nil,                            // 28: policyengine.agent.v1.ImmediateResponse.HeadersEntry
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	5,  // 0: policyengine.agent.v1.GetAgentConfigResponse.supported_policies:type_name -> policyengine.agent.v1.PolicyInfo
-	18, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	20, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
 	0,  // 2: policyengine.agent.v1.PolicyInfo.supported_phases:type_name -> policyengine.agent.v1.PolicyPhase
-	7,  // 3: policyengine.agent.v1.PolicyRequest.policies:type_name -> policyengine.agent.v1.Policy
-	8,  // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
+	9,  // 3: policyengine.agent.v1.PolicyRequest.policies:type_name -> policyengine.agent.v1.Policy
+	10, // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
 	0,  // 5: policyengine.agent.v1.PolicyRequest.phase:type_name -> policyengine.agent.v1.PolicyPhase
-	9,  // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
-	19, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
-	20, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
-	21, // 9: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
-	22, // 10: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
-	23, // 11: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
-	24, // 12: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
-	11, // 13: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
-	17, // 14: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
-	25, // 15: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
-	1,  // 16: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
-	12, // 17: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
-	13, // 18: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
-	14, // 19: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
-	15, // 20: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
-	16, // 21: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
-	26, // 22: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
-	2,  // 23: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
-	3,  // 24: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
-	6,  // 25: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
-	6,  // 26: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequest
-	4,  // 27: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
-	10, // 28: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
-	10, // 29: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponse
-	27, // [27:30] is the sub-list for method output_type
-	24, // [24:27] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	11, // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
+	21, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
+	22, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	6,  // 9: policyengine.agent.v1.PolicyRequestBatch.requests:type_name -> policyengine.agent.v1.PolicyRequest
+	12, // 10: policyengine.agent.v1.PolicyResponseBatch.responses:type_name -> policyengine.agent.v1.PolicyResponse
+	23, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
+	24, // 12: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
+	25, // 13: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
+	26, // 14: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
+	13, // 15: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
+	19, // 16: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
+	27, // 17: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
+	1,  // 18: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
+	14, // 19: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
+	15, // 20: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
+	16, // 21: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
+	17, // 22: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
+	18, // 23: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
+	28, // 24: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	2,  // 25: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
+	3,  // 26: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
+	6,  // 27: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
+	7,  // 28: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
+	4,  // 29: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
+	12, // 30: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
+	8,  // 31: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
+	29, // [29:32] is the sub-list for method output_type
+	26, // [26:29] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1505,7 +1603,7 @@ func file_api_agent_v1_agent_proto_init() {
 	if File_api_agent_v1_agent_proto != nil {
 		return
 	}
-	file_api_agent_v1_agent_proto_msgTypes[8].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
 		(*Instruction_Header)(nil),
 		(*Instruction_Body)(nil),
 		(*Instruction_ImmediateResponse)(nil),
@@ -1518,7 +1616,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   24,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -40,8 +40,10 @@ type PolicyAgentClient interface {
 	// Execute runs one policy chain.
 	Execute(ctx context.Context, in *PolicyRequest, opts ...grpc.CallOption) (*PolicyResponse, error)
 	// ExecuteStream runs many chains over one stream. Each PolicyRequest carries a call_id
-	// that its PolicyResponse repeats; responses may come back in any order.
-	ExecuteStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PolicyRequest, PolicyResponse], error)
+	// that its PolicyResponse repeats; responses may come back in any order and in other
+	// batches than their requests. A batch holds whatever was ready to be sent at once, so that
+	// under load the per-message cost of gRPC is paid once for many calls.
+	ExecuteStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PolicyRequestBatch, PolicyResponseBatch], error)
 }
 
 type policyAgentClient struct {
@@ -72,18 +74,18 @@ func (c *policyAgentClient) Execute(ctx context.Context, in *PolicyRequest, opts
 	return out, nil
 }
 
-func (c *policyAgentClient) ExecuteStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PolicyRequest, PolicyResponse], error) {
+func (c *policyAgentClient) ExecuteStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PolicyRequestBatch, PolicyResponseBatch], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &PolicyAgent_ServiceDesc.Streams[0], PolicyAgent_ExecuteStream_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
-	x := &grpc.GenericClientStream[PolicyRequest, PolicyResponse]{ClientStream: stream}
+	x := &grpc.GenericClientStream[PolicyRequestBatch, PolicyResponseBatch]{ClientStream: stream}
 	return x, nil
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type PolicyAgent_ExecuteStreamClient = grpc.BidiStreamingClient[PolicyRequest, PolicyResponse]
+type PolicyAgent_ExecuteStreamClient = grpc.BidiStreamingClient[PolicyRequestBatch, PolicyResponseBatch]
 
 // PolicyAgentServer is the server API for PolicyAgent service.
 // All implementations must embed UnimplementedPolicyAgentServer
@@ -94,8 +96,10 @@ type PolicyAgentServer interface {
 	// Execute runs one policy chain.
 	Execute(context.Context, *PolicyRequest) (*PolicyResponse, error)
 	// ExecuteStream runs many chains over one stream. Each PolicyRequest carries a call_id
-	// that its PolicyResponse repeats; responses may come back in any order.
-	ExecuteStream(grpc.BidiStreamingServer[PolicyRequest, PolicyResponse]) error
+	// that its PolicyResponse repeats; responses may come back in any order and in other
+	// batches than their requests. A batch holds whatever was ready to be sent at once, so that
+	// under load the per-message cost of gRPC is paid once for many calls.
+	ExecuteStream(grpc.BidiStreamingServer[PolicyRequestBatch, PolicyResponseBatch]) error
 	mustEmbedUnimplementedPolicyAgentServer()
 }
 
@@ -112,7 +116,7 @@ func (UnimplementedPolicyAgentServer) GetAgentConfig(context.Context, *GetAgentC
 func (UnimplementedPolicyAgentServer) Execute(context.Context, *PolicyRequest) (*PolicyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Execute not implemented")
 }
-func (UnimplementedPolicyAgentServer) ExecuteStream(grpc.BidiStreamingServer[PolicyRequest, PolicyResponse]) error {
+func (UnimplementedPolicyAgentServer) ExecuteStream(grpc.BidiStreamingServer[PolicyRequestBatch, PolicyResponseBatch]) error {
 	return status.Error(codes.Unimplemented, "method ExecuteStream not implemented")
 }
 func (UnimplementedPolicyAgentServer) mustEmbedUnimplementedPolicyAgentServer() {}
@@ -173,11 +177,11 @@ func _PolicyAgent_Execute_Handler(srv interface{}, ctx context.Context, dec func
 }
 
 func _PolicyAgent_ExecuteStream_Handler(srv interface{}, stream grpc.ServerStream) error {
-	return srv.(PolicyAgentServer).ExecuteStream(&grpc.GenericServerStream[PolicyRequest, PolicyResponse]{ServerStream: stream})
+	return srv.(PolicyAgentServer).ExecuteStream(&grpc.GenericServerStream[PolicyRequestBatch, PolicyResponseBatch]{ServerStream: stream})
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type PolicyAgent_ExecuteStreamServer = grpc.BidiStreamingServer[PolicyRequest, PolicyResponse]
+type PolicyAgent_ExecuteStreamServer = grpc.BidiStreamingServer[PolicyRequestBatch, PolicyResponseBatch]
 
 // PolicyAgent_ServiceDesc is the grpc.ServiceDesc for PolicyAgent service.
 // It's only intended for direct use with grpc.RegisterService,
