@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -20,6 +21,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // syncBuffer is a bytes.Buffer safe for a writer and a reader on different goroutines.
@@ -57,7 +59,7 @@ const agentYAML = `agent_core:
     config:
       t.setHeader: {}
   observability:
-    log_level: debug
+    log_level: %s
     metrics_address: "%s"
 `
 
@@ -72,9 +74,15 @@ type runningAgent struct {
 
 func startAgent(t *testing.T) *runningAgent {
 	t.Helper()
+	return startAgentAt(t, "debug")
+}
+
+// startAgentAt starts the agent of agentYAML at a log level.
+func startAgentAt(t *testing.T, level string) *runningAgent {
+	t.Helper()
 	dir := t.TempDir()
 	a := &runningAgent{sock: filepath.Join(dir, "agent.sock"), cfgPath: filepath.Join(dir, "agent.yaml"), metrics: freeAddr(t), logs: &syncBuffer{}, done: make(chan error, 1)}
-	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, a.metrics)), 0o600); err != nil {
+	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, level, a.metrics)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -236,12 +244,73 @@ func TestMainReload(t *testing.T) {
 	}
 	hup("agent_core.socket_path: cannot change on reload")
 	// A valid change takes effect.
-	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, a.metrics)+"  version: \"v2\"\n"), 0o600); err != nil {
+	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, "debug", a.metrics)+"  version: \"v2\"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	hup("config reloaded")
 	if v := version(); v == v1 || !strings.HasPrefix(v, "v2-") {
 		t.Fatalf("version after reload %q (before %q)", v, v1)
+	}
+}
+
+// TestMainAuditAtErrorLevel runs an agent at log level error: the start-up line with the config
+// version and every reload (skipped, failed, successful) are still logged, as audit lines with
+// their own level, and no other line below error is.
+func TestMainAuditAtErrorLevel(t *testing.T) {
+	a := startAgentAt(t, "error")
+	hup := func(want string) {
+		t.Helper()
+		n := strings.Count(a.logs.String(), want)
+		if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for strings.Count(a.logs.String(), want) <= n {
+			if time.Now().After(deadline) {
+				t.Fatalf("no %q in logs:\n%s", want, a.logs.String())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	hup("config unchanged; reload skipped")
+	if err := os.WriteFile(a.cfgPath, []byte("agent_core:\n  name: a1\n  socket_path: "+a.sock+"\n  bogus: 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup("config reload failed; keeping the previous config")
+	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, "error", freeAddr(t))+"  version: v2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup("config reloaded")
+
+	type line struct {
+		Level    string         `json:"level"`
+		Message  string         `json:"message"`
+		Metadata map[string]any `json:"metadata"`
+	}
+	seen := map[string]line{}
+	for _, raw := range strings.Split(strings.TrimSpace(a.logs.String()), "\n") {
+		var l line
+		if err := json.Unmarshal([]byte(raw), &l); err != nil {
+			t.Fatal(err)
+		}
+		if l.Level != "error" && l.Metadata[logging.AuditField] != true {
+			t.Errorf("a line below error that is not an audit line: %s", raw)
+		}
+		seen[l.Message] = l
+	}
+	for msg, level := range map[string]string{
+		"policy-agent serving":                              "info",
+		"config unchanged; reload skipped":                  "info",
+		"config reload failed; keeping the previous config": "error",
+		"observability.metrics_address, metrics_enabled and pprof_enabled take effect on restart only": "warn",
+		"config reloaded": "info",
+	} {
+		if l, ok := seen[msg]; !ok || l.Level != level || l.Metadata[logging.AuditField] != true {
+			t.Errorf("%q: %+v (found %v), want an audit line at %s", msg, l, ok, level)
+		}
+	}
+	if v, _ := seen["config reloaded"].Metadata["config_version"].(string); !strings.HasPrefix(v, "v2-") {
+		t.Errorf("config reloaded without the new version: %v", seen["config reloaded"].Metadata)
 	}
 }
 

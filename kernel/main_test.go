@@ -3,6 +3,7 @@ package kernel
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -21,6 +22,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/policy-engine/policy-engine/agent"
+	"github.com/policy-engine/policy-engine/internal/logging"
 	_ "github.com/policy-engine/policy-engine/policies/all"
 )
 
@@ -278,6 +280,50 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
 	e.agent = startMain(t, agent.Main, "--config", agentCfg)
 	waitFor(t, "ready again", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
 	waitFor(t, "serving again", func() bool { return e.do(t, "/api/v1/users").GetRequestHeaders() != nil })
+}
+
+// TestMainAuditAtErrorLevel runs a kernel at log level error: the start-up line with the config
+// version, and every reload (skipped, failed, successful) are still logged, as audit lines,
+// and no other line below error is.
+func TestMainAuditAtErrorLevel(t *testing.T) {
+	e := startEnv(t, "  observability:\n    log_level: error\n")
+	hup := func(want string) {
+		t.Helper()
+		n := strings.Count(e.kernel.logs.String(), want)
+		syscall.Kill(os.Getpid(), syscall.SIGHUP)
+		waitFor(t, want, func() bool { return strings.Count(e.kernel.logs.String(), want) > n })
+	}
+	waitFor(t, "the start-up line", func() bool { return strings.Contains(e.kernel.logs.String(), "policy-kernel serving") })
+	hup("config unchanged; reload skipped")
+	os.WriteFile(e.kernelCfg, []byte("policy_kernel:\n  agents: []\n  observability: {log_level: error}\n"), 0o600)
+	hup("config reload failed; keeping the previous config")
+	os.WriteFile(e.kernelCfg, []byte(fmt.Sprintf(mainKernelYAML, e.sock, "  version: v2\n  observability:\n    log_level: error\n    metrics_port: 1\n")), 0o600)
+	hup("config reloaded")
+
+	logs := e.kernel.logs.String()
+	for msg, level := range map[string]string{
+		"policy-kernel serving":                             "info",
+		"config unchanged; reload skipped":                  "info",
+		"config reload failed; keeping the previous config": "error",
+		"these settings take effect on restart only":        "warn",
+		"config reloaded":                                   "info",
+	} {
+		if l := auditLine(t, logs, msg); l.Level != level {
+			t.Errorf("%q logged at %s, want %s", msg, l.Level, level)
+		}
+	}
+	if l := auditLine(t, logs, "config reloaded"); !strings.HasPrefix(l.Metadata["config_version"].(string), "v2-") {
+		t.Errorf("config reloaded without the new version: %v", l.Metadata)
+	}
+	for _, raw := range strings.Split(strings.TrimSpace(logs), "\n") {
+		var l logLine
+		if err := json.Unmarshal([]byte(raw), &l); err != nil {
+			t.Fatal(err)
+		}
+		if l.Level != "error" && l.Metadata[logging.AuditField] != true {
+			t.Errorf("a line below error that is not an audit line: %s", raw)
+		}
+	}
 }
 
 func TestMainValidateAndErrors(t *testing.T) {

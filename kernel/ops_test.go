@@ -292,6 +292,51 @@ func newUnitKernel(t *testing.T, tk *testKernel, configPath string) *Kernel {
 	return k
 }
 
+// TestRoutesCheckedAgainAtErrorLevel shows that the rebuild after an agent's policy list
+// changes is logged, as an audit line, even at log level error.
+func TestRoutesCheckedAgainAtErrorLevel(t *testing.T) {
+	tk := newTestKernel(t, baseConfig, &fakeAgent{})
+	k := newUnitKernel(t, tk, "unused")
+	k.log.SetLevel(zerolog.ErrorLevel)
+	info := testInfo()
+	info.SupportedPolicies = append(info.SupportedPolicies, &agentv1.PolicyInfo{Name: "notThere", SupportedPhases: []agentv1.PolicyPhase{agentv1.PolicyPhase_REQUEST}})
+	tk.agent.mu.Lock()
+	tk.agent.info = info
+	tk.agent.mu.Unlock()
+	k.checkAgent(context.Background(), tk.state)
+	line := auditLine(t, tk.logs.String(), "routes checked again against the agents' policies")
+	if line.Level != "info" || line.Metadata["invalid_routes"] != 0.0 || line.Metadata["config_version"] != "v1" {
+		t.Fatalf("rebuild line: %+v", line)
+	}
+}
+
+// logLine is a JSON log line, as far as the tests of audit lines look into it.
+type logLine struct {
+	Level    string         `json:"level"`
+	Message  string         `json:"message"`
+	Metadata map[string]any `json:"metadata"`
+}
+
+// auditLine returns the last log line with message msg, and fails unless there is one and it
+// carries the audit marker.
+func auditLine(t *testing.T, logs, msg string) logLine {
+	t.Helper()
+	var found *logLine
+	for _, raw := range strings.Split(strings.TrimSpace(logs), "\n") {
+		var l logLine
+		if err := json.Unmarshal([]byte(raw), &l); err != nil {
+			t.Fatalf("log line %q: %v", raw, err)
+		}
+		if l.Message == msg {
+			found = &l
+		}
+	}
+	if found == nil || found.Metadata[logging.AuditField] != true {
+		t.Fatalf("no audit line %q in:\n%s", msg, logs)
+	}
+	return *found
+}
+
 // TestAgentPolicySetChange shows the health loop's rediscovery: an agent that comes back with
 // other policies gets its routes checked again, and the gRPC health service follows.
 func TestAgentPolicySetChange(t *testing.T) {
