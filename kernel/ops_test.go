@@ -18,6 +18,7 @@ import (
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 	"github.com/policy-engine/policy-engine/internal/tracing"
 	"github.com/policy-engine/policy-engine/internal/tracing/otlptest"
 )
@@ -536,7 +537,7 @@ func TestReloadUnit(t *testing.T) {
 // TestNewTracerLogsExportErrors points the kernel's tracer at nothing and finds the export
 // failure in the log, once.
 func TestNewTracerLogsExportErrors(t *testing.T) {
-	var buf syncBuffer
+	var buf testenv.SyncBuffer
 	log := logging.New(&buf, "kernel", zerolog.InfoLevel)
 	tr, err := newTracer(tracing.Config{Enabled: true, Endpoint: "127.0.0.1:1"}, log)
 	if err != nil {
