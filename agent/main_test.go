@@ -3,7 +3,6 @@ package agent
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -17,7 +16,6 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
-	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
@@ -190,33 +188,13 @@ func TestMainAuditAtErrorLevel(t *testing.T) {
 	}
 	a.Reload(t, "config reloaded")
 
-	type line struct {
-		Level    string         `json:"level"`
-		Message  string         `json:"message"`
-		Metadata map[string]any `json:"metadata"`
-	}
-	seen := map[string]line{}
-	for _, raw := range strings.Split(strings.TrimSpace(a.Logs.String()), "\n") {
-		var l line
-		if err := json.Unmarshal([]byte(raw), &l); err != nil {
-			t.Fatal(err)
-		}
-		if l.Level != "error" && l.Metadata[logging.AuditField] != true {
-			t.Errorf("a line below error that is not an audit line: %s", raw)
-		}
-		seen[l.Message] = l
-	}
-	for msg, level := range map[string]string{
+	seen := testenv.CheckAuditLog(t, a.Logs.String(), map[string]string{
 		"policy-agent serving":                              "info",
 		"config unchanged; reload skipped":                  "info",
 		"config reload failed; keeping the previous config": "error",
 		"observability.metrics_address, metrics_enabled and pprof_enabled take effect on restart only": "warn",
 		"config reloaded": "info",
-	} {
-		if l, ok := seen[msg]; !ok || l.Level != level || l.Metadata[logging.AuditField] != true {
-			t.Errorf("%q: %+v (found %v), want an audit line at %s", msg, l, ok, level)
-		}
-	}
+	})
 	if v, _ := seen["config reloaded"].Metadata["config_version"].(string); !strings.HasPrefix(v, "v2-") {
 		t.Errorf("config reloaded without the new version: %v", seen["config reloaded"].Metadata)
 	}

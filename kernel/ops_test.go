@@ -305,37 +305,11 @@ func TestRoutesCheckedAgainAtErrorLevel(t *testing.T) {
 	tk.agent.info = info
 	tk.agent.mu.Unlock()
 	k.checkAgent(context.Background(), tk.state)
-	line := auditLine(t, tk.logs.String(), "routes checked again against the agents' policies")
-	if line.Level != "info" || line.Metadata["invalid_routes"] != 0.0 || line.Metadata["config_version"] != "v1" {
-		t.Fatalf("rebuild line: %+v", line)
+	msg := "routes checked again against the agents' policies"
+	line := testenv.CheckAuditLog(t, tk.logs.String(), map[string]string{msg: "info"})[msg]
+	if line.Metadata["invalid_routes"] != 0.0 || line.Metadata["config_version"] != "v1" {
+		t.Fatalf("rebuild line: %s", line.Text)
 	}
-}
-
-// logLine is a JSON log line, as far as the tests of audit lines look into it.
-type logLine struct {
-	Level    string         `json:"level"`
-	Message  string         `json:"message"`
-	Metadata map[string]any `json:"metadata"`
-}
-
-// auditLine returns the last log line with message msg, and fails unless there is one and it
-// carries the audit marker.
-func auditLine(t *testing.T, logs, msg string) logLine {
-	t.Helper()
-	var found *logLine
-	for _, raw := range strings.Split(strings.TrimSpace(logs), "\n") {
-		var l logLine
-		if err := json.Unmarshal([]byte(raw), &l); err != nil {
-			t.Fatalf("log line %q: %v", raw, err)
-		}
-		if l.Message == msg {
-			found = &l
-		}
-	}
-	if found == nil || found.Metadata[logging.AuditField] != true {
-		t.Fatalf("no audit line %q in:\n%s", msg, logs)
-	}
-	return *found
 }
 
 // TestAgentPolicySetChange shows the health loop's rediscovery: an agent that comes back with

@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -248,5 +249,36 @@ func TestRedis(t *testing.T) {
 	msgs := record(t, func(tb testing.TB) { (&Redis{Addr: "no-port", t: tb}).Start() })
 	if len(msgs) != 1 || !strings.Contains(msgs[0], `redis-server address "no-port"`) {
 		t.Fatalf("Start on a bad address: %q", msgs)
+	}
+}
+
+func TestCheckAuditLog(t *testing.T) {
+	const logs = `{"level":"info","metadata":{"audit":true,"v":"1"},"message":"config reloaded"}
+{"level":"error","message":"config reload failed"}
+{"level":"info","metadata":{"audit":true,"v":"2"},"message":"config reloaded"}
+`
+	lines := CheckAuditLog(t, logs, map[string]string{"config reloaded": "info"})
+	if got := lines["config reloaded"]; got.Metadata["v"] != "2" || !got.Audit() || !strings.HasPrefix(got.Text, `{"level":"info"`) {
+		t.Fatalf("last line: %+v", got)
+	}
+	if LogLines(t, "\n") != nil {
+		t.Fatal("lines in an empty log")
+	}
+	msgs := record(t, func(tb testing.TB) {
+		CheckAuditLog(tb, logs+`{"level":"warn","message":"agent unhealthy"}`, map[string]string{"config reloaded": "warn", "absent": "info"})
+	})
+	want := []string{
+		`a line below error that is not an audit line: {"level":"warn","message":"agent unhealthy"}`,
+		`"absent": "" (found false), want an audit line at info`,
+		`"config reloaded": "{\"level\":\"info\",\"metadata\":{\"audit\":true,\"v\":\"2\"},\"message\":\"config reloaded\"}" (found true), want an audit line at warn`,
+	}
+	slices.Sort(msgs)
+	slices.Sort(want)
+	if !slices.Equal(msgs, want) {
+		t.Fatalf("failures:\n%s\nwant:\n%s", strings.Join(msgs, "\n"), strings.Join(want, "\n"))
+	}
+	msgs = record(t, func(tb testing.TB) { LogLines(tb, "not json\n") })
+	if len(msgs) != 1 || !strings.Contains(msgs[0], `log line "not json" is not a JSON object`) {
+		t.Fatalf("a line that is not JSON: %q", msgs)
 	}
 }
