@@ -109,16 +109,10 @@ func resolveSecrets(file string, c *CoreConfig, l secrets.Lookup) error {
 // problem is reported at once, each as file:line: key: message, checked by the rules below and
 // by the JSON schema config/schema/agent-config.schema.json.
 func ParseConfig(file string, data []byte) (*Config, error) {
-	doc, err := yamlconf.ParseDoc(file, data)
+	var cfg Config
+	probs, err := yamlconf.DecodeWithSchema(file, data, &cfg, agentSchema())
 	if err != nil {
 		return nil, err
-	}
-	probs := yamlconf.NewProblems(doc)
-	var cfg Config
-	if err := yamlconf.Decode(file, data, &cfg); err != nil {
-		probs.Add(err)
-		probs.Add(doc.Validate(agentSchema())...)
-		return nil, probs.Err()
 	}
 	c := cfg.AgentCore
 	bad := func(key, format string, args ...any) {
@@ -148,7 +142,6 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	if c.Observability.Tracing.Enabled && c.Observability.Tracing.Endpoint == "" {
 		bad("observability.tracing.endpoint", "required when tracing is enabled")
 	}
-	probs.Add(doc.Validate(agentSchema())...)
 	if err := probs.Err(); err != nil {
 		return nil, err
 	}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
+	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -157,7 +158,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info().Str("socket", uds.Path(core.SocketPath)).Str("config_version", version).
+	log.Audit(zerolog.InfoLevel).Str("socket", uds.Path(core.SocketPath)).Str("config_version", version).
 		Int("policies", len(exec.Describe().SupportedPolicies)).Msg("policy-agent serving")
 
 	for {
@@ -228,7 +229,7 @@ func shutdownTracer(tr *tracing.Tracer) {
 func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) []byte {
 	cfg, data, err := LoadConfig(f.config)
 	if err == nil && bytes.Equal(data, current) {
-		log.Info().Msg("config unchanged; reload skipped")
+		log.Audit(zerolog.InfoLevel).Str("config_version", exec.snap.Load().version).Msg("config unchanged; reload skipped")
 		return current
 	}
 	var version string
@@ -259,7 +260,8 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 			shutdownTracer(tr)
 		}
 		exec.metrics.reloadFailure.Inc()
-		log.Error().Errors("errors", err).Msg("config reload failed; keeping the previous config")
+		log.Audit(zerolog.ErrorLevel).Str("file", f.config).Str("config_version", exec.snap.Load().version).
+			Errors("errors", err).Msg("config reload failed; keeping the previous config")
 		return current
 	}
 	if tracingChanged {
@@ -267,13 +269,13 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 	}
 	if o := cfg.AgentCore.Observability; o.MetricsAddress != old.Observability.MetricsAddress ||
 		!reflect.DeepEqual(o.PprofEnabled, old.Observability.PprofEnabled) || !reflect.DeepEqual(o.MetricsEnabled, old.Observability.MetricsEnabled) {
-		log.Warn().Msg("observability.metrics_address, metrics_enabled and pprof_enabled take effect on restart only")
+		log.Audit(zerolog.WarnLevel).Msg("observability.metrics_address, metrics_enabled and pprof_enabled take effect on restart only")
 	}
 	if lvl, lerr := logging.ParseLevel(cfg.AgentCore.Observability.LogLevel); lerr == nil {
 		log.SetLevel(lvl)
 	}
 	exec.metrics.reloadSuccess.Inc()
 	exec.metrics.loaded(version)
-	log.Info().Str("config_version", version).Msg("config reloaded")
+	log.Audit(zerolog.InfoLevel).Str("config_version", version).Msg("config reloaded")
 	return data
 }

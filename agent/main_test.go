@@ -6,49 +6,18 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
-
-// syncBuffer is a bytes.Buffer safe for a writer and a reader on different goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 const agentYAML = `agent_core:
   name: "%s"
@@ -57,58 +26,39 @@ const agentYAML = `agent_core:
     config:
       t.setHeader: {}
   observability:
-    log_level: debug
+    log_level: %s
     metrics_address: "%s"
 `
 
 type runningAgent struct {
+	*testenv.InProc
 	sock, cfgPath, metrics string
-	logs                   *syncBuffer
-	cancel                 context.CancelFunc
-	done                   chan error
 	conn                   *grpc.ClientConn
 	client                 agentv1.PolicyAgentClient
 }
 
 func startAgent(t *testing.T) *runningAgent {
 	t.Helper()
+	return startAgentAt(t, "debug")
+}
+
+// startAgentAt runs the agent of agentYAML, at a log level, in the test's process.
+func startAgentAt(t *testing.T, level string) *runningAgent {
+	t.Helper()
 	dir := t.TempDir()
-	a := &runningAgent{sock: filepath.Join(dir, "agent.sock"), cfgPath: filepath.Join(dir, "agent.yaml"), metrics: freeAddr(t), logs: &syncBuffer{}, done: make(chan error, 1)}
-	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, a.metrics)), 0o600); err != nil {
+	a := &runningAgent{sock: filepath.Join(dir, "agent.sock"), cfgPath: filepath.Join(dir, "agent.yaml"), metrics: testenv.FreeAddr(t)}
+	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, level, a.metrics)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	a.cancel = cancel
-	go func() { a.done <- Main(ctx, []string{"--config", a.cfgPath}, a.logs) }()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if c, err := net.Dial("unix", a.sock); err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("agent did not start: %s", a.logs.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	a.InProc = testenv.RunMain(t, Main, "--config", a.cfgPath)
+	testenv.WaitDial(t, a, "unix", a.sock)
 	conn, err := grpc.NewClient("unix://"+a.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	a.conn = conn
 	a.client = agentv1.NewPolicyAgentClient(conn)
-	t.Cleanup(func() {
-		conn.Close()
-		cancel()
-		select {
-		case err := <-a.done:
-			if err != nil {
-				t.Errorf("agent Main: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("agent did not stop")
-		}
-	})
+	t.Cleanup(func() { conn.Close() })
 	return a
 }
 
@@ -172,16 +122,7 @@ func TestMainServes(t *testing.T) {
 	}
 
 	// Metrics, readiness, liveness and pprof on the metrics address.
-	get := func(path string) (int, string) {
-		t.Helper()
-		r, err := http.Get("http://" + a.metrics + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer r.Body.Close()
-		b, _ := io.ReadAll(r.Body)
-		return r.StatusCode, string(b)
-	}
+	get := func(path string) (int, string) { return testenv.HTTPGet("http://" + a.metrics + path) }
 	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, `policy_agent_executions_total{policy="t.setHeader",status="ok"}`) || !strings.Contains(body, "go_goroutines") {
 		t.Fatalf("metrics %d:\n%s", code, body)
 	}
@@ -207,20 +148,7 @@ func TestMainReload(t *testing.T) {
 		return cfg.GetConfigVersion()
 	}
 	v1 := version()
-	hup := func(wantLog string) {
-		t.Helper()
-		if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
-			t.Fatal(err)
-		}
-		deadline := time.Now().Add(5 * time.Second)
-		for !strings.Contains(a.logs.String(), wantLog) {
-			if time.Now().After(deadline) {
-				t.Fatalf("no %q in logs:\n%s", wantLog, a.logs.String())
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
-	hup("config unchanged; reload skipped")
+	a.Reload(t, "config unchanged; reload skipped")
 	if version() != v1 {
 		t.Fatal("identical bytes changed the version")
 	}
@@ -228,9 +156,9 @@ func TestMainReload(t *testing.T) {
 	if err := os.WriteFile(a.cfgPath, []byte("agent_core:\n  name: a1\n  socket_path: "+a.sock+"\n  bogus: 1\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	hup("config reload failed; keeping the previous config")
-	if !strings.Contains(a.logs.String(), "agent.yaml:4: agent_core.bogus: unknown key") {
-		t.Fatalf("reload error does not name file, line and key:\n%s", a.logs.String())
+	a.Reload(t, "config reload failed; keeping the previous config")
+	if !strings.Contains(a.Logs.String(), "agent.yaml:4: agent_core.bogus: unknown key") {
+		t.Fatalf("reload error does not name file, line and key:\n%s", a.Logs.String())
 	}
 	if version() != v1 {
 		t.Fatal("an invalid reload changed the config")
@@ -239,14 +167,41 @@ func TestMainReload(t *testing.T) {
 	if err := os.WriteFile(a.cfgPath, []byte("agent_core:\n  name: a1\n  socket_path: /elsewhere.sock\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	hup("agent_core.socket_path: cannot change on reload")
+	a.Reload(t, "agent_core.socket_path: cannot change on reload")
 	// A valid change takes effect.
-	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, a.metrics)+"  version: \"v2\"\n"), 0o600); err != nil {
+	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, "debug", a.metrics)+"  version: \"v2\"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	hup("config reloaded")
+	a.Reload(t, "config reloaded")
 	if v := version(); v == v1 || !strings.HasPrefix(v, "v2-") {
 		t.Fatalf("version after reload %q (before %q)", v, v1)
+	}
+}
+
+// TestMainAuditAtErrorLevel runs an agent at log level error: the start-up line with the config
+// version and every reload (skipped, failed, successful) are still logged, as audit lines with
+// their own level, and no other line below error is.
+func TestMainAuditAtErrorLevel(t *testing.T) {
+	a := startAgentAt(t, "error")
+	a.Reload(t, "config unchanged; reload skipped")
+	if err := os.WriteFile(a.cfgPath, []byte("agent_core:\n  name: a1\n  socket_path: "+a.sock+"\n  bogus: 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.Reload(t, "config reload failed; keeping the previous config")
+	if err := os.WriteFile(a.cfgPath, []byte(fmt.Sprintf(agentYAML, "a1", a.sock, "error", testenv.FreeAddr(t))+"  version: v2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.Reload(t, "config reloaded")
+
+	seen := testenv.CheckAuditLog(t, a.Logs.String(), map[string]string{
+		"policy-agent serving":                              "info",
+		"config unchanged; reload skipped":                  "info",
+		"config reload failed; keeping the previous config": "error",
+		"observability.metrics_address, metrics_enabled and pprof_enabled take effect on restart only": "warn",
+		"config reloaded": "info",
+	})
+	if v, _ := seen["config reloaded"].Metadata["config_version"].(string); !strings.HasPrefix(v, "v2-") {
+		t.Errorf("config reloaded without the new version: %v", seen["config reloaded"].Metadata)
 	}
 }
 

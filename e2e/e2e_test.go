@@ -79,21 +79,7 @@ var envoyConfig = envoytest.FilterConfig{
 func start(t *testing.T) (*testenv.Env, *envoytest.Client) {
 	t.Helper()
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernelYAML, AgentEnv: []string{"E2E_ADMIN_KEY=admin-secret"}})
-	c, err := envoytest.Dial(e.KernelAddr, envoyConfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return e, c
-}
-
-func header(hs [][2]string, name string) (string, bool) {
-	for _, h := range hs {
-		if strings.EqualFold(h[0], name) {
-			return h[1], true
-		}
-	}
-	return "", false
+	return e, e.Dial(t, envoyConfig)
 }
 
 func do(t *testing.T, c *envoytest.Client, path, route string, headers ...[2]string) *envoytest.Result {
@@ -133,7 +119,7 @@ func TestAPIKeyAuthAndSecurityHeaders(t *testing.T) {
 	if r.Status != 401 || r.Forwarded != nil || !r.LocalReply || r.ImmediateResponse == nil {
 		t.Fatalf("no key: status %d forwarded %v details %q", r.Status, r.Forwarded != nil, r.Details)
 	}
-	if v, _ := header(r.Headers, "www-authenticate"); v != "API-Key" {
+	if v := testenv.Header(r.Headers, "www-authenticate"); v != "API-Key" {
 		t.Fatalf("no key: www-authenticate %q (headers %v)", v, r.Headers)
 	}
 	if errorCode(t, r.Body) != "unauthorized" {
@@ -154,18 +140,18 @@ func TestAPIKeyAuthAndSecurityHeaders(t *testing.T) {
 	if r.Status != 200 || r.Forwarded == nil {
 		t.Fatalf("good key: %d %q", r.Status, r.Details)
 	}
-	if v, _ := header(r.Forwarded.Headers, "x-user-id"); v != "demo-user" {
+	if v := testenv.Header(r.Forwarded.Headers, "x-user-id"); v != "demo-user" {
 		t.Fatalf("upstream x-user-id %q (%v)", v, r.Forwarded.Headers)
 	}
-	if v, _ := header(r.Headers, "x-content-type-options"); v != "nosniff" {
+	if v := testenv.Header(r.Headers, "x-content-type-options"); v != "nosniff" {
 		t.Fatalf("response headers %v", r.Headers)
 	}
-	if v, _ := header(r.Headers, "x-frame-options"); v != "DENY" {
+	if v := testenv.Header(r.Headers, "x-frame-options"); v != "DENY" {
 		t.Fatalf("x-frame-options %q: the policy overwrites the upstream's value", v)
 	}
 	// A key from the environment.
 	r = do(t, c, "/api/v1/users", "", [2]string{"x-api-key", "admin-secret"})
-	if v, _ := header(r.Forwarded.Headers, "x-user-id"); r.Status != 200 || v != "admin-user" {
+	if v := testenv.Header(r.Forwarded.Headers, "x-user-id"); r.Status != 200 || v != "admin-user" {
 		t.Fatalf("env key: %d %q", r.Status, v)
 	}
 	// Every reply went out in raw_value only.

@@ -43,11 +43,7 @@ func TestExampleConfigs(t *testing.T) {
 			t.Fatalf("%s --validate: %v\n%s", filepath.Base(bin), err, out)
 		}
 	}
-	c, err := envoytest.Dial(e.KernelAddr, envoyConfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := e.Dial(t, envoyConfig)
 	upstream := func(f *envoytest.Forwarded) *envoytest.Response {
 		return &envoytest.Response{Status: 200, Headers: [][2]string{{"content-type", "application/json"}, {"content-length", "43"}},
 			Body: []byte(`{"id":7,"internal_id":"db-1","name":"Ada"}` + " ")}
@@ -69,10 +65,10 @@ func TestExampleConfigs(t *testing.T) {
 	if r.Status != 200 || string(r.Body) != `{"id":7,"name":"Ada"} ` {
 		t.Fatalf("users with key: %d %q %q", r.Status, r.Body, r.Details)
 	}
-	if v, _ := header(r.Forwarded.Headers, "x-user-id"); v != "demo-user" {
+	if v := testenv.Header(r.Forwarded.Headers, "x-user-id"); v != "demo-user" {
 		t.Fatalf("x-user-id %q", v)
 	}
-	if v, _ := header(r.Headers, "x-frame-options"); v != "DENY" {
+	if v := testenv.Header(r.Headers, "x-frame-options"); v != "DENY" {
 		t.Fatalf("response headers %v", r.Headers)
 	}
 
@@ -101,7 +97,7 @@ func TestExampleConfigs(t *testing.T) {
 		t.Fatalf("admin as reader: %d", r.Status)
 	}
 	r = get("/api/v1/admin/users", [2]string{"authorization", "Bearer " + token("admin")})
-	if v, _ := header(r.Forwarded.Headers, "x-user-id"); r.Status != 200 || v != "demo-admin" {
+	if v := testenv.Header(r.Forwarded.Headers, "x-user-id"); r.Status != 200 || v != "demo-admin" {
 		t.Fatalf("admin as admin: %d %q", r.Status, v)
 	}
 	var recs []map[string]any

@@ -11,7 +11,6 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 
-	"github.com/policy-engine/policy-engine/internal/envoytest"
 	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
@@ -59,11 +58,7 @@ func TestAdminRouteJWTAndRoles(t *testing.T) {
 	}
 	agentCfg := strings.Replace(jwtAgentYAML, "%s", strings.Join(indented, "\n"), 1)
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentCfg, KernelYAML: jwtKernelYAML})
-	c, err := envoytest.Dial(e.KernelAddr, envoyConfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := e.Dial(t, envoyConfig)
 
 	sign := func(k any, method jwt.SigningMethod, claims jwt.MapClaims) string {
 		tok, err := jwt.NewWithClaims(method, claims).SignedString(k)
@@ -84,7 +79,7 @@ func TestAdminRouteJWTAndRoles(t *testing.T) {
 	if r.Status != 200 || r.Forwarded == nil {
 		t.Fatalf("admin token: %d %s", r.Status, r.Body)
 	}
-	if v, _ := header(r.Forwarded.Headers, "x-user-id"); v != "alice" {
+	if v := testenv.Header(r.Forwarded.Headers, "x-user-id"); v != "alice" {
 		t.Fatalf("x-user-id %q: the claim must overwrite what the client sent", v)
 	}
 
@@ -94,7 +89,7 @@ func TestAdminRouteJWTAndRoles(t *testing.T) {
 	}
 
 	r = do(t, c, "/api/v1/admin", "")
-	if www, _ := header(r.Headers, "www-authenticate"); r.Status != 401 || !strings.HasPrefix(www, "Bearer") {
+	if www := testenv.Header(r.Headers, "www-authenticate"); r.Status != 401 || !strings.HasPrefix(www, "Bearer") {
 		t.Fatalf("no token: %d %q", r.Status, www)
 	}
 
@@ -110,7 +105,7 @@ func TestAdminRouteJWTAndRoles(t *testing.T) {
 		"wrong issuer": sign(key, jwt.SigningMethodRS256, jwt.MapClaims{"iss": "https://evil.example.com", "aud": "api-service", "exp": now.Add(time.Hour).Unix(), "roles": []string{"admin"}}),
 	} {
 		r := do(t, c, "/api/v1/admin", "", bearer(tok))
-		www, _ := header(r.Headers, "www-authenticate")
+		www := testenv.Header(r.Headers, "www-authenticate")
 		if r.Status != 401 || r.Forwarded != nil || !strings.Contains(www, `error="invalid_token"`) {
 			t.Errorf("%s: %d %q %s", name, r.Status, www, r.Body)
 		}

@@ -138,16 +138,10 @@ func LoadConfig(path string) (*Config, []byte, error) {
 // problem is reported at once, each as file:line: key: message, checked by the rules below and
 // by the JSON schema config/schema/kernel-config.schema.json.
 func ParseConfig(file string, data []byte) (*Config, error) {
-	doc, err := yamlconf.ParseDoc(file, data)
+	var cfg Config
+	probs, err := yamlconf.DecodeWithSchema(file, data, &cfg, kernelSchema())
 	if err != nil {
 		return nil, err
-	}
-	probs := yamlconf.NewProblems(doc)
-	var cfg Config
-	if err := yamlconf.Decode(file, data, &cfg); err != nil {
-		probs.Add(err)
-		probs.Add(doc.Validate(kernelSchema())...)
-		return nil, probs.Err()
 	}
 	k := cfg.PolicyKernel
 	bad := func(key, format string, args ...any) {
@@ -285,7 +279,6 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	if o.Tracing.Enabled && o.Tracing.Endpoint == "" {
 		bad("observability.tracing.endpoint", "required when tracing is enabled")
 	}
-	probs.Add(doc.Validate(kernelSchema())...)
 	if err := probs.Err(); err != nil {
 		return nil, err
 	}

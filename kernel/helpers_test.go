@@ -19,6 +19,7 @@ import (
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
 // fakeAgent is an AgentClient whose answers a test chooses.
@@ -144,7 +145,7 @@ type testKernel struct {
 	s     *Server
 	agent *fakeAgent
 	m     *kernelMetrics
-	logs  *syncBuffer
+	logs  *testenv.SyncBuffer
 	state *agentState
 }
 
@@ -170,28 +171,10 @@ func newTestKernel(t *testing.T, yaml string, fa *fakeAgent) *testKernel {
 			first = st
 		}
 	}
-	logs := &syncBuffer{}
+	logs := &testenv.SyncBuffer{}
 	s := NewServer(logging.New(logs, "kernel", zerolog.DebugLevel), m)
 	s.Store(buildSnapshot(kc, "v1", agents, m))
 	return &testKernel{s: s, agent: fa, m: m, logs: logs, state: first}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  []byte
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.b = append(s.b, p...)
-	return len(p), nil
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return string(s.b)
 }
 
 // fakeStream plays Envoy's side of one Process stream.

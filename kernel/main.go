@@ -24,6 +24,7 @@ import (
 
 	"github.com/VictoriaMetrics/metrics"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -182,7 +183,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info().Str("address", ln.Addr().String()).Str("config_version", snap.Version).
+	log.Audit(zerolog.InfoLevel).Str("address", ln.Addr().String()).Str("config_version", snap.Version).
 		Int("routes", snap.routes.Len()).Msg("policy-kernel serving")
 
 	for {
@@ -270,7 +271,7 @@ func (k *Kernel) reload() {
 	file := k.flags.config
 	cfg, data, err := LoadConfig(file)
 	if err == nil && bytes.Equal(data, k.current) {
-		k.log.Info().Str("config_version", k.server.Snapshot().Version).Msg("config unchanged; reload skipped")
+		k.log.Audit(zerolog.InfoLevel).Str("config_version", k.server.Snapshot().Version).Msg("config unchanged; reload skipped")
 		return
 	}
 	if err != nil {
@@ -311,16 +312,16 @@ func (k *Kernel) reload() {
 		k.log.SetLevel(lvl)
 	}
 	if restart := restartOnly(old, kc); len(restart) > 0 {
-		k.log.Warn().Strs("keys", restart).Msg("these settings take effect on restart only")
+		k.log.Audit(zerolog.WarnLevel).Strs("keys", restart).Msg("these settings take effect on restart only")
 	}
 	k.metrics.reloadSuccess.Inc()
 	k.metrics.markReloaded()
-	k.log.Info().Str("config_version", snap.Version).Int("routes", snap.routes.Len()).Msg("config reloaded")
+	k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("routes", snap.routes.Len()).Msg("config reloaded")
 }
 
 func (k *Kernel) reloadFailed(err error) {
 	k.metrics.reloadFailure.Inc()
-	k.log.Error().Str("file", k.flags.config).Str("config_version", k.server.Snapshot().Version).
+	k.log.Audit(zerolog.ErrorLevel).Str("file", k.flags.config).Str("config_version", k.server.Snapshot().Version).
 		Errors("errors", err).Msg("config reload failed; keeping the previous config")
 }
 
@@ -459,7 +460,7 @@ func (k *Kernel) rebuild() {
 	cur := k.server.Snapshot()
 	snap := buildSnapshot(cur.Config, cur.Version, cur.agents, k.metrics)
 	k.install(snap, k.current)
-	k.log.Info().Str("config_version", snap.Version).Int("invalid_routes", len(snap.invalid)).Msg("routes checked again against the agents' policies")
+	k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("invalid_routes", len(snap.invalid)).Msg("routes checked again against the agents' policies")
 }
 
 // readiness is ready when the config is loaded, every agent is healthy, and the kernel is not

@@ -4,13 +4,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -21,18 +18,9 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/policy-engine/policy-engine/agent"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 	_ "github.com/policy-engine/policy-engine/policies/all"
 )
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 const mainAgentYAML = `agent_core:
   name: default-agent
@@ -57,85 +45,33 @@ const mainKernelYAML = `policy_kernel:
 %s
 `
 
-// running is an in-process agent or kernel.
-type running struct {
-	cancel context.CancelFunc
-	done   chan error
-	logs   *syncBuffer
-}
-
-func (r *running) stop(t *testing.T) {
-	t.Helper()
-	r.cancel()
-	select {
-	case err := <-r.done:
-		if err != nil {
-			t.Errorf("Main returned %v", err)
-		}
-	case <-time.After(15 * time.Second):
-		t.Error("Main did not return")
-	}
-}
-
-func startMain(t *testing.T, main func(context.Context, []string, io.Writer) error, args ...string) *running {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{cancel: cancel, done: make(chan error, 1), logs: &syncBuffer{}}
-	go func() { r.done <- main(ctx, args, r.logs) }()
-	return r
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 type env struct {
 	dir, sock, kernelCfg, addr, metrics string
-	agent, kernel                       *running
+	agent, kernel                       *testenv.InProc
 	conn                                *grpc.ClientConn
 }
 
+// startEnv runs an agent and a kernel in the test's process, the kernel's config being
+// mainKernelYAML with extraKernel added to its policy_kernel section.
 func startEnv(t *testing.T, extraKernel string) *env {
 	t.Helper()
-	e := &env{dir: t.TempDir(), addr: freeAddr(t), metrics: freeAddr(t)}
+	e := &env{dir: t.TempDir(), addr: testenv.FreeAddr(t), metrics: testenv.FreeAddr(t)}
 	e.sock = filepath.Join(e.dir, "agent.sock")
 	agentCfg := filepath.Join(e.dir, "agent.yaml")
 	os.WriteFile(agentCfg, []byte(fmt.Sprintf(mainAgentYAML, e.sock)), 0o600)
 	e.kernelCfg = filepath.Join(e.dir, "kernel.yaml")
 	os.WriteFile(e.kernelCfg, []byte(fmt.Sprintf(mainKernelYAML, e.sock, extraKernel)), 0o600)
-	e.agent = startMain(t, agent.Main, "--config", agentCfg)
-	waitFor(t, "agent socket", func() bool {
-		c, err := net.Dial("unix", e.sock)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
-	e.kernel = startMain(t, Main, "--config", e.kernelCfg, "--listen", e.addr, "--metrics-listen", e.metrics)
-	waitFor(t, "kernel port", func() bool {
-		c, err := net.Dial("tcp", e.addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	e.agent = testenv.RunMain(t, agent.Main, "--config", agentCfg)
+	testenv.WaitDial(t, e.agent, "unix", e.sock)
+	e.kernel = testenv.RunMain(t, Main, "--config", e.kernelCfg, "--listen", e.addr, "--metrics-listen", e.metrics)
+	testenv.WaitDial(t, e.kernel, "tcp", e.addr)
 	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.conn = conn
-	t.Cleanup(func() {
-		conn.Close()
-		e.kernel.stop(t)
-		e.agent.stop(t)
-	})
+	// Cleanups run last first: the connection closes, then the kernel stops, then the agent.
+	t.Cleanup(func() { conn.Close() })
 	return e
 }
 
@@ -160,13 +96,7 @@ func (e *env) do(t *testing.T, path string, kv ...string) *extprocv3.ProcessingR
 
 func (e *env) get(t *testing.T, path string) (int, string) {
 	t.Helper()
-	r, err := http.Get("http://" + e.metrics + path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Body.Close()
-	b, _ := io.ReadAll(r.Body)
-	return r.StatusCode, string(b)
+	return testenv.HTTPGet("http://" + e.metrics + path)
 }
 
 func TestMainEndToEndInProcess(t *testing.T) {
@@ -185,7 +115,7 @@ func TestMainEndToEndInProcess(t *testing.T) {
 	if err != nil || hc.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("grpc health %v %v", hc, err)
 	}
-	waitFor(t, "readiness", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
+	testenv.WaitFor(t, 10*time.Second, "readiness", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
 	_, body := e.get(t, "/metrics")
 	for _, want := range []string{
 		`policy_kernel_requests_total{route="/api/v1/users",agent="default-agent",status="deny"} 2`,
@@ -207,16 +137,10 @@ func TestMainEndToEndInProcess(t *testing.T) {
 
 func TestMainReloadAndAgentLoss(t *testing.T) {
 	e := startEnv(t, "")
-	hup := func(want string) {
-		t.Helper()
-		n := strings.Count(e.kernel.logs.String(), want)
-		syscall.Kill(os.Getpid(), syscall.SIGHUP)
-		waitFor(t, want, func() bool { return strings.Count(e.kernel.logs.String(), want) > n })
-	}
-	hup("config unchanged; reload skipped")
+	e.kernel.Reload(t, "config unchanged; reload skipped")
 	os.WriteFile(e.kernelCfg, []byte("policy_kernel:\n  agents: []\n  bogus: 1\n"), 0o600)
-	hup("config reload failed; keeping the previous config")
-	if !strings.Contains(e.kernel.logs.String(), "kernel.yaml:3: policy_kernel.bogus: unknown key") {
+	e.kernel.Reload(t, "config reload failed; keeping the previous config")
+	if !strings.Contains(e.kernel.Logs.String(), "kernel.yaml:3: policy_kernel.bogus: unknown key") {
 		t.Fatal("reload failure does not name file, line and key")
 	}
 	if r := e.do(t, "/api/v1/users"); r.GetImmediateResponse().GetStatus().GetCode() != 401 {
@@ -234,9 +158,9 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
     - route_name: /broken
       request_policy_chain: [{policy: noSuchPolicy}]
 `, e.sock)), 0o600)
-	hup("config reload failed; keeping the previous config")
-	if !strings.Contains(e.kernel.logs.String(), `kernel.yaml:9: policy_kernel.route_policies[1].request_policy_chain[0].policy: policy \"noSuchPolicy\" is not supported by agent \"default-agent\"`) {
-		t.Fatalf("rejected snapshot not reported with file, line and key:\n%s", e.kernel.logs.String())
+	e.kernel.Reload(t, "config reload failed; keeping the previous config")
+	if !strings.Contains(e.kernel.Logs.String(), `kernel.yaml:9: policy_kernel.route_policies[1].request_policy_chain[0].policy: policy \"noSuchPolicy\" is not supported by agent \"default-agent\"`) {
+		t.Fatalf("rejected snapshot not reported with file, line and key:\n%s", e.kernel.Logs.String())
 	}
 	if r := e.do(t, "/api/v1/users"); r.GetImmediateResponse().GetStatus().GetCode() != 401 {
 		t.Fatal("a rejected reload changed behaviour")
@@ -252,7 +176,7 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
     - route_name: /api/v1/users
       request_policy_chain: [{policy: allowAll}]
 `, e.sock)), 0o600)
-	hup("config reloaded")
+	e.kernel.Reload(t, "config reloaded")
 	if r := e.do(t, "/api/v1/users"); r.GetRequestHeaders() == nil {
 		t.Fatalf("after reload: %v", r)
 	}
@@ -266,8 +190,8 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
 	}
 
 	// The agent goes away: readiness follows, requests are denied within the budget.
-	e.agent.stop(t)
-	waitFor(t, "not ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 503 })
+	e.agent.Stop(t)
+	testenv.WaitFor(t, 10*time.Second, "not ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 503 })
 	start := time.Now()
 	r := e.do(t, "/api/v1/users")
 	if r.GetImmediateResponse().GetStatus().GetCode() != 500 || time.Since(start) > time.Second {
@@ -275,9 +199,33 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
 	}
 	// It comes back: the kernel reconnects by itself.
 	agentCfg := filepath.Join(e.dir, "agent.yaml")
-	e.agent = startMain(t, agent.Main, "--config", agentCfg)
-	waitFor(t, "ready again", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
-	waitFor(t, "serving again", func() bool { return e.do(t, "/api/v1/users").GetRequestHeaders() != nil })
+	e.agent = testenv.RunMain(t, agent.Main, "--config", agentCfg)
+	testenv.WaitFor(t, 10*time.Second, "ready again", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
+	testenv.WaitFor(t, 10*time.Second, "serving again", func() bool { return e.do(t, "/api/v1/users").GetRequestHeaders() != nil })
+}
+
+// TestMainAuditAtErrorLevel runs a kernel at log level error: the start-up line with the config
+// version, and every reload (skipped, failed, successful) are still logged, as audit lines,
+// and no other line below error is.
+func TestMainAuditAtErrorLevel(t *testing.T) {
+	e := startEnv(t, "  observability:\n    log_level: error\n")
+	testenv.WaitFor(t, 10*time.Second, "the start-up line", func() bool { return strings.Contains(e.kernel.Logs.String(), "policy-kernel serving") })
+	e.kernel.Reload(t, "config unchanged; reload skipped")
+	os.WriteFile(e.kernelCfg, []byte("policy_kernel:\n  agents: []\n  observability: {log_level: error}\n"), 0o600)
+	e.kernel.Reload(t, "config reload failed; keeping the previous config")
+	os.WriteFile(e.kernelCfg, []byte(fmt.Sprintf(mainKernelYAML, e.sock, "  version: v2\n  observability:\n    log_level: error\n    metrics_port: 1\n")), 0o600)
+	e.kernel.Reload(t, "config reloaded")
+
+	lines := testenv.CheckAuditLog(t, e.kernel.Logs.String(), map[string]string{
+		"policy-kernel serving":                             "info",
+		"config unchanged; reload skipped":                  "info",
+		"config reload failed; keeping the previous config": "error",
+		"these settings take effect on restart only":        "warn",
+		"config reloaded":                                   "info",
+	})
+	if v, _ := lines["config reloaded"].Metadata["config_version"].(string); !strings.HasPrefix(v, "v2-") {
+		t.Errorf("config reloaded without the new version: %v", lines["config reloaded"].Metadata)
+	}
 }
 
 func TestMainValidateAndErrors(t *testing.T) {
@@ -311,15 +259,8 @@ func TestMainValidateAndErrors(t *testing.T) {
 	asock := filepath.Join(dir, "a.sock")
 	acfg := filepath.Join(dir, "a.yaml")
 	os.WriteFile(acfg, []byte(fmt.Sprintf(mainAgentYAML, asock)), 0o600)
-	a := startMain(t, agent.Main, "--config", acfg)
-	defer a.stop(t)
-	waitFor(t, "agent", func() bool {
-		c, err := net.Dial("unix", asock)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	a := testenv.RunMain(t, agent.Main, "--config", acfg)
+	testenv.WaitDial(t, a, "unix", asock)
 	bad := filepath.Join(dir, "bad.yaml")
 	os.WriteFile(bad, []byte(fmt.Sprintf(mainKernelYAML, asock, "    - route_name: /x\n      response_policy_chain: [{policy: apiKeyAuth}]\n    - route_name: /y\n      request_policy_chain: [{policy: nope}]")), 0o600)
 	out.Reset()
@@ -335,19 +276,13 @@ func TestMainValidateAndErrors(t *testing.T) {
 func TestMainDrain(t *testing.T) {
 	e := startEnv(t, "  server:\n    drain_delay_ms: 300\n")
 	_ = corev3.HeaderValue{}
-	waitFor(t, "ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
-	e.kernel.cancel()
-	waitFor(t, "not ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 503 })
+	testenv.WaitFor(t, 10*time.Second, "ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 200 })
+	e.kernel.Cancel()
+	testenv.WaitFor(t, 10*time.Second, "not ready", func() bool { c, _ := e.get(t, "/health/ready"); return c == 503 })
 	if r := e.do(t, "/api/v1/users"); r.GetImmediateResponse().GetStatus().GetCode() != 401 {
 		t.Fatal("streams during the drain delay must still be served")
 	}
-	select {
-	case err := <-e.kernel.done:
-		if err != nil {
-			t.Fatal(err)
-		}
-		e.kernel.done <- nil // for the cleanup's stop
-	case <-time.After(10 * time.Second):
-		t.Fatal("kernel did not stop")
+	if err, ok := e.kernel.Wait(10 * time.Second); !ok || err != nil {
+		t.Fatalf("kernel did not stop: returned %v (%v)", err, ok)
 	}
 }

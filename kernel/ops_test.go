@@ -18,6 +18,7 @@ import (
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 	"github.com/policy-engine/policy-engine/internal/tracing"
 	"github.com/policy-engine/policy-engine/internal/tracing/otlptest"
 )
@@ -292,6 +293,25 @@ func newUnitKernel(t *testing.T, tk *testKernel, configPath string) *Kernel {
 	return k
 }
 
+// TestRoutesCheckedAgainAtErrorLevel shows that the rebuild after an agent's policy list
+// changes is logged, as an audit line, even at log level error.
+func TestRoutesCheckedAgainAtErrorLevel(t *testing.T) {
+	tk := newTestKernel(t, baseConfig, &fakeAgent{})
+	k := newUnitKernel(t, tk, "unused")
+	k.log.SetLevel(zerolog.ErrorLevel)
+	info := testInfo()
+	info.SupportedPolicies = append(info.SupportedPolicies, &agentv1.PolicyInfo{Name: "notThere", SupportedPhases: []agentv1.PolicyPhase{agentv1.PolicyPhase_REQUEST}})
+	tk.agent.mu.Lock()
+	tk.agent.info = info
+	tk.agent.mu.Unlock()
+	k.checkAgent(context.Background(), tk.state)
+	msg := "routes checked again against the agents' policies"
+	line := testenv.CheckAuditLog(t, tk.logs.String(), map[string]string{msg: "info"})[msg]
+	if line.Metadata["invalid_routes"] != 0.0 || line.Metadata["config_version"] != "v1" {
+		t.Fatalf("rebuild line: %s", line.Text)
+	}
+}
+
 // TestAgentPolicySetChange shows the health loop's rediscovery: an agent that comes back with
 // other policies gets its routes checked again, and the gRPC health service follows.
 func TestAgentPolicySetChange(t *testing.T) {
@@ -491,7 +511,7 @@ func TestReloadUnit(t *testing.T) {
 // TestNewTracerLogsExportErrors points the kernel's tracer at nothing and finds the export
 // failure in the log, once.
 func TestNewTracerLogsExportErrors(t *testing.T) {
-	var buf syncBuffer
+	var buf testenv.SyncBuffer
 	log := logging.New(&buf, "kernel", zerolog.InfoLevel)
 	tr, err := newTracer(tracing.Config{Enabled: true, Endpoint: "127.0.0.1:1"}, log)
 	if err != nil {

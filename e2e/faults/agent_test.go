@@ -72,7 +72,7 @@ func keyed(path string) *envoytest.Request {
 // served reports whether a request went through its chain normally: apiKeyAuth let it
 // through and named its user.
 func served(s shot) bool {
-	return s.kernelAnswered() && s.res.Forwarded != nil && header(s.res.Forwarded.Headers, "x-user-id") == "fault-user"
+	return s.kernelAnswered() && s.res.Forwarded != nil && testenv.Header(s.res.Forwarded.Headers, "x-user-id") == "fault-user"
 }
 
 // TestAgentKilled kills the agent with SIGKILL under steady traffic, then starts it again.
@@ -83,7 +83,7 @@ func TestAgentKilled(t *testing.T) {
 	// The agent timeout leaves room for a busy machine: with the agent gone, calls fail at once
 	// (the socket refuses them), far inside it.
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: twoAgents(400, 500, keyRoutes)})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	before := map[string]int{"/closed": requestsCounted(t, e, "/closed"), "/open": requestsCounted(t, e, "/open")}
 	tr := startTraffic(c, 4, 5*time.Millisecond, func(w, n int) (string, *envoytest.Request) {
 		route := []string{"/closed", "/open"}[(w+n)%2]
@@ -178,7 +178,7 @@ func TestAgentSlow(t *testing.T) {
 `
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: twoAgents(150, 200, routes),
 		AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	tr := startTraffic(c, 4, 10*time.Millisecond, func(w, n int) (string, *envoytest.Request) {
 		route := []string{"/closed", "/open"}[(w+n)%2]
 		return route, request(route)
@@ -233,9 +233,9 @@ func TestAgentRestartedWithOtherPolicies(t *testing.T) {
 `
 	testAgent := testenv.Build(t, testenv.TestAgentPackage)
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: twoAgents(400, 500, routes), AgentBin: testAgent})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	tagged := func() shot { return play(c, "/tagged", request("/tagged")) }
-	if s := tagged(); s.outcome() != "upstream" || header(s.res.Forwarded.Headers, testpolicies.TagHeader) != "t1" {
+	if s := tagged(); s.outcome() != "upstream" || testenv.Header(s.res.Forwarded.Headers, testpolicies.TagHeader) != "t1" {
 		t.Fatalf("/tagged with the test agent: %s", s.outcome())
 	}
 	tr := startTraffic(c, 2, 5*time.Millisecond, func(int, int) (string, *envoytest.Request) { return "/closed", keyed("/closed") })

@@ -42,16 +42,6 @@ var envoyConfig = envoytest.FilterConfig{
 // is busy with other work.
 const margin = 750 * time.Millisecond
 
-func dial(t *testing.T, e *testenv.Env) *envoytest.Client {
-	t.Helper()
-	c, err := envoytest.Dial(e.KernelAddr, envoyConfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // shot is one HTTP request played through the filter.
 type shot struct {
 	route   string
@@ -94,15 +84,6 @@ func errorCode(body []byte) string {
 		return fmt.Sprintf("(body %.40q)", body)
 	}
 	return b.Error
-}
-
-func header(hs [][2]string, name string) string {
-	for _, h := range hs {
-		if strings.EqualFold(h[0], name) {
-			return h[1]
-		}
-	}
-	return ""
 }
 
 // request makes a request on path with the given headers.

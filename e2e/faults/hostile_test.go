@@ -62,7 +62,7 @@ const hostileKernelYAML = `policy_kernel:
 // processes, and checks each answer and that both keep serving.
 func TestHostileInput(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: hostileKernelYAML, AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	if s := play(c, "/key", keyed("/key")); !served(s) {
 		t.Fatalf("warm-up: %s", s.outcome())
 	}
@@ -89,10 +89,10 @@ func TestHostileInput(t *testing.T) {
 		alive(t, e)
 	}
 	noOut := func(s shot) string {
-		if v := header(s.res.Forwarded.Headers, "x-out"); v != "" {
+		if v := testenv.Header(s.res.Forwarded.Headers, "x-out"); v != "" {
 			return fmt.Sprintf("x-out reached the upstream as %q", v)
 		}
-		if v := header(s.res.Forwarded.Headers, "x-injected"); v != "" {
+		if v := testenv.Header(s.res.Forwarded.Headers, "x-injected"); v != "" {
 			return "a header was injected"
 		}
 		return ""
@@ -102,7 +102,7 @@ func TestHostileInput(t *testing.T) {
 	// fail-open agent.
 	f("API key that is not UTF-8", request("/key", [2]string{"x-api-key", "fault-key-1\xff"}), "403 forbidden", nil)
 	f("other header not UTF-8", request("/key", [2]string{"x-api-key", "fault-key-1"}, [2]string{"x-note", "\xc3\x28"}), "upstream", func(s shot) string {
-		if header(s.res.Forwarded.Headers, "x-user-id") != "fault-user" {
+		if testenv.Header(s.res.Forwarded.Headers, "x-user-id") != "fault-user" {
 			return "the key was not checked"
 		}
 		return ""
@@ -117,7 +117,7 @@ func TestHostileInput(t *testing.T) {
 	body := request("/body")
 	body.Body = []byte(strings.Repeat("b", 1000))
 	f("body within the cap", body, "upstream", func(s shot) string {
-		if v := header(s.res.Forwarded.Headers, "x-test-body-length"); v != "1000" {
+		if v := testenv.Header(s.res.Forwarded.Headers, "x-test-body-length"); v != "1000" {
 			return "the policy saw a body of " + v
 		}
 		return ""
@@ -183,7 +183,7 @@ func TestHostileWire(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	check := func(name string) {
 		t.Helper()
 		if s := play(c, "/key", keyed("/key")); !served(s) {
@@ -291,7 +291,7 @@ func TestOversizedReplyFailsClosed(t *testing.T) {
     - route_name: /tagged
       request_policy_chain: [{policy: testTag, metadata: {tag: t}}]
 `})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	const waiting = 5
 	shots := make(chan shot, waiting)
 	for range waiting {

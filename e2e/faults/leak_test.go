@@ -112,7 +112,7 @@ func TestEnvoyGoesAwayNoLeak(t *testing.T) {
 		}
 	}
 	// Still serving.
-	c2 := dial(t, e)
+	c2 := e.Dial(t, envoyConfig)
 	if s := play(c2, "/both", request("/both")); s.outcome() != "upstream" {
 		t.Fatalf("after the storm: %s", s.outcome())
 	}

@@ -2,69 +2,12 @@ package faults
 
 import (
 	"fmt"
-	"io"
-	"net"
-	"os"
-	"os/exec"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/policy-engine/policy-engine/internal/envoytest"
 	"github.com/policy-engine/policy-engine/internal/testenv"
 )
-
-// redisServer is a redis-server this test started, without persistence, stopped by PID.
-type redisServer struct {
-	addr string
-	cmd  *exec.Cmd
-}
-
-// startRedis starts a redis-server on addr (a free loopback port when empty). Without the
-// binary the test is skipped, except in CI (CI=true), which must have it.
-func startRedis(t *testing.T, addr string) *redisServer {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("redis-server is not installed; CI must have it (.ci/run installs it): %v", err)
-		}
-		t.Skip("redis-server is not installed (Debian: apt-get install redis-server)")
-	}
-	if addr == "" {
-		addr = testenv.FreeAddr(t)
-	}
-	_, port, _ := net.SplitHostPort(addr)
-	r := &redisServer{addr: addr, cmd: exec.Command(bin, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", t.TempDir())}
-	if err := r.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(r.kill)
-	testenv.WaitFor(t, 10*time.Second, "redis-server to answer PING", func() bool {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(time.Second))
-		if _, err := c.Write([]byte("PING\r\n")); err != nil {
-			return false
-		}
-		b := make([]byte, 7)
-		n, _ := io.ReadFull(c, b)
-		return string(b[:n]) == "+PONG\r\n"
-	})
-	return r
-}
-
-func (r *redisServer) kill() {
-	if r.cmd.ProcessState != nil {
-		return
-	}
-	_ = r.cmd.Process.Signal(syscall.SIGCONT)
-	_ = r.cmd.Process.Kill()
-	_ = r.cmd.Wait()
-}
 
 const redisTimeout = 50 * time.Millisecond
 
@@ -105,10 +48,10 @@ func redisRoute(onError string) string {
 // longer than the Redis timeout and a margin, and with Redis back every route is decided by it
 // again.
 func TestRedisDown(t *testing.T) {
-	redis := startRedis(t, "")
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: fmt.Sprintf(redisAgentYAML, redis.addr),
+	redis := testenv.StartRedis(t, "")
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: fmt.Sprintf(redisAgentYAML, redis.Addr),
 		KernelYAML: fmt.Sprintf(redisRoutes, redisRoute("local")+redisRoute("allow")+redisRoute("deny"))})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	routes := []string{"/local", "/allow", "/deny"}
 	phase := func(name string, d time.Duration, want map[string]string) {
 		t.Helper()
@@ -136,14 +79,10 @@ func TestRedisDown(t *testing.T) {
 	down := map[string]string{"/local": "upstream", "/allow": "upstream", "/deny": "503 rate_limit_unavailable"}
 	short := scale(time.Second, 5*time.Second)
 	phase("up", short, up)
-	if err := redis.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	redis.Pause()
 	phase("frozen (SIGSTOP)", short, down)
-	if err := redis.cmd.Process.Signal(syscall.SIGCONT); err != nil {
-		t.Fatal(err)
-	}
-	redis.kill()
+	redis.Resume()
+	redis.Kill()
 	phase("killed", short, down)
 	// Every failed call was decided by its route's on_backend_error, and counted under it.
 	for _, action := range []string{"local", "allow", "deny"} {
@@ -151,7 +90,7 @@ func TestRedisDown(t *testing.T) {
 			t.Errorf("no backend error counted for on_backend_error %s", action)
 		}
 	}
-	startRedis(t, redis.addr)
+	redis.Start()
 	testenv.WaitFor(t, 5*time.Second, "Redis to decide again", func() bool {
 		return play(c, "/deny", request("/deny")).outcome() == "upstream"
 	})

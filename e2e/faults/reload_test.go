@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -57,35 +56,6 @@ var brokenAgentYAML = []string{
 	"null\n",
 }
 
-// hup sends SIGHUP and waits until the process has logged one more line holding any of want,
-// and returns the line's text.
-func hup(t *testing.T, p *testenv.Proc, want ...string) string {
-	t.Helper()
-	countAll := func() []int {
-		logs := p.Logs.String()
-		n := make([]int, len(want))
-		for i, w := range want {
-			n[i] = strings.Count(logs, w)
-		}
-		return n
-	}
-	before := countAll()
-	if err := p.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	var got string
-	testenv.WaitFor(t, 10*time.Second, fmt.Sprintf("one of %q in the log", want), func() bool {
-		for i, n := range countAll() {
-			if n > before[i] {
-				got = want[i]
-				return true
-			}
-		}
-		return false
-	})
-	return got
-}
-
 // TestReloadStorm sends SIGHUPs to the kernel and the agent, alternating valid and invalid
 // configs, under steady traffic. No request fails, and the request and response phases of every
 // request carry the tag of one and the same config version, one that was in force while the
@@ -93,7 +63,7 @@ func hup(t *testing.T, p *testenv.Proc, want ...string) string {
 func TestReloadStorm(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: taggedAgentYAML(0), KernelYAML: taggedKernelYAML(0),
 		AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	// sent[v] is when the SIGHUP that installs version v went out; seen[v] is when its log line
 	// was read, after it was installed.
 	sent := map[int]time.Time{0: {}}
@@ -107,23 +77,23 @@ func TestReloadStorm(t *testing.T) {
 			v := i/2 + 1
 			writeAtomically(t, e, e.KernelConfig, taggedKernelYAML(v))
 			sent[v] = time.Now()
-			if got := hup(t, e.Kernel, "config reloaded", "config reload failed"); got != "config reloaded" {
+			if got := e.Kernel.Reload(t, "config reloaded", "config reload failed"); got != "config reloaded" {
 				t.Fatalf("valid config v%d refused:\n%s", v, e.Kernel.Logs.String())
 			}
 			seen[v] = time.Now()
 			valid++
 			writeAtomically(t, e, e.AgentConfig, taggedAgentYAML(v))
-			if got := hup(t, e.Agent, "config reloaded", "config reload failed"); got != "config reloaded" {
+			if got := e.Agent.Reload(t, "config reloaded", "config reload failed"); got != "config reloaded" {
 				t.Fatalf("valid agent config a%d refused:\n%s", v, e.Agent.Logs.String())
 			}
 		} else {
 			writeAtomically(t, e, e.KernelConfig, brokenKernelYAML[i/2%len(brokenKernelYAML)])
-			if got := hup(t, e.Kernel, "config reloaded", "config reload failed"); got != "config reload failed" {
+			if got := e.Kernel.Reload(t, "config reloaded", "config reload failed"); got != "config reload failed" {
 				t.Fatalf("broken config %d accepted", i/2%len(brokenKernelYAML))
 			}
 			refused++
 			writeAtomically(t, e, e.AgentConfig, brokenAgentYAML[i/2%len(brokenAgentYAML)])
-			if got := hup(t, e.Agent, "config reloaded", "config reload failed"); got != "config reload failed" {
+			if got := e.Agent.Reload(t, "config reloaded", "config reload failed"); got != "config reload failed" {
 				t.Fatalf("broken agent config %d accepted", i/2%len(brokenAgentYAML))
 			}
 		}
@@ -138,8 +108,8 @@ func TestReloadStorm(t *testing.T) {
 			t.Errorf("request at %v: %s", s.start.Format(time.StampMilli), s.outcome())
 			continue
 		}
-		reqTag := header(s.res.Forwarded.Headers, testpolicies.TagHeader)
-		respTag := header(s.res.Headers, testpolicies.TagHeader)
+		reqTag := testenv.Header(s.res.Forwarded.Headers, testpolicies.TagHeader)
+		respTag := testenv.Header(s.res.Headers, testpolicies.TagHeader)
 		if reqTag != respTag {
 			t.Errorf("one request saw two configs: request phase %q, response phase %q", reqTag, respTag)
 			continue

@@ -174,7 +174,7 @@ func TestRogueAgent(t *testing.T) {
 `})
 	rogue := serveRogue(t, e.AgentSock)
 	testenv.WaitFor(t, 10*time.Second, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	var shots []shot
 	for name, mode := range rogueReplies {
 		before := rogue.calls.Load()
@@ -185,7 +185,7 @@ func TestRogueAgent(t *testing.T) {
 		}
 		if s.res != nil && s.res.Forwarded != nil {
 			for _, h := range []string{"x-a", "x-injected", "bad name"} {
-				if v := header(s.res.Forwarded.Headers, h); v != "" {
+				if v := testenv.Header(s.res.Forwarded.Headers, h); v != "" {
 					t.Errorf("%s: %s reached the upstream as %q", name, h, v)
 				}
 			}

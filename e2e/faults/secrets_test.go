@@ -120,7 +120,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 		t.Fatal(err)
 	}
 	tokens["unsigned JWT"] = none
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	conn, err := grpc.NewClient(e.KernelAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

@@ -57,7 +57,7 @@ func TestSoak(t *testing.T) {
 	const rate = 200 // requests per second
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: strings.Replace(agentYAML, "observability:", "observability:\n    log_level: warn", 1),
 		KernelYAML: fmt.Sprintf(soakKernelYAML, 0), AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	conn, err := grpc.NewClient(e.KernelAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

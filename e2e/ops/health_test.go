@@ -60,7 +60,7 @@ func ready(t *testing.T, e *testenv.Env) (int, readyBody) {
 // down, requests are denied meanwhile and served again after.
 func TestReadinessFollowsAgent(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: fmt.Sprintf(kernelYAML, "h1")})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	code, b := ready(t, e)
 	if code != 200 || b.Status != "ready" || len(b.NotReady) != 0 || !b.Agents["default-agent"].Healthy || !strings.HasPrefix(b.ConfigVersion, "h1-") {
 		t.Fatalf("ready: %d %+v", code, b)
@@ -98,7 +98,7 @@ func TestReadinessFollowsAgent(t *testing.T) {
 	testenv.WaitFor(t, 5*time.Second, "gRPC SERVING", func() bool {
 		return grpcHealth(t, e.KernelAddr) == healthpb.HealthCheckResponse_SERVING
 	})
-	if r := do(t, c); r.Status != 200 || header(r, "x-config-version") != "h1" {
+	if r := do(t, c); r.Status != 200 || testenv.Header(r.Headers, "x-config-version") != "h1" {
 		t.Fatalf("after the agent came back: %d", r.Status)
 	}
 	if _, m := e.Get(t, "/metrics"); !strings.Contains(m, `policy_kernel_agent_health{agent="default-agent"} 1`) {
@@ -149,7 +149,7 @@ func logLines(t *testing.T, logs string) []map[string]any {
 // process's log, and no secret anywhere.
 func TestLogsQuietOnHotPath(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: fmt.Sprintf(kernelYAML, "l1")})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	kn, an := len(logLines(t, e.Kernel.Logs.String())), len(logLines(t, e.Agent.Logs.String()))
 	for i := 0; i < 100; i++ {
 		if r := do(t, c); r.Status != 200 {
@@ -173,7 +173,7 @@ func TestPprof(t *testing.T) {
 	if code, body := e.Get(t, "/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
 		t.Fatalf("pprof on: %d", code)
 	}
-	if code, _ := get(t, "http://"+e.AgentMetrics+"/debug/pprof/cmdline"); code != 200 {
+	if code, _ := e.GetAgent(t, "/debug/pprof/cmdline"); code != 200 {
 		t.Fatalf("agent pprof on: %d", code)
 	}
 	off := fmt.Sprintf(kernelYAML, "p2") + "  observability:\n    pprof_enabled: false\n"

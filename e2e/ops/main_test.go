@@ -7,9 +7,6 @@ package ops
 
 import (
 	"context"
-	"io"
-	"net/http"
-	"strings"
 	"testing"
 	"time"
 
@@ -72,16 +69,6 @@ var envoyConfig = envoytest.FilterConfig{
 	MessageTimeout:    2 * time.Second,
 }
 
-func dial(t *testing.T, e *testenv.Env) *envoytest.Client {
-	t.Helper()
-	c, err := envoytest.Dial(e.KernelAddr, envoyConfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // do runs one request on /api/v1/users (route attribute set) with the demo key.
 func do(t *testing.T, c *envoytest.Client, headers ...[2]string) *envoytest.Result {
 	t.Helper()
@@ -96,29 +83,4 @@ func do(t *testing.T, c *envoytest.Client, headers ...[2]string) *envoytest.Resu
 		t.Fatal(err)
 	}
 	return r
-}
-
-// header returns a response header's value.
-func header(r *envoytest.Result, name string) string {
-	for _, h := range r.Headers {
-		if strings.EqualFold(h[0], name) {
-			return h[1]
-		}
-	}
-	return ""
-}
-
-// get fetches a URL and returns its status and body.
-func get(t testing.TB, url string) (int, string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	r, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, err.Error()
-	}
-	defer r.Body.Close()
-	b, _ := io.ReadAll(r.Body)
-	return r.StatusCode, string(b)
 }

@@ -74,7 +74,7 @@ func promtool(t *testing.T, in string, args ...string) string {
 // with exactly its labels.
 func TestMetrics(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: fmt.Sprintf(kernelYAML, "m1")})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	do(t, c)                                  // allow
 	do(t, c, [2]string{"x-api-key", "wrong"}) // a second key header: joined, so denied
 	r, err := c.Do(t.Context(), &envoytest.Request{Path: "/api/v1/users"}, nil)
@@ -84,7 +84,7 @@ func TestMetrics(t *testing.T) {
 	e.Reload(t, "config unchanged; reload skipped")
 
 	_, kout := e.Get(t, "/metrics")
-	code, aout := get(t, "http://"+e.AgentMetrics+"/metrics")
+	code, aout := e.GetAgent(t, "/metrics")
 	if code != 200 {
 		t.Fatalf("agent /metrics: %d %s", code, aout)
 	}

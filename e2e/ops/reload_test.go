@@ -6,7 +6,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -50,7 +49,7 @@ func startTraffic(t *testing.T, c *envoytest.Client, workers int, order []string
 				rcancel()
 				v := ""
 				if err == nil {
-					v = header(r, "x-config-version")
+					v = testenv.Header(r.Headers, "x-config-version")
 				}
 				bad := ""
 				switch {
@@ -113,7 +112,7 @@ func hasHeader(hs [][2]string, name, value string) bool {
 // invalid config changes nothing, and that identical bytes are a no-op.
 func TestReloadUnderTraffic(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: fmt.Sprintf(kernelYAML, "v1")})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	tr := startTraffic(t, c, 4, []string{"v1", "v2"})
 	defer tr.stop()
 	testenv.WaitFor(t, 10*time.Second, "traffic on v1", func() bool { return tr.count("v1") >= 200 })
@@ -191,7 +190,7 @@ func TestAgentReloadUnderTraffic(t *testing.T) {
 		KernelYAML: fmt.Sprintf(kernelYAML, "v1"),
 		AgentEnv:   []string{"OPS_KEY_A=key-a", "OPS_KEY_B=key-b"},
 	})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	status := func(key string) int {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -224,19 +223,11 @@ func TestAgentReloadUnderTraffic(t *testing.T) {
 			}
 		}()
 	}
-	agentReload := func(want string) {
-		t.Helper()
-		k := strings.Count(e.Agent.Logs.String(), want)
-		if err := e.Agent.Signal(syscall.SIGHUP); err != nil {
-			t.Fatal(err)
-		}
-		testenv.WaitFor(t, 10*time.Second, "agent log "+want, func() bool { return strings.Count(e.Agent.Logs.String(), want) > k })
-	}
 	testenv.WaitFor(t, 10*time.Second, "traffic", func() bool { return n.Load() > 50 })
 	e.WriteConfig(t, e.AgentConfig, fmt.Sprintf(agentKeyYAML, "a2", "B"))
-	agentReload("config reloaded")
+	e.Agent.Reload(t, "config reloaded")
 	e.WriteConfig(t, e.AgentConfig, strings.Replace(fmt.Sprintf(agentKeyYAML, "a3", "A"), "user_id: demo-user", "user_id: demo-user\n            bogus: 1", 1))
-	agentReload("config reload failed; keeping the previous config")
+	e.Agent.Reload(t, "config reload failed; keeping the previous config")
 	m := n.Load()
 	testenv.WaitFor(t, 10*time.Second, "more traffic", func() bool { return n.Load() > m+50 })
 	cancel()
@@ -247,13 +238,13 @@ func TestAgentReloadUnderTraffic(t *testing.T) {
 	if status("key-a") != 403 || status("key-b") != 200 {
 		t.Fatal("after reload: key-b must pass and key-a not")
 	}
-	code, metrics := get(t, "http://"+e.AgentMetrics+"/metrics")
+	code, metrics := e.GetAgent(t, "/metrics")
 	if code != 200 || !strings.Contains(metrics, `policy_agent_config_reload_total{status="success"} 1`) ||
 		!strings.Contains(metrics, `policy_agent_config_reload_total{status="failure"} 1`) ||
 		!strings.Contains(metrics, `policy_agent_config_info{version="a2-`) {
 		t.Fatalf("agent metrics:\n%s", metrics)
 	}
-	_, ready := get(t, "http://"+e.AgentMetrics+"/health/ready")
+	_, ready := e.GetAgent(t, "/health/ready")
 	if !strings.Contains(ready, `"config_version":"a2-`) {
 		t.Fatalf("agent readiness: %s", ready)
 	}

@@ -23,7 +23,7 @@ func TestSIGTERMDrains(t *testing.T) {
 	kernelCfg := strings.Replace(fmt.Sprintf(kernelYAML, "d1"), "    message_timeout_ms: 2000\n",
 		"    message_timeout_ms: 2000\n    drain_delay_ms: 1500\n    shutdown_timeout_ms: 20000\n", 1)
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernelCfg})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 
 	reached, release := make(chan struct{}), make(chan struct{})
 	held := make(chan *envoytest.Result, 1)
@@ -89,7 +89,7 @@ func TestSIGTERMDrains(t *testing.T) {
 
 	close(release)
 	r := <-held
-	if r == nil || r.Status != 200 || string(r.Body) != "slow" || header(r, "x-config-version") != "d1" {
+	if r == nil || r.Status != 200 || string(r.Body) != "slow" || testenv.Header(r.Headers, "x-config-version") != "d1" {
 		t.Fatalf("the held exchange did not finish through its response chain: %+v", r)
 	}
 	err, ok := e.Kernel.Wait(10 * time.Second)

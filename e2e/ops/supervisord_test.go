@@ -116,7 +116,7 @@ func TestSupervisordRestartsKilledAgent(t *testing.T) {
 		if sv.Exited() {
 			t.Fatalf("supervisord exited:\n%s", sv.Logs.String())
 		}
-		code, _ := get(t, readyURL)
+		code, _ := testenv.HTTPGet(readyURL)
 		return code == 200
 	})
 	testenv.WaitFor(t, 10*time.Second, "both programs RUNNING", func() bool {
@@ -154,7 +154,7 @@ func TestSupervisordRestartsKilledAgent(t *testing.T) {
 		return p > 0 && p != old
 	})
 	testenv.WaitFor(t, 30*time.Second, "the kernel serving again", func() bool {
-		code, _ := get(t, readyURL)
+		code, _ := testenv.HTTPGet(readyURL)
 		return code == 200 && req().Status == 401
 	})
 	log, err := os.ReadFile(filepath.Join(c.dir, "log", "supervisord.log"))

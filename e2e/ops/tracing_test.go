@@ -34,7 +34,7 @@ func TestTracingOTLP(t *testing.T) {
 	}
 	agentCfg := agentYAML + "    tracing:\n      enabled: true\n      endpoint: " + col.Addr() + "\n"
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentCfg, KernelYAML: tracingKernel("1")})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	r := do(t, c,
 		[2]string{"traceparent", "00-" + envoyTraceID + "-" + envoySpanID + "-01"},
 		[2]string{"x-request-id", "traced-1"})
@@ -111,7 +111,7 @@ func TestTracingOffByDefault(t *testing.T) {
 	defer col.Stop()
 	agentCfg := agentYAML + "    tracing:\n      enabled: true\n      endpoint: " + col.Addr() + "\n"
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentCfg, KernelYAML: fmt.Sprintf(kernelYAML, "off")})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := c.Do(ctx, &envoytest.Request{Path: "/api/v1/users", Headers: [][2]string{{"traceparent", "00-" + envoyTraceID + "-" + envoySpanID + "-01"}}}, nil); err != nil {

@@ -6,9 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/policy-engine/policy-engine/internal/envoytest"
 	"github.com/policy-engine/policy-engine/internal/testenv"
@@ -146,7 +144,7 @@ func TestSecretsFromFileAndEnv(t *testing.T) {
     metrics_address: "{{AGENT_METRICS}}"
 `
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentCfg, KernelYAML: fmt.Sprintf(kernelYAML, "s"), AgentEnv: []string{"OPS_ENV_SECRET=env-secret-key"}})
-	c := dial(t, e)
+	c := e.Dial(t, envoyConfig)
 	for key, want := range map[string]int{"file-secret-key": 200, "env-secret-key": 200, "${env:OPS_ENV_SECRET}": 403} {
 		r, err := c.Do(t.Context(), &envoytest.Request{Path: "/api/v1/users", Headers: [][2]string{{"x-api-key", key}}}, nil)
 		if err != nil || r.Status != want {
@@ -155,12 +153,8 @@ func TestSecretsFromFileAndEnv(t *testing.T) {
 	}
 	// A reload whose reference cannot be resolved is refused and names the reference.
 	os.Remove(keyFile)
-	k := strings.Count(e.Agent.Logs.String(), "config reload failed")
 	e.WriteConfig(t, e.AgentConfig, agentCfg+"  version: v2\n")
-	if err := e.Agent.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	testenv.WaitFor(t, 10*time.Second, "reload failure", func() bool { return strings.Count(e.Agent.Logs.String(), "config reload failed") > k })
+	e.Agent.Reload(t, "config reload failed")
 	logs := e.Agent.Logs.String() + e.Kernel.Logs.String()
 	if !strings.Contains(logs, "${file:"+keyFile+"}") {
 		t.Fatalf("the failure does not name the reference:\n%s", logs)

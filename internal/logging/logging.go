@@ -73,6 +73,23 @@ func (l *Logger) Event(level zerolog.Level) *Event {
 	return &Event{top: l.base.WithLevel(level), md: zerolog.Dict()}
 }
 
+// AuditField is the metadata field, set to true, of the events that Audit makes.
+const AuditField = "audit"
+
+// Audit returns an event at level that is written whatever the logger's level: the lines that
+// record what config is in force (loaded at start, reloaded, a reload skipped or failed), which
+// the specification asks to keep whatever an operator sets log_level to. The event keeps its
+// real level, one of the four the logs use, and carries "audit": true in its metadata so that
+// these lines can be told and picked out from the others.
+func (l *Logger) Audit(level zerolog.Level) *Event {
+	if l == nil {
+		return nil
+	}
+	e := &Event{top: l.base.WithLevel(level), md: zerolog.Dict()}
+	e.meta().Bool(AuditField, true)
+	return e
+}
+
 // Debug, Info, Warn and Error return events at their level; nil events discard everything.
 func (l *Logger) Debug() *Event { return l.Event(zerolog.DebugLevel) }
 

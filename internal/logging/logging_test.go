@@ -53,6 +53,41 @@ func TestFieldsAndLevels(t *testing.T) {
 	}
 }
 
+// TestAudit writes audit events at every configured level: each keeps its own level, carries
+// the audit marker in its metadata next to its fields, and is never filtered out.
+func TestAudit(t *testing.T) {
+	for _, configured := range []zerolog.Level{zerolog.DebugLevel, zerolog.InfoLevel, zerolog.WarnLevel, zerolog.ErrorLevel} {
+		var buf bytes.Buffer
+		l := New(&buf, "agent", configured)
+		l.Audit(zerolog.InfoLevel).Str("config_version", "v2-abc").Msg("config reloaded")
+		l.Audit(zerolog.WarnLevel).Msg("restart only")
+		lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+		if len(lines) != 2 {
+			t.Fatalf("at %v: %d lines: %q", configured, len(lines), lines)
+		}
+		for i, want := range []string{"info", "warn"} {
+			var rec struct {
+				Level    string         `json:"level"`
+				Message  string         `json:"message"`
+				Metadata map[string]any `json:"metadata"`
+			}
+			if err := json.Unmarshal([]byte(lines[i]), &rec); err != nil {
+				t.Fatal(err)
+			}
+			if rec.Level != want || rec.Metadata[AuditField] != true {
+				t.Errorf("at %v: line %d is %s", configured, i, lines[i])
+			}
+		}
+		if !strings.Contains(lines[0], `"metadata":{"audit":true,"config_version":"v2-abc"}`) {
+			t.Errorf("fields: %s", lines[0])
+		}
+	}
+	var nilLogger *Logger
+	if nilLogger.Audit(zerolog.ErrorLevel) != nil {
+		t.Fatal("a nil logger must discard audit events too")
+	}
+}
+
 func TestThrottle(t *testing.T) {
 	th := NewThrottle(50 * time.Millisecond)
 	if !th.Allow() {

@@ -1,7 +1,8 @@
 // Package testenv runs the real policy-agent and policy-kernel binaries for integration tests:
 // it builds them once per test process, starts them on temporary Unix sockets and free loopback
 // ports, waits until they serve, and stops every process it started, by PID, when the test
-// ends.
+// ends. It also runs kernel.Main or agent.Main in the test's process (RunMain) and a real
+// redis-server (StartRedis), and holds the helpers the tests of every package share.
 package testenv
 
 import (
@@ -19,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/policy-engine/policy-engine/internal/envoytest"
 )
 
 var (
@@ -105,26 +108,60 @@ func (s *SyncBuffer) String() string {
 	return s.b.String()
 }
 
+// ending is how a process or a Main ends: done is closed once it has, and err is then what it
+// returned.
+type ending struct {
+	done chan struct{}
+	err  error
+}
+
+func newEnding() ending { return ending{done: make(chan struct{})} }
+
+// end records the result; it is called once.
+func (e *ending) end(err error) {
+	e.err = err
+	close(e.done)
+}
+
+// Exited reports whether it has ended.
+func (e *ending) Exited() bool {
+	select {
+	case <-e.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Wait waits up to timeout for the end and returns its error; false when it has not ended.
+func (e *ending) Wait(timeout time.Duration) (error, bool) {
+	select {
+	case <-e.done:
+		return e.err, true
+	case <-time.After(timeout):
+		return nil, false
+	}
+}
+
 // Proc is a started process.
 type Proc struct {
 	Cmd  *exec.Cmd
 	Logs *SyncBuffer
-	done chan struct{}
-	err  error
+	ending
 }
 
 // Start starts bin with args; the process is stopped (SIGTERM, then SIGKILL after 10 s) when the
 // test ends.
 func Start(t testing.TB, bin string, env []string, args ...string) *Proc {
 	t.Helper()
-	p := &Proc{Cmd: exec.Command(bin, args...), Logs: &SyncBuffer{}, done: make(chan struct{})}
+	p := &Proc{Cmd: exec.Command(bin, args...), Logs: &SyncBuffer{}, ending: newEnding()}
 	p.Cmd.Stdout = p.Logs
 	p.Cmd.Stderr = p.Logs
 	p.Cmd.Env = append(os.Environ(), env...)
 	if err := p.Cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", bin, err)
 	}
-	go func() { p.err = p.Cmd.Wait(); close(p.done) }()
+	go func() { p.end(p.Cmd.Wait()) }()
 	t.Cleanup(func() { p.Stop(t) })
 	return p
 }
@@ -134,26 +171,6 @@ func (p *Proc) PID() int { return p.Cmd.Process.Pid }
 
 // Signal sends sig to the process.
 func (p *Proc) Signal(sig os.Signal) error { return p.Cmd.Process.Signal(sig) }
-
-// Exited reports whether the process has ended.
-func (p *Proc) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// Wait waits up to timeout for the process to end and returns its exit error.
-func (p *Proc) Wait(timeout time.Duration) (error, bool) {
-	select {
-	case <-p.done:
-		return p.err, true
-	case <-time.After(timeout):
-		return nil, false
-	}
-}
 
 // Stop ends the process: SIGTERM, then SIGKILL if it has not ended within 10 s.
 func (p *Proc) Stop(t testing.TB) {
@@ -172,6 +189,79 @@ func (p *Proc) Stop(t testing.TB) {
 func (p *Proc) Kill() {
 	_ = p.Cmd.Process.Kill()
 	p.Wait(5 * time.Second)
+}
+
+// Output returns what the process has written so far.
+func (p *Proc) Output() string { return p.Logs.String() }
+
+// Reload sends SIGHUP to the process and waits until its log holds one more line with any of
+// want; it returns the one that came.
+func (p *Proc) Reload(t testing.TB, want ...string) string {
+	t.Helper()
+	return signalAndWait(t, p.Logs, func() error { return p.Signal(syscall.SIGHUP) }, want)
+}
+
+// signalAndWait calls signal and waits up to StartTimeout until logs hold one more occurrence
+// of any of want than before; it returns the one that came.
+func signalAndWait(t testing.TB, logs *SyncBuffer, signal func() error, want []string) string {
+	t.Helper()
+	count := func() []int {
+		s := logs.String()
+		n := make([]int, len(want))
+		for i, w := range want {
+			n[i] = strings.Count(s, w)
+		}
+		return n
+	}
+	before := count()
+	if err := signal(); err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	WaitFor(t, StartTimeout, fmt.Sprintf("one more line with one of %q in the log", want), func() bool {
+		for i, n := range count() {
+			if n > before[i] {
+				got = want[i]
+				return true
+			}
+		}
+		return false
+	})
+	return got
+}
+
+// Running is a process, or a Main run in the test's process, that a test waits on.
+type Running interface {
+	// Exited reports whether it has ended.
+	Exited() bool
+	// Output returns its log so far.
+	Output() string
+}
+
+// StartTimeout bounds the waits for a process to start serving and for a reload to show in
+// its log: generous, for a loaded machine running the race detector.
+const StartTimeout = 15 * time.Second
+
+// Dialable reports whether addr accepts a connection on network ("tcp" or "unix").
+func Dialable(network, addr string) bool {
+	c, err := net.DialTimeout(network, addr, time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// WaitDial waits up to StartTimeout until addr accepts connections on network. It fails the
+// test at once, with r's output, when r ends first.
+func WaitDial(t testing.TB, r Running, network, addr string) {
+	t.Helper()
+	WaitFor(t, StartTimeout, network+" "+addr+" to accept connections", func() bool {
+		if r.Exited() {
+			t.Fatalf("ended before serving on %s:\n%s", addr, r.Output())
+		}
+		return Dialable(network, addr)
+	})
 }
 
 // FreeAddr returns a free 127.0.0.1 address.
@@ -255,18 +345,9 @@ func StartEnv(t testing.TB, o Options) *Env {
 		e.StartAgent(t)
 	}
 	e.Kernel = Start(t, kbin, nil, "--config", e.KernelConfig, "--listen", e.KernelAddr, "--metrics-listen", e.MetricsAddr, "--agent-wait", "5s")
-	WaitFor(t, 15*time.Second, "the kernel to listen", func() bool {
-		if e.Kernel.Exited() {
-			t.Fatalf("kernel exited:\n%s", e.Kernel.Logs.String())
-		}
-		c, err := net.Dial("tcp", e.KernelAddr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	WaitDial(t, e.Kernel, "tcp", e.KernelAddr)
 	if !o.NoAgent {
-		WaitFor(t, 15*time.Second, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
+		WaitFor(t, StartTimeout, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
 	}
 	return e
 }
@@ -295,35 +376,43 @@ func (e *Env) StartAgent(t testing.TB) {
 func (e *Env) StartAgentBin(t testing.TB, bin string) {
 	t.Helper()
 	e.Agent = Start(t, bin, e.AgentEnv, "--config", e.AgentConfig)
-	WaitFor(t, 15*time.Second, "the agent's socket", func() bool {
-		if e.Agent.Exited() {
-			t.Fatalf("agent exited:\n%s", e.Agent.Logs.String())
-		}
-		c, err := net.Dial("unix", e.AgentSock)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	})
+	WaitDial(t, e.Agent, "unix", e.AgentSock)
+}
+
+// Dial connects a client that behaves like Envoy's ext_proc filter, configured by cfg, to the
+// kernel; it is closed when the test ends.
+func (e *Env) Dial(t testing.TB, cfg envoytest.FilterConfig) *envoytest.Client {
+	t.Helper()
+	c, err := envoytest.Dial(e.KernelAddr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // Get fetches a path from the kernel's metrics listener.
 func (e *Env) Get(t testing.TB, path string) (int, string) {
 	t.Helper()
-	return get(e.MetricsAddr, path)
+	return HTTPGet("http://" + e.MetricsAddr + path)
 }
 
 // GetAgent fetches a path from the agent's metrics listener (observability.metrics_address,
 // "{{AGENT_METRICS}}" in the agent's config).
 func (e *Env) GetAgent(t testing.TB, path string) (int, string) {
 	t.Helper()
-	return get(e.AgentMetrics, path)
+	return HTTPGet("http://" + e.AgentMetrics + path)
 }
 
-func get(addr, path string) (int, string) {
+// HTTPGet fetches url within 5 s and returns the status and the body; when the request fails,
+// the status is 0 and the body says why.
+func HTTPGet(url string) (int, string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, err.Error()
+	}
 	r, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return 0, err.Error()
@@ -337,9 +426,15 @@ func get(addr, path string) (int, string) {
 // want.
 func (e *Env) Reload(t testing.TB, want string) {
 	t.Helper()
-	n := strings.Count(e.Kernel.Logs.String(), want)
-	if err := e.Kernel.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
+	e.Kernel.Reload(t, want)
+}
+
+// Header returns the value of the first header called name (in any case) in hs, or "".
+func Header(hs [][2]string, name string) string {
+	for _, h := range hs {
+		if strings.EqualFold(h[0], name) {
+			return h[1]
+		}
 	}
-	WaitFor(t, 15*time.Second, "kernel log "+want, func() bool { return strings.Count(e.Kernel.Logs.String(), want) > n })
+	return ""
 }

@@ -237,6 +237,29 @@ type Problems struct {
 	doc  *Doc
 	errs []error
 	keys map[string]bool
+	// late are the schema's problems, added by Err after every other so that a check's own
+	// message for a key wins over the schema's.
+	late []error
+}
+
+// DecodeWithSchema parses data, read from file, decodes it strictly into the struct that dst
+// points to, and validates it against schema. When the file cannot be parsed or decoded it
+// returns an error holding every problem, the schema's included. Otherwise it returns the
+// file's Problems for the caller's own checks; Err then adds the schema's problems, for the
+// keys that no check reported.
+func DecodeWithSchema(file string, data []byte, dst any, schema *Schema) (*Problems, error) {
+	doc, err := ParseDoc(file, data)
+	if err != nil {
+		return nil, err
+	}
+	probs := NewProblems(doc)
+	if err := doc.decode(dst); err != nil {
+		probs.Add(err)
+		probs.Add(doc.Validate(schema)...)
+		return nil, probs.Err()
+	}
+	probs.late = doc.Validate(schema)
+	return probs, nil
 }
 
 // NewProblems returns an empty collection for doc.
@@ -269,8 +292,11 @@ func (p *Problems) Addf(path, format string, args ...any) {
 	p.Add(p.doc.Errorf(path, format, args...))
 }
 
-// Err returns every problem in document order, joined, or nil.
+// Err returns every problem in document order, joined, or nil. The schema's problems of
+// DecodeWithSchema are among them, but for the keys that another problem already names.
 func (p *Problems) Err() error {
+	p.Add(p.late...)
+	p.late = nil
 	if len(p.errs) == 0 {
 		return nil
 	}

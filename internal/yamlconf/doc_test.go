@@ -220,3 +220,59 @@ func TestNulls(t *testing.T) {
 		t.Fatalf("ParseDoc: %v", err)
 	}
 }
+
+// TestDecodeWithSchema decodes files into a struct that matches testSchema: parse and decode
+// failures come back as one error with the schema's problems, and a check's own problem for a
+// key wins over the schema's.
+func TestDecodeWithSchema(t *testing.T) {
+	type root struct {
+		Root struct {
+			Name string `yaml:"name"`
+			N    int    `yaml:"n"`
+			Must bool   `yaml:"must"`
+		} `yaml:"root" required:"true"`
+	}
+	s := MustCompileSchema("test.json", []byte(testSchema))
+	type result struct {
+		probs *Problems
+		cfg   root
+	}
+	decode := func(doc string) (result, error) {
+		t.Helper()
+		var r result
+		p, err := DecodeWithSchema("f.yaml", []byte(doc), &r.cfg, s)
+		r.probs = p
+		return r, err
+	}
+	fail := func(doc, want string) {
+		t.Helper()
+		r, err := decode(doc)
+		if err == nil || err.Error() != want || r.probs != nil {
+			t.Errorf("DecodeWithSchema(%q) = %v, %v; want the error:\n%s", doc, r.probs, err, want)
+		}
+	}
+	fail("", "f.yaml: empty config")
+	fail("root: [\n", "f.yaml: yaml: line 1: did not find expected node content")
+	// A decode failure comes with every schema problem, at most one per key.
+	fail("root:\n  name: x\n  n: many\n  must: true\n",
+		"f.yaml:2: root.name: minLength: got 1, want 2\nf.yaml:3: root.n: want an integer, got \"many\"")
+
+	r, err := decode("root: {name: ok, n: 3, must: true}\n")
+	if err != nil || r.probs.Err() != nil || r.cfg.Root.Name != "ok" || r.cfg.Root.N != 3 || !r.cfg.Root.Must {
+		t.Fatalf("a valid file: %+v, %v", r.cfg, err)
+	}
+
+	// Decoded, with schema problems: a check's own message for root.n replaces the schema's,
+	// the schema's stay for the other keys, and Err says the same when called again.
+	r, err = decode("root:\n  name: x\n  n: 11\n  must: true\n")
+	if err != nil || r.cfg.Root.N != 11 {
+		t.Fatalf("decode: %+v, %v", r.cfg, err)
+	}
+	r.probs.Addf("root.n", "too many: %d", r.cfg.Root.N)
+	want := "f.yaml:2: root.name: minLength: got 1, want 2\nf.yaml:3: root.n: too many: 11"
+	for range 2 {
+		if err := r.probs.Err(); err == nil || err.Error() != want {
+			t.Fatalf("Err:\n%v\nwant:\n%s", err, want)
+		}
+	}
+}

@@ -20,21 +20,23 @@ import (
 
 // Decode decodes data, read from file, into the struct that dst points to.
 func Decode(file string, data []byte, dst any) error {
-	var doc yaml.Node
-	if err := yaml.Unmarshal(data, &doc); err != nil {
-		return fmt.Errorf("%s: %w", file, err)
+	doc, err := ParseDoc(file, data)
+	if err != nil {
+		return err
 	}
-	if doc.Kind == 0 || len(doc.Content) == 0 || isNull(doc.Content[0]) {
-		return fmt.Errorf("%s: empty config", file)
-	}
-	root := doc.Content[0]
-	c := checker{file: file}
-	c.check(root, reflect.TypeOf(dst).Elem(), "")
+	return doc.decode(dst)
+}
+
+// decode decodes the document into the struct that dst points to, after checking every key
+// and value against the struct's fields.
+func (d *Doc) decode(dst any) error {
+	c := checker{file: d.file}
+	c.check(d.root, reflect.TypeOf(dst).Elem(), "")
 	if len(c.errs) > 0 {
 		return errors.Join(c.errs...)
 	}
-	if err := root.Decode(dst); err != nil {
-		return fmt.Errorf("%s: %w", file, err)
+	if err := d.root.Decode(dst); err != nil {
+		return fmt.Errorf("%s: %w", d.file, err)
 	}
 	return nil
 }

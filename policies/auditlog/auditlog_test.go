@@ -8,37 +8,19 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
-// syncBuffer is a bytes.Buffer that the sink's goroutine and the test may use at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // captureStdout sends the stdout sink's output to a buffer for the rest of the test.
-func captureStdout(t *testing.T) *syncBuffer {
+func captureStdout(t *testing.T) *testenv.SyncBuffer {
 	t.Helper()
 	old := stdout
-	buf := &syncBuffer{}
+	buf := &testenv.SyncBuffer{}
 	stdout = buf
 	t.Cleanup(func() { stdout = old })
 	return buf

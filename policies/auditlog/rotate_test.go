@@ -13,6 +13,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
 // readLines returns the lines of a file, or nil when it does not exist.
@@ -229,7 +230,7 @@ func TestFileSinkHealth(t *testing.T) {
 	if err := os.Mkdir(target, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	logs := &syncBuffer{}
+	logs := &testenv.SyncBuffer{}
 	level, _ := logging.ParseLevel("info")
 	fac, err := New(policy.Config{Raw: json.RawMessage(`{"sink":"file","path":"` + target + `"}`), Log: logging.New(logs, "agent", level)})
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
 // blockedPipe returns a pipe whose buffer is already full, so the next write to w blocks until
@@ -47,7 +48,7 @@ func TestQueueFullDrops(t *testing.T) {
 	old := stdout
 	stdout = w
 	t.Cleanup(func() { stdout = old })
-	logs := &syncBuffer{}
+	logs := &testenv.SyncBuffer{}
 	level, _ := logging.ParseLevel("info")
 	fac, err := New(policy.Config{Raw: json.RawMessage(`{"queue_size":8}`), Log: logging.New(logs, "agent", level)})
 	if err != nil {

@@ -13,19 +13,8 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
-
-// waitFor polls cond until it holds or the test's bound passes.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 func remoteOf(t *testing.T, p *JWTValidation) *remoteKeys {
 	t.Helper()
@@ -140,7 +129,7 @@ func TestJWKSConcurrentUnknownKid(t *testing.T) {
 	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
 	f := newFactory(t, `{"jwks_refresh_interval":"1h"}`, nil, func() time.Time { return fixedNow })
 	p := build(t, f, map[string]string{"jwks_url": srv.URL})
-	waitFor(t, "first fetch", func() bool { return remoteOf(t, p).set.Load() != nil })
+	testenv.WaitFor(t, 10*time.Second, "first fetch", func() bool { return remoteOf(t, p).set.Load() != nil })
 	srv.set("slow", jwksJSON(t, jwkOf("a", &rsaA.PublicKey), jwkOf("b", &rsaB.PublicKey)))
 	srv.mu.Lock()
 	srv.delay = 100 * time.Millisecond
@@ -236,7 +225,7 @@ func TestJWKSUnavailable(t *testing.T) {
 		f := newFactory(t, `{"jwks_url":"`+url+`"}`, nil, func() time.Time { return fixedNow })
 		p := build(t, f, nil)
 		check(t, p, time.Second)
-		waitFor(t, "first fetch", func() bool { return remoteOf(t, p).failing() })
+		testenv.WaitFor(t, 10*time.Second, "first fetch", func() bool { return remoteOf(t, p).failing() })
 		if err := f.HealthCheck(t.Context()); err == nil || !strings.Contains(err.Error(), "fetch JWK set") {
 			t.Errorf("HealthCheck: %v", err)
 		}
@@ -254,7 +243,7 @@ func TestJWKSUnavailable(t *testing.T) {
 			t.Errorf("HealthCheck while the first fetch runs: %v", err)
 		}
 		// The fetch gives up at its timeout, not at the server's pace.
-		waitFor(t, "fetch timeout", func() bool { return remoteOf(t, p).failing() })
+		testenv.WaitFor(t, 10*time.Second, "fetch timeout", func() bool { return remoteOf(t, p).failing() })
 	})
 	t.Run("garbage then recovery", func(t *testing.T) {
 		srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
@@ -264,7 +253,7 @@ func TestJWKSUnavailable(t *testing.T) {
 		check(t, p, time.Second)
 		// A failing first fetch is retried after a second, not after the refresh interval.
 		srv.set("", nil)
-		waitFor(t, "retry", func() bool { return remoteOf(t, p).set.Load() != nil })
+		testenv.WaitFor(t, 10*time.Second, "retry", func() bool { return remoteOf(t, p).set.Load() != nil })
 		allowed(t, run(t, p, tok))
 		if err := f.HealthCheck(t.Context()); err != nil {
 			t.Errorf("HealthCheck after recovery: %v", err)
@@ -279,10 +268,10 @@ func TestJWKSBackgroundRefresh(t *testing.T) {
 	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
 	f := newFactory(t, `{"jwks_refresh_interval":"1s"}`, nil, func() time.Time { return fixedNow })
 	p := build(t, f, map[string]string{"jwks_url": srv.URL})
-	waitFor(t, "first fetch", func() bool { return srv.hits.Load() == 1 })
+	testenv.WaitFor(t, 10*time.Second, "first fetch", func() bool { return srv.hits.Load() == 1 })
 	srv.set("", jwksJSON(t, jwkOf("b", &rsaB.PublicKey)))
-	waitFor(t, "refresh", func() bool { return srv.hits.Load() >= 2 })
-	waitFor(t, "new set", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "refresh", func() bool { return srv.hits.Load() >= 2 })
+	testenv.WaitFor(t, 10*time.Second, "new set", func() bool {
 		_, known := remoteOf(t, p).set.Load().candidates("b", "RS256")
 		return known
 	})

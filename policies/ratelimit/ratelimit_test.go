@@ -17,6 +17,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
 // testFactory is a factory whose local store runs on clk.
@@ -559,8 +560,8 @@ func BenchmarkExecute(b *testing.B) {
 		run(b, local(b), map[string]string{"requests_per_second": "1000000", "response_headers": "true"})
 	})
 	b.Run("redis", func(b *testing.B) {
-		r := startRedis(b)
-		raw := fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 1000}}`, r.addr())
+		r := testenv.StartRedis(b, "")
+		raw := fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 1000}}`, r.Addr)
 		f, err := New(policy.Config{Raw: json.RawMessage(raw)})
 		if err != nil {
 			b.Fatal(err)

@@ -1,20 +1,14 @@
 package ratelimit
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"os"
-	"os/exec"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -25,151 +19,26 @@ import (
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
-// lockedBuffer is a log destination safe for concurrent writes.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// redisServer is a real redis-server that a test starts on a free loopback port, without
-// persistence, and kills by PID when it ends.
-type redisServer struct {
-	t    testing.TB
-	bin  string
-	port int
-	dir  string
-	cmd  *exec.Cmd
-}
-
-// startRedis starts a redis-server for t. Without the binary the test is skipped, except in
-// CI (CI=true), where a missing redis-server is a failure: .ci/run installs it.
-func startRedis(t testing.TB) *redisServer {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("redis-server is not installed; CI must have it (.ci/run installs it): %v", err)
-		}
-		t.Skip("redis-server is not installed; install it (Debian: apt-get install redis-server) to run the Redis tests")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	_ = ln.Close()
-	r := &redisServer{t: t, bin: bin, port: port, dir: t.TempDir()}
-	r.start()
-	t.Cleanup(r.stop)
-	return r
-}
-
-func (r *redisServer) addr() string { return "127.0.0.1:" + strconv.Itoa(r.port) }
-
-// start runs redis-server and waits until it answers PING.
-func (r *redisServer) start() {
-	r.t.Helper()
-	r.cmd = exec.Command(r.bin, "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", r.dir, "--daemonize", "no")
-	r.cmd.Stdout, r.cmd.Stderr = io.Discard, io.Discard
-	if err := r.cmd.Start(); err != nil {
-		r.t.Fatalf("start redis-server: %v", err)
-	}
-	c := redis.NewClient(&redis.Options{Addr: r.addr(), Protocol: 2, DisableIdentity: true, MaxRetries: -1})
-	defer c.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		err := c.Ping(ctx).Err()
-		cancel()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			r.stop()
-			r.t.Fatalf("redis-server on port %d did not answer PING within 10s: %v", r.port, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// stop kills the server by its PID and reaps it; it does nothing when it is not running.
-func (r *redisServer) stop() {
-	if r.cmd == nil {
-		return
-	}
-	_ = r.cmd.Process.Kill()
-	_ = r.cmd.Wait()
-	r.cmd = nil
-}
-
-// pause stops the process (SIGSTOP): connections stay open and nothing is answered, like a
-// Redis stuck on a slow command.
-// The signal takes effect asynchronously, so pause waits until the process shows as stopped
-// (state T in /proc), and resume until it no longer does.
-func (r *redisServer) pause() {
-	_ = r.cmd.Process.Signal(syscall.SIGSTOP)
-	r.waitState(true)
-}
-
-func (r *redisServer) resume() {
-	_ = r.cmd.Process.Signal(syscall.SIGCONT)
-	r.waitState(false)
-}
-
-func (r *redisServer) waitState(stopped bool) {
-	r.t.Helper()
-	stat := fmt.Sprintf("/proc/%d/stat", r.cmd.Process.Pid)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		b, err := os.ReadFile(stat)
-		if err != nil {
-			time.Sleep(100 * time.Millisecond) // no /proc: give the signal time to land
-			return
-		}
-		// The state follows the command name, which is in parentheses.
-		fields := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-		if len(fields) > 0 && (fields[0] == "T") == stopped {
-			return
-		}
-		if time.Now().After(deadline) {
-			r.t.Fatalf("redis-server did not reach stopped=%v within 10s: %s", stopped, b)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
-// client is a plain client for the test to look into Redis.
-func (r *redisServer) client() *redis.Client {
-	c := redis.NewClient(&redis.Options{Addr: r.addr(), Protocol: 2, DisableIdentity: true})
-	r.t.Cleanup(func() { _ = c.Close() })
+// redisClient is a plain client for the test to look into Redis.
+func redisClient(t testing.TB, r *testenv.Redis) *redis.Client {
+	c := redis.NewClient(&redis.Options{Addr: r.Addr, Protocol: 2, DisableIdentity: true})
+	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
 
-func redisFactory(t *testing.T, r *redisServer, shared *sync.Map, timeoutMS int) *Factory {
+func redisFactory(t *testing.T, r *testenv.Redis, shared *sync.Map, timeoutMS int) *Factory {
 	t.Helper()
 	return redisFactoryLog(t, r, shared, timeoutMS, nil)
 }
 
-func redisFactoryLog(t *testing.T, r *redisServer, shared *sync.Map, timeoutMS int, log *logging.Logger) *Factory {
+func redisFactoryLog(t *testing.T, r *testenv.Redis, shared *sync.Map, timeoutMS int, log *logging.Logger) *Factory {
 	t.Helper()
 	// A small pool, so that an outage soon trips go-redis's dial circuit breaker, whose
 	// recovery the outage test then covers.
-	raw := fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": %d, "pool_size": 3}}`, r.addr(), timeoutMS)
+	raw := fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": %d, "pool_size": 3}}`, r.Addr, timeoutMS)
 	f, err := New(policy.Config{Raw: json.RawMessage(raw), Shared: shared, Log: log})
 	if err != nil {
 		t.Fatal(err)
@@ -179,7 +48,7 @@ func redisFactoryLog(t *testing.T, r *redisServer, shared *sync.Map, timeoutMS i
 }
 
 func TestRedisBucket(t *testing.T) {
-	r := startRedis(t)
+	r := testenv.StartRedis(t, "")
 	f := redisFactory(t, r, &sync.Map{}, 1000)
 	p := mustBuild(t, f, map[string]string{"requests_per_second": "0.01", "burst": "3", "backend": "redis", "response_headers": "true", "on_backend_error": "deny"})
 	for i := range 3 {
@@ -200,7 +69,7 @@ func TestRedisBucket(t *testing.T) {
 	}
 
 	// Keys are digests under the prefix, with a TTL no longer than the refill time.
-	c := r.client()
+	c := redisClient(t, r)
 	keys, err := c.Keys(context.Background(), "*").Result()
 	if err != nil {
 		t.Fatal(err)
@@ -224,14 +93,14 @@ func TestRedisBucket(t *testing.T) {
 
 // TestRedisKeyExpires checks that a key disappears once its bucket has refilled.
 func TestRedisKeyExpires(t *testing.T) {
-	r := startRedis(t)
+	r := testenv.StartRedis(t, "")
 	f := redisFactory(t, r, &sync.Map{}, 1000)
 	// Refilled one second after the request: long enough to see the key first.
 	p := mustBuild(t, f, map[string]string{"requests_per_second": "1", "burst": "1", "backend": "redis", "on_backend_error": "deny"})
 	if res := execute(t, p, request("users", "192.0.2.1")); res.Status != agentv1.StatusCode_OK {
 		t.Fatalf("first request: %v", res)
 	}
-	c := r.client()
+	c := redisClient(t, r)
 	if n, _ := c.DBSize(context.Background()).Result(); n != 1 {
 		t.Fatalf("Redis holds %d keys, want 1", n)
 	}
@@ -251,7 +120,7 @@ func TestRedisKeyExpires(t *testing.T) {
 // TestRedisSharedAcrossFactories runs two factories with separate clients, as two agents
 // would have: they enforce one limit between them.
 func TestRedisSharedAcrossFactories(t *testing.T) {
-	r := startRedis(t)
+	r := testenv.StartRedis(t, "")
 	f1 := redisFactory(t, r, &sync.Map{}, 1000)
 	f2 := redisFactory(t, r, &sync.Map{}, 1000)
 	if f1.redis.client == f2.redis.client {
@@ -298,7 +167,7 @@ func testAgent(t *testing.T, yaml string) *agent.Executor {
 // user id (set in state by an earlier policy) holds across both, the 429 carries the
 // RateLimit fields, and the response phase adds them to allowed responses.
 func TestRedisSharedAcrossExecutors(t *testing.T) {
-	r := startRedis(t)
+	r := testenv.StartRedis(t, "")
 	cfg := fmt.Sprintf(`
 agent_core:
   name: %%s
@@ -311,7 +180,7 @@ agent_core:
           address: %q
           timeout_ms: 1000
           pool_size: 4
-`, r.addr())
+`, r.Addr)
 	a := testAgent(t, fmt.Sprintf(cfg, "agent-a"))
 	b := testAgent(t, fmt.Sprintf(cfg, "agent-b"))
 	md := map[string]string{"requests_per_second": "0.01", "burst": "4", "backend": "redis", "key": "state:user_id", "response_headers": "true", "on_backend_error": "deny"}
@@ -381,9 +250,9 @@ agent_core:
 // longer than timeout_ms plus a small bound, the errors are counted, health reports the
 // outage, and a restarted Redis is used again.
 func TestRedisOutage(t *testing.T) {
-	r := startRedis(t)
+	r := testenv.StartRedis(t, "")
 	const timeoutMS = 50
-	var logs lockedBuffer
+	var logs testenv.SyncBuffer
 	f := redisFactoryLog(t, r, &sync.Map{}, timeoutMS, logging.New(&logs, "agent", zerolog.InfoLevel))
 	base := map[string]string{"requests_per_second": "0.01", "burst": "2", "backend": "redis"}
 	with := func(action string) *RateLimit {
@@ -495,7 +364,7 @@ func TestRedisOutage(t *testing.T) {
 	}
 
 	// A Redis that does not answer: every call runs into the timeout.
-	r.pause()
+	r.Pause()
 	outage("paused")
 	// The outage is logged once when it starts, not once per failed decision.
 	if n := strings.Count(logs.String(), "rate-limit backend failed"); n != 1 {
@@ -504,7 +373,7 @@ func TestRedisOutage(t *testing.T) {
 	if !strings.Contains(logs.String(), `"on_backend_error":"local"`) || strings.Contains(logs.String(), "answers again") {
 		t.Fatalf("outage log:\n%s", logs.String())
 	}
-	r.resume()
+	r.Resume()
 	recovered("paused")
 	if n := strings.Count(logs.String(), "rate-limit backend answers again"); n != 1 {
 		t.Fatalf("the recovery was logged %d times, want once:\n%s", n, logs.String())
@@ -518,19 +387,19 @@ func TestRedisOutage(t *testing.T) {
 	}
 
 	// A Redis that is gone: connections are refused.
-	r.stop()
+	r.Kill()
 	outage("stopped")
-	r.start()
+	r.Start()
 	recovered("restarted")
 }
 
 // TestRedisScriptFlush checks the EVAL fallback: with the script cache flushed, decisions
 // still work and load the script again.
 func TestRedisScriptFlush(t *testing.T) {
-	r := startRedis(t)
+	r := testenv.StartRedis(t, "")
 	f := redisFactory(t, r, &sync.Map{}, 1000)
 	p := mustBuild(t, f, map[string]string{"requests_per_second": "0.01", "burst": "2", "backend": "redis", "on_backend_error": "deny"})
-	c := r.client()
+	c := redisClient(t, r)
 	ctx := context.Background()
 	for i, want := range []agentv1.StatusCode{agentv1.StatusCode_OK, agentv1.StatusCode_OK, agentv1.StatusCode_POLICY_DENIED} {
 		if err := c.ScriptFlush(ctx).Err(); err != nil {
@@ -550,10 +419,10 @@ func TestRedisScriptFlush(t *testing.T) {
 // Shared map (successive configs of one agent) share one client, which is closed only when
 // the last of them closes.
 func TestRedisClientSharedAcrossReloads(t *testing.T) {
-	r := startRedis(t)
+	r := testenv.StartRedis(t, "")
 	shared := &sync.Map{}
 	mk := func(timeoutMS int) *Factory {
-		raw := fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": %d}}`, r.addr(), timeoutMS)
+		raw := fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": %d}}`, r.Addr, timeoutMS)
 		f, err := New(policy.Config{Raw: json.RawMessage(raw), Shared: shared})
 		if err != nil {
 			t.Fatal(err)

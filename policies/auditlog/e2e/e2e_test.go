@@ -66,15 +66,11 @@ const upstreamBody = `{"id":7,"internal_id":"db-000123","name":"Ada","password":
 
 func TestTransformAndAudit(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernelYAML})
-	c, err := envoytest.Dial(e.KernelAddr, envoytest.FilterConfig{
+	c := e.Dial(t, envoytest.FilterConfig{
 		AllowModeOverride: true,
 		RequestAttributes: []string{"xds.route_name", "source.address"},
 		MessageTimeout:    200 * time.Millisecond,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	do := func(id, key string) *envoytest.Result {
 		t.Helper()
 		req := &envoytest.Request{

@@ -5,14 +5,8 @@ package e2e
 import (
 	"context"
 	"encoding/json"
-	"io"
-	"net"
-	"net/http"
-	"os"
-	"os/exec"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -21,41 +15,6 @@ import (
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
-
-// startRedis starts a redis-server on a free loopback port, without persistence, killed by
-// PID when the test ends. Without the binary the test is skipped, except in CI (CI=true).
-func startRedis(t *testing.T) string {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("redis-server is not installed; CI must have it (.ci/run installs it): %v", err)
-		}
-		t.Skip("redis-server is not installed; install it (Debian: apt-get install redis-server) to run this test")
-	}
-	addr := testenv.FreeAddr(t)
-	_, port, _ := net.SplitHostPort(addr)
-	cmd := exec.Command(bin, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", t.TempDir())
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	testenv.WaitFor(t, 10*time.Second, "redis-server to answer", func() bool {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(time.Second))
-		if _, err := c.Write([]byte("PING\r\n")); err != nil {
-			return false
-		}
-		b := make([]byte, 7)
-		n, _ := io.ReadFull(c, b)
-		return string(b[:n]) == "+PONG\r\n"
-	})
-	return addr
-}
 
 const agentYAML = `agent_core:
   name: agent-{{NAME}}
@@ -114,11 +73,7 @@ func startPair(t *testing.T, name, redisAddr string) *pair {
 	t.Helper()
 	r := strings.NewReplacer("{{NAME}}", name, "{{REDIS}}", redisAddr, "{{VERSION}}", "v1")
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: r.Replace(agentYAML), KernelYAML: kernelYAML})
-	c, err := envoytest.Dial(e.KernelAddr, filter)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := e.Dial(t, filter)
 	return &pair{env: e, client: c}
 }
 
@@ -137,20 +92,11 @@ func (p *pair) do(t *testing.T, route string, headers ...[2]string) *envoytest.R
 	return res
 }
 
-func header(hs [][2]string, name string) string {
-	for _, h := range hs {
-		if strings.EqualFold(h[0], name) {
-			return h[1]
-		}
-	}
-	return ""
-}
-
 // TestTwoAgentsShareRedis sends one tenant's requests through two kernel and agent pairs in
 // turn: they share one limit through Redis, allowed responses carry the RateLimit fields, and
 // the request over the limit gets Envoy's local reply 429 with Retry-After.
 func TestTwoAgentsShareRedis(t *testing.T) {
-	redisAddr := startRedis(t)
+	redisAddr := testenv.StartRedis(t, "").Addr
 	a, b := startPair(t, "a", redisAddr), startPair(t, "b", redisAddr)
 	tenant := [2]string{"x-tenant", "acme"}
 	for i, p := range []*pair{a, b, a} {
@@ -158,21 +104,21 @@ func TestTwoAgentsShareRedis(t *testing.T) {
 		if r.Status != 200 || r.Forwarded == nil {
 			t.Fatalf("request %d within the limit: status %d, details %q", i, r.Status, r.Details)
 		}
-		if got := header(r.Headers, "ratelimit-limit"); got != "3" {
+		if got := testenv.Header(r.Headers, "ratelimit-limit"); got != "3" {
 			t.Fatalf("request %d: ratelimit-limit %q, want 3; headers %v", i, got, r.Headers)
 		}
-		if got, want := header(r.Headers, "ratelimit-remaining"), strconv.Itoa(2-i); got != want {
+		if got, want := testenv.Header(r.Headers, "ratelimit-remaining"), strconv.Itoa(2-i); got != want {
 			t.Fatalf("request %d: ratelimit-remaining %q, want %s", i, got, want)
 		}
-		if reset, err := strconv.Atoi(header(r.Headers, "ratelimit-reset")); err != nil || reset < 100*(i+1)-1 || reset > 100*(i+1) {
-			t.Fatalf("request %d: ratelimit-reset %q, want about %d", i, header(r.Headers, "ratelimit-reset"), 100*(i+1))
+		if reset, err := strconv.Atoi(testenv.Header(r.Headers, "ratelimit-reset")); err != nil || reset < 100*(i+1)-1 || reset > 100*(i+1) {
+			t.Fatalf("request %d: ratelimit-reset %q, want about %d", i, testenv.Header(r.Headers, "ratelimit-reset"), 100*(i+1))
 		}
 	}
 	r := b.do(t, "tenants", tenant)
 	if r.Status != 429 || !r.LocalReply || r.Forwarded != nil {
 		t.Fatalf("request over the shared limit: status %d, local reply %v", r.Status, r.LocalReply)
 	}
-	if header(r.Headers, "retry-after") != "100" || header(r.Headers, "ratelimit-remaining") != "0" {
+	if testenv.Header(r.Headers, "retry-after") != "100" || testenv.Header(r.Headers, "ratelimit-remaining") != "0" {
 		t.Fatalf("429 headers: %v", r.Headers)
 	}
 	var body struct{ Error string }
@@ -188,7 +134,7 @@ func TestTwoAgentsShareRedis(t *testing.T) {
 // agent's memory, and reloads the agent (SIGHUP, changed config): the buckets survive, and
 // the agent's metrics show them.
 func TestLocalBucketsSurviveAgentReload(t *testing.T) {
-	redisAddr := startRedis(t)
+	redisAddr := testenv.StartRedis(t, "").Addr
 	p := startPair(t, "a", redisAddr)
 	xff := func(ip string) [2]string { return [2]string{"x-forwarded-for", "203.0.113.250, " + ip} }
 	if r := p.do(t, "clients", xff("198.51.100.1")); r.Status != 200 {
@@ -203,27 +149,16 @@ func TestLocalBucketsSurviveAgentReload(t *testing.T) {
 
 	cfg := strings.NewReplacer("{{NAME}}", "a", "{{REDIS}}", redisAddr, "{{VERSION}}", "v2").Replace(agentYAML)
 	p.env.WriteConfig(t, p.env.AgentConfig, cfg)
-	before := strings.Count(p.env.Agent.Logs.String(), "config reloaded")
-	if err := p.env.Agent.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	testenv.WaitFor(t, 15*time.Second, "the agent to reload", func() bool {
-		return strings.Count(p.env.Agent.Logs.String(), "config reloaded") > before
-	})
+	p.env.Agent.Reload(t, "config reloaded")
 	if r := p.do(t, "clients", xff("198.51.100.1")); r.Status != 429 {
 		t.Fatalf("after the reload the client's bucket was reset: status %d", r.Status)
 	}
 
-	resp, err := http.Get("http://" + p.env.AgentMetrics + "/metrics")
-	if err != nil {
-		t.Fatal(err)
+	code, m := p.env.GetAgent(t, "/metrics")
+	if code != 200 || !strings.Contains(m, `policy_agent_ratelimit_local_buckets{policy="rateLimit"} 2`) {
+		t.Fatalf("agent metrics (%d) lack the two buckets:\n%s", code, m)
 	}
-	defer resp.Body.Close()
-	m, _ := io.ReadAll(resp.Body)
-	if !strings.Contains(string(m), `policy_agent_ratelimit_local_buckets{policy="rateLimit"} 2`) {
-		t.Fatalf("agent metrics lack the two buckets:\n%s", m)
-	}
-	if !strings.Contains(string(m), `policy_agent_ratelimit_backend_errors_total{policy="rateLimit",action="local"} 0`) {
+	if !strings.Contains(m, `policy_agent_ratelimit_backend_errors_total{policy="rateLimit",action="local"} 0`) {
 		t.Fatalf("agent metrics lack the backend error counter:\n%s", m)
 	}
 }
