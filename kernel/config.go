@@ -32,6 +32,9 @@ type ServerConfig struct {
 	Address              string `yaml:"address"`
 	Port                 int    `yaml:"port"`
 	MaxConcurrentStreams uint32 `yaml:"max_concurrent_streams"`
+	// StreamWorkers is how many goroutines serve Envoy's streams and keep the stacks they
+	// grew; a stream that finds none idle gets a goroutine of its own.
+	StreamWorkers uint32 `yaml:"stream_workers"`
 	// MessageTimeoutMS is Envoy's message_timeout for this filter; the kernel answers every
 	// message within it, whatever the agent does.
 	MessageTimeoutMS int `yaml:"message_timeout_ms"`
@@ -107,6 +110,8 @@ type TracingConfig = tracing.Config
 const (
 	DefaultPort                  = 9001
 	DefaultMaxConcurrentStreams  = 1000
+	DefaultStreamWorkers         = 256
+	MaxStreamWorkers             = 65536
 	DefaultMessageTimeoutMS      = 200
 	DefaultMaxBodySizeBytes      = 1 << 20
 	DefaultAgentTimeoutMS        = 150
@@ -159,6 +164,12 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	}
 	if s.MaxConcurrentStreams == 0 {
 		s.MaxConcurrentStreams = DefaultMaxConcurrentStreams
+	}
+	if s.StreamWorkers == 0 {
+		s.StreamWorkers = DefaultStreamWorkers
+	}
+	if s.StreamWorkers > MaxStreamWorkers {
+		bad("server.stream_workers", "must be at most %d, got %d", MaxStreamWorkers, s.StreamWorkers)
 	}
 	if s.MessageTimeoutMS == 0 {
 		s.MessageTimeoutMS = DefaultMessageTimeoutMS

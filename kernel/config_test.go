@@ -56,7 +56,7 @@ func TestConfigDefaultsAndExample(t *testing.T) {
 		t.Fatal(err)
 	}
 	k := cfg.PolicyKernel
-	if k.Server.Port != 9001 || k.Server.MessageTimeoutMS != 200 || k.Server.MaxBodySizeBytes != DefaultMaxBodySizeBytes || k.Server.StatusOnError != 500 {
+	if k.Server.Port != 9001 || k.Server.MessageTimeoutMS != 200 || k.Server.MaxBodySizeBytes != DefaultMaxBodySizeBytes || k.Server.StatusOnError != 500 || k.Server.StreamWorkers != DefaultStreamWorkers {
 		t.Fatalf("server defaults %+v", k.Server)
 	}
 	if k.Agents[0].TimeoutMS >= k.Server.MessageTimeoutMS {

@@ -155,6 +155,9 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		grpc.MaxRecvMsgSize(grpcMsgLimit(kc)),
 		grpc.MaxSendMsgSize(grpcMsgLimit(kc)),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		// Each Envoy stream runs in a goroutine; a new one grows its stack for every stream,
+		// a worker only once.
+		grpc.NumStreamWorkers(kc.Server.StreamWorkers),
 	)
 	extprocv3.RegisterExternalProcessorServer(srv, k.server)
 	healthpb.RegisterHealthServer(srv, k.health)
@@ -336,6 +339,7 @@ func restartOnly(old, cur *KernelConfig) []string {
 	add(old.Server.Address != cur.Server.Address, "server.address")
 	add(old.Server.Port != cur.Server.Port, "server.port")
 	add(old.Server.MaxConcurrentStreams != cur.Server.MaxConcurrentStreams, "server.max_concurrent_streams")
+	add(old.Server.StreamWorkers != cur.Server.StreamWorkers, "server.stream_workers")
 	add(old.Server.MaxBodySizeBytes != cur.Server.MaxBodySizeBytes, "server.max_body_size_bytes")
 	o, c := old.Observability, cur.Observability
 	add(o.MetricsPort != c.MetricsPort, "observability.metrics_port")
