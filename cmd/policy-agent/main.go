@@ -11,10 +11,14 @@ import (
 	"syscall"
 
 	"github.com/policy-engine/policy-engine/agent"
+	"github.com/policy-engine/policy-engine/internal/gctune"
 	_ "github.com/policy-engine/policy-engine/policies/all"
 )
 
 func main() {
+	// Let the heap grow by at least 16 MiB between collections (GOGC, when set, wins).
+	gc := gctune.Start(16 << 20)
+	defer gc.Stop()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := agent.Main(ctx, os.Args[1:], os.Stderr)
 	stop()
@@ -23,6 +27,7 @@ func main() {
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "policy-agent: %v\n", err)
+		gc.Stop()
 		os.Exit(1)
 	}
 }

@@ -10,10 +10,14 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/policy-engine/policy-engine/internal/gctune"
 	"github.com/policy-engine/policy-engine/kernel"
 )
 
 func main() {
+	// Let the heap grow by at least 16 MiB between collections (GOGC, when set, wins).
+	gc := gctune.Start(16 << 20)
+	defer gc.Stop()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := kernel.Main(ctx, os.Args[1:], os.Stderr)
 	stop()
@@ -22,6 +26,7 @@ func main() {
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "policy-kernel: %v\n", err)
+		gc.Stop()
 		os.Exit(1)
 	}
 }
