@@ -25,13 +25,14 @@ import (
 // MaxPercent bounds the GOGC the tuner sets.
 const MaxPercent = 5000
 
+// minHeap is the runtime's smallest heap goal at GOGC=100: below it, the goal is
+// minHeap*GOGC/100 whatever the live heap.
+const minHeap = 4 << 20
+
 // Percent is the GOGC that lets a heap of live bytes grow by at least floor bytes before the
 // next collection, between 100 and MaxPercent.
 func Percent(live, floor uint64) int {
-	if live == 0 {
-		return MaxPercent
-	}
-	p := floor * 100 / live
+	p := floor * 100 / max(live, minHeap)
 	return int(min(max(p, 100), MaxPercent))
 }
 

@@ -14,8 +14,10 @@ func TestPercent(t *testing.T) {
 		live, floor uint64
 		want        int
 	}{
-		{0, 64 * mib, MaxPercent},
-		{1 * mib, 64 * mib, MaxPercent},
+		// Below 4 MiB the runtime's smallest goal applies: 4 MiB * GOGC / 100.
+		{0, 16 * mib, 400},
+		{1 * mib, 16 * mib, 400},
+		{1 * mib, 1 << 40, MaxPercent},
 		{10 * mib, 64 * mib, 640},
 		{32 * mib, 64 * mib, 200},
 		{64 * mib, 64 * mib, 100},
@@ -59,7 +61,7 @@ func TestTunerFollowsTheLiveHeap(t *testing.T) {
 	unsetGOGC(t)
 	before := gcPercent()
 	// A floor far above the live heap: the heap may grow a lot between collections.
-	tu := Start(1 << 30)
+	tu := Start(1 << 40)
 	if got := tu.Current(); got != MaxPercent || gcPercent() != MaxPercent {
 		t.Fatalf("small live heap: GOGC %d (runtime %d), want %d", got, gcPercent(), MaxPercent)
 	}
