@@ -7,7 +7,6 @@ import (
 	"hash/maphash"
 	"io"
 	"maps"
-	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -283,28 +282,35 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	if dl, ok := ctx.Deadline(); ok {
 		pc.Deadline = dl
 	}
-	observers := s.observers(req.GetPolicies())
-	resp = e.runChain(ctx, s, req, pc, resp)
-	for _, o := range observers {
-		o.ObserveChain(pc, outcomeOf(resp))
+	var buf [8]resolved
+	chain := s.resolve(req.GetPolicies(), buf[:0])
+	resp = e.runChain(ctx, s, req, chain, pc, resp)
+	// Every policy of the chain that observes outcomes sees this one, also when an earlier
+	// policy ended the chain before it ran.
+	for _, r := range chain {
+		if o, ok := r.policy.(policy.ChainObserver); ok {
+			o.ObserveChain(pc, outcomeOf(resp))
+		}
 	}
 	return resp
 }
 
-// observers returns the chain's policies that observe its outcome. Compiled policies are
-// cached, so this costs a lookup per entry.
-func (s *execSnapshot) observers(entries []*agentv1.Policy) []policy.ChainObserver {
-	var out []policy.ChainObserver
+// resolved is one chain entry with its factory (nil: unknown policy) and compiled policy.
+type resolved struct {
+	factory *factoryEntry
+	policy  policy.Policy
+	err     error
+}
+
+// resolve looks up the compiled policy of every chain entry once, appending to out.
+func (s *execSnapshot) resolve(entries []*agentv1.Policy, out []resolved) []resolved {
 	for _, entry := range entries {
-		f, ok := s.factories[entry.GetName()]
-		if !ok {
-			continue
+		var r resolved
+		if f, ok := s.factories[entry.GetName()]; ok {
+			r.factory = f
+			r.policy, r.err = s.instanceFor(f, entry.GetName(), entry.GetMetadata())
 		}
-		if p, err := s.instanceFor(f, entry.GetName(), entry.GetMetadata()); err == nil {
-			if o, ok := p.(policy.ChainObserver); ok {
-				out = append(out, o)
-			}
-		}
+		out = append(out, r)
 	}
 	return out
 }
@@ -323,17 +329,17 @@ func outcomeOf(resp *agentv1.PolicyResponse) policy.Outcome {
 }
 
 // runChain runs the chain's policies in order on pc.
-func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.PolicyRequest, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
+func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.PolicyRequest, chain []resolved, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
 	limits := s.cfg.ResourceLimits
 	trace := e.traceChain(ctx, req)
-	for _, entry := range req.GetPolicies() {
+	for i, entry := range req.GetPolicies() {
 		if err := ctx.Err(); err != nil {
 			e.metrics.failure(entry.GetName(), "timeout")
 			return fail(resp, agentv1.StatusCode_TIMEOUT, entry.GetName(), "deadline exceeded before policy "+entry.GetName())
 		}
 		name := entry.GetName()
-		f, ok := s.factories[name]
-		if !ok {
+		f := chain[i].factory
+		if f == nil {
 			e.metrics.failure(name, "unknown_policy")
 			if s.cfg.Policies.FailOnUnknown {
 				return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, fmt.Sprintf("unknown policy %q", name))
@@ -349,10 +355,9 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 		if !f.module.Phases.Has(req.GetPhase()) {
 			err = fmt.Errorf("policy %q does not run in the %s phase", name, strings.ToLower(req.GetPhase().String()))
 		} else {
-			var p policy.Policy
-			p, err = s.instanceFor(f, name, entry.GetMetadata())
+			err = chain[i].err
 			if err == nil {
-				result, err = e.run(ctx, p, pc, name)
+				result, err = e.run(ctx, chain[i].policy, pc, name)
 			}
 		}
 		if err == nil {
@@ -457,26 +462,23 @@ func fail(resp *agentv1.PolicyResponse, code agentv1.StatusCode, name, msg strin
 func newPolicyContext(req *agentv1.PolicyRequest) *policy.Context {
 	rc := req.GetContext()
 	pc := &policy.Context{
-		Phase:       req.GetPhase(),
-		RequestID:   req.GetRequestId(),
-		RouteName:   req.GetRouteName(),
-		Method:      rc.GetMethod(),
-		Path:        rc.GetPath(),
-		Scheme:      rc.GetScheme(),
-		Authority:   rc.GetAuthority(),
-		ClientIP:    rc.GetClientIp(),
-		Headers:     rc.GetHeaders(),
-		Body:        rc.GetBody(),
-		QueryParams: rc.GetQueryParams(),
-		State:       req.GetState(),
+		Phase:     req.GetPhase(),
+		RequestID: req.GetRequestId(),
+		RouteName: req.GetRouteName(),
+		Method:    rc.GetMethod(),
+		Path:      rc.GetPath(),
+		Scheme:    rc.GetScheme(),
+		Authority: rc.GetAuthority(),
+		ClientIP:  rc.GetClientIp(),
+		Headers:   rc.GetHeaders(),
+		Body:      rc.GetBody(),
+		State:     req.GetState(),
 	}
 	if pc.Headers == nil {
 		pc.Headers = map[string]string{}
 	}
-	if pc.QueryParams == nil {
-		if _, q, ok := strings.Cut(pc.Path, "?"); ok {
-			pc.QueryParams = parseQuery(q)
-		}
+	if qp := rc.GetQueryParams(); len(qp) > 0 {
+		pc.SetQueryParams(qp)
 	}
 	if req.GetPhase() == agentv1.PolicyPhase_RESPONSE {
 		r := req.GetResponse()
@@ -486,17 +488,6 @@ func newPolicyContext(req *agentv1.PolicyRequest) *policy.Context {
 		}
 	}
 	return pc
-}
-
-func parseQuery(q string) map[string]string {
-	vals, _ := url.ParseQuery(q)
-	out := make(map[string]string, len(vals))
-	for k, v := range vals {
-		if len(v) > 0 {
-			out[k] = v[0]
-		}
-	}
-	return out
 }
 
 func stateSize(m map[string]string) int {

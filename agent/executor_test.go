@@ -130,7 +130,7 @@ func init() {
 	})
 	register("t.query", policy.Request, func(s testSettings) funcPolicy {
 		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
-			return policy.Allow(policy.SetHeader("x-q", c.QueryParams[s.Key])), nil
+			return policy.Allow(policy.SetHeader("x-q", c.QueryParams()[s.Key])), nil
 		}
 	})
 }

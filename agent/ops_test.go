@@ -64,20 +64,28 @@ func TestPolicySpans(t *testing.T) {
 
 func TestContextSizeMetrics(t *testing.T) {
 	m := newAgentMetrics()
-	m.observeContext(&agentv1.PolicyRequest{Phase: agentv1.PolicyPhase_REQUEST,
-		Context: &agentv1.RequestContext{Headers: map[string]string{"ab": "cd"}, Body: []byte("12345")}, State: map[string]string{"k": "v"}})
-	m.observeContext(&agentv1.PolicyRequest{Phase: agentv1.PolicyPhase_RESPONSE,
-		Response: &agentv1.ResponseContext{Headers: map[string]string{"x": "yz"}, Body: []byte("1")}})
-	m.observeContext(&agentv1.PolicyRequest{Phase: agentv1.PolicyPhase_REQUEST})
+	// Each request is observed headerSampling times in a row: its headers once, its body and
+	// state every time.
+	for _, req := range []*agentv1.PolicyRequest{
+		{Phase: agentv1.PolicyPhase_REQUEST, Context: &agentv1.RequestContext{Headers: map[string]string{"ab": "cd"}, Body: []byte("12345")}, State: map[string]string{"k": "v"}},
+		{Phase: agentv1.PolicyPhase_RESPONSE, Response: &agentv1.ResponseContext{Headers: map[string]string{"x": "yz"}, Body: []byte("1")}},
+		{Phase: agentv1.PolicyPhase_REQUEST},
+	} {
+		for range headerSampling {
+			m.observeContext(req)
+		}
+	}
 	var buf bytes.Buffer
 	m.set.WritePrometheus(&buf)
 	for _, want := range []string{
 		`policy_agent_context_size_bytes_sum{type="request_headers"} 4`,
 		`policy_agent_context_size_bytes_count{type="request_headers"} 2`,
-		`policy_agent_context_size_bytes_sum{type="request_body"} 5`,
-		`policy_agent_context_size_bytes_sum{type="state"} 2`,
+		`policy_agent_context_size_bytes_sum{type="request_body"} 40`,
+		`policy_agent_context_size_bytes_count{type="request_body"} 8`,
+		`policy_agent_context_size_bytes_sum{type="state"} 16`,
 		`policy_agent_context_size_bytes_sum{type="response_headers"} 3`,
-		`policy_agent_context_size_bytes_sum{type="response_body"} 1`,
+		`policy_agent_context_size_bytes_count{type="response_headers"} 1`,
+		`policy_agent_context_size_bytes_sum{type="response_body"} 8`,
 	} {
 		if !strings.Contains(buf.String(), want) {
 			t.Errorf("metrics lack %s:\n%s", want, buf.String())

@@ -12,7 +12,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -141,14 +143,14 @@ type Context struct {
 	Headers map[string]string
 	// Body is the request body when the chain asked for it.
 	Body []byte
-	// QueryParams are the query parameters of Path.
-	QueryParams map[string]string
 	// Response is the upstream's response; nil in the request phase.
 	Response *ResponseContext
 	// State carries values set with SET_STATE, from the request phase to the response phase.
 	State map[string]string
 	// Deadline is when the kernel stops waiting for the chain.
 	Deadline time.Time
+
+	query map[string]string // see QueryParams
 }
 
 // ResponseContext is the upstream's response.
@@ -160,6 +162,26 @@ type ResponseContext struct {
 
 // Header returns the request header with the given lowercase name.
 func (c *Context) Header(name string) string { return c.Headers[name] }
+
+// QueryParams returns the query parameters of Path (the first value of each), parsed on first
+// use: most chains never read them.
+func (c *Context) QueryParams() map[string]string {
+	if c.query == nil {
+		c.query = map[string]string{}
+		if _, q, ok := strings.Cut(c.Path, "?"); ok {
+			vals, _ := url.ParseQuery(q)
+			for k, v := range vals {
+				if len(v) > 0 {
+					c.query[k] = v[0]
+				}
+			}
+		}
+	}
+	return c.query
+}
+
+// SetQueryParams sets the query parameters when the kernel sent them parsed.
+func (c *Context) SetQueryParams(q map[string]string) { c.query = q }
 
 // Result is a policy's outcome.
 type Result struct {

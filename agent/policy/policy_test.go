@@ -201,3 +201,23 @@ func FuzzDecodeMetadata(f *testing.F) {
 		_ = DecodeMetadata(map[string]string{k1: v1, k2: v2}, &s)
 	})
 }
+
+func TestQueryParams(t *testing.T) {
+	c := &Context{Path: "/a?x=1&y=2&x=3&z"}
+	q := c.QueryParams()
+	if q["x"] != "1" || q["y"] != "2" || q["z"] != "" || len(q) != 3 {
+		t.Fatalf("query %v", q)
+	}
+	q["x"] = "changed"
+	if c.QueryParams()["x"] != "changed" {
+		t.Error("query parsed again instead of kept")
+	}
+	if q := (&Context{Path: "/no-query"}).QueryParams(); q == nil || len(q) != 0 {
+		t.Errorf("no query: %v", q)
+	}
+	c = &Context{Path: "/a?x=1"}
+	c.SetQueryParams(map[string]string{"k": "v"})
+	if q := c.QueryParams(); q["k"] != "v" || q["x"] != "" {
+		t.Errorf("query sent by the kernel: %v", q)
+	}
+}
