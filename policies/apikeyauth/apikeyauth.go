@@ -151,6 +151,20 @@ func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
 	}
 	p.missing = policy.Deny(401, "unauthorized", "API key required", map[string]string{"www-authenticate": "API-Key"})
 	p.invalid = policy.Deny(403, "forbidden", "invalid API key", nil)
+	resultMD := map[string]string{"auth_method": "api_key"}
+	p.allowed = make([]policy.Result, len(f.keys))
+	for i, k := range f.keys {
+		r := policy.Allow(
+			policy.SetHeader(p.userIDHeader, k.userID),
+			policy.SetState("user_id", k.userID),
+			policy.SetState("auth_method", "api_key"),
+		)
+		if p.removeKey {
+			r.Instructions = append(r.Instructions, policy.RemoveHeader(p.header))
+		}
+		r.Metadata = resultMD
+		p.allowed[i] = r
+	}
 	return p, nil
 }
 
@@ -161,8 +175,9 @@ type APIKeyAuth struct {
 	required     bool
 	userIDHeader string
 	removeKey    bool
-	// Denials are built once; their instructions are shared read-only.
+	// Every answer is built once; their instructions are shared read-only.
 	missing, invalid policy.Result
+	allowed          []policy.Result // by key, in the order of keys
 }
 
 // Execute authenticates the request.
@@ -174,26 +189,17 @@ func (p *APIKeyAuth) Execute(_ context.Context, c *policy.Context) (policy.Resul
 		}
 		return policy.Result{}, nil
 	}
-	userID, ok := p.lookup(key)
+	i, ok := p.lookup(key)
 	if !ok {
 		return p.invalid, nil
 	}
-	r := policy.Allow(
-		policy.SetHeader(p.userIDHeader, userID),
-		policy.SetState("user_id", userID),
-		policy.SetState("auth_method", "api_key"),
-	)
-	if p.removeKey {
-		r.Instructions = append(r.Instructions, policy.RemoveHeader(p.header))
-	}
-	r.Metadata = map[string]string{"auth_method": "api_key"}
-	return r, nil
+	return p.allowed[i], nil
 }
 
 // lookup compares the key's digest with every configured digest in constant time, without
 // stopping at the first match, so timing tells nothing about which key matched or how close a
 // guess came.
-func (p *APIKeyAuth) lookup(key string) (string, bool) {
+func (p *APIKeyAuth) lookup(key string) (int, bool) {
 	d := sha256.Sum256([]byte(key))
 	match := -1
 	for i := range p.keys {
@@ -201,10 +207,7 @@ func (p *APIKeyAuth) lookup(key string) (string, bool) {
 			match = i
 		}
 	}
-	if match < 0 {
-		return "", false
-	}
-	return p.keys[match].userID, true
+	return match, match >= 0
 }
 
 var (
