@@ -178,12 +178,13 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 	}
 	for _, m := range policy.Modules() {
 		info := &agentv1.PolicyInfo{
-			Name:                 m.Name,
-			Version:              m.Version,
-			Description:          m.Description,
-			MetadataSchema:       m.MetadataSchema,
-			RequiresRequestBody:  m.RequestBody,
-			RequiresResponseBody: m.ResponseBody,
+			Name:                   m.Name,
+			Version:                m.Version,
+			Description:            m.Description,
+			MetadataSchema:         m.MetadataSchema,
+			RequiresRequestBody:    m.RequestBody,
+			RequiresResponseBody:   m.ResponseBody,
+			ResponseIgnoresRequest: m.ResponseIgnoresRequest,
 		}
 		if m.Phases&policy.Request != 0 {
 			info.SupportedPhases = append(info.SupportedPhases, agentv1.PolicyPhase_REQUEST)

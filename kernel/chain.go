@@ -94,6 +94,9 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	if phase == agentv1.PolicyPhase_RESPONSE {
 		st.call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
 		req.Response = &st.call.resp
+		if ch.noRequest {
+			req.Context = nil
+		}
 	}
 	agent := route.agent
 	span := st.traceCall(req, agent.cfg.Name)

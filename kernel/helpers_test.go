@@ -105,6 +105,7 @@ func testInfo() *agentv1.GetAgentConfigResponse {
 		{Name: "hdr", SupportedPhases: resp},
 		{Name: "reqBody", SupportedPhases: req, RequiresRequestBody: true},
 		{Name: "respBody", SupportedPhases: resp, RequiresResponseBody: true},
+		{Name: "lean", SupportedPhases: resp, ResponseIgnoresRequest: true},
 	}}
 }
 
@@ -136,6 +137,16 @@ const baseConfig = `policy_kernel:
     - route_name: /broken
       request_policy_chain:
         - policy: notThere
+    - route_name: /lean
+      request_policy_chain:
+        - policy: auth
+          metadata: {header_name: X-API-Key}
+      response_policy_chain:
+        - policy: lean
+    - route_name: /mixed
+      response_policy_chain:
+        - policy: lean
+        - policy: hdr
   default_policy:
     request_policy_chain:
       - policy: allowAll

@@ -66,6 +66,34 @@ func TestRequestContextAndIDs(t *testing.T) {
 	}
 }
 
+// TestResponseChainWithoutTheRequest: the request is not sent again in the response phase when
+// no policy of the response chain reads it, and is when one does.
+func TestResponseChainWithoutTheRequest(t *testing.T) {
+	for _, c := range []struct {
+		path     string
+		wantSent bool
+	}{
+		{"/lean", false},
+		{"/mixed", true},        // hdr reads the request
+		{"/api/v1/users", true}, // hdr alone
+	} {
+		k := newTestKernel(t, baseConfig, &fakeAgent{})
+		st := k.open(t)
+		st.send(t, reqHeaders(c.path, false, "", "x-api-key", "k"))
+		st.send(t, respHeaders("200", true))
+		last := k.agent.call(k.agent.ncalls() - 1)
+		if last.GetPhase() != agentv1.PolicyPhase_RESPONSE || last.GetResponse().GetStatusCode() != 200 {
+			t.Fatalf("%s: last call %v", c.path, last)
+		}
+		if sent := last.GetContext() != nil; sent != c.wantSent {
+			t.Errorf("%s: request context sent in the response phase = %v, want %v", c.path, sent, c.wantSent)
+		}
+		if c.wantSent && last.GetContext().GetPath() != c.path {
+			t.Errorf("%s: request context %v", c.path, last.GetContext())
+		}
+	}
+}
+
 func TestEmptyChainNeverCallsAgent(t *testing.T) {
 	fa := &fakeAgent{}
 	k := newTestKernel(t, baseConfig, fa)
@@ -592,6 +620,32 @@ func TestAgentReplyNotUTF8IsInvalid(t *testing.T) {
 		st.end(t)
 		if ir := r.GetImmediateResponse(); ir.GetStatus().GetCode() != 500 || jsonErrorOf(t, ir) != "invalid_agent_response" {
 			t.Errorf("%s: %v", name, r)
+		}
+	}
+}
+
+func TestCompileChainSendsTheRequestUnlessEveryPolicySaysSo(t *testing.T) {
+	adv := map[string]*agentv1.PolicyInfo{}
+	for _, p := range testInfo().GetSupportedPolicies() {
+		adv[p.GetName()] = p
+	}
+	lean := []ChainEntry{{Policy: "lean"}}
+	for _, c := range []struct {
+		name    string
+		entries []ChainEntry
+		phase   agentv1.PolicyPhase
+		adv     map[string]*agentv1.PolicyInfo
+		want    bool
+	}{
+		{"all ignore it", lean, agentv1.PolicyPhase_RESPONSE, adv, true},
+		{"agent not reached", lean, agentv1.PolicyPhase_RESPONSE, nil, false},
+		{"unknown policy", []ChainEntry{{Policy: "lean"}, {Policy: "nope"}}, agentv1.PolicyPhase_RESPONSE, adv, false},
+		{"request phase", []ChainEntry{{Policy: "allowAll"}}, agentv1.PolicyPhase_REQUEST, adv, false},
+		{"empty chain", nil, agentv1.PolicyPhase_RESPONSE, adv, false},
+	} {
+		ch, _ := compileChain(c.entries, c.phase, "a", c.adv, "k", nil)
+		if ch.noRequest != c.want {
+			t.Errorf("%s: noRequest = %v, want %v", c.name, ch.noRequest, c.want)
 		}
 	}
 }

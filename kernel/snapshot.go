@@ -63,6 +63,8 @@ type chain struct {
 	policies []*agentv1.Policy
 	// body says that a policy of the chain reads the body of its phase.
 	body bool
+	// noRequest says that no policy of a response chain reads the request: it is not sent.
+	noRequest bool
 }
 
 func (c *chain) empty() bool { return len(c.policies) == 0 }
@@ -162,14 +164,18 @@ func (s *Snapshot) retainMetrics(m *kernelMetrics) {
 // key is the chain's config key.
 func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, key string, problems []problem) (chain, []problem) {
 	var c chain
+	// Without the agent's word, the request is sent.
+	readsRequest := false
 	for i, e := range entries {
 		c.policies = append(c.policies, &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure})
 		if adv == nil {
+			readsRequest = true
 			continue // the agent was not reached yet; it is checked again when it is
 		}
 		ekey := fmt.Sprintf("%s[%d]", key, i)
 		info, ok := adv[e.Policy]
 		if !ok {
+			readsRequest = true
 			problems = append(problems, problem{ekey + ".policy", fmt.Sprintf("policy %q is not supported by agent %q", e.Policy, agentName)})
 			continue
 		}
@@ -189,7 +195,11 @@ func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName str
 		if phase == agentv1.PolicyPhase_RESPONSE && info.GetRequiresResponseBody() {
 			c.body = true
 		}
+		if phase == agentv1.PolicyPhase_RESPONSE && !info.GetResponseIgnoresRequest() {
+			readsRequest = true
+		}
 	}
+	c.noRequest = phase == agentv1.PolicyPhase_RESPONSE && len(c.policies) > 0 && !readsRequest
 	return c, problems
 }
 

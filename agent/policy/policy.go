@@ -53,6 +53,10 @@ type Module struct {
 	// for a body only on routes whose chain holds such a policy.
 	RequestBody  bool
 	ResponseBody bool
+	// ResponseIgnoresRequest says that in the RESPONSE phase the policy reads only the
+	// response and the state, not the request: a response chain of such policies is sent
+	// without the request's headers, path and body.
+	ResponseIgnoresRequest bool
 	// MetadataSchema is a JSON schema of the policy's metadata, published to the kernel.
 	MetadataSchema string
 	// New makes a factory from the policy's section of agent_core.policies.config.

@@ -14,11 +14,13 @@ const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type"
 
 func init() {
 	policy.Register(policy.Module{
-		Name:           Name,
-		Version:        "1.0.0",
-		Description:    "Allows every request unchanged.",
-		Phases:         policy.Both,
-		MetadataSchema: schema,
+		Name:        Name,
+		Version:     "1.0.0",
+		Description: "Allows every request unchanged.",
+		Phases:      policy.Both,
+		// In the response phase it reads only the response and the state.
+		ResponseIgnoresRequest: true,
+		MetadataSchema:         schema,
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(func(md map[string]string) (policy.Policy, error) {
 				var s struct{}

@@ -73,12 +73,14 @@ func init() {
 		skipped[r] = metrics.GetOrCreateCounter(`policy_agent_body_transform_skipped_total{reason="` + r + `"}`)
 	}
 	policy.Register(policy.Module{
-		Name:           Name,
-		Version:        "1.0.0",
-		Description:    "Removes and renames fields of JSON response bodies.",
-		Phases:         policy.Response,
-		ResponseBody:   true,
-		MetadataSchema: schema,
+		Name:        Name,
+		Version:     "1.0.0",
+		Description: "Removes and renames fields of JSON response bodies.",
+		Phases:      policy.Response,
+		// In the response phase it reads only the response and the state.
+		ResponseIgnoresRequest: true,
+		ResponseBody:           true,
+		MetadataSchema:         schema,
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(Build), nil
 		},

@@ -36,11 +36,13 @@ type Settings struct {
 
 func init() {
 	policy.Register(policy.Module{
-		Name:           Name,
-		Version:        "1.0.0",
-		Description:    "Adds security headers to responses.",
-		Phases:         policy.Response,
-		MetadataSchema: schema,
+		Name:        Name,
+		Version:     "1.0.0",
+		Description: "Adds security headers to responses.",
+		Phases:      policy.Response,
+		// In the response phase it reads only the response and the state.
+		ResponseIgnoresRequest: true,
+		MetadataSchema:         schema,
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(build), nil
 		},

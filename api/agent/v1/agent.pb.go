@@ -306,8 +306,11 @@ type PolicyInfo struct {
 	// The bodies the policy reads; the kernel asks Envoy for a body only when a chain needs it.
 	RequiresRequestBody  bool `protobuf:"varint,6,opt,name=requires_request_body,json=requiresRequestBody,proto3" json:"requires_request_body,omitempty"`
 	RequiresResponseBody bool `protobuf:"varint,7,opt,name=requires_response_body,json=requiresResponseBody,proto3" json:"requires_response_body,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// The policy does not read the request (headers, path, body...) in the RESPONSE phase: when
+	// no policy of a response chain reads it, the kernel does not send it again there.
+	ResponseIgnoresRequest bool `protobuf:"varint,8,opt,name=response_ignores_request,json=responseIgnoresRequest,proto3" json:"response_ignores_request,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *PolicyInfo) Reset() {
@@ -385,6 +388,13 @@ func (x *PolicyInfo) GetRequiresRequestBody() bool {
 func (x *PolicyInfo) GetRequiresResponseBody() bool {
 	if x != nil {
 		return x.RequiresResponseBody
+	}
+	return false
+}
+
+func (x *PolicyInfo) GetResponseIgnoresRequest() bool {
+	if x != nil {
+		return x.ResponseIgnoresRequest
 	}
 	return false
 }
@@ -1381,7 +1391,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x0econfig_version\x18\x05 \x01(\tR\rconfigVersion\x1a@\n" +
 	"\x12AgentMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbe\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf8\x02\n" +
 	"\n" +
 	"PolicyInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
@@ -1390,7 +1400,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x0fmetadata_schema\x18\x04 \x01(\tR\x0emetadataSchema\x12M\n" +
 	"\x10supported_phases\x18\x05 \x03(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x0fsupportedPhases\x122\n" +
 	"\x15requires_request_body\x18\x06 \x01(\bR\x13requiresRequestBody\x124\n" +
-	"\x16requires_response_body\x18\a \x01(\bR\x14requiresResponseBody\"\xb8\x05\n" +
+	"\x16requires_response_body\x18\a \x01(\bR\x14requiresResponseBody\x128\n" +
+	"\x18response_ignores_request\x18\b \x01(\bR\x16responseIgnoresRequest\"\xb8\x05\n" +
 	"\rPolicyRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x129\n" +

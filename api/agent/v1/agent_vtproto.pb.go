@@ -167,6 +167,16 @@ func (m *PolicyInfo) MarshalToSizedBufferVT(dAtA []byte) (int, error) {
 		i -= len(m.unknownFields)
 		copy(dAtA[i:], m.unknownFields)
 	}
+	if m.ResponseIgnoresRequest {
+		i--
+		if m.ResponseIgnoresRequest {
+			dAtA[i] = 1
+		} else {
+			dAtA[i] = 0
+		}
+		i--
+		dAtA[i] = 0x40
+	}
 	if m.RequiresResponseBody {
 		i--
 		if m.RequiresResponseBody {
@@ -1343,6 +1353,9 @@ func (m *PolicyInfo) SizeVT() (n int) {
 	if m.RequiresResponseBody {
 		n += 2
 	}
+	if m.ResponseIgnoresRequest {
+		n += 2
+	}
 	n += len(m.unknownFields)
 	return n
 }
@@ -2399,6 +2412,26 @@ func (m *PolicyInfo) UnmarshalVT(dAtA []byte) error {
 				}
 			}
 			m.RequiresResponseBody = bool(v != 0)
+		case 8:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field ResponseIgnoresRequest", wireType)
+			}
+			var v int
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				v |= int(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
+			m.ResponseIgnoresRequest = bool(v != 0)
 		default:
 			iNdEx = preIndex
 			skippy, err := protohelpers.Skip(dAtA[iNdEx:])
@@ -6133,6 +6166,26 @@ func (m *PolicyInfo) UnmarshalVTUnsafe(dAtA []byte) error {
 				}
 			}
 			m.RequiresResponseBody = bool(v != 0)
+		case 8:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field ResponseIgnoresRequest", wireType)
+			}
+			var v int
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				v |= int(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
+			m.ResponseIgnoresRequest = bool(v != 0)
 		default:
 			iNdEx = preIndex
 			skippy, err := protohelpers.Skip(dAtA[iNdEx:])
