@@ -172,12 +172,11 @@ func BenchmarkRouteLookup(b *testing.B) {
 // BenchmarkRequestContext converts Envoy's request headers into the agent's RequestContext.
 func BenchmarkRequestContext(b *testing.B) {
 	h := envoyRequest().GetRequestHeaders()
-	st := &stream{}
 	b.ReportAllocs()
 	for b.Loop() {
-		rc := st.requestContext()
+		rc := getRequestContext()
 		fillRequestContext(rc, h)
-		st.reset()
+		putRequestContext(rc)
 	}
 }
 

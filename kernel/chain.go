@@ -101,6 +101,11 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	agent := route.agent
 	span := st.traceCall(req, agent.cfg.Name)
 	resp, err := s.callAgent(ctx, agent, req, start, cfg.Server.MessageTimeoutMS)
+	// The request went out encoded: let go of what it points to (the request context, the
+	// received message its strings point into) while the stream waits for its next message.
+	callID := req.GetCallId()
+	*req = agentv1.PolicyRequest{}
+	st.call.resp = agentv1.ResponseContext{}
 	endCallSpan(span, resp, err)
 	defer route.metrics.duration.UpdateDuration(start)
 	if err != nil {
@@ -117,7 +122,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	if resp.GetStatus() == nil {
 		return s.invalidReply(st, errors.New("reply without a status"))
 	}
-	if resp.GetCallId() != req.GetCallId() {
+	if resp.GetCallId() != callID {
 		return s.invalidReply(st, errors.New("reply for another call"))
 	}
 	switch resp.GetStatus().GetCode() {
@@ -173,7 +178,10 @@ func (st *stream) setState(k, v string) {
 	if st.state == nil {
 		st.state = make(map[string]string, 4)
 	}
-	st.state[k] = v
+	// k and v point into the agent's reply batch, which holds other streams' replies too:
+	// one copy of both keeps the stream from holding the batch until its response phase.
+	kv := k + v
+	st.state[kv[:len(k)]] = kv[len(k):]
 }
 
 // callAgent calls the agent within the message budget: each attempt gets the agent's

@@ -90,8 +90,7 @@ type stream struct {
 	// call holds the agent request of the phase being run.
 	call *agentCall
 
-	// rcBuf and respBuf outlive a pooled stream's reset, so that their maps are reused.
-	rcBuf   *agentv1.RequestContext
+	// respBuf outlives a pooled stream's reset, so that its map is reused.
 	respBuf map[string]string
 }
 
@@ -129,18 +128,15 @@ func putStream(st *stream) {
 }
 
 func (st *stream) reset() {
-	rc, rh, call := st.rcBuf, st.respBuf, st.call
+	if st.reqCtx != nil {
+		putRequestContext(st.reqCtx)
+	}
+	rh, call := st.respBuf, st.call
 	*st = stream{}
 	if call != nil {
 		call.req = agentv1.PolicyRequest{}
 		call.resp = agentv1.ResponseContext{}
 		st.call = call
-	}
-	if rc != nil && len(rc.Headers) <= maxPooledHeaders {
-		h := rc.Headers
-		clear(h)
-		*rc = agentv1.RequestContext{Headers: h}
-		st.rcBuf = rc
 	}
 	if rh != nil && len(rh) <= maxPooledHeaders {
 		clear(rh)
@@ -148,12 +144,40 @@ func (st *stream) reset() {
 	}
 }
 
-// requestContext returns the stream's emptied request context, made on first use.
-func (st *stream) requestContext() *agentv1.RequestContext {
-	if st.rcBuf == nil {
-		st.rcBuf = &agentv1.RequestContext{Headers: make(map[string]string, 16)}
+// requestContexts are emptied request contexts with their header maps. They are pooled apart
+// from streams, so that a stream waiting for its upstream's response does not hold one when
+// its response chain does not read the request.
+var requestContexts = sync.Pool{New: func() any {
+	return &agentv1.RequestContext{Headers: make(map[string]string, 16)}
+}}
+
+// getRequestContext returns an emptied request context.
+func getRequestContext() *agentv1.RequestContext {
+	return requestContexts.Get().(*agentv1.RequestContext)
+}
+
+// putRequestContext empties rc and pools it; a map grown by an unusual request is dropped.
+func putRequestContext(rc *agentv1.RequestContext) {
+	if len(rc.Headers) > maxPooledHeaders {
+		return
 	}
-	return st.rcBuf
+	h := rc.Headers
+	clear(h)
+	*rc = agentv1.RequestContext{Headers: h}
+	requestContexts.Put(rc)
+}
+
+// requestDone lets go of the request context once the request phase is over, unless the
+// response chain reads it: a stream held open while the upstream answers then keeps neither
+// the header map nor the received message its values point into.
+func (st *stream) requestDone() {
+	r := st.route
+	if st.reqCtx == nil || r == nil || !(r.response.empty() || r.response.noRequest) {
+		return
+	}
+	st.requestID = strings.Clone(st.requestID)
+	putRequestContext(st.reqCtx)
+	st.reqCtx = nil
 }
 
 // responseHeaders returns the stream's emptied response header map, made on first use.
@@ -203,9 +227,17 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 func (s *Server) handle(ctx context.Context, st *stream, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
 	switch v := req.GetRequest().(type) {
 	case *extprocv3.ProcessingRequest_RequestHeaders:
-		return s.onRequestHeaders(ctx, st, req, v.RequestHeaders)
+		resp, err := s.onRequestHeaders(ctx, st, req, v.RequestHeaders)
+		if !st.awaitReqBody {
+			st.requestDone()
+		}
+		return resp, err
 	case *extprocv3.ProcessingRequest_RequestBody:
-		return s.onRequestBody(ctx, st, v.RequestBody)
+		resp, err := s.onRequestBody(ctx, st, v.RequestBody)
+		if !st.awaitReqBody {
+			st.requestDone()
+		}
+		return resp, err
 	case *extprocv3.ProcessingRequest_RequestTrailers:
 		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{RequestTrailers: &extprocv3.TrailersResponse{}}}, nil
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
@@ -277,7 +309,7 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 	}
 	st.seen |= seenRequestHeaders
 	start := time.Now()
-	rc := st.requestContext()
+	rc := getRequestContext()
 	fillRequestContext(rc, h)
 	rc.ClientIp = clientIP(attribute(req, "source.address"))
 	st.reqCtx = rc

@@ -79,9 +79,12 @@ func TestResponseChainWithoutTheRequest(t *testing.T) {
 	} {
 		k := newTestKernel(t, baseConfig, &fakeAgent{})
 		st := k.open(t)
-		st.send(t, reqHeaders(c.path, false, "", "x-api-key", "k"))
+		st.send(t, reqHeaders(c.path, false, "", "x-api-key", "k", "x-request-id", "rid-7"))
 		st.send(t, respHeaders("200", true))
 		last := k.agent.call(k.agent.ncalls() - 1)
+		if last.GetRequestId() != "rid-7" {
+			t.Errorf("%s: response phase request id %q, want rid-7", c.path, last.GetRequestId())
+		}
 		if last.GetPhase() != agentv1.PolicyPhase_RESPONSE || last.GetResponse().GetStatusCode() != 200 {
 			t.Fatalf("%s: last call %v", c.path, last)
 		}
@@ -648,4 +651,27 @@ func TestCompileChainSendsTheRequestUnlessEveryPolicySaysSo(t *testing.T) {
 			t.Errorf("%s: noRequest = %v, want %v", c.name, ch.noRequest, c.want)
 		}
 	}
+}
+
+func TestRequestDoneKeepsWhatTheResponsePhaseNeeds(t *testing.T) {
+	f := func(r *Route, wantKept bool) {
+		t.Helper()
+		st := getStream(nil)
+		defer putStream(st)
+		st.route = r
+		st.reqCtx = getRequestContext()
+		st.reqCtx.Headers["x-request-id"] = "rid"
+		st.requestID = st.reqCtx.Headers["x-request-id"]
+		st.requestDone()
+		if kept := st.reqCtx != nil; kept != wantKept {
+			t.Errorf("request context kept = %v, want %v", kept, wantKept)
+		}
+		if st.requestID != "rid" {
+			t.Errorf("request id %q", st.requestID)
+		}
+	}
+	f(&Route{}, false) // no response chain
+	f(&Route{response: chain{policies: []*agentv1.Policy{{Name: "lean"}}, noRequest: true}}, false)
+	f(&Route{response: chain{policies: []*agentv1.Policy{{Name: "hdr"}}}}, true)
+	f(nil, true) // no route: nothing is decided yet, nothing let go
 }
