@@ -48,7 +48,7 @@ var Families = []obs.Family{
 	{Name: "policy_agent_executions_total", Type: "counter", Help: "Policy executions by policy and status: ok, denied, error."},
 	{Name: "policy_agent_execution_duration_seconds", Type: "histogram", Help: "Time one policy took to execute, by policy."},
 	{Name: "policy_agent_policy_failures_total", Type: "counter", Help: "Policy failures by policy and reason: error, timeout, unknown_policy."},
-	{Name: "policy_agent_context_size_bytes", Type: "histogram", Help: "Size of the context a chain runs on, by type: request_headers, request_body, response_headers, response_body, state (headers: one chain in 8)."},
+	{Name: "policy_agent_context_size_bytes", Type: "histogram", Help: "Size of the context a chain runs on, by type: request_headers, request_body, response_headers, response_body, state (headers: one chain in 8 after the first 64)."},
 	{Name: "policy_agent_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
 	{Name: "policy_agent_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
 	{Name: "policy_agent_config_info", Type: "gauge", Help: "Always 1; the version label is the config in force (user version and content hash)."},
@@ -102,15 +102,19 @@ func (m *agentMetrics) loaded(version string) {
 	m.set.GetOrCreateGauge(`policy_agent_config_info{version=`+obs.Label(version)+`}`, func() float64 { return 1 })
 }
 
-// headerSampling is how often header sizes are recorded: one chain in headerSampling. Adding
-// up a header map's sizes on every chain was 5% of the agent's CPU; a sample describes the
-// distribution as well.
-const headerSampling = 8
+// Header sizes are recorded for the first headerExact chains and then for one chain in
+// headerSampling: adding up a header map's sizes on every chain was 5% of the agent's CPU
+// under load, and a sample describes the distribution as well.
+const (
+	headerExact    = 64
+	headerSampling = 8
+)
 
 // observeContext records the sizes of what a chain runs on: bodies and state on every chain,
 // headers on a sample.
 func (m *agentMetrics) observeContext(req *agentv1.PolicyRequest) {
-	headers := m.sampled.Add(1)%headerSampling == 0
+	n := m.sampled.Add(1)
+	headers := n <= headerExact || n%headerSampling == 0
 	if req.GetPhase() == agentv1.PolicyPhase_RESPONSE {
 		r := req.GetResponse()
 		if headers {

@@ -64,8 +64,12 @@ func TestPolicySpans(t *testing.T) {
 
 func TestContextSizeMetrics(t *testing.T) {
 	m := newAgentMetrics()
-	// Each request is observed headerSampling times in a row: its headers once, its body and
-	// state every time.
+	// The first chains' header sizes are all recorded.
+	for range headerExact {
+		m.observeContext(&agentv1.PolicyRequest{Phase: agentv1.PolicyPhase_REQUEST})
+	}
+	// Then each request is observed headerSampling times in a row: its headers once, its
+	// body and state every time.
 	for _, req := range []*agentv1.PolicyRequest{
 		{Phase: agentv1.PolicyPhase_REQUEST, Context: &agentv1.RequestContext{Headers: map[string]string{"ab": "cd"}, Body: []byte("12345")}, State: map[string]string{"k": "v"}},
 		{Phase: agentv1.PolicyPhase_RESPONSE, Response: &agentv1.ResponseContext{Headers: map[string]string{"x": "yz"}, Body: []byte("1")}},
@@ -79,7 +83,7 @@ func TestContextSizeMetrics(t *testing.T) {
 	m.set.WritePrometheus(&buf)
 	for _, want := range []string{
 		`policy_agent_context_size_bytes_sum{type="request_headers"} 4`,
-		`policy_agent_context_size_bytes_count{type="request_headers"} 2`,
+		`policy_agent_context_size_bytes_count{type="request_headers"} 66`,
 		`policy_agent_context_size_bytes_sum{type="request_body"} 40`,
 		`policy_agent_context_size_bytes_count{type="request_body"} 8`,
 		`policy_agent_context_size_bytes_sum{type="state"} 16`,

@@ -158,6 +158,9 @@ func Start(t testing.TB, bin string, env []string, args ...string) *Proc {
 	p.Cmd.Stdout = p.Logs
 	p.Cmd.Stderr = p.Logs
 	p.Cmd.Env = append(os.Environ(), env...)
+	// A child of the process that outlives it keeps its output pipe open; Wait does not wait
+	// for that longer than this once the process itself has ended.
+	p.Cmd.WaitDelay = time.Second
 	if err := p.Cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", bin, err)
 	}

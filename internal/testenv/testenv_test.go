@@ -193,7 +193,7 @@ func TestProc(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "s.sock")
 	// A process that logs each SIGHUP, and a Unix socket the test serves for WaitDial.
-	p := Start(t, sh, []string{"TESTENV_X=1"}, "-c", `trap 'echo "hup $TESTENV_X"' HUP; echo started; while :; do sleep 0.05; done`)
+	p := Start(t, sh, []string{"TESTENV_X=1"}, "-c", `trap 'echo "hup $TESTENV_X"' HUP; trap 'exit 0' TERM; echo started; while :; do sleep 0.05; done`)
 	WaitFor(t, 5*time.Second, "the shell to start", func() bool { return strings.Contains(p.Output(), "started") })
 	if got := p.Reload(t, "hup 1"); got != "hup 1" {
 		t.Fatalf("Reload = %q", got)
@@ -213,7 +213,7 @@ func TestProc(t *testing.T) {
 	}
 	p.Stop(t) // nothing to do
 
-	q := Start(t, sh, nil, "-c", "sleep 30")
+	q := Start(t, sh, nil, "-c", "exec sleep 30")
 	q.Kill()
 	if err, ok := q.Wait(time.Second); !ok || err == nil {
 		t.Fatalf("after Kill: %v, %v", err, ok)
