@@ -605,3 +605,47 @@ func TestStreamClientUnaryCallsPassThrough(t *testing.T) {
 		t.Errorf("Check: err = %v, want the agent's Unimplemented", err)
 	}
 }
+
+// eofStream is an ExecuteStream whose sends fail with io.EOF, as grpc-go reports a stream
+// that has already ended.
+type eofStream struct {
+	agentv1.PolicyAgent_ExecuteStreamClient
+}
+
+func (eofStream) SendMsg(any) error { return io.EOF }
+
+func TestStreamSendOnEndedStream(t *testing.T) {
+	c := &streamAgentClient{stuckAfter: 20 * time.Millisecond}
+	l := &lane{c: c}
+	// The receiver has learnt the stream's end: the send says so.
+	ls := &laneStream{lane: l, stream: eofStream{}, cancel: func() {}, pending: map[uint64]*call{}, failed: make(chan struct{})}
+	ls.err = errStreamEnded
+	close(ls.failed)
+	if err := ls.write(&batch.Batch{}); err == nil || !errors.Is(err, errStreamEnded) {
+		t.Errorf("write on an ended stream: %v, want %v", err, errStreamEnded)
+	}
+	// The receiver never says: the send gives up after stuckAfter with io.EOF.
+	ls = &laneStream{lane: l, stream: eofStream{}, cancel: func() {}, pending: map[uint64]*call{}, failed: make(chan struct{})}
+	start := time.Now()
+	if err := ls.write(&batch.Batch{}); !errors.Is(err, io.EOF) || time.Since(start) < 20*time.Millisecond {
+		t.Errorf("write: %v after %s, want io.EOF after the stuck timeout", err, time.Since(start))
+	}
+}
+
+func TestStreamExecuteOnClosedSender(t *testing.T) {
+	c := &streamAgentClient{stuckAfter: time.Second}
+	c.callID.Store(1)
+	l := &lane{c: c}
+	ls := &laneStream{lane: l, cancel: func() {}, pending: map[uint64]*call{}, failed: make(chan struct{})}
+	ls.sender = batch.NewSender(func(*batch.Batch) error { return nil }, ls.unsent, 1<<10)
+	ls.sender.Close(errClientClosed) // closed, but the stream not yet marked failed
+	cl := getCall(time.Second)
+	defer putCall(cl)
+	_, err, retry := ls.execute(context.Background(), cl, &agentv1.PolicyRequest{}, 1)
+	if !errors.Is(err, ErrNotDelivered) || !errors.Is(err, errClientClosed) || !retry {
+		t.Errorf("execute on a closed sender: %v (retry %v), want not delivered and a retry", err, retry)
+	}
+	if len(ls.pending) != 0 {
+		t.Errorf("the call is still pending: %v", ls.pending)
+	}
+}
