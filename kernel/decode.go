@@ -25,6 +25,10 @@ import (
 // (an unknown field, a repeated singular message, invalid UTF-8, a nested struct value) makes
 // it hand the whole message to proto.Unmarshal instead, so the result is always what the
 // standard decoder gives; a fuzz test holds it to that.
+//
+// Each message's loop over its fields is written out, although they look alike: the same
+// loops over a shared "next field" helper took 50% more time (a call and a returned struct per
+// field, about forty fields per request_headers message).
 
 func init() {
 	vtcodec.SetDecoder(func(data []byte, v any) (bool, error) {
