@@ -113,12 +113,12 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		names = append(names, m.Name)
 	}
 	exec.metrics.precreate(names)
-	tr, err := newTracer(core.Observability.Tracing, log)
+	tr, err := tracing.NewLogged(core.Observability.Tracing, tracing.Follower, "policy-agent", Version, log)
 	if err != nil {
 		return fmt.Errorf("%s: %w", f.config, err)
 	}
 	exec.SetTracer(tr)
-	defer func() { shutdownTracer(exec.SetTracer(nil)) }()
+	defer func() { exec.SetTracer(nil).Close() }()
 
 	ln, err := uds.Listen(core.SocketPath)
 	if err != nil {
@@ -206,24 +206,6 @@ func (e *Executor) readiness() (bool, any) {
 	return true, d
 }
 
-// newTracer makes the agent's tracer (nil when tracing is off); export errors go to the log,
-// at most one every ten seconds.
-func newTracer(cfg tracing.Config, log *logging.Logger) (*tracing.Tracer, error) {
-	th := logging.NewThrottle(10 * time.Second)
-	return tracing.New(cfg, tracing.Follower, "policy-agent", Version, func(err error) {
-		if th.Allow() {
-			log.Warn().Err(err).Msg("trace export failed")
-		}
-	})
-}
-
-// shutdownTracer flushes the spans of a tracer that is no longer used.
-func shutdownTracer(tr *tracing.Tracer) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	_ = tr.Shutdown(ctx)
-}
-
 // reloadAgent re-reads the config file and swaps in a new snapshot when it changed and is
 // valid. It returns the bytes now in force.
 func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) []byte {
@@ -245,7 +227,7 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 	}
 	tracingChanged := err == nil && !reflect.DeepEqual(cfg.AgentCore.Observability.Tracing, old.Observability.Tracing)
 	if tracingChanged {
-		if tr, err = newTracer(cfg.AgentCore.Observability.Tracing, log); err != nil {
+		if tr, err = tracing.NewLogged(cfg.AgentCore.Observability.Tracing, tracing.Follower, "policy-agent", Version, log); err != nil {
 			err = fmt.Errorf("%s: %w", f.config, err)
 		}
 	}
@@ -257,7 +239,7 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 	}
 	if err != nil {
 		if tr != nil {
-			shutdownTracer(tr)
+			tr.Close()
 		}
 		exec.metrics.reloadFailure.Inc()
 		log.Audit(zerolog.ErrorLevel).Str("file", f.config).Str("config_version", exec.snap.Load().version).
@@ -265,7 +247,7 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 		return current
 	}
 	if tracingChanged {
-		go shutdownTracer(exec.SetTracer(tr))
+		go exec.SetTracer(tr).Close()
 	}
 	if o := cfg.AgentCore.Observability; o.MetricsAddress != old.Observability.MetricsAddress ||
 		!reflect.DeepEqual(o.PprofEnabled, old.Observability.PprofEnabled) || !reflect.DeepEqual(o.MetricsEnabled, old.Observability.MetricsEnabled) {

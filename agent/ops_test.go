@@ -23,7 +23,7 @@ func TestPolicySpans(t *testing.T) {
 	}
 	defer col.Stop()
 	e, logs := newTestExecutor(t, testCore())
-	tr, err := newTracer(tracing.Config{Enabled: true, Endpoint: col.Addr()}, e.log)
+	tr, err := tracing.NewLogged(tracing.Config{Enabled: true, Endpoint: col.Addr()}, tracing.Follower, "policy-agent", Version, e.log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +41,7 @@ func TestPolicySpans(t *testing.T) {
 	unsampled.TraceContext = map[string]string{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
 	e.Execute(context.Background(), unsampled)
 	e.Execute(context.Background(), req(p("t.setHeader", "key", "x", "value", "1")))
-	shutdownTracer(e.SetTracer(nil))
+	e.SetTracer(nil).Close()
 	spans, ok := col.WaitFor(5*time.Second, func(s []otlptest.Span) bool { return len(s) >= 2 })
 	if !ok || len(spans) != 2 {
 		t.Fatalf("spans %+v\n%s", spans, logs)
@@ -57,7 +57,7 @@ func TestPolicySpans(t *testing.T) {
 	if spans[1].Name != "policy t.fail" || spans[1].StatusCode.String() != "STATUS_CODE_ERROR" {
 		t.Errorf("second span %+v", spans[1])
 	}
-	if off, err := newTracer(tracing.Config{}, e.log); off != nil || err != nil {
+	if off, err := tracing.NewLogged(tracing.Config{}, tracing.Follower, "policy-agent", Version, e.log); off != nil || err != nil {
 		t.Fatal("tracing off")
 	}
 }

@@ -133,12 +133,12 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	if f.validate {
 		return validateReport(stderr, f.config, data, snap)
 	}
-	tr, err := newTracer(kc.Observability.Tracing, log)
+	tr, err := tracing.NewLogged(kc.Observability.Tracing, tracing.Root, "policy-kernel", Version, log)
 	if err != nil {
 		return fmt.Errorf("%s: %w", f.config, err)
 	}
 	k.server.SetTracer(tr)
-	defer func() { shutdownTracer(k.server.SetTracer(nil)) }()
+	defer func() { k.server.SetTracer(nil).Close() }()
 	k.install(snap, data)
 	m.markReloaded()
 
@@ -298,7 +298,7 @@ func (k *Kernel) reload() {
 	var tr *tracing.Tracer
 	tracingChanged := !reflect.DeepEqual(kc.Observability.Tracing, old.Observability.Tracing)
 	if tracingChanged {
-		if tr, err = newTracer(kc.Observability.Tracing, k.log); err != nil {
+		if tr, err = tracing.NewLogged(kc.Observability.Tracing, tracing.Root, "policy-kernel", Version, k.log); err != nil {
 			k.pool.discard(agents)
 			k.reloadFailed(fmt.Errorf("%s: policy_kernel.observability.tracing: %w", file, err))
 			return
@@ -309,7 +309,7 @@ func (k *Kernel) reload() {
 	k.install(snap, data)
 	if tracingChanged {
 		prev := k.server.SetTracer(tr)
-		time.AfterFunc(grace, func() { shutdownTracer(prev) })
+		time.AfterFunc(grace, prev.Close)
 	}
 	if lvl, err := logging.ParseLevel(kc.Observability.LogLevel); err == nil {
 		k.log.SetLevel(lvl)

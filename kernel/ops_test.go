@@ -505,7 +505,7 @@ func TestReloadUnit(t *testing.T) {
 	if tk.m.reloadFailure.Get() != 3 {
 		t.Fatal("a missing file must fail the reload")
 	}
-	shutdownTracer(tk.s.SetTracer(nil))
+	tk.s.SetTracer(nil).Close()
 }
 
 // TestNewTracerLogsExportErrors points the kernel's tracer at nothing and finds the export
@@ -513,7 +513,7 @@ func TestReloadUnit(t *testing.T) {
 func TestNewTracerLogsExportErrors(t *testing.T) {
 	var buf testenv.SyncBuffer
 	log := logging.New(&buf, "kernel", zerolog.InfoLevel)
-	tr, err := newTracer(tracing.Config{Enabled: true, Endpoint: "127.0.0.1:1"}, log)
+	tr, err := tracing.NewLogged(tracing.Config{Enabled: true, Endpoint: "127.0.0.1:1"}, tracing.Root, "policy-kernel", Version, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -522,7 +522,7 @@ func TestNewTracerLogsExportErrors(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	_ = tr.Shutdown(ctx)
-	if off, err := newTracer(tracing.Config{}, log); off != nil || err != nil {
+	if off, err := tracing.NewLogged(tracing.Config{}, tracing.Root, "policy-kernel", Version, log); off != nil || err != nil {
 		t.Fatal("tracing off")
 	}
 }

@@ -2,14 +2,12 @@ package kernel
 
 import (
 	"context"
-	"time"
 
 	otelattr "go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
-	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/tracing"
 )
 
@@ -76,22 +74,4 @@ func endCallSpan(span trace.Span, resp *agentv1.PolicyResponse, err error) {
 		}
 	}
 	span.End()
-}
-
-// newTracer makes the kernel's tracer (nil when tracing is off); export errors go to the log,
-// at most one every ten seconds.
-func newTracer(cfg tracing.Config, log *logging.Logger) (*tracing.Tracer, error) {
-	th := logging.NewThrottle(10 * time.Second)
-	return tracing.New(cfg, tracing.Root, "policy-kernel", Version, func(err error) {
-		if th.Allow() {
-			log.Warn().Err(err).Msg("trace export failed")
-		}
-	})
-}
-
-// shutdownTracer flushes the spans of a tracer that is no longer used.
-func shutdownTracer(tr *tracing.Tracer) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	_ = tr.Shutdown(ctx)
 }

@@ -26,6 +26,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/secrets"
 )
 
@@ -132,6 +133,25 @@ func New(cfg Config, role Role, service, version string, onError func(error)) (*
 
 // Config returns the config the tracer was made from.
 func (t *Tracer) Config() Config { return t.cfg }
+
+// NewLogged is New with export errors written to log as warnings, at most one every ten
+// seconds.
+func NewLogged(cfg Config, role Role, service, version string, log *logging.Logger) (*Tracer, error) {
+	th := logging.NewThrottle(10 * time.Second)
+	return New(cfg, role, service, version, func(err error) {
+		if th.Allow() {
+			log.Warn().Err(err).Msg("trace export failed")
+		}
+	})
+}
+
+// Close exports the spans still buffered, waiting at most two seconds, and stops the
+// exporter: for a tracer that is no longer used. It does nothing on a nil Tracer.
+func (t *Tracer) Close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_ = t.Shutdown(ctx)
+}
 
 // Shutdown exports the spans still buffered and stops the exporter.
 func (t *Tracer) Shutdown(ctx context.Context) error {

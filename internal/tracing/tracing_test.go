@@ -10,6 +10,9 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/rs/zerolog"
+
+	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/tracing/otlptest"
 )
 
@@ -189,4 +192,29 @@ func FuzzRemote(f *testing.F) {
 			t.Fatalf("sampled but invalid: %q", tp)
 		}
 	})
+}
+
+func TestNewLoggedAndClose(t *testing.T) {
+	var logs strings.Builder
+	log := logging.New(&logs, "test", zerolog.WarnLevel)
+	if tr, err := NewLogged(Config{}, Root, "svc", "v", log); tr != nil || err != nil {
+		t.Fatalf("tracing off: %v, %v", tr, err)
+	}
+	var off *Tracer
+	off.Close() // nothing to flush
+	col, err := otlptest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer col.Stop()
+	tr, err := NewLogged(Config{Enabled: true, Endpoint: col.Addr()}, Root, "svc", "v", log)
+	if err != nil || tr == nil {
+		t.Fatalf("NewLogged: %v, %v", tr, err)
+	}
+	_, span := tr.Start(context.Background(), "op", trace.SpanKindInternal)
+	span.End()
+	tr.Close() // flushes the span
+	if spans, ok := col.WaitFor(5*time.Second, func(s []otlptest.Span) bool { return len(s) == 1 }); !ok || spans[0].Name != "op" {
+		t.Errorf("span not exported on Close: %v", spans)
+	}
 }
