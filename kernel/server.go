@@ -449,6 +449,7 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 			st.awaitReqBody = false
 			return immediateReply(resp.immediate), nil
 		}
+		st.seeEarly(resp.common.GetHeaderMutation(), agentv1.PolicyPhase_REQUEST)
 		return requestHeadersReply(resp.common, mode), nil
 	}
 	resp := s.runChain(ctx, st, agentv1.PolicyPhase_REQUEST, start, false)
@@ -526,6 +527,7 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 			st.awaitRespBody = false
 			return immediateReply(resp.immediate), nil
 		}
+		st.seeEarly(resp.common.GetHeaderMutation(), agentv1.PolicyPhase_RESPONSE)
 		return responseHeadersReply(resp.common), nil
 	}
 	resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, false)
@@ -553,6 +555,36 @@ func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.Ht
 		return immediateReply(resp.immediate), nil
 	}
 	return responseBodyReply(resp.common), nil
+}
+
+// seeEarly applies the header changes of a chain's early part to the headers that its late
+// part will be sent, as the agent does between the entries of one run, so that splitting a
+// chain changes nothing its entries see. The values are copied: they point into the agent's
+// reply, which the stream must not keep alive until the body comes.
+func (st *stream) seeEarly(hm *extprocv3.HeaderMutation, phase agentv1.PolicyPhase) {
+	h := st.respHeaders
+	if phase == agentv1.PolicyPhase_REQUEST {
+		h = st.reqCtx.Headers
+	}
+	for _, k := range hm.GetRemoveHeaders() {
+		delete(h, k)
+	}
+	for _, o := range hm.GetSetHeaders() {
+		k, v := o.GetHeader().GetKey(), string(o.GetHeader().GetRawValue())
+		switch {
+		case k == ":path" && phase == agentv1.PolicyPhase_REQUEST:
+			st.reqCtx.Path = v
+			continue
+		case k == ":status" && phase == agentv1.PolicyPhase_RESPONSE:
+			n, _ := strconv.Atoi(v)
+			st.respStatus = int32(n)
+			continue
+		}
+		if old, ok := h[k]; ok && o.GetAppend().GetValue() {
+			v = old + ", " + v
+		}
+		h[strings.Clone(k)] = v
+	}
 }
 
 // unsupportedBodyMode reports whether Envoy's body mode leaves a chain that reads the body

@@ -68,10 +68,9 @@ type chain struct {
 	// noRequest says that no policy of a response chain reads the request: it is not sent.
 	noRequest bool
 	// early and late split a chain that reads the body, for when Envoy sends the headers on
-	// before the body, or may send no body at all: early runs when the headers arrive, late on
-	// the whole body. In a request chain early is the entries before the first one that reads
-	// the body, so that the chain's order holds; in a response chain it is every entry that
-	// does not read the body, so that they apply whatever Envoy does with the body.
+	// before the body, or may send no body at all: early, the entries before the first one
+	// that reads the body, runs when the headers arrive; late, the rest, on the whole body. The
+	// entries run in the chain's order, each seeing what the ones before it did, as in one run.
 	early, late []*agentv1.Policy
 }
 
@@ -231,7 +230,7 @@ func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName str
 	c.noRequest = phase == agentv1.PolicyPhase_RESPONSE && len(c.policies) > 0 && !readsRequest
 	if c.body {
 		for i, p := range c.policies {
-			if readsBody[i] || phase == agentv1.PolicyPhase_REQUEST && len(c.late) > 0 {
+			if readsBody[i] || len(c.late) > 0 {
 				c.late = append(c.late, p)
 			} else {
 				c.early = append(c.early, p)
