@@ -349,3 +349,42 @@ func TestFullDuplexBodyRefused(t *testing.T) {
 	}
 	st.end(t)
 }
+
+func TestHeldChunksRefusedBeforeEnvoysTimeout(t *testing.T) {
+	fa := &fakeAgent{}
+	k := newTestKernel(t, bodyConfig, fa) // message_timeout_ms 200: the guard fires at 180 ms
+	route, _ := k.s.Snapshot().routes.ByName("/upload")
+	st := k.open(t)
+	st.send(t, withModes(reqHeaders("/upload", false, ""), filterv3.ProcessingMode_STREAMED, filterv3.ProcessingMode_NONE))
+	start := time.Now()
+	st.in <- chunk("ab", false, false)
+	r := st.recv(t)
+	if d := time.Since(start); errorCodeOf(r) != "request_body_incomplete" || d < 150*time.Millisecond {
+		t.Fatalf("after %v: %v", d, r)
+	}
+	// A message still in flight is not answered again.
+	st.in <- chunk("cd", true, false)
+	select {
+	case r := <-st.out:
+		t.Fatalf("answered after the refusal: %v", r)
+	case <-time.After(50 * time.Millisecond):
+	}
+	st.end(t)
+	if fa.ncalls() != 0 || route.metrics.bodyMissing[0].Get() != 1 || route.metrics.requests[statusError].Get() != 1 {
+		t.Fatalf("calls %d, missing %d, errors %d", fa.ncalls(), route.metrics.bodyMissing[0].Get(), route.metrics.requests[statusError].Get())
+	}
+	// Chunks that keep coming re-arm it: no refusal while the body flows.
+	st = k.open(t)
+	st.send(t, withModes(reqHeaders("/upload", false, ""), filterv3.ProcessingMode_STREAMED, filterv3.ProcessingMode_NONE))
+	for range 4 {
+		st.push(t, chunk("x", false, false))
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r := st.send(t, chunk("y", true, false)); r.GetRequestBody() == nil {
+		t.Fatalf("%v", r)
+	}
+	for range 4 {
+		st.recv(t)
+	}
+	st.end(t)
+}

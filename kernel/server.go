@@ -13,6 +13,7 @@ import (
 	"unicode/utf8"
 	"unsafe"
 
+	"github.com/VictoriaMetrics/metrics"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc/codes"
@@ -87,6 +88,9 @@ type stream struct {
 	held                      int
 	// pending are the held replies released by the last message's answer, sent before it.
 	pending []*extprocv3.ProcessingResponse
+	// guard refuses the exchange when held chunks wait too long; nil until a chunk is held.
+	guard *holdGuard
+	ps    extprocv3.ExternalProcessor_ProcessServer
 	// part is the part of the chain that runChain sends: partAll, partEarly or partLate.
 	part        uint8
 	respStatus  int32
@@ -221,6 +225,7 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 	defer putStream(st)
 	defer endStreamSpan(st)
 	defer s.streamEnded(st)
+	st.ps = ps
 	for {
 		req, err := ps.Recv()
 		if err != nil {
@@ -230,6 +235,9 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 				return nil
 			}
 			return err
+		}
+		if st.guard != nil && !st.guard.disarm() {
+			continue // the kernel has refused the exchange; Envoy ends the stream
 		}
 		resp, err := s.handle(ctx, st, req)
 		if err != nil {
@@ -258,12 +266,99 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 // streamEnded counts a body that a chain still waited for when the stream ended: the exchange
 // went on without the chain (Envoy sent no body, or the client went away first).
 func (s *Server) streamEnded(st *stream) {
+	what := "the stream ended"
+	if st.guard != nil && st.guard.close() {
+		what = "the message timeout passed with chunks held"
+	}
 	if st.awaitReqBody {
-		s.bodyMissing(st, agentv1.PolicyPhase_REQUEST, "the stream ended")
+		s.bodyMissing(st, agentv1.PolicyPhase_REQUEST, what)
 	}
 	if st.awaitRespBody {
-		s.bodyMissing(st, agentv1.PolicyPhase_RESPONSE, "the stream ended")
+		s.bodyMissing(st, agentv1.PolicyPhase_RESPONSE, what)
 	}
+}
+
+// holdGuard refuses an exchange whose streamed chunks are held and whose body's end does not
+// come in time: Envoy would answer 504 when its message timeout passes (or let the body through
+// with failure_mode_allow), and it holds the trailers of a streamed body until every chunk is
+// answered, so the end of such a body never comes. It lives apart from the pooled stream,
+// which its timer must never touch; the stream's goroutine disarms it before it handles a
+// message, so that only one of them ever sends.
+type holdGuard struct {
+	mu       sync.Mutex
+	ps       extprocv3.ExternalProcessor_ProcessServer
+	timer    *time.Timer
+	deadline time.Time
+	armed    bool
+	fired    bool
+	closed   bool
+	phase    agentv1.PolicyPhase
+	refusal  *extprocv3.ProcessingResponse
+	// refused counts the refusal as the phase's outcome.
+	refused *metrics.Counter
+}
+
+// arm (re)starts the guard for a held chunk of a phase: it refuses the exchange a little before
+// Envoy's message timeout, counted from the chunk as Envoy's timer is, unless a message comes
+// first.
+func (st *stream) arm(phase agentv1.PolicyPhase) {
+	budget := time.Duration(st.snap.Config.Server.MessageTimeoutMS) * time.Millisecond * 9 / 10
+	g := st.guard
+	if g == nil {
+		g = &holdGuard{ps: st.ps}
+		st.guard = g
+	}
+	g.mu.Lock()
+	if g.refusal == nil || g.phase != phase {
+		g.phase = phase
+		g.refusal = immediateReply(denial(st.snap.Config.Server.StatusOnError, "request_body_incomplete", "the end of the request body did not come within the message timeout"))
+		g.refused = st.route.metrics.requests[statusError]
+		if phase == agentv1.PolicyPhase_RESPONSE {
+			g.refusal = immediateReply(denial(500, "response_body_incomplete", "the end of the response body did not come within the message timeout"))
+			g.refused = st.route.metrics.responses[statusError]
+		}
+	}
+	g.armed, g.deadline = true, time.Now().Add(budget)
+	if g.timer == nil {
+		g.timer = time.AfterFunc(budget, g.fire)
+	} else {
+		g.timer.Reset(budget)
+	}
+	g.mu.Unlock()
+}
+
+// disarm stops the guard before a message is handled; false means it has already refused.
+func (g *holdGuard) disarm() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.armed = false
+	return !g.fired
+}
+
+// close stops the guard for good and reports whether it refused.
+func (g *holdGuard) close() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.closed = true
+	if g.timer != nil {
+		g.timer.Stop()
+	}
+	return g.fired
+}
+
+func (g *holdGuard) fire() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.armed || g.fired || g.closed {
+		return
+	}
+	if d := time.Until(g.deadline); d > 0 {
+		g.timer.Reset(d) // re-armed after this run was scheduled
+		return
+	}
+	g.fired = true
+	g.refused.Inc()
+	_ = g.ps.Send(g.refusal)
 }
 
 // bodyMissing counts and logs (throttled) a body that a chain needed and did not get.
@@ -687,6 +782,7 @@ func (s *Server) onStreamedBody(ctx context.Context, st *stream, phase agentv1.P
 	st.bodyBuf = append(st.bodyBuf, b.GetBody()...)
 	if !b.GetEndOfStream() {
 		st.held++
+		st.arm(phase)
 		return nil
 	}
 	start := time.Now()

@@ -221,3 +221,32 @@ func TestBypassBodyResponse(t *testing.T) {
 	}
 	t.Logf("reliability: bypass: streamed response body → %d %q", s.res.Status, s.res.Body)
 }
+
+// TestBypassBodyStreamedTrailers: a STREAMED body followed by trailers. Envoy holds the trailers
+// until every chunk is answered, and the kernel holds the chunks' replies until the body ends,
+// so the end never comes; when Envoy's message timeout passes, a failure_mode_allow filter
+// would let the body through unjudged. The kernel refuses first.
+func TestBypassBodyStreamedTrailers(t *testing.T) {
+	e := startBodyEnv(t)
+	cfg := envoyConfig
+	cfg.FailureModeAllow = true
+	cfg.ChunkBytes = 16
+	cfg.ProcessingMode = &extprocfilterv3.ProcessingMode{
+		RequestBodyMode:    extprocfilterv3.ProcessingMode_STREAMED,
+		RequestTrailerMode: extprocfilterv3.ProcessingMode_SEND,
+	}
+	c := e.Dial(t, cfg)
+	r := bodyRequest(strings.Repeat("a", 40) + "evil")
+	r.Trailers = [][2]string{{"x-checksum", "1"}}
+	s := play(c, "/body", r)
+	if got := s.outcome(); got != "500 request_body_incomplete" {
+		t.Errorf("streamed body with trailers, failure_mode_allow: %s, want 500 request_body_incomplete", got)
+	}
+	if s.latency > 450*time.Millisecond+margin {
+		t.Errorf("answered after %v", s.latency)
+	}
+	if n := bodyMissing(t, e, "/body", "request"); n < 1 {
+		t.Errorf("policy_kernel_body_missing_total{phase=request} = %v, want ≥ 1", n)
+	}
+	t.Logf("reliability: bypass: streamed request body with trailers, failure_mode_allow → %s in %v", s.outcome(), s.latency.Round(time.Millisecond))
+}
