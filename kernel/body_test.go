@@ -388,3 +388,27 @@ func TestHeldChunksRefusedBeforeEnvoysTimeout(t *testing.T) {
 	}
 	st.end(t)
 }
+
+func TestSecondBodyChunkAfterJudgedBodyRefused(t *testing.T) {
+	fa := &fakeAgent{}
+	k := newTestKernel(t, bodyConfig, fa)
+	// No protocol_config: the kernel takes the first body message for the whole body.
+	st := k.open(t)
+	st.send(t, reqHeaders("/upload", false, ""))
+	if r := st.send(t, chunk("ab", false, false)); r.GetRequestBody() == nil {
+		t.Fatalf("%v", r)
+	}
+	if r := st.send(t, chunk("cd", true, false)); errorCodeOf(r) != "body_not_judged_whole" {
+		t.Fatalf("%v", r)
+	}
+	st.end(t)
+	// A route that does not read the body lets its chunks through.
+	st = k.open(t)
+	st.send(t, reqHeaders("/api/v1/users", false, ""))
+	for range 2 {
+		if r := st.send(t, chunk("ab", false, false)); r.GetRequestBody() == nil {
+			t.Fatalf("%v", r)
+		}
+	}
+	st.end(t)
+}

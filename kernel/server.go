@@ -91,6 +91,8 @@ type stream struct {
 	// guard refuses the exchange when held chunks wait too long; nil until a chunk is held.
 	guard *holdGuard
 	ps    extprocv3.ExternalProcessor_ProcessServer
+	// judged says, by phase (0 request, 1 response), that a chain has run on that whole body.
+	judged [2]bool
 	// part is the part of the chain that runChain sends: partAll, partEarly or partLate.
 	part        uint8
 	respStatus  int32
@@ -559,6 +561,9 @@ func (s *Server) onRequestBody(ctx context.Context, st *stream, b *extprocv3.Htt
 		return nil, status.Error(codes.InvalidArgument, "request_body received before request_headers")
 	}
 	if !st.awaitReqBody {
+		if st.judged[0] {
+			return s.bodyStreamed(st, agentv1.PolicyPhase_REQUEST), nil
+		}
 		return requestBodyReply(nil), nil
 	}
 	if st.reqStreamed {
@@ -570,6 +575,7 @@ func (s *Server) onRequestBody(ctx context.Context, st *stream, b *extprocv3.Htt
 		return immediateReply(denial(413, "payload_too_large", "the request body exceeds the size limit")), nil
 	}
 	st.reqCtx.Body = b.GetBody()
+	st.judged[0] = true
 	resp := s.runChain(ctx, st, agentv1.PolicyPhase_REQUEST, start, true)
 	st.reqCtx.Body = nil // the response phase does not need it
 	if resp.immediate != nil {
@@ -634,6 +640,9 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 
 func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.HttpBody) (*extprocv3.ProcessingResponse, error) {
 	if !st.awaitRespBody {
+		if st.judged[1] {
+			return s.bodyStreamed(st, agentv1.PolicyPhase_RESPONSE), nil
+		}
 		return responseBodyReply(nil), nil
 	}
 	if st.respStreamed {
@@ -645,6 +654,7 @@ func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.Ht
 		return immediateReply(denial(500, "response_too_large", "the response body exceeds the size limit")), nil
 	}
 	st.respBody = b.GetBody()
+	st.judged[1] = true
 	resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, true)
 	if resp.immediate != nil {
 		return immediateReply(resp.immediate), nil
@@ -680,6 +690,23 @@ func (st *stream) seeEarly(hm *extprocv3.HeaderMutation, phase agentv1.PolicyPha
 		}
 		h[strings.Clone(k)] = v
 	}
+}
+
+// bodyStreamed refuses a second body message after a chain has judged a body that Envoy's
+// protocol_config did not say was streamed: Envoy sends a buffered body in one message, so the
+// chain judged the first chunk of a streamed one, and the rest must not follow it unjudged.
+func (s *Server) bodyStreamed(st *stream, phase agentv1.PolicyPhase) *extprocv3.ProcessingResponse {
+	st.phase = phase
+	st.outcome(statusError)
+	if s.bodyLog.Allow() {
+		s.log.Error().Str("route", st.route.Name).Str("request_id", st.requestID).Str("phase", strings.ToLower(phase.String())).
+			Msg("denied: a body came in chunks although Envoy's protocol_config did not say it was streamed")
+	}
+	code := st.snap.Config.Server.StatusOnError
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		code = 500
+	}
+	return immediateReply(denial(code, "body_not_judged_whole", "the body came in chunks that the policies could not judge together"))
 }
 
 // unsupportedBodyMode reports whether Envoy's body mode leaves a chain that reads the body
