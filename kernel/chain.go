@@ -24,16 +24,28 @@ var skipResponseMode = &filterv3.ProcessingMode{
 	ResponseTrailerMode: filterv3.ProcessingMode_SKIP,
 }
 
-// mode returns the processing mode the route needs, sent as mode_override on the reply to
+// modeFor returns the processing mode the route needs, sent as mode_override on the reply to
 // request_headers (Envoy honours it when the filter sets allow_mode_override): a buffered body
-// only for a chain that reads one, and no response messages for a route without a response
-// chain. nil leaves Envoy's configured mode alone, which is what the route needs when it
-// matches Envoy's defaults.
-func (r *Route) mode() *filterv3.ProcessingMode {
-	return r.procMode
+// only for a chain that reads one, the trailers of such a body (they tell the kernel that no
+// body comes), and no response messages for a route without a response chain. A body that
+// Envoy's filter config streams (protocol_config) stays STREAMED: were it overridden to
+// BUFFERED, the kernel could not tell whether Envoy honoured the override, and so whether a
+// body message is the whole body or its first chunk. nil leaves Envoy's configured mode
+// alone, which is what the route needs when it matches Envoy's defaults.
+func (r *Route) modeFor(reqBody, respBody filterv3.ProcessingMode_BodySendMode) *filterv3.ProcessingMode {
+	i := 0
+	if reqBody == filterv3.ProcessingMode_STREAMED {
+		i |= 1
+	}
+	if respBody == filterv3.ProcessingMode_STREAMED {
+		i |= 2
+	}
+	return r.procModes[i]
 }
 
-func computeMode(r *Route) *filterv3.ProcessingMode {
+// computeMode computes a mode of modeFor: reqStreamed and respStreamed say that Envoy's filter
+// config streams that body.
+func computeMode(r *Route, reqStreamed, respStreamed bool) *filterv3.ProcessingMode {
 	if r.invalid != "" {
 		return nil
 	}
@@ -51,14 +63,22 @@ func computeMode(r *Route) *filterv3.ProcessingMode {
 		RequestTrailerMode:  filterv3.ProcessingMode_SKIP,
 		ResponseTrailerMode: filterv3.ProcessingMode_SKIP,
 	}
+	bodyMode := func(streamed bool) filterv3.ProcessingMode_BodySendMode {
+		if streamed {
+			return filterv3.ProcessingMode_STREAMED
+		}
+		return filterv3.ProcessingMode_BUFFERED
+	}
 	if r.request.body {
-		m.RequestBodyMode = filterv3.ProcessingMode_BUFFERED
+		m.RequestBodyMode = bodyMode(reqStreamed)
+		m.RequestTrailerMode = filterv3.ProcessingMode_SEND
 	}
 	if r.response.empty() {
 		m.ResponseHeaderMode = filterv3.ProcessingMode_SKIP
 	}
 	if r.response.body {
-		m.ResponseBodyMode = filterv3.ProcessingMode_BUFFERED
+		m.ResponseBodyMode = bodyMode(respStreamed)
+		m.ResponseTrailerMode = filterv3.ProcessingMode_SEND
 	}
 	return m
 }
@@ -85,7 +105,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	req := &st.call.req
 	*req = agentv1.PolicyRequest{
 		RequestId: st.requestID,
-		Policies:  ch.policies,
+		Policies:  ch.part(st.part),
 		Context:   st.reqCtx,
 		Phase:     phase,
 		State:     st.state,
@@ -167,6 +187,9 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 // requests by the request phase's decision; response-phase decisions have their own counter.
 func (st *stream) outcome(status string) {
 	st.result = status
+	if st.part == partEarly && (status == statusAllow || status == statusFailOpen) {
+		return // the part that reads the body decides; it is counted then
+	}
 	if st.phase == agentv1.PolicyPhase_RESPONSE {
 		st.route.metrics.responses[status].Inc()
 		return

@@ -43,6 +43,8 @@ type routeMetrics struct {
 	responses map[string]*metrics.Counter
 	duration  *metrics.PrometheusHistogram
 	rejected  *metrics.Counter
+	// bodyMissing counts, by phase (0 request, 1 response), bodies a chain needed and did not get.
+	bodyMissing [2]*metrics.Counter
 }
 
 // durationBuckets are the upper bounds of policy_kernel_request_duration_seconds: fine below
@@ -62,6 +64,7 @@ var Families = []obs.Family{
 	{Name: "policy_kernel_config_info", Type: "gauge", Help: "Always 1; the version label is the config in force (user version and content hash)."},
 	{Name: "policy_kernel_protocol_errors_total", Type: "counter", Help: "ext_proc streams ended because Envoy's messages broke the protocol."},
 	{Name: "policy_kernel_mutations_rejected_total", Type: "counter", Help: "Header mutations dropped because Envoy's mutation rules would reject them, by route and agent."},
+	{Name: "policy_kernel_body_missing_total", Type: "counter", Help: "Bodies a chain reads that Envoy did not send (allow_mode_override off, a body mode of NONE, trailers without a body, or an exchange that ended first), by route, agent and phase; a request is refused when a message still arrives to answer."},
 	{Name: "policy_kernel_streams_active", Type: "gauge", Help: "ext_proc streams open now."},
 }
 
@@ -118,6 +121,11 @@ func (m *kernelMetrics) forRoute(route, agent string) *routeMetrics {
 	rname := `policy_kernel_mutations_rejected_total{` + labels + `}`
 	rm.rejected = m.set.GetOrCreateCounter(rname)
 	rm.names = append(rm.names, dname, rname)
+	for i, phase := range []string{"request", "response"} {
+		name := `policy_kernel_body_missing_total{` + labels + `,phase="` + phase + `"}`
+		rm.bodyMissing[i] = m.set.GetOrCreateCounter(name)
+		rm.names = append(rm.names, name)
+	}
 	m.routes[key] = rm
 	return rm
 }

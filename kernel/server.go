@@ -13,6 +13,7 @@ import (
 	"unicode/utf8"
 	"unsafe"
 
+	"github.com/VictoriaMetrics/metrics"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc/codes"
@@ -43,7 +44,7 @@ type Server struct {
 
 	// One throttle per kind of failure, so that a failure a client can cause at will (a
 	// policy error, a broken stream) cannot keep the others out of the log.
-	protocolLog, agentLog, replyLog, policyLog, invalidLog *logging.Throttle
+	protocolLog, agentLog, replyLog, policyLog, invalidLog, bodyLog *logging.Throttle
 }
 
 // NewServer returns a server with no snapshot; Store gives it one.
@@ -56,6 +57,7 @@ func NewServer(log *logging.Logger, m *kernelMetrics) *Server {
 		replyLog:    logging.NewThrottle(5 * time.Second),
 		policyLog:   logging.NewThrottle(5 * time.Second),
 		invalidLog:  logging.NewThrottle(5 * time.Second),
+		bodyLog:     logging.NewThrottle(5 * time.Second),
 	}
 }
 
@@ -75,9 +77,27 @@ type stream struct {
 	state     map[string]string
 	// awaitReqBody and awaitRespBody say that a chain waits for the body of its phase.
 	awaitReqBody, awaitRespBody bool
-	respStatus                  int32
-	respHeaders                 map[string]string
-	respBody                    []byte
+	// cfgReqBody and cfgRespBody are the body modes of Envoy's filter config, from the
+	// protocol_config of the first message.
+	cfgReqBody, cfgRespBody filterv3.ProcessingMode_BodySendMode
+	// reqStreamed and respStreamed say that the awaited body comes in STREAMED chunks: they are
+	// gathered in bodyBuf and their replies held (held counts them) until the last one, so that
+	// Envoy forwards none before the chain has judged the whole body.
+	reqStreamed, respStreamed bool
+	bodyBuf                   []byte
+	held                      int
+	// pending are the held replies released by the last message's answer, sent before it.
+	pending []*extprocv3.ProcessingResponse
+	// guard refuses the exchange when held chunks wait too long; nil until a chunk is held.
+	guard *holdGuard
+	ps    extprocv3.ExternalProcessor_ProcessServer
+	// judged says, by phase (0 request, 1 response), that a chain has run on that whole body.
+	judged [2]bool
+	// part is the part of the chain that runChain sends: partAll, partEarly or partLate.
+	part        uint8
+	respStatus  int32
+	respHeaders map[string]string
+	respBody    []byte
 	// phase is the phase whose chain runs, for counting its outcome.
 	phase agentv1.PolicyPhase
 	// result is the outcome of the last phase, for the stream's span.
@@ -103,6 +123,9 @@ type agentCall struct {
 // maxPooledHeaders caps the header maps a pooled stream keeps: a map grown by an unusual
 // request is dropped rather than kept alive in the pool.
 const maxPooledHeaders = 64
+
+// maxPooledBody caps the streamed-body buffer a pooled stream keeps.
+const maxPooledBody = 64 << 10
 
 const (
 	seenRequestHeaders uint8 = 1 << iota
@@ -131,8 +154,11 @@ func (st *stream) reset() {
 	if st.reqCtx != nil {
 		putRequestContext(st.reqCtx)
 	}
-	rh, call := st.respBuf, st.call
+	rh, call, buf := st.respBuf, st.call, st.bodyBuf
 	*st = stream{}
+	if cap(buf) <= maxPooledBody {
+		st.bodyBuf = buf[:0]
+	}
 	if call != nil {
 		call.req = agentv1.PolicyRequest{}
 		call.resp = agentv1.ResponseContext{}
@@ -200,6 +226,8 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 	st := getStream(snap)
 	defer putStream(st)
 	defer endStreamSpan(st)
+	defer s.streamEnded(st)
+	st.ps = ps
 	for {
 		req, err := ps.Recv()
 		if err != nil {
@@ -210,6 +238,9 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 			}
 			return err
 		}
+		if st.guard != nil && !st.guard.disarm() {
+			continue // the kernel has refused the exchange; Envoy ends the stream
+		}
 		resp, err := s.handle(ctx, st, req)
 		if err != nil {
 			s.metrics.protocolErrors.Inc()
@@ -218,10 +249,143 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 			}
 			return err
 		}
+		if resp == nil {
+			continue // a streamed chunk whose reply is held until the chain has decided
+		}
+		for i, r := range st.pending {
+			st.pending[i] = nil
+			if err := ps.Send(r); err != nil {
+				return nil
+			}
+		}
+		st.pending = st.pending[:0]
 		if err := ps.Send(resp); err != nil {
 			return nil // the stream is gone; Envoy has given up on it
 		}
 	}
+}
+
+// streamEnded counts a body that a chain still waited for when the stream ended: the exchange
+// went on without the chain (Envoy sent no body, or the client went away first).
+func (s *Server) streamEnded(st *stream) {
+	what := "the stream ended"
+	if st.guard != nil && st.guard.close() {
+		what = "the message timeout passed with chunks held"
+	}
+	if st.awaitReqBody {
+		s.bodyMissing(st, agentv1.PolicyPhase_REQUEST, what)
+	}
+	if st.awaitRespBody {
+		s.bodyMissing(st, agentv1.PolicyPhase_RESPONSE, what)
+	}
+}
+
+// holdGuard refuses an exchange whose streamed chunks are held and whose body's end does not
+// come in time: Envoy would answer 504 when its message timeout passes (or let the body through
+// with failure_mode_allow), and it holds the trailers of a streamed body until every chunk is
+// answered, so the end of such a body never comes. It lives apart from the pooled stream,
+// which its timer must never touch; the stream's goroutine disarms it before it handles a
+// message, so that only one of them ever sends.
+type holdGuard struct {
+	mu       sync.Mutex
+	ps       extprocv3.ExternalProcessor_ProcessServer
+	timer    *time.Timer
+	deadline time.Time
+	armed    bool
+	fired    bool
+	closed   bool
+	phase    agentv1.PolicyPhase
+	refusal  *extprocv3.ProcessingResponse
+	// refused counts the refusal as the phase's outcome.
+	refused *metrics.Counter
+}
+
+// arm (re)starts the guard for a held chunk of a phase: it refuses the exchange a little before
+// Envoy's message timeout, counted from the chunk as Envoy's timer is, unless a message comes
+// first.
+func (st *stream) arm(phase agentv1.PolicyPhase) {
+	budget := time.Duration(st.snap.Config.Server.MessageTimeoutMS) * time.Millisecond * 9 / 10
+	g := st.guard
+	if g == nil {
+		g = &holdGuard{ps: st.ps}
+		st.guard = g
+	}
+	g.mu.Lock()
+	if g.refusal == nil || g.phase != phase {
+		g.phase = phase
+		g.refusal = immediateReply(denial(st.snap.Config.Server.StatusOnError, "request_body_incomplete", "the end of the request body did not come within the message timeout"))
+		g.refused = st.route.metrics.requests[statusError]
+		if phase == agentv1.PolicyPhase_RESPONSE {
+			g.refusal = immediateReply(denial(500, "response_body_incomplete", "the end of the response body did not come within the message timeout"))
+			g.refused = st.route.metrics.responses[statusError]
+		}
+	}
+	g.armed, g.deadline = true, time.Now().Add(budget)
+	if g.timer == nil {
+		g.timer = time.AfterFunc(budget, g.fire)
+	} else {
+		g.timer.Reset(budget)
+	}
+	g.mu.Unlock()
+}
+
+// disarm stops the guard before a message is handled; false means it has already refused.
+func (g *holdGuard) disarm() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.armed = false
+	return !g.fired
+}
+
+// close stops the guard for good and reports whether it refused.
+func (g *holdGuard) close() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.closed = true
+	if g.timer != nil {
+		g.timer.Stop()
+	}
+	return g.fired
+}
+
+func (g *holdGuard) fire() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.armed || g.fired || g.closed {
+		return
+	}
+	if d := time.Until(g.deadline); d > 0 {
+		g.timer.Reset(d) // re-armed after this run was scheduled
+		return
+	}
+	g.fired = true
+	g.refused.Inc()
+	_ = g.ps.Send(g.refusal)
+}
+
+// bodyMissing counts and logs (throttled) a body that a chain needed and did not get.
+func (s *Server) bodyMissing(st *stream, phase agentv1.PolicyPhase, what string) {
+	i := 0
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		i = 1
+		st.awaitRespBody = false
+	} else {
+		st.awaitReqBody = false
+	}
+	st.route.metrics.bodyMissing[i].Inc()
+	if s.bodyLog.Allow() {
+		s.log.Error().Str("route", st.route.Name).Str("request_id", st.requestID).Str("phase", strings.ToLower(phase.String())).
+			Str("body_mode", filterv3.ProcessingMode_BodySendMode_name[int32(st.cfgBody(phase))]).
+			Msg(what + " before the body that the chain reads: Envoy must allow mode overrides or buffer the body (see the README)")
+	}
+}
+
+// cfgBody returns the body mode of Envoy's filter config for a phase.
+func (st *stream) cfgBody(phase agentv1.PolicyPhase) filterv3.ProcessingMode_BodySendMode {
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		return st.cfgRespBody
+	}
+	return st.cfgReqBody
 }
 
 func (s *Server) handle(ctx context.Context, st *stream, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
@@ -239,13 +403,26 @@ func (s *Server) handle(ctx context.Context, st *stream, req *extprocv3.Processi
 		}
 		return resp, err
 	case *extprocv3.ProcessingRequest_RequestTrailers:
-		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{RequestTrailers: &extprocv3.TrailersResponse{}}}, nil
+		if st.awaitReqBody {
+			resp := s.onTrailersAwaitingBody(ctx, st, agentv1.PolicyPhase_REQUEST)
+			st.requestDone()
+			return resp, nil
+		}
+		return trailersReply(agentv1.PolicyPhase_REQUEST), nil
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		if st.awaitReqBody {
+			// The request went upstream while its chain waited for the body: it was never
+			// judged, and its response must not reach the client.
+			return s.bodyNotReceived(st, agentv1.PolicyPhase_REQUEST), nil
+		}
 		return s.onResponseHeaders(ctx, st, v.ResponseHeaders)
 	case *extprocv3.ProcessingRequest_ResponseBody:
 		return s.onResponseBody(ctx, st, v.ResponseBody)
 	case *extprocv3.ProcessingRequest_ResponseTrailers:
-		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{ResponseTrailers: &extprocv3.TrailersResponse{}}}, nil
+		if st.awaitRespBody {
+			return s.onTrailersAwaitingBody(ctx, st, agentv1.PolicyPhase_RESPONSE), nil
+		}
+		return trailersReply(agentv1.PolicyPhase_RESPONSE), nil
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "processing request holds no known message (%T)", v)
 	}
@@ -290,6 +467,13 @@ func responseBodyReply(c *extprocv3.CommonResponse) *extprocv3.ProcessingRespons
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{ResponseBody: &extprocv3.BodyResponse{Response: c}}}
 }
 
+func trailersReply(phase agentv1.PolicyPhase) *extprocv3.ProcessingResponse {
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{ResponseTrailers: &extprocv3.TrailersResponse{}}}
+	}
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{RequestTrailers: &extprocv3.TrailersResponse{}}}
+}
+
 func immediateReply(ir *extprocv3.ImmediateResponse) *extprocv3.ProcessingResponse {
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{ImmediateResponse: ir}}
 }
@@ -308,6 +492,9 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 		return nil, status.Error(codes.InvalidArgument, "request_headers received twice on one stream")
 	}
 	st.seen |= seenRequestHeaders
+	if pc := req.GetProtocolConfig(); pc != nil {
+		st.cfgReqBody, st.cfgRespBody = pc.GetRequestBodyMode(), pc.GetResponseBodyMode()
+	}
 	start := time.Now()
 	rc := getRequestContext()
 	fillRequestContext(rc, h)
@@ -328,14 +515,39 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 		}
 		return immediateReply(denial(st.snap.Config.Server.StatusOnError, "invalid_route", "the route's policy chain is invalid")), nil
 	}
-	mode := route.mode()
+	if unsupportedBodyMode(st.cfgReqBody, route.request.body) || unsupportedBodyMode(st.cfgRespBody, route.response.body) {
+		// The kernel cannot hold a FULL_DUPLEX_STREAMED body, and Envoy ignores overrides then.
+		route.metrics.requests[statusError].Inc()
+		st.result = statusError
+		if s.bodyLog.Allow() {
+			s.log.Error().Str("route", route.Name).Str("request_id", st.requestID).Msg("request denied: the route's chain reads a body that Envoy's filter config sends FULL_DUPLEX_STREAMED")
+		}
+		return immediateReply(denial(st.snap.Config.Server.StatusOnError, "unsupported_body_mode", "the route's policies read a body that Envoy cannot hold for them")), nil
+	}
+	mode := route.modeFor(st.cfgReqBody, st.cfgRespBody)
 	if route.request.empty() {
 		route.metrics.requests[statusAllow].Inc()
 		return requestHeadersReply(nil, mode), nil
 	}
 	if route.request.body && !h.GetEndOfStream() {
 		st.awaitReqBody = true
-		return requestHeadersReply(nil, mode), nil
+		if st.cfgReqBody != filterv3.ProcessingMode_STREAMED || len(route.request.early) == 0 {
+			st.reqStreamed = st.cfgReqBody == filterv3.ProcessingMode_STREAMED
+			return requestHeadersReply(nil, mode), nil
+		}
+		// Streamed: the headers go upstream on this reply, before the body, so the entries
+		// before the first one that reads the body run now, while their header changes can
+		// still be made.
+		st.reqStreamed = true
+		st.part = partEarly
+		resp := s.runChain(ctx, st, agentv1.PolicyPhase_REQUEST, start, false)
+		st.part = partLate
+		if resp.immediate != nil {
+			st.awaitReqBody = false
+			return immediateReply(resp.immediate), nil
+		}
+		st.seeEarly(resp.common.GetHeaderMutation(), agentv1.PolicyPhase_REQUEST)
+		return requestHeadersReply(resp.common, mode), nil
 	}
 	resp := s.runChain(ctx, st, agentv1.PolicyPhase_REQUEST, start, false)
 	if resp.immediate != nil {
@@ -349,7 +561,13 @@ func (s *Server) onRequestBody(ctx context.Context, st *stream, b *extprocv3.Htt
 		return nil, status.Error(codes.InvalidArgument, "request_body received before request_headers")
 	}
 	if !st.awaitReqBody {
+		if st.judged[0] {
+			return s.bodyStreamed(st, agentv1.PolicyPhase_REQUEST), nil
+		}
 		return requestBodyReply(nil), nil
+	}
+	if st.reqStreamed {
+		return s.onStreamedBody(ctx, st, agentv1.PolicyPhase_REQUEST, b), nil
 	}
 	start := time.Now()
 	st.awaitReqBody = false
@@ -357,6 +575,7 @@ func (s *Server) onRequestBody(ctx context.Context, st *stream, b *extprocv3.Htt
 		return immediateReply(denial(413, "payload_too_large", "the request body exceeds the size limit")), nil
 	}
 	st.reqCtx.Body = b.GetBody()
+	st.judged[0] = true
 	resp := s.runChain(ctx, st, agentv1.PolicyPhase_REQUEST, start, true)
 	st.reqCtx.Body = nil // the response phase does not need it
 	if resp.immediate != nil {
@@ -370,6 +589,7 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 		return nil, status.Error(codes.InvalidArgument, "response_headers received twice on one stream")
 	}
 	st.seen |= seenResponseHeaders
+	st.part = partAll
 	route := st.route
 	if route == nil || route.invalid != "" || route.response.empty() {
 		return responseHeadersReply(nil), nil
@@ -389,7 +609,27 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 	joinRepeated(st.respHeaders, rep)
 	if route.response.body && !h.GetEndOfStream() {
 		st.awaitRespBody = true
-		return responseHeadersReply(nil), nil
+		st.respStreamed = st.cfgRespBody == filterv3.ProcessingMode_STREAMED
+		if st.cfgRespBody == filterv3.ProcessingMode_BUFFERED {
+			// Envoy holds the headers until the whole body's reply: the chain runs on it.
+			return responseHeadersReply(nil), nil
+		}
+		// Envoy may send no body (a mode override it did not honour) or send the headers on
+		// before it (STREAMED): the entries that do not read the body run now, the others on
+		// the body.
+		if len(route.response.early) == 0 {
+			st.part = partLate
+			return responseHeadersReply(nil), nil
+		}
+		st.part = partEarly
+		resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, false)
+		st.part = partLate
+		if resp.immediate != nil {
+			st.awaitRespBody = false
+			return immediateReply(resp.immediate), nil
+		}
+		st.seeEarly(resp.common.GetHeaderMutation(), agentv1.PolicyPhase_RESPONSE)
+		return responseHeadersReply(resp.common), nil
 	}
 	resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, false)
 	if resp.immediate != nil {
@@ -400,7 +640,13 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 
 func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.HttpBody) (*extprocv3.ProcessingResponse, error) {
 	if !st.awaitRespBody {
+		if st.judged[1] {
+			return s.bodyStreamed(st, agentv1.PolicyPhase_RESPONSE), nil
+		}
 		return responseBodyReply(nil), nil
+	}
+	if st.respStreamed {
+		return s.onStreamedBody(ctx, st, agentv1.PolicyPhase_RESPONSE, b), nil
 	}
 	start := time.Now()
 	st.awaitRespBody = false
@@ -408,11 +654,196 @@ func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.Ht
 		return immediateReply(denial(500, "response_too_large", "the response body exceeds the size limit")), nil
 	}
 	st.respBody = b.GetBody()
+	st.judged[1] = true
 	resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, true)
 	if resp.immediate != nil {
 		return immediateReply(resp.immediate), nil
 	}
 	return responseBodyReply(resp.common), nil
+}
+
+// seeEarly applies the header changes of a chain's early part to the headers that its late
+// part will be sent, as the agent does between the entries of one run, so that splitting a
+// chain changes nothing its entries see. The values are copied: they point into the agent's
+// reply, which the stream must not keep alive until the body comes.
+func (st *stream) seeEarly(hm *extprocv3.HeaderMutation, phase agentv1.PolicyPhase) {
+	h := st.respHeaders
+	if phase == agentv1.PolicyPhase_REQUEST {
+		h = st.reqCtx.Headers
+	}
+	for _, k := range hm.GetRemoveHeaders() {
+		delete(h, k)
+	}
+	for _, o := range hm.GetSetHeaders() {
+		k, v := o.GetHeader().GetKey(), string(o.GetHeader().GetRawValue())
+		switch {
+		case k == ":path" && phase == agentv1.PolicyPhase_REQUEST:
+			st.reqCtx.Path = v
+			continue
+		case k == ":status" && phase == agentv1.PolicyPhase_RESPONSE:
+			n, _ := strconv.Atoi(v)
+			st.respStatus = int32(n)
+			continue
+		}
+		if old, ok := h[k]; ok && o.GetAppend().GetValue() {
+			v = old + ", " + v
+		}
+		h[strings.Clone(k)] = v
+	}
+}
+
+// bodyStreamed refuses a second body message after a chain has judged a body that Envoy's
+// protocol_config did not say was streamed: Envoy sends a buffered body in one message, so the
+// chain judged the first chunk of a streamed one, and the rest must not follow it unjudged.
+func (s *Server) bodyStreamed(st *stream, phase agentv1.PolicyPhase) *extprocv3.ProcessingResponse {
+	st.phase = phase
+	st.outcome(statusError)
+	if s.bodyLog.Allow() {
+		s.log.Error().Str("route", st.route.Name).Str("request_id", st.requestID).Str("phase", strings.ToLower(phase.String())).
+			Msg("denied: a body came in chunks although Envoy's protocol_config did not say it was streamed")
+	}
+	code := st.snap.Config.Server.StatusOnError
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		code = 500
+	}
+	return immediateReply(denial(code, "body_not_judged_whole", "the body came in chunks that the policies could not judge together"))
+}
+
+// unsupportedBodyMode reports whether Envoy's body mode leaves a chain that reads the body
+// unable to judge it: FULL_DUPLEX_STREAMED, which the kernel does not speak and which Envoy does
+// not let a mode override change.
+func unsupportedBodyMode(m filterv3.ProcessingMode_BodySendMode, readsBody bool) bool {
+	return readsBody && m == filterv3.ProcessingMode_FULL_DUPLEX_STREAMED
+}
+
+// bodyNotReceived refuses an exchange whose chain waited for a body that Envoy did not send:
+// the request with status_on_error, the response with 500.
+func (s *Server) bodyNotReceived(st *stream, phase agentv1.PolicyPhase) *extprocv3.ProcessingResponse {
+	s.bodyMissing(st, phase, "a "+strings.ToLower(phase.String())+" message other than the body arrived")
+	st.phase = phase
+	st.outcome(statusError)
+	st.held = 0
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		return immediateReply(denial(500, "response_body_not_received", "the response body that the route's policies read was not received"))
+	}
+	return immediateReply(denial(st.snap.Config.Server.StatusOnError, "request_body_not_received", "the request body that the route's policies read was not received"))
+}
+
+// onTrailersAwaitingBody answers trailers that arrive while a chain waits for the body. When
+// Envoy surely buffers or streams that body, the trailers mean the body is complete (streamed)
+// or empty (buffered: Envoy sends a buffered body before the trailers), and the chain runs on
+// it while the message is still held. Otherwise Envoy may have sent the body on without
+// showing it (a mode override it did not honour): refused.
+func (s *Server) onTrailersAwaitingBody(ctx context.Context, st *stream, phase agentv1.PolicyPhase) *extprocv3.ProcessingResponse {
+	streamed := st.reqStreamed
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		streamed = st.respStreamed
+	}
+	if st.held > 0 || !streamed && st.cfgBody(phase) != filterv3.ProcessingMode_BUFFERED {
+		return s.bodyNotReceived(st, phase)
+	}
+	start := time.Now()
+	resp := s.runOnBody(ctx, st, phase, start, st.bodyBuf, false)
+	st.bodyBuf = st.bodyBuf[:0]
+	if resp.immediate != nil {
+		return immediateReply(resp.immediate)
+	}
+	if r := s.headersSent(st, resp.common); r != nil {
+		return r
+	}
+	return trailersReply(phase)
+}
+
+// runOnBody runs the chain (or its late part) of a phase on a whole body.
+func (s *Server) runOnBody(ctx context.Context, st *stream, phase agentv1.PolicyPhase, start time.Time, body []byte, inBody bool) chainResult {
+	if phase == agentv1.PolicyPhase_RESPONSE {
+		st.awaitRespBody = false
+		st.respBody = body
+		return s.runChain(ctx, st, phase, start, inBody)
+	}
+	st.awaitReqBody = false
+	st.reqCtx.Body = body
+	resp := s.runChain(ctx, st, phase, start, inBody)
+	st.reqCtx.Body = nil
+	return resp
+}
+
+// headersSent refuses a chain's answer that changes headers Envoy has already sent on (a
+// streamed body) or that a trailers reply cannot change: forwarding the message without the
+// change would forward one the chain did not approve. Removing content-length is no change
+// there, as Envoy already removed it for a streamed body.
+func (s *Server) headersSent(st *stream, c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
+	hm := c.GetHeaderMutation()
+	if len(hm.GetSetHeaders()) == 0 && (len(hm.GetRemoveHeaders()) == 0 || len(hm.GetRemoveHeaders()) == 1 && hm.GetRemoveHeaders()[0] == "content-length") {
+		return nil
+	}
+	st.outcome(statusError)
+	if s.bodyLog.Allow() {
+		s.log.Error().Str("route", st.route.Name).Str("request_id", st.requestID).Str("phase", strings.ToLower(st.phase.String())).
+			Msg("denied: a policy that reads the body changed headers that Envoy no longer holds; have Envoy buffer the body")
+	}
+	code := st.snap.Config.Server.StatusOnError
+	if st.phase == agentv1.PolicyPhase_RESPONSE {
+		code = 500
+	}
+	return immediateReply(denial(code, "headers_already_sent", "a policy changed headers after Envoy had sent them on"))
+}
+
+// onStreamedBody gathers a STREAMED body. Envoy forwards a chunk once it has the chunk's reply,
+// so every reply is held until the last chunk: then the chain runs on the whole body, and the
+// held replies go out in order, the first carrying the new body when the chain changed it and
+// the others clearing their chunks. A body over max_body_size_bytes is refused at once.
+func (s *Server) onStreamedBody(ctx context.Context, st *stream, phase agentv1.PolicyPhase, b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
+	if len(st.bodyBuf)+len(b.GetBody()) > st.snap.Config.Server.MaxBodySizeBytes {
+		st.held = 0
+		st.bodyBuf = st.bodyBuf[:0]
+		st.phase = phase
+		st.outcome(statusDeny)
+		if phase == agentv1.PolicyPhase_RESPONSE {
+			st.awaitRespBody = false
+			return immediateReply(denial(500, "response_too_large", "the response body exceeds the size limit"))
+		}
+		st.awaitReqBody = false
+		return immediateReply(denial(413, "payload_too_large", "the request body exceeds the size limit"))
+	}
+	st.bodyBuf = append(st.bodyBuf, b.GetBody()...)
+	if !b.GetEndOfStream() {
+		st.held++
+		st.arm(phase)
+		return nil
+	}
+	start := time.Now()
+	resp := s.runOnBody(ctx, st, phase, start, st.bodyBuf, true)
+	st.bodyBuf = st.bodyBuf[:0]
+	if resp.immediate != nil {
+		st.held = 0
+		return immediateReply(resp.immediate)
+	}
+	if r := s.headersSent(st, resp.common); r != nil {
+		st.held = 0
+		return r
+	}
+	bm := resp.common.GetBodyMutation()
+	reply := func(first bool) *extprocv3.ProcessingResponse {
+		var c *extprocv3.CommonResponse
+		switch {
+		case bm == nil:
+		case first:
+			c = &extprocv3.CommonResponse{BodyMutation: bm}
+		default:
+			c = &extprocv3.CommonResponse{BodyMutation: &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_ClearBody{ClearBody: true}}}
+		}
+		if phase == agentv1.PolicyPhase_RESPONSE {
+			return responseBodyReply(c)
+		}
+		return requestBodyReply(c)
+	}
+	for i := range st.held {
+		st.pending = append(st.pending, reply(i == 0))
+	}
+	last := reply(st.held == 0)
+	st.held = 0
+	return last
 }
 
 // headerValue returns a header's value: Envoy sends raw_value only; value is read for clients

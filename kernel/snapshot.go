@@ -51,9 +51,11 @@ type Route struct {
 	request  chain
 	response chain
 	// invalid is why requests on the route are denied: a policy its agent does not have.
-	invalid  string
-	metrics  *routeMetrics
-	procMode *filterv3.ProcessingMode
+	invalid string
+	metrics *routeMetrics
+	// procModes are the mode overrides the route needs, by whether Envoy streams the request
+	// body (bit 0) and the response body (bit 1) of a chain that reads it; see modeFor.
+	procModes [4]*filterv3.ProcessingMode
 	// droppedLogged makes the first dropped mutation of a route the only one logged.
 	droppedLogged atomic.Bool
 }
@@ -65,6 +67,29 @@ type chain struct {
 	body bool
 	// noRequest says that no policy of a response chain reads the request: it is not sent.
 	noRequest bool
+	// early and late split a chain that reads the body, for when Envoy sends the headers on
+	// before the body, or may send no body at all: early, the entries before the first one
+	// that reads the body, runs when the headers arrive; late, the rest, on the whole body. The
+	// entries run in the chain's order, each seeing what the ones before it did, as in one run.
+	early, late []*agentv1.Policy
+}
+
+// chain parts: which of a chain's policies a run sends.
+const (
+	partAll uint8 = iota
+	partEarly
+	partLate
+)
+
+// part returns the policies of a part of the chain.
+func (c *chain) part(p uint8) []*agentv1.Policy {
+	switch p {
+	case partEarly:
+		return c.early
+	case partLate:
+		return c.late
+	}
+	return c.policies
 }
 
 func (c *chain) empty() bool { return len(c.policies) == 0 }
@@ -132,7 +157,9 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 			s.problems = append(s.problems, problems...)
 		}
 		r.metrics = m.forRoute(name, agentName)
-		r.procMode = computeMode(r)
+		for i := range r.procModes {
+			r.procModes[i] = computeMode(r, i&1 != 0, i&2 != 0)
+		}
 		keepRoutes[name+"\x00"+agentName] = true
 		return r
 	}
@@ -166,8 +193,10 @@ func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName str
 	var c chain
 	// Without the agent's word, the request is sent.
 	readsRequest := false
+	var readsBody []bool
 	for i, e := range entries {
 		c.policies = append(c.policies, &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure})
+		readsBody = append(readsBody, false)
 		if adv == nil {
 			readsRequest = true
 			continue // the agent was not reached yet; it is checked again when it is
@@ -189,17 +218,25 @@ func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName str
 			}
 			problems = append(problems, problem{k, fmt.Sprintf("policy %q: %s: %s", e.Policy, where, mp.msg)})
 		}
-		if phase == agentv1.PolicyPhase_REQUEST && info.GetRequiresRequestBody() {
+		if phase == agentv1.PolicyPhase_REQUEST && info.GetRequiresRequestBody() ||
+			phase == agentv1.PolicyPhase_RESPONSE && info.GetRequiresResponseBody() {
 			c.body = true
-		}
-		if phase == agentv1.PolicyPhase_RESPONSE && info.GetRequiresResponseBody() {
-			c.body = true
+			readsBody[i] = true
 		}
 		if phase == agentv1.PolicyPhase_RESPONSE && !info.GetResponseIgnoresRequest() {
 			readsRequest = true
 		}
 	}
 	c.noRequest = phase == agentv1.PolicyPhase_RESPONSE && len(c.policies) > 0 && !readsRequest
+	if c.body {
+		for i, p := range c.policies {
+			if readsBody[i] || len(c.late) > 0 {
+				c.late = append(c.late, p)
+			} else {
+				c.early = append(c.early, p)
+			}
+		}
+	}
 	return c, problems
 }
 

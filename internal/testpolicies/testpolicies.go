@@ -1,6 +1,7 @@
 // Package testpolicies holds policies that misbehave on purpose, for the fault and hostile-input
 // suites: a policy that sleeps past any timeout, one that panics, one whose reply is too large
-// or cannot be marshalled, one that tags both phases with a value of its chain entry. They are
+// or cannot be marshalled, one that tags both phases with a value of its chain entry, one that
+// denies a body that holds a text. They are
 // compiled into the test agent (internal/testpolicies/cmd/policy-testagent) and into test
 // binaries only, never into policy-agent.
 //
@@ -29,6 +30,7 @@ const (
 	BadUTF8   = "testBadUTF8"
 	Echo      = "testEcho"
 	Body      = "testBody"
+	BodyDeny  = "testBodyDeny"
 )
 
 // TagHeader is the header testTag sets, in the request phase on the request and in the
@@ -89,6 +91,17 @@ func init() {
 	})
 	m := module(Body, "Reads the body of its phase and sets x-test-body-length to its length.", func(md map[string]string) (policy.Policy, error) {
 		return bodyLength{}, policy.DecodeMetadata(md, &struct{}{})
+	})
+	m.RequestBody, m.ResponseBody = true, true
+	policy.Register(m)
+	m = module(BodyDeny, "Reads the body of its phase and denies it with 403 when it contains deny; changes nothing else.", func(md map[string]string) (policy.Policy, error) {
+		var s struct {
+			Deny string `json:"deny" required:"true"`
+		}
+		if err := policy.DecodeMetadata(md, &s); err != nil {
+			return nil, err
+		}
+		return bodyDeny(s.Deny), nil
 	})
 	m.RequestBody, m.ResponseBody = true, true
 	policy.Register(m)
@@ -168,7 +181,23 @@ func (bodyLength) Execute(_ context.Context, c *policy.Context) (policy.Result, 
 	return policy.Allow(policy.SetHeader("x-test-body-length", strconv.Itoa(len(body)))), nil
 }
 
+// bodyDeny denies a body that holds its text. It sets no header, so that it can judge a body
+// that arrives after Envoy has sent the headers on (STREAMED).
+type bodyDeny string
+
+func (d bodyDeny) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
+	body := c.Body
+	if c.Response != nil {
+		body = c.Response.Body
+	}
+	if strings.Contains(string(body), string(d)) {
+		return policy.Deny(403, "forbidden", "the body holds a forbidden text", nil), nil
+	}
+	return policy.Allow(), nil
+}
+
 var (
+	_ policy.Policy = bodyDeny("")
 	_ policy.Policy = bodyLength{}
 	_ policy.Policy = sleeper(0)
 	_ policy.Policy = tagger("")
