@@ -529,7 +529,7 @@ func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
 	}
 	p.parser = jwt.NewParser(opts...)
 	p.missing = policy.Deny(401, "unauthorized", "bearer token required", map[string]string{"www-authenticate": "Bearer"})
-	p.unavailable = policy.Deny(503, "unavailable", "signing keys unavailable", nil)
+	p.unavailable = policy.Deny(503, "jwks_unavailable", "signing keys unavailable", map[string]string{"retry-after": "1"})
 	for r := range p.invalid {
 		phrase := phrases[r]
 		p.invalid[r] = policy.Deny(401, "invalid_token", phrase, map[string]string{
@@ -785,7 +785,7 @@ func (p *JWTValidation) keyFunc(ctx context.Context) jwt.Keyfunc {
 		}
 		keys, known := set.candidates(kid, alg)
 		if !known {
-			if fresh := p.keys.refetch(ctx); fresh != nil {
+			if fresh := p.keys.refetch(); fresh != nil {
 				keys, known = fresh.candidates(kid, alg)
 			}
 			if !known {
