@@ -216,6 +216,17 @@ func newWithClock(c policy.Config, now func() time.Time) (*Factory, error) {
 			bad(fmt.Sprintf("audience[%d]", i), errors.New("must not be empty"))
 		}
 	}
+	// A key source that is named but empty is an error, not "no key source": it is what an
+	// empty ${env:...} variable or ${file:...} file comes to, and the agent must not start
+	// without the keys its operator meant to give it.
+	var named map[string]json.RawMessage
+	if json.Unmarshal(c.Raw, &named) == nil {
+		for _, k := range []string{"jwks_url", "jwks_file", "public_key_pem", "hmac_secret_env"} {
+			if string(named[k]) == `""` {
+				bad(k, errors.New("is empty; leave the key out for no default key source"))
+			}
+		}
+	}
 	sources := 0
 	for _, s := range []string{cfg.JWKSURL, cfg.JWKSFile, cfg.PublicKeyPEM, cfg.HMACSecretEnv} {
 		if s != "" {
