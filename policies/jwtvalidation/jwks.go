@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // maxJWKSBody caps the size of a fetched JWK Set; real sets are a few kilobytes.
@@ -66,6 +67,9 @@ type remoteKeys struct {
 	done   chan struct{}
 	// fetches counts fetch attempts.
 	fetches atomic.Int64
+	// log reports failed fetches, at most one every failLog interval; nil discards.
+	log     *logging.Logger
+	failLog *logging.Throttle
 
 	mu      sync.Mutex
 	lastErr error
@@ -89,6 +93,7 @@ func newRemoteKeys(rawURL string, interval, timeout time.Duration, now func() ti
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
+		failLog:   logging.NewThrottle(10 * time.Second),
 	}
 	r.client = &http.Client{
 		Transport: tr,
@@ -214,10 +219,29 @@ func (r *remoteKeys) fetch() {
 	set, err := r.get(ctx)
 	if err == nil {
 		r.set.Store(set)
+	} else if r.ctx.Err() == nil {
+		r.reportFailure(err)
 	}
 	r.mu.Lock()
 	r.lastErr = err
 	r.mu.Unlock()
+}
+
+// reportFailure logs a failed fetch, at most once per failLog interval, saying what it means
+// for requests.
+func (r *remoteKeys) reportFailure(err error) {
+	if !r.failLog.Allow() {
+		return
+	}
+	ev := r.log.Warn()
+	if ev == nil {
+		return
+	}
+	msg := "JWK set fetch failed; the last good set stays in use"
+	if r.set.Load() == nil {
+		msg = "JWK set fetch failed; tokens are refused with 503 jwks_unavailable until a set is fetched"
+	}
+	ev.Str("policy", Name).Str("error", err.Error()).Msg(msg)
 }
 
 func (r *remoteKeys) get(ctx context.Context) (*keySet, error) {
@@ -326,8 +350,9 @@ func sharedRegistry(m *sync.Map) *registry {
 	return v.(*registry)
 }
 
-// acquire returns the shared set for k, starting its refresher when it is the first user.
-func (g *registry) acquire(k remoteKey, now func() time.Time) *remoteKeys {
+// acquire returns the shared set for k, starting its refresher when it is the first user, who
+// also gives it the logger.
+func (g *registry) acquire(k remoteKey, now func() time.Time, log *logging.Logger) *remoteKeys {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if e, ok := g.entries[k]; ok {
@@ -335,6 +360,7 @@ func (g *registry) acquire(k remoteKey, now func() time.Time) *remoteKeys {
 		return e.keys
 	}
 	r := newRemoteKeys(k.url, k.interval, k.timeout, now)
+	r.log = log
 	g.entries[k] = &registryEntry{keys: r, refs: 1}
 	r.start()
 	return r

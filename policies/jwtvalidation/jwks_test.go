@@ -2,6 +2,7 @@ package jwtvalidation
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -10,9 +11,11 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/rs/zerolog"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
@@ -311,6 +314,30 @@ func TestJWKSUnavailable(t *testing.T) {
 	})
 }
 
+// TestJWKSFailureLogged checks that a failed fetch is logged, once per throttle interval,
+// saying that tokens are refused while no set was ever fetched.
+func TestJWKSFailureLogged(t *testing.T) {
+	srv := newJWKSServer(t, nil)
+	url := srv.URL
+	srv.Close()
+	var logs testenv.SyncBuffer
+	f, err := newWithClock(policy.Config{Raw: json.RawMessage(`{"jwks_url":"` + url + `"}`),
+		Log: logging.New(&logs, "agent", zerolog.InfoLevel)}, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	testenv.WaitFor(t, 10*time.Second, "the failure logged", func() bool {
+		return strings.Contains(logs.String(), "tokens are refused with 503 jwks_unavailable until a set is fetched")
+	})
+	// The retry a second later fails too, and is not logged again.
+	r := f.defaultKeys.(*remoteKeys)
+	testenv.WaitFor(t, 10*time.Second, "a retry", func() bool { return r.fetches.Load() >= 2 })
+	if n := strings.Count(logs.String(), "JWK set fetch failed"); n != 1 {
+		t.Errorf("logged %d times, want once:\n%s", n, logs.String())
+	}
+}
+
 // TestJWKSBackgroundRefresh checks that the set is refreshed on the interval without any
 // request asking for it.
 func TestJWKSBackgroundRefresh(t *testing.T) {
@@ -403,8 +430,8 @@ func TestCheckJWKSURL(t *testing.T) {
 func TestRegistryRelease(t *testing.T) {
 	g := sharedRegistry(&sync.Map{})
 	k := remoteKey{url: "http://127.0.0.1:1/", interval: time.Hour, timeout: 50 * time.Millisecond}
-	a := g.acquire(k, time.Now)
-	b := g.acquire(k, time.Now)
+	a := g.acquire(k, time.Now, nil)
+	b := g.acquire(k, time.Now, nil)
 	if a != b {
 		t.Fatal("one key, two caches")
 	}

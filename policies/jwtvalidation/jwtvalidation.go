@@ -30,6 +30,7 @@ import (
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/headers"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // Name is the policy's name in chains.
@@ -141,6 +142,7 @@ type Factory struct {
 
 	reg *registry
 	now func() time.Time
+	log *logging.Logger
 
 	mu      sync.Mutex
 	closed  bool
@@ -177,6 +179,7 @@ func newWithClock(c policy.Config, now func() time.Time) (*Factory, error) {
 		maxClaims: DefaultMaxClaimsBytes,
 		reg:       sharedRegistry(shared),
 		now:       now,
+		log:       c.Log,
 		remotes:   map[remoteKey]*remoteKeys{},
 	}
 	var errs []error
@@ -376,7 +379,7 @@ func (f *Factory) acquire(rawURL string) (*remoteKeys, error) {
 	if r, ok := f.remotes[k]; ok {
 		return r, nil
 	}
-	r := f.reg.acquire(k, f.now)
+	r := f.reg.acquire(k, f.now, f.log)
 	f.remotes[k] = r
 	return r, nil
 }
