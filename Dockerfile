@@ -21,6 +21,10 @@ RUN apt-get update \
  && chown -R policy-engine:policy-engine /var/run/policy-engine /var/log/policy-engine
 # The configs stay owned by root: the processes read them (and re-read them on SIGHUP) but
 # cannot change them. Mount your own over /etc/policy-engine/.
+# The image holds no credential. Its agent config takes the API key's SHA-256 from the
+# environment variable POLICY_ENGINE_API_KEY_SHA256 and the JWT issuer's public key from the
+# file /etc/policy-engine/keys/jwt-public.pem; without them the agent refuses to start. The
+# demo keys of config/demo are for make run only (.dockerignore keeps them out of the build).
 COPY config/kernel-config.yaml config/agent-config.yaml /etc/policy-engine/
 COPY config/schema/ /etc/policy-engine/schema/
 COPY supervisord.conf /etc/supervisord.conf

@@ -19,27 +19,40 @@ import (
 )
 
 // exampleConfig reads a config of config/ with the container's directories moved under the
-// test's: the agents' socket directory and the log directory.
+// test's: the agents' socket directory and the log directory; and with the demo public key of
+// config/demo where the agent config reads the JWT issuer's key, as scripts/run.sh does.
 func exampleConfig(t *testing.T, name string) string {
 	t.Helper()
 	data, err := os.ReadFile(filepath.Join("..", "config", name))
 	if err != nil {
 		t.Fatal(err)
 	}
+	demoKey, err := filepath.Abs(filepath.Join("..", "config", "demo", "jwt-demo-public.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	return strings.NewReplacer(
 		"/var/run/policy-engine/agents/default.sock", "{{SOCK}}",
 		"/var/log/policy-engine", "{{DIR}}",
+		"/etc/policy-engine/keys/jwt-public.pem", demoKey,
 		`metrics_address: "127.0.0.1:9091"`, `metrics_address: "{{AGENT_METRICS}}"`,
 	).Replace(string(data))
 }
 
-// TestExampleConfigs serves the shipped example configs, as `make run` does, and checks what the
-// README promises of them.
+// demoKeyEnv is what scripts/run.sh sets for the example agent config: the SHA-256 of the
+// demo API key "demo-key-123".
+const demoKeyEnv = "POLICY_ENGINE_API_KEY_SHA256=a52782e3a2d4dd2f95f640b9abfb3b2a6b8e722c65f55be830f6e5f619f7f873"
+
+// TestExampleConfigs serves the shipped example configs with the demo keys, as `make run` does,
+// and checks what the README promises of them.
 func TestExampleConfigs(t *testing.T) {
 	kbin, abin := testenv.Binaries(t)
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: exampleConfig(t, "agent-config.yaml"), KernelYAML: exampleConfig(t, "kernel-config.yaml")})
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: exampleConfig(t, "agent-config.yaml"), KernelYAML: exampleConfig(t, "kernel-config.yaml"),
+		AgentEnv: []string{demoKeyEnv}})
 	for bin, cfg := range map[string]string{abin: e.AgentConfig, kbin: e.KernelConfig} {
-		if out, err := exec.Command(bin, "--config", cfg, "--validate").CombinedOutput(); err != nil || !strings.Contains(string(out), "valid") {
+		cmd := exec.Command(bin, "--config", cfg, "--validate")
+		cmd.Env = append(os.Environ(), demoKeyEnv)
+		if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "valid") {
 			t.Fatalf("%s --validate: %v\n%s", filepath.Base(bin), err, out)
 		}
 	}
@@ -65,7 +78,7 @@ func TestExampleConfigs(t *testing.T) {
 	if r.Status != 200 || string(r.Body) != `{"id":7,"name":"Ada"} ` {
 		t.Fatalf("users with key: %d %q %q", r.Status, r.Body, r.Details)
 	}
-	if v := testenv.Header(r.Forwarded.Headers, "x-user-id"); v != "demo-user" {
+	if v := testenv.Header(r.Forwarded.Headers, "x-user-id"); v != "api-client" {
 		t.Fatalf("x-user-id %q", v)
 	}
 	if v := testenv.Header(r.Headers, "x-frame-options"); v != "DENY" {

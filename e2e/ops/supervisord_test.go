@@ -2,6 +2,13 @@ package ops
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,9 +25,11 @@ import (
 // container lays out the repository's deployment under dir the way the Dockerfile lays it out
 // under /: the supervisord config, the example configs and the binaries, with the container's
 // paths replaced by paths under dir, the ports by free loopback ports and the health check
-// made faster. It returns the supervisord config's path.
+// made faster; and the keys an operator supplies: a JWT public key file, and the API key's
+// digest in env, for supervisord's environment. It returns the supervisord config's path.
 type container struct {
 	dir, conf, kernelAddr, metricsAddr string
+	env                                []string
 }
 
 func newContainer(t *testing.T) *container {
@@ -72,6 +81,19 @@ func newContainer(t *testing.T) *container {
 	// as root, and then it would need that user to exist.
 	write("supervisord.conf", "etc/supervisord.conf", "user=policy-engine\n", "")
 	write("config/agent-config.yaml", "etc/agent-config.yaml", "127.0.0.1:9091", testenv.FreeAddr(t))
+	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, _ := x509.MarshalPKIXPublicKey(&ec.PublicKey)
+	if err := os.MkdirAll(filepath.Join(dir, "etc", "keys"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "etc", "keys", "jwt-public.pem"), pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("an-operator-key"))
+	c.env = []string{"POLICY_ENGINE_API_KEY_SHA256=" + hex.EncodeToString(digest[:])}
 	write("config/kernel-config.yaml", "etc/kernel-config.yaml",
 		`address: "0.0.0.0"`, `address: "127.0.0.1"`,
 		"port: 9001", "port: "+kport,
@@ -110,7 +132,7 @@ func TestSupervisordRestartsKilledAgent(t *testing.T) {
 		t.Fatal("supervisord is not installed (Debian package supervisor; .ci/run installs it)")
 	}
 	c := newContainer(t)
-	sv := testenv.Start(t, "supervisord", nil, "-c", c.conf)
+	sv := testenv.Start(t, "supervisord", c.env, "-c", c.conf)
 	readyURL := "http://" + c.metricsAddr + "/health/ready"
 	testenv.WaitFor(t, 30*time.Second, "the kernel ready under supervisord", func() bool {
 		if sv.Exited() {

@@ -12,6 +12,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // maxJWKSBody caps the size of a fetched JWK Set; real sets are a few kilobytes.
@@ -23,20 +26,22 @@ const maxRetryBackoff = time.Minute
 
 // keyProvider gives a policy the keys to verify tokens with.
 type keyProvider interface {
-	// keys returns the current key set. A remote set that has not been fetched yet is waited
-	// for within ctx; errKeysUnavailable when there is none.
+	// keys returns the current key set. A remote set whose first fetch is still running is
+	// waited for until policy.AnswerBy(ctx), so that the policy's own answer (503) reaches the
+	// kernel before the kernel gives up on the agent; errKeysUnavailable when there is none.
 	keys(ctx context.Context) (*keySet, error)
-	// refetch is called for a token whose kid the set does not know. It returns the set to
-	// retry with (the newest there is, which may be newer than the caller's even when no
-	// fetch was allowed), or nil when the source never changes.
-	refetch(ctx context.Context) *keySet
+	// refetch is called for a token whose kid the set does not know. It never waits: it asks
+	// for a fetch in the background, at most once per refresh interval, and returns the newest
+	// set there is now (which may be newer than the caller's), or nil when the source never
+	// changes.
+	refetch() *keySet
 }
 
 // staticKeys is a key set read once from the config: a PEM key, a JWKS file or an HMAC secret.
 type staticKeys struct{ set *keySet }
 
 func (s staticKeys) keys(context.Context) (*keySet, error) { return s.set, nil }
-func (s staticKeys) refetch(context.Context) *keySet       { return nil }
+func (s staticKeys) refetch() *keySet                      { return nil }
 
 // errKeysUnavailable means that a remote key set has never been fetched successfully.
 var errKeysUnavailable = errors.New("signing keys unavailable")
@@ -55,20 +60,21 @@ type remoteKeys struct {
 	set atomic.Pointer[keySet]
 	// ready is closed when the first fetch has finished, successfully or not.
 	ready chan struct{}
-	// kick asks the refresher for a fetch now; the refresher closes the channel it receives
-	// once that fetch is done.
-	kick   chan chan struct{}
+	// kick asks the refresher for a fetch now.
+	kick   chan struct{}
 	ctx    context.Context
 	cancel context.CancelFunc
 	done   chan struct{}
 	// fetches counts fetch attempts.
 	fetches atomic.Int64
+	// log reports failed fetches, at most one every failLog interval; nil discards.
+	log     *logging.Logger
+	failLog *logging.Throttle
 
 	mu      sync.Mutex
 	lastErr error
-	// lastKick is when an unknown kid last caused a fetch; pending is that fetch while it runs.
+	// lastKick is when an unknown kid last caused a fetch.
 	lastKick time.Time
-	pending  chan struct{}
 }
 
 func newRemoteKeys(rawURL string, interval, timeout time.Duration, now func() time.Time) *remoteKeys {
@@ -83,10 +89,11 @@ func newRemoteKeys(rawURL string, interval, timeout time.Duration, now func() ti
 		now:       now,
 		transport: tr,
 		ready:     make(chan struct{}),
-		kick:      make(chan chan struct{}, 1),
+		kick:      make(chan struct{}, 1),
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
+		failLog:   logging.NewThrottle(10 * time.Second),
 	}
 	r.client = &http.Client{
 		Transport: tr,
@@ -125,13 +132,9 @@ func (r *remoteKeys) run() {
 			return
 		case <-t.C:
 			r.fetch()
-		case reply := <-r.kick:
+		case <-r.kick:
 			t.Stop()
 			r.fetch()
-			r.mu.Lock()
-			r.pending = nil
-			r.mu.Unlock()
-			close(reply)
 		}
 	}
 }
@@ -153,41 +156,58 @@ func (r *remoteKeys) keys(ctx context.Context) (*keySet, error) {
 	if s := r.set.Load(); s != nil {
 		return s, nil
 	}
-	select {
-	case <-r.ready:
-	case <-ctx.Done():
-	case <-r.done:
-	}
+	r.waitFirst(ctx)
 	if s := r.set.Load(); s != nil {
 		return s, nil
 	}
 	return nil, errKeysUnavailable
 }
 
-// refetch fetches the set again for a token with an unknown kid, at most once per interval:
-// tokens with made-up kids cannot make the agent hammer the issuer. Callers that arrive while
-// such a fetch runs wait for it; the wait is bounded by ctx.
-func (r *remoteKeys) refetch(ctx context.Context) *keySet {
-	r.mu.Lock()
-	reply := r.pending
-	if reply == nil {
-		if !r.lastKick.IsZero() && r.now().Sub(r.lastKick) < r.interval {
-			r.mu.Unlock()
-			// A fetch may have ended since the caller read the set.
-			return r.set.Load()
+// waitFirst waits for the first fetch to finish, but only until policy.AnswerBy(ctx): the
+// kernel stops waiting for the agent at the chain's deadline and then applies fail_open, so
+// waiting for a slow key server until then would let a forged token through a fail-open
+// agent. The timer is made only on this path, while the agent has never had keys.
+func (r *remoteKeys) waitFirst(ctx context.Context) {
+	select {
+	case <-r.ready:
+		return
+	case <-r.done:
+		return
+	default:
+	}
+	var expired <-chan time.Time
+	if by, ok := policy.AnswerBy(ctx); ok {
+		wait := time.Until(by)
+		if wait <= 0 {
+			return
 		}
+		t := time.NewTimer(wait)
+		defer t.Stop()
+		expired = t.C
+	}
+	select {
+	case <-r.ready:
+	case <-r.done:
+	case <-ctx.Done():
+	case <-expired:
+	}
+}
+
+// refetch asks for the set again for a token with an unknown kid, at most once per interval:
+// tokens with made-up kids cannot make the agent hammer the issuer. It never waits for the
+// fetch: the token is refused at once (a request held for the issuer would hand its answer to
+// the kernel's fail_open), and the tokens that come after the fetch see the new set.
+func (r *remoteKeys) refetch() *keySet {
+	r.mu.Lock()
+	if r.lastKick.IsZero() || r.now().Sub(r.lastKick) >= r.interval {
 		r.lastKick = r.now()
-		reply = make(chan struct{})
-		r.pending = reply
-		// Only one fetch is pending at a time, so the buffered channel always has room.
-		r.kick <- reply
+		select {
+		case r.kick <- struct{}{}:
+		default: // a fetch is already asked for
+		}
 	}
 	r.mu.Unlock()
-	select {
-	case <-reply:
-	case <-ctx.Done():
-	case <-r.done:
-	}
+	// A fetch may have ended since the caller read the set.
 	return r.set.Load()
 }
 
@@ -199,10 +219,29 @@ func (r *remoteKeys) fetch() {
 	set, err := r.get(ctx)
 	if err == nil {
 		r.set.Store(set)
+	} else if r.ctx.Err() == nil {
+		r.reportFailure(err)
 	}
 	r.mu.Lock()
 	r.lastErr = err
 	r.mu.Unlock()
+}
+
+// reportFailure logs a failed fetch, at most once per failLog interval, saying what it means
+// for requests.
+func (r *remoteKeys) reportFailure(err error) {
+	if !r.failLog.Allow() {
+		return
+	}
+	ev := r.log.Warn()
+	if ev == nil {
+		return
+	}
+	msg := "JWK set fetch failed; the last good set stays in use"
+	if r.set.Load() == nil {
+		msg = "JWK set fetch failed; tokens are refused with 503 jwks_unavailable until a set is fetched"
+	}
+	ev.Str("policy", Name).Str("error", err.Error()).Msg(msg)
 }
 
 func (r *remoteKeys) get(ctx context.Context) (*keySet, error) {
@@ -311,8 +350,9 @@ func sharedRegistry(m *sync.Map) *registry {
 	return v.(*registry)
 }
 
-// acquire returns the shared set for k, starting its refresher when it is the first user.
-func (g *registry) acquire(k remoteKey, now func() time.Time) *remoteKeys {
+// acquire returns the shared set for k, starting its refresher when it is the first user, who
+// also gives it the logger.
+func (g *registry) acquire(k remoteKey, now func() time.Time, log *logging.Logger) *remoteKeys {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if e, ok := g.entries[k]; ok {
@@ -320,6 +360,7 @@ func (g *registry) acquire(k remoteKey, now func() time.Time) *remoteKeys {
 		return e.keys
 	}
 	r := newRemoteKeys(k.url, k.interval, k.timeout, now)
+	r.log = log
 	g.entries[k] = &registryEntry{keys: r, refs: 1}
 	r.start()
 	return r

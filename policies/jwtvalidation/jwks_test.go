@@ -2,6 +2,7 @@ package jwtvalidation
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -10,9 +11,11 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/rs/zerolog"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
@@ -78,8 +81,26 @@ func TestJWKSSharedAcrossFactories(t *testing.T) {
 	allowed(t, run(t, p2, bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))))
 }
 
-// TestJWKSUnknownKidRefetch checks that an unknown kid refetches the set at most once per
-// refresh interval, and that a rotated key is picked up that way.
+// knows waits until the set in use holds kid.
+func knows(t *testing.T, p *JWTValidation, kid, alg string) {
+	t.Helper()
+	testenv.WaitFor(t, 10*time.Second, "a set with kid "+kid, func() bool {
+		_, known := remoteOf(t, p).set.Load().candidates(kid, alg)
+		return known
+	})
+}
+
+// unknownKey checks that a result is the 401 for an unknown kid.
+func unknownKey(t *testing.T, r policy.Result) {
+	t.Helper()
+	if status, _, body := denial(t, r); status != 401 || body.Message != "unknown signing key" {
+		t.Fatalf("unknown kid: %d %q", status, body.Message)
+	}
+}
+
+// TestJWKSUnknownKidRefetch checks that an unknown kid is refused at once and refetches the
+// set in the background at most once per refresh interval, and that a rotated key is picked up
+// that way.
 func TestJWKSUnknownKidRefetch(t *testing.T) {
 	testKeys(t)
 	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
@@ -95,26 +116,33 @@ func TestJWKSUnknownKidRefetch(t *testing.T) {
 	}
 	hits(1)
 
-	// The issuer rotates to key b: the first token signed with it triggers one refetch.
-	srv.set("", jwksJSON(t, jwkOf("a", &rsaA.PublicKey), jwkOf("b", &rsaB.PublicKey)))
-	allowed(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims()))))
+	// The issuer rotates to key b: the first token signed with it is refused at once and
+	// starts one refetch; the tokens after it are accepted. The server takes its time, so that
+	// the first token is refused before the refetch ends.
+	srv.mu.Lock()
+	srv.delay = 100 * time.Millisecond
+	srv.mu.Unlock()
+	srv.set("slow", jwksJSON(t, jwkOf("a", &rsaA.PublicKey), jwkOf("b", &rsaB.PublicKey)))
+	tokB := bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims()))
+	unknownKey(t, run(t, p, tokB))
+	knows(t, p, "b", "RS256")
+	allowed(t, run(t, p, tokB))
 	hits(2)
 
 	// Made-up kids within the same interval cause no fetch at all.
 	for i := range 20 {
-		tok := sign(t, jwt.SigningMethodRS256, rsaB, "made-up-"+string(rune('a'+i)), baseClaims())
-		_, _, body := denial(t, run(t, p, bearer(tok)))
-		if body.Message != "unknown signing key" {
-			t.Fatalf("unknown kid: %q", body.Message)
-		}
+		unknownKey(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaB, "made-up-"+string(rune('a'+i)), baseClaims()))))
 	}
 	hits(2)
 
 	// One interval later an unknown kid may fetch again, once.
 	clock.add(time.Hour)
-	srv.set("", jwksJSON(t, jwkOf("c", &ecP256.PublicKey)))
-	allowed(t, run(t, p, bearer(sign(t, jwt.SigningMethodES256, ecP256, "c", baseClaims()))))
-	denial(t, run(t, p, bearer(sign(t, jwt.SigningMethodES256, ecP256, "d", baseClaims()))))
+	srv.set("slow", jwksJSON(t, jwkOf("c", &ecP256.PublicKey)))
+	tokC := bearer(sign(t, jwt.SigningMethodES256, ecP256, "c", baseClaims()))
+	unknownKey(t, run(t, p, tokC))
+	knows(t, p, "c", "ES256")
+	allowed(t, run(t, p, tokC))
+	unknownKey(t, run(t, p, bearer(sign(t, jwt.SigningMethodES256, ecP256, "d", baseClaims()))))
 	hits(3)
 	// Key a left the set with that fetch.
 	_, _, body := denial(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))))
@@ -123,7 +151,9 @@ func TestJWKSUnknownKidRefetch(t *testing.T) {
 	}
 }
 
-// TestJWKSConcurrentUnknownKid checks that many requests with one new kid share one fetch.
+// TestJWKSConcurrentUnknownKid checks that many requests with new kids, while the key server
+// stalls, are all refused at once (none waits for the server) and cause one fetch, after which
+// the new key is accepted.
 func TestJWKSConcurrentUnknownKid(t *testing.T) {
 	testKeys(t)
 	srv := newJWKSServer(t, jwksJSON(t, jwkOf("a", &rsaA.PublicKey)))
@@ -132,21 +162,34 @@ func TestJWKSConcurrentUnknownKid(t *testing.T) {
 	testenv.WaitFor(t, 10*time.Second, "first fetch", func() bool { return remoteOf(t, p).set.Load() != nil })
 	srv.set("slow", jwksJSON(t, jwkOf("a", &rsaA.PublicKey), jwkOf("b", &rsaB.PublicKey)))
 	srv.mu.Lock()
-	srv.delay = 100 * time.Millisecond
+	srv.delay = time.Second
 	srv.mu.Unlock()
-	hdrs := bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims()))
-	results := make(chan agentv1.StatusCode, 16)
-	for range 16 {
+	type answer struct {
+		r   policy.Result
+		err error
+		d   time.Duration
+	}
+	results := make(chan answer, 32)
+	for i := range 32 {
+		hdrs := bearer(sign(t, jwt.SigningMethodRS256, rsaB, []string{"b", "made-up"}[i%2], baseClaims()))
 		go func() {
-			r, _ := p.Execute(t.Context(), &policy.Context{Headers: hdrs})
-			results <- r.Status
+			start := time.Now()
+			r, err := p.Execute(t.Context(), &policy.Context{Headers: hdrs})
+			results <- answer{r, err, time.Since(start)}
 		}()
 	}
-	for range 16 {
-		if s := <-results; s != agentv1.StatusCode_OK {
-			t.Errorf("status %v, want OK", s)
+	for range 32 {
+		a := <-results
+		if a.err != nil {
+			t.Fatal(a.err)
+		}
+		unknownKey(t, a.r)
+		if a.d > 500*time.Millisecond {
+			t.Errorf("answered after %v: the request waited for the key server", a.d)
 		}
 	}
+	knows(t, p, "b", "RS256")
+	allowed(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", baseClaims()))))
 	if n := srv.hits.Load(); n != 2 {
 		t.Errorf("JWKS fetched %d times, want 2", n)
 	}
@@ -167,7 +210,16 @@ func TestJWKSLastGoodSet(t *testing.T) {
 	allowed(t, run(t, p, good))
 	r := remoteOf(t, p)
 
-	for _, mode := range []string{"error", "garbage", "closed"} {
+	lastErr := func() string {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.lastErr == nil {
+			return ""
+		}
+		return r.lastErr.Error()
+	}
+	for _, c := range [][2]string{{"error", "status 503"}, {"garbage", "decode JWK set"}, {"closed", "connection refused"}} {
+		mode, msg := c[0], c[1]
 		t.Run(mode, func(t *testing.T) {
 			before := r.fetches.Load()
 			if mode == "closed" {
@@ -177,15 +229,10 @@ func TestJWKSLastGoodSet(t *testing.T) {
 			}
 			clock.add(time.Hour)
 			// An unknown kid forces a fetch, which fails.
-			_, _, body := denial(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", claims))))
-			if body.Message != "unknown signing key" {
-				t.Errorf("unknown kid: %q", body.Message)
-			}
-			if r.fetches.Load() != before+1 {
-				t.Fatalf("no fetch was attempted")
-			}
-			if !r.failing() {
-				t.Error("the failed fetch was not recorded")
+			unknownKey(t, run(t, p, bearer(sign(t, jwt.SigningMethodRS256, rsaB, "b", claims))))
+			testenv.WaitFor(t, 10*time.Second, "the failed fetch", func() bool { return strings.Contains(lastErr(), msg) })
+			if n := r.fetches.Load(); n != before+1 {
+				t.Fatalf("%d fetches, want 1", n-before)
 			}
 			allowed(t, run(t, p, good))
 			if err := f.HealthCheck(t.Context()); err != nil {
@@ -195,8 +242,9 @@ func TestJWKSLastGoodSet(t *testing.T) {
 	}
 }
 
-// TestJWKSUnavailable checks the answer while no set was ever fetched: 503 within the
-// request's deadline, and an unhealthy factory.
+// TestJWKSUnavailable checks the answer while no set was ever fetched: 503 before the
+// request's deadline, with time left for the answer to reach the kernel, and an unhealthy
+// factory.
 func TestJWKSUnavailable(t *testing.T) {
 	testKeys(t)
 	tok := bearer(sign(t, jwt.SigningMethodRS256, rsaA, "a", baseClaims()))
@@ -212,9 +260,12 @@ func TestJWKSUnavailable(t *testing.T) {
 		if d := time.Since(start); d > maxWait {
 			t.Errorf("answered after %s, want within %s", d, maxWait)
 		}
-		status, _, body := denial(t, r)
-		if status != 503 || body.Error != "unavailable" || body.Message != "signing keys unavailable" {
-			t.Errorf("got %d %+v", status, body)
+		if ctx.Err() != nil {
+			t.Error("answered after the request's deadline")
+		}
+		status, hdrs, body := denial(t, r)
+		if status != 503 || body.Error != "jwks_unavailable" || body.Message != "signing keys unavailable" || hdrs["retry-after"] != "1" {
+			t.Errorf("got %d %v %+v", status, hdrs, body)
 		}
 	}
 
@@ -238,7 +289,9 @@ func TestJWKSUnavailable(t *testing.T) {
 		srv.mu.Unlock()
 		f := newFactory(t, `{"jwks_url":"`+srv.URL+`","jwks_fetch_timeout":"2s"}`, nil, func() time.Time { return fixedNow })
 		p := build(t, f, nil)
-		check(t, p, time.Second)
+		// The first fetch is still running: the policy waits for it until a quarter of the
+		// 200 ms is left.
+		check(t, p, 175*time.Millisecond)
 		if err := f.HealthCheck(t.Context()); err == nil || !strings.Contains(err.Error(), "not fetched yet") {
 			t.Errorf("HealthCheck while the first fetch runs: %v", err)
 		}
@@ -259,6 +312,30 @@ func TestJWKSUnavailable(t *testing.T) {
 			t.Errorf("HealthCheck after recovery: %v", err)
 		}
 	})
+}
+
+// TestJWKSFailureLogged checks that a failed fetch is logged, once per throttle interval,
+// saying that tokens are refused while no set was ever fetched.
+func TestJWKSFailureLogged(t *testing.T) {
+	srv := newJWKSServer(t, nil)
+	url := srv.URL
+	srv.Close()
+	var logs testenv.SyncBuffer
+	f, err := newWithClock(policy.Config{Raw: json.RawMessage(`{"jwks_url":"` + url + `"}`),
+		Log: logging.New(&logs, "agent", zerolog.InfoLevel)}, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	testenv.WaitFor(t, 10*time.Second, "the failure logged", func() bool {
+		return strings.Contains(logs.String(), "tokens are refused with 503 jwks_unavailable until a set is fetched")
+	})
+	// The retry a second later fails too, and is not logged again.
+	r := f.defaultKeys.(*remoteKeys)
+	testenv.WaitFor(t, 10*time.Second, "a retry", func() bool { return r.fetches.Load() >= 2 })
+	if n := strings.Count(logs.String(), "JWK set fetch failed"); n != 1 {
+		t.Errorf("logged %d times, want once:\n%s", n, logs.String())
+	}
 }
 
 // TestJWKSBackgroundRefresh checks that the set is refreshed on the interval without any
@@ -353,8 +430,8 @@ func TestCheckJWKSURL(t *testing.T) {
 func TestRegistryRelease(t *testing.T) {
 	g := sharedRegistry(&sync.Map{})
 	k := remoteKey{url: "http://127.0.0.1:1/", interval: time.Hour, timeout: 50 * time.Millisecond}
-	a := g.acquire(k, time.Now)
-	b := g.acquire(k, time.Now)
+	a := g.acquire(k, time.Now, nil)
+	b := g.acquire(k, time.Now, nil)
 	if a != b {
 		t.Fatal("one key, two caches")
 	}

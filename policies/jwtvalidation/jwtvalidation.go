@@ -30,6 +30,7 @@ import (
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/headers"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // Name is the policy's name in chains.
@@ -141,6 +142,7 @@ type Factory struct {
 
 	reg *registry
 	now func() time.Time
+	log *logging.Logger
 
 	mu      sync.Mutex
 	closed  bool
@@ -177,6 +179,7 @@ func newWithClock(c policy.Config, now func() time.Time) (*Factory, error) {
 		maxClaims: DefaultMaxClaimsBytes,
 		reg:       sharedRegistry(shared),
 		now:       now,
+		log:       c.Log,
 		remotes:   map[remoteKey]*remoteKeys{},
 	}
 	var errs []error
@@ -214,6 +217,17 @@ func newWithClock(c policy.Config, now func() time.Time) (*Factory, error) {
 	for i, a := range cfg.Audience {
 		if a == "" {
 			bad(fmt.Sprintf("audience[%d]", i), errors.New("must not be empty"))
+		}
+	}
+	// A key source that is named but empty is an error, not "no key source": it is what an
+	// empty ${env:...} variable or ${file:...} file comes to, and the agent must not start
+	// without the keys its operator meant to give it.
+	var named map[string]json.RawMessage
+	if json.Unmarshal(c.Raw, &named) == nil {
+		for _, k := range []string{"jwks_url", "jwks_file", "public_key_pem", "hmac_secret_env"} {
+			if string(named[k]) == `""` {
+				bad(k, errors.New("is empty; leave the key out for no default key source"))
+			}
 		}
 	}
 	sources := 0
@@ -365,7 +379,7 @@ func (f *Factory) acquire(rawURL string) (*remoteKeys, error) {
 	if r, ok := f.remotes[k]; ok {
 		return r, nil
 	}
-	r := f.reg.acquire(k, f.now)
+	r := f.reg.acquire(k, f.now, f.log)
 	f.remotes[k] = r
 	return r, nil
 }
@@ -529,7 +543,7 @@ func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
 	}
 	p.parser = jwt.NewParser(opts...)
 	p.missing = policy.Deny(401, "unauthorized", "bearer token required", map[string]string{"www-authenticate": "Bearer"})
-	p.unavailable = policy.Deny(503, "unavailable", "signing keys unavailable", nil)
+	p.unavailable = policy.Deny(503, "jwks_unavailable", "signing keys unavailable", map[string]string{"retry-after": "1"})
 	for r := range p.invalid {
 		phrase := phrases[r]
 		p.invalid[r] = policy.Deny(401, "invalid_token", phrase, map[string]string{
@@ -785,7 +799,7 @@ func (p *JWTValidation) keyFunc(ctx context.Context) jwt.Keyfunc {
 		}
 		keys, known := set.candidates(kid, alg)
 		if !known {
-			if fresh := p.keys.refetch(ctx); fresh != nil {
+			if fresh := p.keys.refetch(); fresh != nil {
 				keys, known = fresh.candidates(kid, alg)
 			}
 			if !known {

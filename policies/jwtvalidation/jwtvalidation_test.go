@@ -436,6 +436,10 @@ func TestNewErrors(t *testing.T) {
 	f(`{"jwks_url":"http://auth.example.com/keys"}`, `jwks_url: URL "http://auth.example.com/keys": http is allowed only for a loopback host; use https`)
 	f(`{"jwks_file":"/nonexistent/jwks.json"}`, `jwks_file: read JWK set: open /nonexistent/jwks.json: no such file or directory`)
 	f(`{"public_key_pem":"nope"}`, `public_key_pem: no PEM block found`)
+	// What an empty ${env:...} or ${file:...} comes to: an error, not "no key source".
+	f(`{"public_key_pem":""}`, `public_key_pem: is empty; leave the key out for no default key source`)
+	f(`{"jwks_url":"","issuer":"x"}`, `jwks_url: is empty; leave the key out for no default key source`)
+	f(`{"jwks_file":""}`, `jwks_file: is empty; leave the key out for no default key source`)
 	f(`{"algorithms":["none"]}`, `algorithms: algorithm "none" is not supported`)
 	f(`{"algorithms":["HS256"]}`, `algorithms: algorithm "HS256" needs the key source hmac_secret_env`)
 	f(`{"leeway":"-1s","max_token_bytes":1}`, "leeway: -1s is out of range [0s, 5m0s]\nmax_token_bytes: 1 is out of range [256, 65536]")

@@ -15,6 +15,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 
+	"github.com/policy-engine/policy-engine/agent/policy"
 	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
@@ -29,7 +30,8 @@ type RedisConfig struct {
 	PasswordEnv string `json:"password_env"`
 	DB          int    `json:"db"`
 	// TimeoutMS bounds one decision: dial, write and read. Past it the request is decided by
-	// on_backend_error. It must fit well inside the kernel's agent timeout.
+	// on_backend_error. A decision also ends early enough for the answer to reach the kernel
+	// within the chain's deadline (policy.AnswerBy), whatever this says.
 	TimeoutMS int `json:"timeout_ms"`
 	// PoolSize is the most connections the agent opens; 0 means go-redis's default, ten per
 	// CPU.
@@ -213,9 +215,15 @@ func (r *redisStore) key(scope, ident string, kind byte, value string) string {
 }
 
 // take runs the script, EVALSHA first and EVAL when Redis does not have it cached, within the
-// store's timeout.
+// store's timeout, and never past policy.AnswerBy(ctx): a Redis call that ran to the chain's
+// deadline would reach the kernel after it gave up on the agent, and the kernel's fail_open
+// would decide instead of on_backend_error.
 func (r *redisStore) take(ctx context.Context, l limit, rl redisLimit, key string) (decision, error) {
-	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	deadline := time.Now().Add(r.timeout)
+	if by, ok := policy.AnswerBy(ctx); ok && by.Before(deadline) {
+		deadline = by
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	vals, err := script.Run(ctx, r.client, []string{key}, rl.interval, rl.burst).Int64Slice()
 	if err != nil {

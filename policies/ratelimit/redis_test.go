@@ -393,6 +393,56 @@ func TestRedisOutage(t *testing.T) {
 	recovered("restarted")
 }
 
+// TestRedisAnswersBeforeChainDeadline freezes Redis with a timeout_ms (1 s) longer than the
+// chain's deadline (150 ms): each on_backend_error still decides before the deadline, with a
+// quarter of the time left for the answer's way back, so the kernel never times out on the
+// agent and never applies fail_open instead.
+func TestRedisAnswersBeforeChainDeadline(t *testing.T) {
+	r := testenv.StartRedis(t, "")
+	f := redisFactory(t, r, &sync.Map{}, 1000)
+	base := map[string]string{"requests_per_second": "0.01", "burst": "1", "backend": "redis"}
+	with := func(action string) *RateLimit {
+		md := map[string]string{"on_backend_error": action}
+		for k, v := range base {
+			md[k] = v
+		}
+		return mustBuild(t, f, md)
+	}
+	if res := execute(t, with("deny"), request("users", "192.0.2.9")); res.Status != agentv1.StatusCode_OK {
+		t.Fatalf("with Redis up: %v", res)
+	}
+	r.Pause()
+	defer r.Resume()
+	f2 := func(action string, want int) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		res, err := with(action).Execute(ctx, request("users", "192.0.2.10"))
+		took := time.Since(start)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ctx.Err() != nil {
+			t.Errorf("%s: decided after the chain's deadline (%v)", action, took)
+		}
+		if took < 100*time.Millisecond {
+			t.Errorf("%s: decided after %v: Redis was not waited for", action, took)
+		}
+		status := 200
+		if ir := immediate(res); ir != nil {
+			status = int(ir.GetStatusCode())
+		}
+		if status != want {
+			t.Errorf("%s: %d, want %d", action, status, want)
+		}
+	}
+	f2("deny", 503)
+	f2("allow", 200)
+	f2("local", 200)
+	f2("local", 429)
+}
+
 // TestRedisScriptFlush checks the EVAL fallback: with the script cache flushed, decisions
 // still work and load the script again.
 func TestRedisScriptFlush(t *testing.T) {
