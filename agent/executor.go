@@ -285,6 +285,7 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	}
 	var buf [8]resolved
 	chain := s.resolve(req.GetPolicies(), buf[:0])
+	resp.Instructions = e.removeOwned(req, chain, pc, resp.Instructions)
 	resp = e.runChain(ctx, s, req, chain, pc, resp)
 	// Every policy of the chain that observes outcomes sees this one, also when an earlier
 	// policy ended the chain before it ran.

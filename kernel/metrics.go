@@ -2,10 +2,13 @@ package kernel
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
+	"github.com/puzpuzpuz/xsync/v4"
 
+	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
 )
 
@@ -35,6 +38,7 @@ type kernelMetrics struct {
 	lastReloadSuccessTS          float64
 	infoVersion                  string
 	protocolErrors               *metrics.Counter
+	defaults                     *defaultRoutes
 }
 
 type routeMetrics struct {
@@ -66,6 +70,7 @@ var Families = []obs.Family{
 	{Name: "policy_kernel_mutations_rejected_total", Type: "counter", Help: "Header mutations dropped because Envoy's mutation rules would reject them, by route and agent."},
 	{Name: "policy_kernel_body_missing_total", Type: "counter", Help: "Bodies a chain reads that Envoy did not send (allow_mode_override off, a body mode of NONE, trailers without a body, or an exchange that ended first), by route, agent and phase; a request is refused when a message still arrives to answer."},
 	{Name: "policy_kernel_streams_active", Type: "gauge", Help: "ext_proc streams open now."},
+	{Name: "policy_kernel_default_route_requests_total", Type: "counter", Help: "Requests that matched no route by name or path and got default_policy (or, without one, went through unchanged), by the xds.route_name attribute (\"\" when absent); past 100 names, \"other\"."},
 }
 
 type agentMetrics struct {
@@ -85,6 +90,7 @@ func newKernelMetrics() *kernelMetrics {
 		return m.lastReloadSuccessTS
 	})
 	m.protocolErrors = m.set.NewCounter(`policy_kernel_protocol_errors_total`)
+	m.defaults = newDefaultRoutes(m.set)
 	return m
 }
 
@@ -184,4 +190,74 @@ func (m *kernelMetrics) setInfo(version string) {
 // registerStreams exports the number of open ext_proc streams.
 func (m *kernelMetrics) registerStreams(s *Server) {
 	m.set.GetOrCreateGauge(`policy_kernel_streams_active`, func() float64 { return float64(s.streams.Load()) })
+}
+
+// maxDefaultRouteNames bounds the route_name label of policy_kernel_default_route_requests_total.
+const maxDefaultRouteNames = 100
+
+// defaultRoutes counts the requests served by the default policy, by the route name Envoy sent:
+// a route of Envoy's that the kernel does not know, or no route name at all, is a config
+// mismatch that sends requests to the default policy instead of a route's chain. Each name is
+// logged once; names are Envoy's, not the client's, and past maxDefaultRouteNames they are
+// counted as "other". It outlives snapshots, so a reload neither resets nor repeats the logs.
+type defaultRoutes struct {
+	set   *metrics.Set
+	names *xsync.Map[string, *metrics.Counter]
+	full  atomic.Bool
+	other *metrics.Counter
+	log   atomic.Pointer[logging.Logger]
+	// otherLog throttles the log of names past the bound.
+	otherLog *logging.Throttle
+
+	mu    sync.Mutex // serialises adding a name
+	count int
+}
+
+func newDefaultRoutes(set *metrics.Set) *defaultRoutes {
+	return &defaultRoutes{
+		set:      set,
+		names:    xsync.NewMap[string, *metrics.Counter](),
+		other:    set.NewCounter(`policy_kernel_default_route_requests_total{route_name="other"}`),
+		otherLog: logging.NewThrottle(time.Minute),
+	}
+}
+
+// observe counts one request with the given route name served by the default policy; known
+// names cost one lock-free map lookup.
+func (d *defaultRoutes) observe(name string, hasDefault bool) {
+	if c, ok := d.names.Load(name); ok {
+		c.Inc()
+		return
+	}
+	d.add(name, hasDefault).Inc()
+}
+
+func (d *defaultRoutes) add(name string, hasDefault bool) *metrics.Counter {
+	if !d.full.Load() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if c, ok := d.names.Load(name); ok {
+			return c
+		}
+		if d.count < maxDefaultRouteNames {
+			d.count++
+			c := d.set.GetOrCreateCounter(`policy_kernel_default_route_requests_total{route_name=` + obs.Label(name) + `}`)
+			d.names.Store(name, c)
+			d.logFirst(name, hasDefault, "request matched no route by name or path (logged once per route name)")
+			return c
+		}
+		d.full.Store(true)
+	}
+	if d.otherLog.Allow() {
+		d.logFirst(name, hasDefault, "request matched no route by name or path; route name counted as \"other\" (logged at most once a minute)")
+	}
+	return d.other
+}
+
+func (d *defaultRoutes) logFirst(name string, hasDefault bool, msg string) {
+	action := "default_policy"
+	if !hasDefault {
+		action = "none: passed unchanged"
+	}
+	d.log.Load().Warn().Str("route_name", name).Bool("route_name_sent", name != "").Str("chain", action).Msg(msg)
 }

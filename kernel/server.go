@@ -49,6 +49,7 @@ type Server struct {
 
 // NewServer returns a server with no snapshot; Store gives it one.
 func NewServer(log *logging.Logger, m *kernelMetrics) *Server {
+	m.defaults.log.Store(log)
 	return &Server{
 		log:         log,
 		metrics:     m,

@@ -36,6 +36,8 @@ type Snapshot struct {
 	problems []problem
 	// metricKeys are the route series the snapshot uses; installing it drops the others.
 	metricKeys map[string]bool
+	// defaults counts the requests that route gives the default policy.
+	defaults *defaultRoutes
 }
 
 // problem is something wrong with a config that only the agents' advertised policies reveal.
@@ -131,7 +133,7 @@ func configVersion(user string, data []byte) string {
 // buildSnapshot compiles cfg against the agents' advertised policies. A chain that names a
 // policy its agent does not have makes its route invalid; everything else keeps working.
 func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentState, m *kernelMetrics) *Snapshot {
-	s := &Snapshot{Version: version, Config: cfg, Loaded: time.Now(), agents: agents}
+	s := &Snapshot{Version: version, Config: cfg, Loaded: time.Now(), agents: agents, defaults: m.defaults}
 	adv := map[string]map[string]*agentv1.PolicyInfo{}
 	for name, a := range agents {
 		adv[name] = a.policies()
@@ -250,7 +252,9 @@ func phaseSupported(info *agentv1.PolicyInfo, phase agentv1.PolicyPhase) bool {
 }
 
 // route picks the route of a request: the xds.route_name attribute when it names a configured
-// route, else the longest route name that is a path prefix of :path, else the default policy.
+// route, else the longest route name that is a path prefix of :path (both normalised and
+// compared case-insensitively, see routetable.ByPath), else the default policy, counted and
+// logged by route name.
 func (s *Snapshot) route(routeName, path string) *Route {
 	if routeName != "" {
 		if r, ok := s.routes.ByName(routeName); ok {
@@ -259,6 +263,9 @@ func (s *Snapshot) route(routeName, path string) *Route {
 	}
 	if r, ok := s.routes.ByPath(path); ok {
 		return r
+	}
+	if s.defaults != nil {
+		s.defaults.observe(routeName, s.defaultRoute != nil)
 	}
 	return s.defaultRoute
 }

@@ -111,6 +111,18 @@ type ChainObserver interface {
 	ObserveChain(c *Context, o Outcome)
 }
 
+// HeaderOwner is implemented by compiled policies that set request headers from what they
+// verified, such as a user id or a token's claims. On every request-phase run of a chain that
+// holds such a policy, the agent removes those headers from the incoming request before the
+// first policy runs, whatever the chain then decides, so that a client cannot pass a value of
+// its own off as the policy's: in every spelling an upstream may read as the same name, that
+// is any case and '_' for '-' (x_user_id, X-User_Id). A policy that then sets the header wins.
+type HeaderOwner interface {
+	// OwnedRequestHeaders returns the names of the request headers the policy may set. It
+	// runs on every request: return a slice built with the policy, never a new one.
+	OwnedRequestHeaders() []string
+}
+
 // Outcome is how a chain ended.
 type Outcome struct {
 	// Status is OK when the chain let the request (or response) through.

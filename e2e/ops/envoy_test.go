@@ -12,6 +12,7 @@ import (
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -110,6 +111,17 @@ func TestEnvoyBootstrap(t *testing.T) {
 	if err := ls[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm); err != nil {
 		t.Fatal(err)
 	}
+	// One spelling of a path and of a header name for Envoy's routes, the kernel's path
+	// fallback and the upstream.
+	if !hcm.GetNormalizePath().GetValue() || !hcm.GetMergeSlashes() {
+		t.Errorf("normalize_path %v, merge_slashes %v: both must be on", hcm.GetNormalizePath().GetValue(), hcm.GetMergeSlashes())
+	}
+	if a := hcm.GetPathWithEscapedSlashesAction(); a != hcmv3.HttpConnectionManager_UNESCAPE_AND_REDIRECT && a != hcmv3.HttpConnectionManager_REJECT_REQUEST {
+		t.Errorf("path_with_escaped_slashes_action %v: %%2F and %%5C must be unescaped or refused", a)
+	}
+	if a := hcm.GetCommonHttpProtocolOptions().GetHeadersWithUnderscoresAction(); a != corev3.HttpProtocolOptions_REJECT_REQUEST {
+		t.Errorf("headers_with_underscores_action %v: a request with X_User_ID must be refused", a)
+	}
 	var envoyRoutes []string
 	for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
 		for _, r := range vh.GetRoutes() {
@@ -202,4 +214,5 @@ func TestEnvoyBootstrapCatchesMistakes(t *testing.T) {
 	f("misspelt type", "ext_proc.v3.ExternalProcessor", "ext_proc.v3.ExternalProcesor", "ExternalProcesor")
 	f("wrong type of value", "message_timeout: 0.2s", "message_timeout: soon", `invalid google.protobuf.Duration value "soon"`)
 	f("invalid value", "port_value: 9001", "port_value: 99999", "PortValue")
+	f("misspelt enum value", "headers_with_underscores_action: REJECT_REQUEST", "headers_with_underscores_action: REJECT", "REJECT")
 }

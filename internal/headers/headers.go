@@ -41,12 +41,26 @@ func ValidName(name string) error {
 }
 
 // ErrInvalidValue is returned for a header value that Envoy refuses.
-var ErrInvalidValue = errors.New("invalid header value: CR, LF and NUL are not allowed")
+var ErrInvalidValue = errors.New("invalid header value: control characters other than horizontal tab, and DEL, are not allowed")
 
-// ValidValue checks a header value: Envoy refuses NUL, CR and LF in any header value.
+// validValueBytes marks the bytes Envoy allows in a header value (HeaderUtility::
+// headerValueIsValid, RFC 9110 field-value): horizontal tab, space, visible ASCII and obs-text
+// (0x80-0xff). NUL, CR, LF, every other control byte and DEL are refused, and a mutation that
+// holds one fails the whole ext_proc reply with a 500.
+var validValueBytes = func() (t [256]bool) {
+	t['\t'] = true
+	for c := 0x20; c < 0x100; c++ {
+		t[c] = c != 0x7f
+	}
+	return t
+}()
+
+// ValidValue checks a header value by Envoy's rule: no control byte but horizontal tab, no DEL.
 func ValidValue(v string) error {
-	if strings.ContainsAny(v, "\x00\r\n") {
-		return ErrInvalidValue
+	for i := 0; i < len(v); i++ {
+		if !validValueBytes[v[i]] {
+			return ErrInvalidValue
+		}
 	}
 	return nil
 }

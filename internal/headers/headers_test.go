@@ -1,6 +1,9 @@
 package headers
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestValidName(t *testing.T) {
 	for _, ok := range []string{"x-api-key", ":path", "X-Frame-Options", "a!#$%&'*+-.^_`|~1"} {
@@ -16,12 +19,12 @@ func TestValidName(t *testing.T) {
 }
 
 func TestValidValue(t *testing.T) {
-	for _, ok := range []string{"", "nosniff", "a b\tc", "ünïcode"} {
+	for _, ok := range []string{"", "nosniff", "a b\tc", "ünïcode", "\x80\xff", " ~!"} {
 		if err := ValidValue(ok); err != nil {
 			t.Errorf("ValidValue(%q) = %v", ok, err)
 		}
 	}
-	for _, bad := range []string{"a\rb", "a\nb", "a\x00b", "\r\n"} {
+	for _, bad := range []string{"a\rb", "a\nb", "a\x00b", "\r\n", "a\x01b", "\x1f", "a\x7fb", "\x0b", "\x1b[31m"} {
 		if err := ValidValue(bad); err != ErrInvalidValue {
 			t.Errorf("ValidValue(%q) = %v", bad, err)
 		}
@@ -66,9 +69,12 @@ func FuzzHeaderChecks(f *testing.F) {
 		nameOK := ValidName(name) == nil
 		valueOK := ValidValue(value) == nil
 		for i := 0; i < len(value); i++ {
-			if c := value[i]; (c == '\r' || c == '\n' || c == 0) && valueOK {
+			if c := value[i]; (c < ' ' && c != '\t' || c == 0x7f) && valueOK {
 				t.Fatalf("value %q accepted with a control byte", value)
 			}
+		}
+		if !valueOK && !strings.ContainsFunc(value, func(r rune) bool { return r < ' ' && r != '\t' || r == 0x7f }) {
+			t.Fatalf("value %q refused without a control byte", value)
 		}
 		if nameOK && name != "" && name[0] != ':' {
 			for i := 0; i < len(name); i++ {

@@ -31,6 +31,7 @@ const (
 	Echo      = "testEcho"
 	Body      = "testBody"
 	BodyDeny  = "testBodyDeny"
+	SetHeader = "testSetHeader"
 )
 
 // TagHeader is the header testTag sets, in the request phase on the request and in the
@@ -88,6 +89,17 @@ func init() {
 			return nil, err
 		}
 		return echo{from: strings.ToLower(s.From), to: s.To}, nil
+	})
+	register(SetHeader, "Sets the header name to value; with deny_status, denies with that status and the header on the local reply.", func(md map[string]string) (policy.Policy, error) {
+		var s struct {
+			Name       string `json:"name" required:"true"`
+			Value      string `json:"value"`
+			DenyStatus int    `json:"deny_status"`
+		}
+		if err := policy.DecodeMetadata(md, &s); err != nil {
+			return nil, err
+		}
+		return setHeader{name: s.Name, value: s.Value, deny: s.DenyStatus}, nil
 	})
 	m := module(Body, "Reads the body of its phase and sets x-test-body-length to its length.", func(md map[string]string) (policy.Policy, error) {
 		return bodyLength{}, policy.DecodeMetadata(md, &struct{}{})
@@ -171,6 +183,19 @@ func (e echo) Execute(_ context.Context, c *policy.Context) (policy.Result, erro
 	return policy.Allow(policy.SetHeader(e.to, v)), nil
 }
 
+// setHeader sets any value, unchecked: the kernel must keep what Envoy would refuse from it.
+type setHeader struct {
+	name, value string
+	deny        int
+}
+
+func (p setHeader) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	if p.deny != 0 {
+		return policy.Deny(p.deny, "denied", "denied by testSetHeader", map[string]string{p.name: p.value, "x-test-ok": "ok"}), nil
+	}
+	return policy.Allow(policy.SetHeader(p.name, p.value)), nil
+}
+
 type bodyLength struct{}
 
 func (bodyLength) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
@@ -205,4 +230,5 @@ var (
 	_ policy.Policy = huge("")
 	_ policy.Policy = badUTF8{}
 	_ policy.Policy = echo{}
+	_ policy.Policy = setHeader{}
 )

@@ -59,6 +59,15 @@ func TestPolicies(t *testing.T) {
 	if _, v := header(t, r); !strings.Contains(v, "\xff") {
 		t.Fatalf("bad UTF-8: %q", v)
 	}
+	r, _ = build(t, SetHeader, map[string]string{"name": "x-ctl", "value": "a\x01b"}).Execute(ctx, c)
+	if k, v := header(t, r); k != "x-ctl" || v != "a\x01b" {
+		t.Fatalf("set header: %s=%q", k, v)
+	}
+	r, _ = build(t, SetHeader, map[string]string{"name": "x-ctl", "value": "a\x7fb", "deny_status": "403"}).Execute(ctx, c)
+	if len(r.Instructions) != 1 || r.Instructions[0].GetImmediateResponse().GetStatusCode() != 403 ||
+		r.Instructions[0].GetImmediateResponse().GetHeaders()["x-ctl"] != "a\x7fb" {
+		t.Fatalf("set header on a denial: %v", r)
+	}
 	body := build(t, Body, nil)
 	r, _ = body.Execute(ctx, c)
 	if _, v := header(t, r); v != "3" {

@@ -149,6 +149,11 @@ func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
 	if err := headers.ValidName(p.userIDHeader); err != nil || !headers.SetAllowed(p.userIDHeader) {
 		return nil, fmt.Errorf("user_id_header: %q cannot be set", s.UserIDHeader)
 	}
+	if strings.ReplaceAll(p.userIDHeader, "_", "-") == strings.ReplaceAll(p.header, "_", "-") {
+		// The agent strips the user id header from the client's request, key and all.
+		return nil, fmt.Errorf("user_id_header: %q is the key header", s.UserIDHeader)
+	}
+	p.owned = []string{p.userIDHeader}
 	p.missing = policy.Deny(401, "unauthorized", "API key required", map[string]string{"www-authenticate": "API-Key"})
 	p.invalid = policy.Deny(403, "forbidden", "invalid API key", nil)
 	resultMD := map[string]string{"auth_method": "api_key"}
@@ -175,6 +180,7 @@ type APIKeyAuth struct {
 	required     bool
 	userIDHeader string
 	removeKey    bool
+	owned        []string // the user id header, which the agent strips from the client's request
 	// Every answer is built once; their instructions are shared read-only.
 	missing, invalid policy.Result
 	allowed          []policy.Result // by key, in the order of keys
@@ -196,6 +202,11 @@ func (p *APIKeyAuth) Execute(_ context.Context, c *policy.Context) (policy.Resul
 	return p.allowed[i], nil
 }
 
+// OwnedRequestHeaders returns the user id header: whatever the client sent in it (or in a
+// spelling such as x_user_id) is removed on every request, also when required is false and the
+// request carries no key.
+func (p *APIKeyAuth) OwnedRequestHeaders() []string { return p.owned }
+
 // lookup compares the key's digest with every configured digest in constant time, without
 // stopping at the first match, so timing tells nothing about which key matched or how close a
 // guess came.
@@ -211,6 +222,7 @@ func (p *APIKeyAuth) lookup(key string) (int, bool) {
 }
 
 var (
-	_ policy.Factory = (*Factory)(nil)
-	_ policy.Policy  = (*APIKeyAuth)(nil)
+	_ policy.Factory     = (*Factory)(nil)
+	_ policy.Policy      = (*APIKeyAuth)(nil)
+	_ policy.HeaderOwner = (*APIKeyAuth)(nil)
 )

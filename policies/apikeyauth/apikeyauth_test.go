@@ -148,6 +148,8 @@ func TestMetadataErrors(t *testing.T) {
 		`header_name=bad name`:     "header_name: invalid header name",
 		`user_id_header=host`:      `user_id_header: "host" cannot be set`,
 		`user_id_header=x-envoy-a`: "cannot be set",
+		`user_id_header=X-API-Key`: `user_id_header: "X-API-Key" is the key header`,
+		`user_id_header=x_api_key`: `user_id_header: "x_api_key" is the key header`,
 		`required=maybe`:           "want true or false",
 		`bogus=1`:                  `metadata key "bogus": unknown key`,
 	} {
@@ -156,6 +158,21 @@ func TestMetadataErrors(t *testing.T) {
 			t.Errorf("%s: %v, want %q", md, err, want)
 		}
 	}
+}
+
+// TestOwnedRequestHeaders checks that the user id header is declared, so that the agent strips
+// a client's own value on every request, also without a key.
+func TestOwnedRequestHeaders(t *testing.T) {
+	fac := factory(t, `{}`)
+	f := func(md map[string]string, want string) {
+		t.Helper()
+		p := build(t, fac, md).(policy.HeaderOwner)
+		if got := p.OwnedRequestHeaders(); len(got) != 1 || got[0] != want {
+			t.Errorf("OwnedRequestHeaders() with %v = %q, want [%q]", md, got, want)
+		}
+	}
+	f(nil, "x-user-id")
+	f(map[string]string{"user_id_header": "X-Principal", "required": "false"}, "x-principal")
 }
 
 func TestRegistered(t *testing.T) {

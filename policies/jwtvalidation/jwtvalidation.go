@@ -479,13 +479,15 @@ func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
 			bad("claims_to_headers", errors.New("empty claim name"))
 		case headers.ValidName(h) != nil || strings.HasPrefix(h, ":") || !headers.SetAllowed(h):
 			bad("claims_to_headers", fmt.Errorf("claim %q: header %q cannot be set", claim, s.ClaimsToHeaders[claim]))
-		case h == p.header:
+		case strings.ReplaceAll(h, "_", "-") == strings.ReplaceAll(p.header, "_", "-"):
+			// The agent strips claim headers from the client's request, token and all.
 			bad("claims_to_headers", fmt.Errorf("claim %q: header %q is the token header", claim, h))
 		case seen[h] != "":
 			bad("claims_to_headers", fmt.Errorf("claims %q and %q both set header %q", seen[h], claim, h))
 		default:
 			seen[h] = claim
 			p.claimHeaders = append(p.claimHeaders, claimHeader{path: claim, header: h})
+			p.owned = append(p.owned, h)
 		}
 	}
 
@@ -704,6 +706,7 @@ type JWTValidation struct {
 	keys         keyProvider
 	parser       *jwt.Parser
 	claimHeaders []claimHeader
+	owned        []string // the claims_to_headers headers, stripped from the client's request
 	now          func() time.Time
 	// Denials are built once; their instructions are shared read-only.
 	missing, unavailable policy.Result
@@ -759,6 +762,10 @@ func (p *JWTValidation) Execute(ctx context.Context, c *policy.Context) (policy.
 	r.Metadata = map[string]string{StateAuthMethod: "jwt"}
 	return r, nil
 }
+
+// OwnedRequestHeaders returns the claims_to_headers headers: whatever the client sent in them
+// is removed on every request, also when required is false and the request carries no token.
+func (p *JWTValidation) OwnedRequestHeaders() []string { return p.owned }
 
 // token cuts the token out of the header value; false when there is none.
 func (p *JWTValidation) token(v string) (string, bool) {
@@ -860,6 +867,7 @@ var (
 	_ policy.HealthChecker = (*Factory)(nil)
 	_ io.Closer            = (*Factory)(nil)
 	_ policy.Policy        = (*JWTValidation)(nil)
+	_ policy.HeaderOwner   = (*JWTValidation)(nil)
 	_ keyProvider          = staticKeys{}
 	_ keyProvider          = (*remoteKeys)(nil)
 )
