@@ -63,6 +63,7 @@ var Families = []obs.Family{
 	{Name: "policy_kernel_protocol_errors_total", Type: "counter", Help: "ext_proc streams ended because Envoy's messages broke the protocol."},
 	{Name: "policy_kernel_mutations_rejected_total", Type: "counter", Help: "Header mutations dropped because Envoy's mutation rules would reject them, by route and agent."},
 	{Name: "policy_kernel_streams_active", Type: "gauge", Help: "ext_proc streams open now."},
+	{Name: "policy_kernel_invalid_routes", Type: "gauge", Help: "Routes of the config in force whose requests are refused: invalid (a policy its agent lacks or refuses) or not checked against their agent yet. The kernel is not ready while it is above 0."},
 }
 
 type agentMetrics struct {
@@ -176,4 +177,9 @@ func (m *kernelMetrics) setInfo(version string) {
 // registerStreams exports the number of open ext_proc streams.
 func (m *kernelMetrics) registerStreams(s *Server) {
 	m.set.GetOrCreateGauge(`policy_kernel_streams_active`, func() float64 { return float64(s.streams.Load()) })
+}
+
+// registerInvalidRoutes exports how many routes of the config in force cannot serve.
+func (m *kernelMetrics) registerInvalidRoutes(s *Server) {
+	m.set.GetOrCreateGauge(`policy_kernel_invalid_routes`, func() float64 { return float64(s.Snapshot().refusedRoutes()) })
 }
