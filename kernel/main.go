@@ -224,6 +224,7 @@ func metricsAddr(f *flags, kc *KernelConfig) string {
 
 // install makes snap current and drops the metric series its predecessor alone used.
 func (k *Kernel) install(snap *Snapshot, data []byte) {
+	prev := k.server.Snapshot()
 	k.server.Store(snap)
 	k.current = data
 	snap.retainMetrics(k.metrics)
@@ -231,7 +232,12 @@ func (k *Kernel) install(snap *Snapshot, data []byte) {
 	for _, inv := range snap.invalid {
 		k.log.Error().Str("config_version", snap.Version).Str("error", inv).Msg("route marked invalid; its requests are denied")
 	}
+	// A route not checked yet is checked again at every health check; logged when the list
+	// changes only.
 	for _, inv := range snap.unvalidated {
+		if prev != nil && slices.Equal(prev.unvalidated, snap.unvalidated) {
+			break
+		}
 		k.log.Warn().Str("config_version", snap.Version).Str("error", inv).Msg("route not checked against its agent yet; its requests are refused until it is")
 	}
 }
@@ -432,8 +438,8 @@ func (k *Kernel) healthLoop(ctx context.Context) {
 			return
 		case now := <-k.server.wake:
 			// A request met a route not checked yet: check its agents now rather than at
-			// their next interval, at most every 250 ms.
-			if now.Sub(lastWake) >= 250*time.Millisecond {
+			// their next interval, at most once a second.
+			if now.Sub(lastWake) >= time.Second {
 				lastWake = now
 				clear(next)
 			}
@@ -511,11 +517,17 @@ func (k *Kernel) rebuild() {
 	defer k.mu.Unlock()
 	cur := k.server.Snapshot()
 	for name, err := range checkEntries(cur.Config, cur.agents, reloadTimeout) {
-		k.log.Warn().Str("agent", name).Str("error", err.Error()).Msg("chain entries not checked; their routes are refused until they are")
+		if !cur.unvalidatedOn(cur.agents[name]) { // logged once, not at every retry
+			k.log.Warn().Str("agent", name).Str("error", err.Error()).Msg("chain entries not checked; their routes are refused until they are")
+		}
 	}
 	snap := buildSnapshot(cur.Config, cur.Version, cur.agents, k.metrics)
 	k.install(snap, k.current)
-	k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("invalid_routes", len(snap.invalid)).Msg("routes checked again against the agents' policies")
+	if len(cur.unvalidated) > 0 && slices.Equal(cur.unvalidated, snap.unvalidated) && slices.Equal(cur.invalid, snap.invalid) {
+		return // a retry that changed nothing
+	}
+	k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("invalid_routes", len(snap.invalid)).
+		Int("unvalidated_routes", len(snap.unvalidated)).Msg("routes checked again against the agents' policies")
 }
 
 // readiness is ready when the config in force can serve every route (each checked against its
