@@ -39,7 +39,10 @@ type ServerConfig struct {
 
 // PoliciesConfig holds the policies' settings.
 type PoliciesConfig struct {
-	FailOnUnknown bool                    `yaml:"fail_on_unknown"`
+	// FailOnUnknown is deprecated and ignored: a chain that names a policy the agent does
+	// not have always fails (POLICY_ERROR). It is still accepted, with a warning at load, so
+	// that configs that set it keep loading.
+	FailOnUnknown *bool                   `yaml:"fail_on_unknown"`
 	Config        map[string]yamlconf.Raw `yaml:"config"`
 }
 

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/puzpuzpuz/xsync/v4"
+	"github.com/rs/zerolog"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
@@ -32,6 +33,8 @@ type Executor struct {
 	// shared outlives snapshots: policies keep clients there that a reload must not drop.
 	shared sync.Map
 	panicT *logging.Throttle
+	// unknownT throttles the log of chains naming a policy the agent does not have.
+	unknownT *logging.Throttle
 	// tracer is nil while tracing is off.
 	tracer atomic.Pointer[tracing.Tracer]
 }
@@ -96,7 +99,8 @@ type instance struct {
 
 // NewExecutor returns an executor with no config; Load gives it one.
 func NewExecutor(log *logging.Logger) *Executor {
-	return &Executor{log: log, metrics: newAgentMetrics(), panicT: logging.NewThrottle(10 * time.Second)}
+	return &Executor{log: log, metrics: newAgentMetrics(), panicT: logging.NewThrottle(10 * time.Second),
+		unknownT: logging.NewThrottle(10 * time.Second)}
 }
 
 // Load builds factories for every registered policy from cfg and swaps them in. On error the
@@ -126,6 +130,10 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 	if len(errs) > 0 {
 		closeFactories(s)
 		return errors.Join(errs...)
+	}
+	if cfg.Policies.FailOnUnknown != nil {
+		e.log.Audit(zerolog.WarnLevel).Bool("fail_on_unknown", *cfg.Policies.FailOnUnknown).
+			Msg("agent_core.policies.fail_on_unknown is deprecated and ignored: a chain naming a policy this agent does not have always fails")
 	}
 	if old := e.snap.Swap(s); old != nil {
 		old.retire()
@@ -174,7 +182,6 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 		resp.ConfigVersion = s.version
 		resp.AgentMetadata["max_body_size_bytes"] = fmt.Sprint(s.cfg.ResourceLimits.MaxBodySizeBytes)
 		resp.AgentMetadata["max_state_size_bytes"] = fmt.Sprint(s.cfg.ResourceLimits.MaxStateSizeBytes)
-		resp.AgentMetadata["fail_on_unknown"] = fmt.Sprint(s.cfg.Policies.FailOnUnknown)
 	}
 	for _, m := range policy.Modules() {
 		info := &agentv1.PolicyInfo{
@@ -195,6 +202,37 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 		resp.SupportedPolicies = append(resp.SupportedPolicies, info)
 	}
 	return resp
+}
+
+// ValidateChains checks chain entries the way Execute will run them: the policy is compiled in,
+// runs in the entry's phase, and its factory builds the entry's metadata (the compiled policy
+// is cached, as a first request would). It returns one message per entry, in order, empty when
+// the entry can run.
+func (e *Executor) ValidateChains(entries []*agentv1.ChainEntry) []string {
+	out := make([]string, len(entries))
+	s := e.acquire()
+	if s == nil {
+		for i := range out {
+			out[i] = "agent has no config loaded"
+		}
+		return out
+	}
+	defer s.release()
+	for i, ce := range entries {
+		name := ce.GetPolicy().GetName()
+		f, ok := s.factories[name]
+		switch {
+		case !ok:
+			out[i] = fmt.Sprintf("unknown policy %q", name)
+		case !f.module.Phases.Has(ce.GetPhase()):
+			out[i] = fmt.Sprintf("policy %q does not run in the %s phase", name, strings.ToLower(ce.GetPhase().String()))
+		default:
+			if _, err := s.instanceFor(f, name, ce.GetPolicy().GetMetadata()); err != nil {
+				out[i] = err.Error()
+			}
+		}
+	}
+	return out
 }
 
 // instanceFor returns the policy compiled from (name, metadata), building it on first use.
@@ -342,11 +380,11 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 		name := entry.GetName()
 		f := chain[i].factory
 		if f == nil {
+			// Whatever on_failure says: a chain missing one of its entries never serves.
 			e.metrics.failure(name, "unknown_policy")
-			if s.cfg.Policies.FailOnUnknown {
-				return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, fmt.Sprintf("unknown policy %q", name))
-			}
-			continue
+			e.logUnknown(req, name)
+			resp.Instructions = nil
+			return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, fmt.Sprintf("unknown policy %q", name))
 		}
 		var (
 			result policy.Result
@@ -412,6 +450,17 @@ func (e *Executor) run(ctx context.Context, p policy.Policy, pc *policy.Context,
 		}
 	}()
 	return p.Execute(ctx, pc)
+}
+
+// logUnknown logs, throttled, a chain that names a policy the agent does not have.
+func (e *Executor) logUnknown(req *agentv1.PolicyRequest, name string) {
+	if !e.unknownT.Allow() {
+		return
+	}
+	if ev := e.log.Error(); ev != nil {
+		ev.Str("request_id", req.GetRequestId()).Str("route", req.GetRouteName()).Str("policy", name).
+			Msg("chain names a policy this agent does not have; request failed")
+	}
 }
 
 func (e *Executor) logFailure(req *agentv1.PolicyRequest, name string, err error, action string) {

@@ -12,6 +12,7 @@ import (
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 	"github.com/policy-engine/policy-engine/internal/yamlconf"
 	"github.com/rs/zerolog"
 )
@@ -263,19 +264,71 @@ func TestOnFailure(t *testing.T) {
 	}
 }
 
+// TestUnknownPolicy: a chain naming a policy the agent does not have fails with POLICY_ERROR,
+// dropping what earlier policies did, whatever fail_on_unknown and on_failure say; the failure
+// is counted and logged once per interval, and a config that sets fail_on_unknown loads with a
+// warning.
 func TestUnknownPolicy(t *testing.T) {
-	core := testCore()
-	e, _ := newTestExecutor(t, core)
-	r := e.Execute(context.Background(), req(p("nope"), p("t.setHeader", "key", "x", "value", "1")))
-	if r.GetStatus().GetCode() != agentv1.StatusCode_OK || len(r.GetInstructions()) != 1 {
-		t.Fatalf("fail_on_unknown=false must skip: %v", r)
+	f := func(failOnUnknown *bool, onFail string) {
+		t.Helper()
+		core := testCore()
+		core.Policies.FailOnUnknown = failOnUnknown
+		e, logs := newTestExecutor(t, core)
+		if warned := strings.Contains(logs.String(), "fail_on_unknown is deprecated and ignored"); warned != (failOnUnknown != nil) {
+			t.Fatalf("fail_on_unknown %v: warned %v:\n%s", failOnUnknown, warned, logs)
+		}
+		for range 3 {
+			r := e.Execute(context.Background(), req(p("t.setHeader", "key", "x", "value", "1"), onFailure(p("nope"), onFail), p("t.setHeader", "key", "y", "value", "1")))
+			if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || r.GetStatus().GetPolicyName() != "nope" ||
+				!strings.Contains(r.GetMessage(), `unknown policy "nope"`) || r.GetInstructions() != nil {
+				t.Fatalf("fail_on_unknown %v, on_failure %q: %v", failOnUnknown, onFail, r)
+			}
+		}
+		if n := strings.Count(logs.String(), "does not have; request failed"); n != 1 {
+			t.Fatalf("logged %d times, want once (throttled):\n%s", n, logs)
+		}
+		var buf bytes.Buffer
+		e.metrics.Set().WritePrometheus(&buf)
+		if got := testenv.Metric(buf.String(), `policy_agent_policy_failures_total{policy="nope",reason="unknown_policy"}`); got != 3 {
+			t.Fatalf("unknown_policy failures counted %v, want 3", got)
+		}
 	}
-	core2 := testCore()
-	core2.Policies.FailOnUnknown = true
-	e2, _ := newTestExecutor(t, core2)
-	r = e2.Execute(context.Background(), req(p("nope")))
-	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), `unknown policy "nope"`) {
-		t.Fatalf("fail_on_unknown=true: %v", r)
+	yes, no := true, false
+	for _, fou := range []*bool{nil, &no, &yes} {
+		for _, of := range []string{"", "deny", "continue", "skip_remaining"} {
+			f(fou, of)
+		}
+	}
+}
+
+// TestValidateChains: each entry is checked as Execute will run it: an unknown policy, a
+// phase the policy does not run in, metadata its factory refuses; good entries get "".
+func TestValidateChains(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	entry := func(pol *agentv1.Policy, phase agentv1.PolicyPhase) *agentv1.ChainEntry {
+		return &agentv1.ChainEntry{Policy: pol, Phase: phase}
+	}
+	got := e.ValidateChains([]*agentv1.ChainEntry{
+		entry(p("t.setHeader", "key", "x", "value", "1"), agentv1.PolicyPhase_REQUEST),
+		entry(p("nope"), agentv1.PolicyPhase_REQUEST),
+		entry(p("t.setHeader", "bogus", "1"), agentv1.PolicyPhase_RESPONSE),
+		entry(p("t.responseOnly"), agentv1.PolicyPhase_REQUEST),
+	})
+	want := []string{"", `unknown policy "nope"`, `policy "t.setHeader": invalid metadata: metadata key "bogus": unknown key`,
+		`policy "t.responseOnly" does not run in the request phase`}
+	if len(got) != len(want) {
+		t.Fatalf("got %q", got)
+	}
+	for i := range want {
+		if !strings.Contains(got[i], want[i]) || (want[i] == "") != (got[i] == "") {
+			t.Errorf("entry %d: got %q, want %q", i, got[i], want[i])
+		}
+	}
+	e.Close()
+	for _, msg := range e.ValidateChains([]*agentv1.ChainEntry{entry(p("t.setHeader"), agentv1.PolicyPhase_REQUEST)}) {
+		if msg != "agent has no config loaded" {
+			t.Errorf("no config: %q", msg)
+		}
 	}
 }
 

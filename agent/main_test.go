@@ -77,6 +77,13 @@ func TestMainServes(t *testing.T) {
 	if err != nil || resp.GetStatus().GetCode() != agentv1.StatusCode_OK || resp.GetRequestId() != "r1" {
 		t.Fatalf("Execute: %v %v", resp, err)
 	}
+	vc, err := a.client.ValidateChains(ctx, &agentv1.ValidateChainsRequest{Entries: []*agentv1.ChainEntry{
+		{Policy: p("t.setHeader", "key", "x", "value", "1")},
+		{Policy: p("t.setHeader", "bogus", "1"), Phase: agentv1.PolicyPhase_RESPONSE},
+	}})
+	if err != nil || len(vc.GetErrors()) != 2 || vc.GetErrors()[0] != "" || !strings.Contains(vc.GetErrors()[1], `unknown key`) {
+		t.Fatalf("ValidateChains: %v %v", vc, err)
+	}
 	hc, err := healthpb.NewHealthClient(a.conn).Check(ctx, &healthpb.HealthCheckRequest{})
 	if err != nil || hc.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("health: %v %v", hc, err)

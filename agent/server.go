@@ -70,6 +70,11 @@ func (s *service) GetAgentConfig(context.Context, *agentv1.GetAgentConfigRequest
 	return s.exec.Describe(), nil
 }
 
+// ValidateChains checks chain entries as Execute will run them; see Executor.ValidateChains.
+func (s *service) ValidateChains(_ context.Context, req *agentv1.ValidateChainsRequest) (*agentv1.ValidateChainsResponse, error) {
+	return &agentv1.ValidateChainsResponse{Errors: s.exec.ValidateChains(req.GetEntries())}, nil
+}
+
 func (s *service) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
 	return s.run(ctx, req), nil
 }

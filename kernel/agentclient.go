@@ -35,6 +35,13 @@ type AgentClient interface {
 	Close() error
 }
 
+// chainValidator is an AgentClient that can ask its agent to build chain entries the way it
+// will run them (ValidateChains). It returns one message per entry, in order: "" when the entry
+// builds, else why not. An agent that predates the call answers codes.Unimplemented.
+type chainValidator interface {
+	ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) ([]string, error)
+}
+
 // timeoutExecutor is an AgentClient that takes a call's timeout as a duration, which saves the
 // derived context on the hot path.
 type timeoutExecutor interface {
@@ -79,13 +86,17 @@ func dialAgent(socketPath string, n int, maxMsg int) (*grpcAgentClient, error) {
 }
 
 // dialStreamAgent opens the connections to an agent and runs its calls over long-lived
-// streams, stuck sends given up after the agent's timeout.
-func dialStreamAgent(ac AgentConfig, maxMsg int) (AgentClient, error) {
+// streams, stuck sends given up after the agent's timeout. Each new stream learns the agent's
+// policy set before a call goes out on it; onLearn (if set) hears of a set that changed.
+func dialStreamAgent(ac AgentConfig, maxMsg int, onLearn func(AgentClient, *agentv1.GetAgentConfigResponse)) (*streamAgentClient, error) {
 	u, err := dialAgent(ac.SocketPath, ac.Connections, maxMsg)
 	if err != nil {
 		return nil, err
 	}
-	return newStreamAgentClient(u, time.Duration(ac.TimeoutMS)*time.Millisecond), nil
+	c := newStreamAgentClient(u, time.Duration(ac.TimeoutMS)*time.Millisecond)
+	c.verify = true
+	c.onLearn = onLearn
+	return c, nil
 }
 
 func (c *grpcAgentClient) pick() int {
@@ -115,6 +126,15 @@ func (c *grpcAgentClient) GetAgentConfig(ctx context.Context) (*agentv1.GetAgent
 	return c.agents[c.pick()].GetAgentConfig(ctx, &agentv1.GetAgentConfigRequest{})
 }
 
+// ValidateChains asks the agent to build chain entries; see chainValidator.
+func (c *grpcAgentClient) ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) ([]string, error) {
+	resp, err := c.agents[c.pick()].ValidateChains(ctx, &agentv1.ValidateChainsRequest{Entries: entries})
+	if err != nil {
+		return nil, err
+	}
+	return resp.GetErrors(), nil
+}
+
 func (c *grpcAgentClient) Check(ctx context.Context) error {
 	resp, err := healthpb.NewHealthClient(c.conns[c.pick()]).Check(ctx, &healthpb.HealthCheckRequest{})
 	if err != nil {
@@ -134,4 +154,7 @@ func (c *grpcAgentClient) Close() error {
 	return errors.Join(errs...)
 }
 
-var _ AgentClient = (*grpcAgentClient)(nil)
+var (
+	_ AgentClient    = (*grpcAgentClient)(nil)
+	_ chainValidator = (*grpcAgentClient)(nil)
+)

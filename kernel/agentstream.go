@@ -61,6 +61,15 @@ type streamAgentClient struct {
 	closed     atomic.Bool
 	stopWatch  chan struct{}
 	watchDone  chan struct{}
+
+	// learned is the policy set the agent advertised last (GetAgentConfig); it is replaced
+	// only when the set changes, so that its pointer names the set.
+	learned atomic.Pointer[agentv1.GetAgentConfigResponse]
+	// verify makes every new stream learn the agent's policy set before a call goes out on
+	// it: a new stream is a new connection when the agent was restarted or replaced.
+	verify bool
+	// onLearn is called, before that first call, when the policy set changed.
+	onLearn func(AgentClient, *agentv1.GetAgentConfigResponse)
 }
 
 // lane is one connection's stream, replaced when it breaks.
@@ -255,6 +264,11 @@ func (l *lane) open(op *streamOpen) {
 	defer close(op.done)
 	sctx, cancel := context.WithCancel(context.Background())
 	st, err := l.c.unary.agents[l.i].ExecuteStream(sctx)
+	if err == nil && l.c.verify {
+		// Asked after the stream is open, on its connection: if the agent that answers is
+		// not the stream's, the stream's connection is gone and the stream with it.
+		err = l.c.learnOn(l.i)
+	}
 	if err == nil && l.c.closed.Load() {
 		err = errClientClosed
 	}
@@ -468,9 +482,49 @@ func (c *streamAgentClient) watch() {
 	}
 }
 
-// GetAgentConfig asks the agent for its config with a unary call.
+// learnTimeout bounds the GetAgentConfig call of a new stream.
+const learnTimeout = time.Second
+
+// learnOn asks the agent on connection i for its policy set and, when it changed, tells
+// onLearn before returning.
+func (c *streamAgentClient) learnOn(i int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), learnTimeout)
+	defer cancel()
+	info, err := c.unary.agents[i].GetAgentConfig(ctx, &agentv1.GetAgentConfigRequest{})
+	if err != nil {
+		return fmt.Errorf("learn the agent's policies: %w", err)
+	}
+	if c.learn(info) && c.onLearn != nil {
+		c.onLearn(c, info)
+	}
+	return nil
+}
+
+// learn records info as the agent's policy set when the set changed; it reports whether it did.
+func (c *streamAgentClient) learn(info *agentv1.GetAgentConfigResponse) bool {
+	for {
+		cur := c.learned.Load()
+		if cur != nil && !policySetChanged(cur, info) {
+			return false
+		}
+		if c.learned.CompareAndSwap(cur, info) {
+			return true
+		}
+	}
+}
+
+// GetAgentConfig asks the agent for its config with a unary call, and learns its policy set.
 func (c *streamAgentClient) GetAgentConfig(ctx context.Context) (*agentv1.GetAgentConfigResponse, error) {
-	return c.unary.GetAgentConfig(ctx)
+	info, err := c.unary.GetAgentConfig(ctx)
+	if err == nil && c.verify {
+		c.learn(info)
+	}
+	return info, err
+}
+
+// ValidateChains asks the agent to build chain entries; see chainValidator.
+func (c *streamAgentClient) ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) ([]string, error) {
+	return c.unary.ValidateChains(ctx, entries)
 }
 
 // Check asks the agent's health service.
@@ -500,4 +554,5 @@ func (c *streamAgentClient) Close() error {
 var (
 	_ AgentClient     = (*streamAgentClient)(nil)
 	_ timeoutExecutor = (*streamAgentClient)(nil)
+	_ chainValidator  = (*streamAgentClient)(nil)
 )

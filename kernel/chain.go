@@ -139,6 +139,9 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		}
 		return s.agentFailed(st, agent, err)
 	}
+	if msg := route.stale(); msg != "" {
+		return s.staleRoute(st, msg)
+	}
 	if resp.GetStatus() == nil {
 		return s.invalidReply(st, errors.New("reply without a status"))
 	}

@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"os/signal"
@@ -122,16 +123,19 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		health:  health.NewServer(),
 	}
 	defer k.pool.closeAll()
+	k.pool.onLearn = k.onLearn
 	m.registerStreams(k.server)
+	m.registerInvalidRoutes(k.server)
 	agents, err := k.pool.agentsFor(kc)
 	if err != nil {
 		return err
 	}
 	k.pool.commit(agents, 0)
 	k.discover(ctx, agents, f.agentWait)
+	entryErrs := checkEntries(kc, agents, reloadTimeout)
 	snap := buildSnapshot(kc, configVersion(kc.Version, data), agents, m)
 	if f.validate {
-		return validateReport(stderr, f.config, data, snap)
+		return validateReport(stderr, f.config, data, snap, entryErrs)
 	}
 	tr, err := tracing.NewLogged(kc.Observability.Tracing, tracing.Root, "policy-kernel", Version, log)
 	if err != nil {
@@ -220,12 +224,42 @@ func metricsAddr(f *flags, kc *KernelConfig) string {
 
 // install makes snap current and drops the metric series its predecessor alone used.
 func (k *Kernel) install(snap *Snapshot, data []byte) {
+	prev := k.server.Snapshot()
 	k.server.Store(snap)
 	k.current = data
 	snap.retainMetrics(k.metrics)
 	k.metrics.setInfo(snap.Version)
 	for _, inv := range snap.invalid {
 		k.log.Error().Str("config_version", snap.Version).Str("error", inv).Msg("route marked invalid; its requests are denied")
+	}
+	// A route not checked yet is checked again at every health check; logged when the list
+	// changes only.
+	for _, inv := range snap.unvalidated {
+		if prev != nil && slices.Equal(prev.unvalidated, snap.unvalidated) {
+			break
+		}
+		k.log.Warn().Str("config_version", snap.Version).Str("error", inv).Msg("route not checked against its agent yet; its requests are refused until it is")
+	}
+}
+
+// onLearn hears from an agent client that its agent now has another policy set (it was
+// replaced), before the client sends a call on the new connection: the agents of the config in
+// force that use the client take the new set, and the snapshot is rebuilt against it.
+func (k *Kernel) onLearn(c AgentClient, info *agentv1.GetAgentConfigResponse) {
+	snap := k.server.Snapshot()
+	if snap == nil {
+		return
+	}
+	used := false
+	for _, a := range snap.agents {
+		if a.client == c {
+			a.info.Store(info)
+			used = true
+		}
+	}
+	if used {
+		k.log.Warn().Str("agent_version", info.GetAgentVersion()).Msg("agent came back with another policy set; routes checked again before it is called")
+		k.rebuild()
 	}
 }
 
@@ -289,10 +323,19 @@ func (k *Kernel) reload() {
 		return
 	}
 	k.query(agents, reloadTimeout)
+	entryErrs := checkEntries(kc, agents, reloadTimeout)
 	snap := buildSnapshot(kc, configVersion(kc.Version, data), agents, k.metrics)
-	if len(snap.problems) > 0 {
+	if len(snap.problems) > 0 || len(entryErrs) > 0 {
+		// A chain entry that an agent in reach could not build is not put in force.
 		k.pool.discard(agents)
-		k.reloadFailed(problemsError(file, data, snap.problems))
+		err := problemsError(file, data, snap.problems)
+		if len(snap.problems) == 0 {
+			err = nil
+		}
+		for _, name := range sortedKeys(entryErrs) {
+			err = errors.Join(err, fmt.Errorf("%s: %w", file, entryErrs[name]))
+		}
+		k.reloadFailed(err)
 		return
 	}
 	var tr *tracing.Tracer
@@ -388,10 +431,18 @@ func (k *Kernel) healthLoop(ctx context.Context) {
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	next := map[string]time.Time{}
+	var lastWake time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case now := <-k.server.wake:
+			// A request met a route not checked yet: check its agents now rather than at
+			// their next interval, at most once a second.
+			if now.Sub(lastWake) >= time.Second {
+				lastWake = now
+				clear(next)
+			}
 		case now := <-tick.C:
 			snap := k.server.Snapshot()
 			for name, a := range snap.agents {
@@ -436,8 +487,11 @@ func (k *Kernel) checkAgent(ctx context.Context, a *agentState) {
 	if !was {
 		k.log.Info().Str("agent", a.cfg.Name).Msg("agent healthy")
 	}
-	if prev := a.info.Load(); prev == nil || policySetChanged(prev, info) {
-		a.info.Store(info)
+	prev := a.info.Swap(info)
+	// Checked again when the agent has other policies or another config (an entry it
+	// refused may build now, or the reverse), and while a route of it is not checked.
+	if prev == nil || policySetChanged(prev, info) || prev.GetConfigVersion() != info.GetConfigVersion() ||
+		k.server.Snapshot().unvalidatedOn(a) {
 		k.rebuild()
 	}
 }
@@ -462,13 +516,24 @@ func (k *Kernel) rebuild() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	cur := k.server.Snapshot()
+	for name, err := range checkEntries(cur.Config, cur.agents, reloadTimeout) {
+		if !cur.unvalidatedOn(cur.agents[name]) { // logged once, not at every retry
+			k.log.Warn().Str("agent", name).Str("error", err.Error()).Msg("chain entries not checked; their routes are refused until they are")
+		}
+	}
 	snap := buildSnapshot(cur.Config, cur.Version, cur.agents, k.metrics)
 	k.install(snap, k.current)
-	k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("invalid_routes", len(snap.invalid)).Msg("routes checked again against the agents' policies")
+	if len(cur.unvalidated) > 0 && slices.Equal(cur.unvalidated, snap.unvalidated) && slices.Equal(cur.invalid, snap.invalid) {
+		return // a retry that changed nothing
+	}
+	k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("invalid_routes", len(snap.invalid)).
+		Int("unvalidated_routes", len(snap.unvalidated)).Msg("routes checked again against the agents' policies")
 }
 
-// readiness is ready when the config is loaded, every agent is healthy, and the kernel is not
-// draining; its detail says which part is not, in not_ready.
+// readiness is ready when the config in force can serve every route (each checked against its
+// agent and valid), every agent is healthy, and the kernel is not draining; its detail says
+// which part is not, in not_ready. A rolling deploy of a config with a route that cannot serve
+// never becomes ready.
 func (k *Kernel) readiness() (bool, any) {
 	snap := k.server.Snapshot()
 	type agentInfo struct {
@@ -482,6 +547,7 @@ func (k *Kernel) readiness() (bool, any) {
 		ConfigVersion string               `json:"config_version"`
 		Agents        map[string]agentInfo `json:"agents"`
 		InvalidRoutes []string             `json:"invalid_routes,omitempty"`
+		Unvalidated   []string             `json:"unvalidated_routes,omitempty"`
 		Draining      bool                 `json:"draining,omitempty"`
 	}{Status: "ready", Agents: map[string]agentInfo{}}
 	if snap == nil {
@@ -489,6 +555,13 @@ func (k *Kernel) readiness() (bool, any) {
 	} else {
 		detail.ConfigVersion = snap.Version
 		detail.InvalidRoutes = snap.invalid
+		detail.Unvalidated = snap.unvalidated
+		if n := len(snap.invalid); n > 0 {
+			detail.NotReady = append(detail.NotReady, fmt.Sprintf("%d routes are invalid", n))
+		}
+		if n := len(snap.unvalidated); n > 0 {
+			detail.NotReady = append(detail.NotReady, fmt.Sprintf("%d routes are not checked against their agent yet", n))
+		}
 		for _, ac := range snap.Config.Agents {
 			a := snap.agents[ac.Name]
 			h := a.healthy.Load()
@@ -548,14 +621,17 @@ func policySetChanged(prev, cur *agentv1.GetAgentConfigResponse) bool {
 // validateReport checks a snapshot built for --validate: every agent must have answered, so
 // that every chain was checked against its agent's policies and metadata schemas. It returns
 // every problem at once, as file:line: key: message.
-func validateReport(w io.Writer, file string, data []byte, snap *Snapshot) error {
+func validateReport(w io.Writer, file string, data []byte, snap *Snapshot, entryErrs map[string]error) error {
 	problems := slices.Clone(snap.problems)
 	for i, ac := range snap.Config.Agents {
+		key := fmt.Sprintf("policy_kernel.agents[%d].socket_path", i)
 		if snap.agents[ac.Name].info.Load() == nil {
 			problems = append(problems, problem{
-				key: fmt.Sprintf("policy_kernel.agents[%d].socket_path", i),
+				key: key,
 				msg: fmt.Sprintf("agent %q did not answer at %q: its chains could not be checked against its policies", ac.Name, ac.SocketPath),
 			})
+		} else if err := entryErrs[ac.Name]; err != nil {
+			problems = append(problems, problem{key: key, msg: err.Error() + ": its chains could not be checked"})
 		}
 	}
 	errs := permissionProblems(file, snap.Config)
@@ -567,6 +643,11 @@ func validateReport(w io.Writer, file string, data []byte, snap *Snapshot) error
 	}
 	fmt.Fprintf(w, "%s: valid (version %s)\n", file, snap.Version)
 	return nil
+}
+
+// sortedKeys returns the keys of m in order.
+func sortedKeys[V any](m map[string]V) []string {
+	return slices.Sorted(maps.Keys(m))
 }
 
 // Version of the kernel binary; set by the linker.

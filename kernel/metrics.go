@@ -71,6 +71,7 @@ var Families = []obs.Family{
 	{Name: "policy_kernel_body_missing_total", Type: "counter", Help: "Bodies a chain reads that Envoy did not send (allow_mode_override off, a body mode of NONE, trailers without a body, or an exchange that ended first), by route, agent and phase; a request is refused when a message still arrives to answer."},
 	{Name: "policy_kernel_streams_active", Type: "gauge", Help: "ext_proc streams open now."},
 	{Name: "policy_kernel_default_route_requests_total", Type: "counter", Help: "Requests that matched no route by name or path and got default_policy (or, without one, went through unchanged), by the xds.route_name attribute (\"\" when absent); past 100 names, \"other\"."},
+	{Name: "policy_kernel_invalid_routes", Type: "gauge", Help: "Routes of the config in force whose requests are refused: invalid (a policy its agent lacks or refuses) or not checked against their agent yet. The kernel is not ready while it is above 0."},
 }
 
 type agentMetrics struct {
@@ -260,4 +261,9 @@ func (d *defaultRoutes) logFirst(name string, hasDefault bool, msg string) {
 		action = "none: passed unchanged"
 	}
 	d.log.Load().Warn().Str("route_name", name).Bool("route_name_sent", name != "").Str("chain", action).Msg(msg)
+}
+
+// registerInvalidRoutes exports how many routes of the config in force cannot serve.
+func (m *kernelMetrics) registerInvalidRoutes(s *Server) {
+	m.set.GetOrCreateGauge(`policy_kernel_invalid_routes`, func() float64 { return float64(s.Snapshot().refusedRoutes()) })
 }

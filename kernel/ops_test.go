@@ -313,7 +313,8 @@ func TestRoutesCheckedAgainAtErrorLevel(t *testing.T) {
 }
 
 // TestAgentPolicySetChange shows the health loop's rediscovery: an agent that comes back with
-// other policies gets its routes checked again, and the gRPC health service follows.
+// other policies gets its routes checked again, and the gRPC health service follows both the
+// agent's health and the routes that cannot serve.
 func TestAgentPolicySetChange(t *testing.T) {
 	tk := newTestKernel(t, baseConfig, &fakeAgent{})
 	k := newUnitKernel(t, tk, "unused")
@@ -325,21 +326,15 @@ func TestAgentPolicySetChange(t *testing.T) {
 		}
 		return r.GetStatus()
 	}
-	if hs() != healthpb.HealthCheckResponse_SERVING {
-		t.Fatal("not serving with a healthy agent")
+	if hs() != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatal("serving with the invalid route /broken")
 	}
+	// The agent advertises "notThere" now: the /broken route becomes valid.
 	a := tk.state
-	tk.agent.checkErr = context.DeadlineExceeded
-	k.checkAgent(context.Background(), a)
-	k.syncHealth()
-	if a.healthy.Load() || hs() != healthpb.HealthCheckResponse_NOT_SERVING || !strings.Contains(tk.logs.String(), "agent unhealthy") {
-		t.Fatal("a failed check must make the agent unhealthy and the kernel not serving")
-	}
-	// Back, with "notThere" now advertised: the /broken route becomes valid.
 	info := testInfo()
 	info.SupportedPolicies = append(info.SupportedPolicies, &agentv1.PolicyInfo{Name: "notThere", SupportedPhases: []agentv1.PolicyPhase{agentv1.PolicyPhase_REQUEST}})
 	tk.agent.mu.Lock()
-	tk.agent.checkErr, tk.agent.info = nil, info
+	tk.agent.info = info
 	tk.agent.mu.Unlock()
 	before := tk.s.Snapshot()
 	k.checkAgent(context.Background(), a)
@@ -348,13 +343,23 @@ func TestAgentPolicySetChange(t *testing.T) {
 	if after == before || len(after.invalid) != 0 || hs() != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("snapshot not rebuilt: invalid %v", after.invalid)
 	}
-	if !strings.Contains(tk.logs.String(), "agent healthy") || !strings.Contains(tk.logs.String(), "routes checked again") {
+	if !strings.Contains(tk.logs.String(), "routes checked again") {
 		t.Fatalf("logs:\n%s", tk.logs.String())
 	}
-	// The same policies again: nothing is rebuilt.
+	tk.agent.checkErr = context.DeadlineExceeded
 	k.checkAgent(context.Background(), a)
-	if tk.s.Snapshot() != after {
-		t.Fatal("an unchanged policy set rebuilt the snapshot")
+	k.syncHealth()
+	if a.healthy.Load() || hs() != healthpb.HealthCheckResponse_NOT_SERVING || !strings.Contains(tk.logs.String(), "agent unhealthy") {
+		t.Fatal("a failed check must make the agent unhealthy and the kernel not serving")
+	}
+	// Back with the same policies: serving again, nothing rebuilt.
+	tk.agent.mu.Lock()
+	tk.agent.checkErr = nil
+	tk.agent.mu.Unlock()
+	k.checkAgent(context.Background(), a)
+	k.syncHealth()
+	if tk.s.Snapshot() != after || hs() != healthpb.HealthCheckResponse_SERVING || !strings.Contains(tk.logs.String(), "agent healthy") {
+		t.Fatal("an agent back with an unchanged policy set must serve without a rebuild")
 	}
 	// A cancelled check (shutting down) does not mark the agent down.
 	tk.agent.checkErr = context.Canceled
@@ -384,17 +389,17 @@ func TestPolicySetChanged(t *testing.T) {
 func TestValidateReport(t *testing.T) {
 	tk := newTestKernel(t, baseConfig, &fakeAgent{})
 	var out bytes.Buffer
-	err := validateReport(&out, "kernel.yaml", []byte(baseConfig), tk.s.Snapshot())
+	err := validateReport(&out, "kernel.yaml", []byte(baseConfig), tk.s.Snapshot(), nil)
 	if err == nil || !strings.Contains(err.Error(), `kernel.yaml:28: policy_kernel.route_policies[5].request_policy_chain[0].policy: policy "notThere"`) || out.Len() != 0 {
 		t.Fatalf("validateReport: %v %q", err, out.String())
 	}
 	good := strings.Replace(baseConfig, "policy: notThere", "policy: allowAll", 1)
 	tk = newTestKernel(t, good, &fakeAgent{})
-	if err := validateReport(&out, "kernel.yaml", []byte(good), tk.s.Snapshot()); err != nil || !strings.Contains(out.String(), "kernel.yaml: valid (version v1)") {
+	if err := validateReport(&out, "kernel.yaml", []byte(good), tk.s.Snapshot(), nil); err != nil || !strings.Contains(out.String(), "kernel.yaml: valid (version v1)") {
 		t.Fatalf("valid: %v %q", err, out.String())
 	}
 	tk.state.info.Store(nil)
-	err = validateReport(&out, "kernel.yaml", []byte(good), tk.s.Snapshot())
+	err = validateReport(&out, "kernel.yaml", []byte(good), tk.s.Snapshot(), nil)
 	if err == nil || !strings.Contains(err.Error(), `kernel.yaml:4: policy_kernel.agents[0].socket_path: agent "a" did not answer at "/unused.sock"`) {
 		t.Fatalf("unreached agent: %v", err)
 	}

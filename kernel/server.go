@@ -45,6 +45,9 @@ type Server struct {
 	// One throttle per kind of failure, so that a failure a client can cause at will (a
 	// policy error, a broken stream) cannot keep the others out of the log.
 	protocolLog, agentLog, replyLog, policyLog, invalidLog, bodyLog *logging.Throttle
+	// wake asks the health loop to check the agents now: a request met a route that is not
+	// checked against its agent yet.
+	wake chan time.Time
 }
 
 // NewServer returns a server with no snapshot; Store gives it one.
@@ -59,6 +62,7 @@ func NewServer(log *logging.Logger, m *kernelMetrics) *Server {
 		policyLog:   logging.NewThrottle(5 * time.Second),
 		invalidLog:  logging.NewThrottle(5 * time.Second),
 		bodyLog:     logging.NewThrottle(5 * time.Second),
+		wake:        make(chan time.Time, 1),
 	}
 }
 
@@ -509,12 +513,7 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 		return requestHeadersReply(nil, skipResponseMode), nil
 	}
 	if route.invalid != "" {
-		route.metrics.requests[statusInvalidRoute].Inc()
-		st.result = statusInvalidRoute
-		if s.invalidLog.Allow() {
-			s.log.Error().Str("route", route.Name).Str("request_id", st.requestID).Str("error", route.invalid).Msg("request on an invalid route denied")
-		}
-		return immediateReply(denial(st.snap.Config.Server.StatusOnError, "invalid_route", "the route's policy chain is invalid")), nil
+		return s.refuseRoute(st, route), nil
 	}
 	if unsupportedBodyMode(st.cfgReqBody, route.request.body) || unsupportedBodyMode(st.cfgRespBody, route.response.body) {
 		// The kernel cannot hold a FULL_DUPLEX_STREAMED body, and Envoy ignores overrides then.
@@ -555,6 +554,26 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 		return immediateReply(resp.immediate), nil
 	}
 	return requestHeadersReply(resp.common, mode), nil
+}
+
+// refuseRoute answers a request on a route that cannot serve: invalid, or not checked against
+// its agent yet, whatever the agent's fail_open says, since the kernel does not know that the
+// agent has the route's policies nor which bodies they read.
+func (s *Server) refuseRoute(st *stream, route *Route) *extprocv3.ProcessingResponse {
+	route.metrics.requests[statusInvalidRoute].Inc()
+	st.result = statusInvalidRoute
+	msg := "the route's policy chain is invalid"
+	if route.refuseCode == codeNotValidated {
+		msg = "the route's policy chain is not checked against its policy agent yet"
+		select {
+		case s.wake <- time.Now():
+		default:
+		}
+	}
+	if s.invalidLog.Allow() {
+		s.log.Error().Str("route", route.Name).Str("request_id", st.requestID).Str("error", route.invalid).Msg("request on an invalid route denied")
+	}
+	return immediateReply(denial(st.snap.Config.Server.StatusOnError, route.refuseCode, msg))
 }
 
 func (s *Server) onRequestBody(ctx context.Context, st *stream, b *extprocv3.HttpBody) (*extprocv3.ProcessingResponse, error) {

@@ -31,6 +31,11 @@ type Snapshot struct {
 	agents       map[string]*agentState
 	// invalid lists why routes were marked invalid, for logs and readiness.
 	invalid []string
+	// unvalidated lists why routes could not be checked against their agent, for logs and
+	// readiness; their requests are refused until a rebuild checks them.
+	unvalidated []string
+	// unvalidatedAgents names the agents of the unvalidated routes.
+	unvalidatedAgents map[string]bool
 	// problems are the same problems with the config key each is about, for file:line
 	// reports (reload, --validate).
 	problems []problem
@@ -39,6 +44,12 @@ type Snapshot struct {
 	// defaults counts the requests that route gives the default policy.
 	defaults *defaultRoutes
 }
+
+// The error codes of a refused route.
+const (
+	codeInvalidRoute = "invalid_route"
+	codeNotValidated = "route_not_validated"
+)
 
 // problem is something wrong with a config that only the agents' advertised policies reveal.
 type problem struct {
@@ -52,8 +63,16 @@ type Route struct {
 	agent    *agentState
 	request  chain
 	response chain
-	// invalid is why requests on the route are denied: a policy its agent does not have.
+	// invalid is why requests on the route are refused: a policy its agent does not have or
+	// refuses, or chains that could not be checked against the agent (refuseCode says which).
 	invalid string
+	// refuseCode is the error code of the refusal: invalid_route or route_not_validated.
+	refuseCode string
+	// checkedWith is the agent's policy set the chains were compiled against. A call whose
+	// agent has learned another set since is checked against that one (see stale).
+	checkedWith *agentv1.GetAgentConfigResponse
+	// recheck caches the last check against another policy set.
+	recheck atomic.Pointer[recheck]
 	metrics *routeMetrics
 	// procModes are the mode overrides the route needs, by whether Envoy streams the request
 	// body (bit 0) and the response body (bit 1) of a chain that reads it; see modeFor.
@@ -105,11 +124,28 @@ type agentState struct {
 	info    atomic.Pointer[agentv1.GetAgentConfigResponse]
 	healthy atomic.Bool
 	metrics *agentMetrics
+	// learned is the policy set the client learned last, shared by every agentState of the
+	// client; nil for a client that does not learn (test fakes): info is used instead.
+	learned *atomic.Pointer[agentv1.GetAgentConfigResponse]
+	// verdicts are the agent's own checks of the chain entries (ValidateChains); nil when
+	// the kernel never asked (the schema checks alone apply).
+	verdicts atomic.Pointer[entryVerdicts]
 }
 
-// policies returns the advertised policies by name, or nil when the agent was never reached.
-func (a *agentState) policies() map[string]*agentv1.PolicyInfo {
-	info := a.info.Load()
+// policySource returns the advertised config that chains are compiled against: the policy
+// set the client learned last, else the last GetAgentConfig answer; nil when the agent was
+// never reached.
+func (a *agentState) policySource() *agentv1.GetAgentConfigResponse {
+	if a.learned != nil {
+		if l := a.learned.Load(); l != nil {
+			return l
+		}
+	}
+	return a.info.Load()
+}
+
+// policiesOf returns advertised policies by name, or nil for a nil config.
+func policiesOf(info *agentv1.GetAgentConfigResponse) map[string]*agentv1.PolicyInfo {
 	if info == nil {
 		return nil
 	}
@@ -118,6 +154,44 @@ func (a *agentState) policies() map[string]*agentv1.PolicyInfo {
 		m[p.GetName()] = p
 	}
 	return m
+}
+
+// entryVerdicts is what an agent said of chain entries when asked to build them, for one
+// policy set and agent config version.
+type entryVerdicts struct {
+	source        *agentv1.GetAgentConfigResponse
+	configVersion string
+	// unsupported says that the agent has no ValidateChains (an older build): the kernel's
+	// schema checks alone apply.
+	unsupported bool
+	// byEntry holds, by entryKey, "" for an entry that builds, else the agent's error. An
+	// entry missing from it was not checked (the agent could not be asked).
+	byEntry map[string]string
+}
+
+// current reports whether the verdicts were given for src and the agent's config version.
+func (v *entryVerdicts) current(src *agentv1.GetAgentConfigResponse, configVersion string) bool {
+	return v != nil && v.source == src && v.configVersion == configVersion
+}
+
+// entryKey identifies a chain entry for the agent's verdict: policy, phase and metadata.
+func entryKey(p *agentv1.Policy, phase agentv1.PolicyPhase) string {
+	keys := make([]string, 0, len(p.GetMetadata()))
+	for k := range p.GetMetadata() {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	b.WriteString(p.GetName())
+	b.WriteByte(0)
+	b.WriteString(phase.String())
+	for _, k := range keys {
+		b.WriteByte(0)
+		b.WriteString(k)
+		b.WriteByte(0)
+		b.WriteString(p.GetMetadata()[k])
+	}
+	return b.String()
 }
 
 // configVersion is a config's user-set version (if any) joined to a hash of its bytes.
@@ -134,9 +208,23 @@ func configVersion(user string, data []byte) string {
 // policy its agent does not have makes its route invalid; everything else keeps working.
 func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentState, m *kernelMetrics) *Snapshot {
 	s := &Snapshot{Version: version, Config: cfg, Loaded: time.Now(), agents: agents, defaults: m.defaults}
-	adv := map[string]map[string]*agentv1.PolicyInfo{}
+	type agentView struct {
+		src      *agentv1.GetAgentConfigResponse
+		adv      map[string]*agentv1.PolicyInfo
+		verdicts *entryVerdicts // nil: the schema checks alone
+	}
+	views := map[string]agentView{}
 	for name, a := range agents {
-		adv[name] = a.policies()
+		v := agentView{src: a.policySource()}
+		v.adv = policiesOf(v.src)
+		if vd := a.verdicts.Load(); vd != nil && !vd.unsupported {
+			v.verdicts = vd
+			if !vd.current(v.src, a.info.Load().GetConfigVersion()) {
+				// Given for another policy set or agent config: nothing is checked.
+				v.verdicts = &entryVerdicts{}
+			}
+		}
+		views[name] = v
 	}
 	first := cfg.Agents[0].Name
 	routes := map[string]*Route{}
@@ -145,18 +233,32 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		if agentName == "" {
 			agentName = first
 		}
-		r := &Route{Name: name, agent: agents[agentName]}
+		view := views[agentName]
+		r := &Route{Name: name, agent: agents[agentName], checkedWith: view.src}
 		var problems []problem
-		r.request, problems = compileChain(reqChain, agentv1.PolicyPhase_REQUEST, agentName, adv[agentName], key+".request_policy_chain", problems)
-		r.response, problems = compileChain(respChain, agentv1.PolicyPhase_RESPONSE, agentName, adv[agentName], key+".response_policy_chain", problems)
-		if len(problems) > 0 {
+		var unchecked int
+		r.request, problems, unchecked = compileChecked(reqChain, agentv1.PolicyPhase_REQUEST, agentName, view.adv, view.verdicts, key+".request_policy_chain", problems, unchecked)
+		r.response, problems, unchecked = compileChecked(respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.adv, view.verdicts, key+".response_policy_chain", problems, unchecked)
+		switch {
+		case len(problems) > 0:
 			msgs := make([]string, len(problems))
 			for i, p := range problems {
 				msgs[i] = p.msg
 			}
-			r.invalid = strings.Join(msgs, "; ")
+			r.invalid, r.refuseCode = strings.Join(msgs, "; "), codeInvalidRoute
 			s.invalid = append(s.invalid, fmt.Sprintf("route %q: %s", name, r.invalid))
 			s.problems = append(s.problems, problems...)
+		case view.adv == nil && len(reqChain)+len(respChain) > 0:
+			r.invalid, r.refuseCode = fmt.Sprintf("agent %q was never reached: the chains are not checked", agentName), codeNotValidated
+		case unchecked > 0:
+			r.invalid, r.refuseCode = fmt.Sprintf("agent %q has not built %d chain entries yet", agentName, unchecked), codeNotValidated
+		}
+		if r.refuseCode == codeNotValidated {
+			s.unvalidated = append(s.unvalidated, fmt.Sprintf("route %q: %s", name, r.invalid))
+			if s.unvalidatedAgents == nil {
+				s.unvalidatedAgents = map[string]bool{}
+			}
+			s.unvalidatedAgents[agentName] = true
 		}
 		r.metrics = m.forRoute(name, agentName)
 		for i := range r.procModes {
@@ -173,8 +275,22 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 	}
 	s.routes = routetable.New(routes)
 	sort.Strings(s.invalid)
+	sort.Strings(s.unvalidated)
 	s.metricKeys = keepRoutes
 	return s
+}
+
+// unvalidatedOn reports whether a route on agent a is not checked against it yet.
+func (s *Snapshot) unvalidatedOn(a *agentState) bool {
+	return s != nil && s.unvalidatedAgents[a.cfg.Name]
+}
+
+// refusedRoutes is how many routes of the snapshot cannot serve: invalid or not checked.
+func (s *Snapshot) refusedRoutes() int {
+	if s == nil {
+		return 0
+	}
+	return len(s.invalid) + len(s.unvalidated)
 }
 
 // retainMetrics drops the series of the routes and agents that the snapshot no longer has;
@@ -192,12 +308,21 @@ func (s *Snapshot) retainMetrics(m *kernelMetrics) {
 // policy runs in the phase, and that the metadata satisfies the policy's metadata schema.
 // key is the chain's config key.
 func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, key string, problems []problem) (chain, []problem) {
+	c, problems, _ := compileChecked(entries, phase, agentName, adv, nil, key, problems, 0)
+	return c, problems
+}
+
+// compileChecked is compileChain that also checks each entry against what the agent said
+// when it built it (verdicts, unless nil): an entry the agent refused is a problem, one it was
+// not asked about is counted in unchecked.
+func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, verdicts *entryVerdicts, key string, problems []problem, unchecked int) (chain, []problem, int) {
 	var c chain
 	// Without the agent's word, the request is sent.
 	readsRequest := false
 	var readsBody []bool
 	for i, e := range entries {
-		c.policies = append(c.policies, &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure})
+		pol := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure}
+		c.policies = append(c.policies, pol)
 		readsBody = append(readsBody, false)
 		if adv == nil {
 			readsRequest = true
@@ -210,6 +335,7 @@ func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName str
 			problems = append(problems, problem{ekey + ".policy", fmt.Sprintf("policy %q is not supported by agent %q", e.Policy, agentName)})
 			continue
 		}
+		before := len(problems)
 		if !phaseSupported(info, phase) {
 			problems = append(problems, problem{ekey + ".policy", fmt.Sprintf("policy %q does not run in the %s phase", e.Policy, strings.ToLower(phase.String()))})
 		}
@@ -219,6 +345,16 @@ func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName str
 				k, where = k+"."+mp.key, where+"."+mp.key
 			}
 			problems = append(problems, problem{k, fmt.Sprintf("policy %q: %s: %s", e.Policy, where, mp.msg)})
+		}
+		if verdicts != nil && len(problems) == before {
+			// The schema cannot tell everything a policy refuses (a setting out of its
+			// range, a key source the agent lacks): the agent built the entry.
+			switch msg, asked := verdicts.byEntry[entryKey(pol, phase)]; {
+			case !asked:
+				unchecked++
+			case msg != "":
+				problems = append(problems, problem{ekey, fmt.Sprintf("agent %q cannot run this entry: %s", agentName, msg)})
+			}
 		}
 		if phase == agentv1.PolicyPhase_REQUEST && info.GetRequiresRequestBody() ||
 			phase == agentv1.PolicyPhase_RESPONSE && info.GetRequiresResponseBody() {
@@ -239,7 +375,60 @@ func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName str
 			}
 		}
 	}
-	return c, problems
+	return c, problems, unchecked
+}
+
+// recheck is a route checked against a policy set other than the one it was compiled with.
+type recheck struct {
+	src *agentv1.GetAgentConfigResponse
+	msg string // why the route cannot run on that set; "" when it can
+}
+
+// stale returns why the route's chain of phase must not be served by its agent: "" while the
+// agent's client has learned no other policy set than the one the route was compiled
+// against, which is the hot path's case (one atomic load). Once the agent was replaced by a
+// build with another set, and until the snapshot is rebuilt, every call is checked against
+// the new set: a policy it lacks, a phase it does not run in, or a body it reads that the
+// route does not ask Envoy for makes the call's answer unusable.
+func (r *Route) stale() string {
+	if r.agent == nil || r.agent.learned == nil {
+		return ""
+	}
+	src := r.agent.learned.Load()
+	if src == nil || src == r.checkedWith {
+		return ""
+	}
+	rc := r.recheck.Load()
+	if rc == nil || rc.src != src {
+		rc = &recheck{src: src, msg: r.checkAgainst(policiesOf(src))}
+		r.recheck.Store(rc)
+	}
+	return rc.msg
+}
+
+// checkAgainst checks both chains of the route against an advertised policy set.
+func (r *Route) checkAgainst(adv map[string]*agentv1.PolicyInfo) string {
+	for _, ph := range []agentv1.PolicyPhase{agentv1.PolicyPhase_REQUEST, agentv1.PolicyPhase_RESPONSE} {
+		ch := &r.request
+		if ph == agentv1.PolicyPhase_RESPONSE {
+			ch = &r.response
+		}
+		for _, p := range ch.policies {
+			info, ok := adv[p.GetName()]
+			switch {
+			case !ok:
+				return fmt.Sprintf("policy %q is not supported by agent %q", p.GetName(), r.agent.cfg.Name)
+			case !phaseSupported(info, ph):
+				return fmt.Sprintf("policy %q does not run in the %s phase", p.GetName(), strings.ToLower(ph.String()))
+			case ph == agentv1.PolicyPhase_REQUEST && info.GetRequiresRequestBody() && !ch.body,
+				ph == agentv1.PolicyPhase_RESPONSE && info.GetRequiresResponseBody() && !ch.body:
+				return fmt.Sprintf("policy %q now reads the body, which the route does not ask for", p.GetName())
+			case ph == agentv1.PolicyPhase_RESPONSE && !info.GetResponseIgnoresRequest() && ch.noRequest:
+				return fmt.Sprintf("policy %q now reads the request in the response phase, which the route does not send", p.GetName())
+			}
+		}
+	}
+	return ""
 }
 
 func phaseSupported(info *agentv1.PolicyInfo, phase agentv1.PolicyPhase) bool {
@@ -276,6 +465,9 @@ type agentPool struct {
 	byName  map[string]*agentState
 	maxMsg  int
 	metrics *kernelMetrics
+	// onLearn is called when a client learns that its agent has another policy set, before
+	// the client sends a call on the new connection; nil: nothing to do.
+	onLearn func(AgentClient, *agentv1.GetAgentConfigResponse)
 }
 
 // agentsFor returns the agent states for cfg, reusing the connections of agents whose socket
@@ -286,13 +478,14 @@ func (p *agentPool) agentsFor(cfg *KernelConfig) (map[string]*agentState, error)
 	out := map[string]*agentState{}
 	for _, ac := range cfg.Agents {
 		if old, ok := p.byName[ac.Name]; ok && old.cfg.SocketPath == ac.SocketPath && old.cfg.Connections == ac.Connections {
-			st := &agentState{cfg: ac, client: old.client, metrics: old.metrics}
+			st := &agentState{cfg: ac, client: old.client, metrics: old.metrics, learned: old.learned}
 			st.info.Store(old.info.Load())
+			st.verdicts.Store(old.verdicts.Load())
 			st.healthy.Store(old.healthy.Load())
 			out[ac.Name] = st
 			continue
 		}
-		client, err := dialStreamAgent(ac, p.maxMsg)
+		client, err := dialStreamAgent(ac, p.maxMsg, p.onLearn)
 		if err != nil {
 			for _, st := range out {
 				if !p.owns(st.client) {
@@ -301,7 +494,7 @@ func (p *agentPool) agentsFor(cfg *KernelConfig) (map[string]*agentState, error)
 			}
 			return nil, err
 		}
-		out[ac.Name] = &agentState{cfg: ac, client: client, metrics: p.metrics.forAgent(ac.Name)}
+		out[ac.Name] = &agentState{cfg: ac, client: client, metrics: p.metrics.forAgent(ac.Name), learned: &client.learned}
 	}
 	return out, nil
 }

@@ -69,7 +69,8 @@ const secretsKernelYAML = `policy_kernel:
 `
 
 // brokenRoute names a policy the agent lacks. The kernel starts with it (the route is marked
-// invalid and denied) but refuses a reload that has it, so only the first config carries it.
+// invalid and denied, and the kernel is not ready) but refuses a reload that has it, so only
+// the first config carries it.
 const brokenRoute = `    - route_name: /broken
       request_policy_chain: [{policy: noSuchPolicy}]
 `
@@ -100,6 +101,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 		KernelYAML: fmt.Sprintf(secretsKernelYAML, brokenRoute, "debug"),
 		AgentEnv:   []string{"FAULTS_API_KEY=" + secrets["valid API key"], "FAULTS_JWT_SECRET=" + secrets["JWT HMAC secret"]},
 		AgentBin:   testenv.Build(t, testenv.TestAgentPackage),
+		NotReady:   true,
 	})
 	// Tokens: valid, signed with another secret, expired, and unsigned.
 	sign := func(key []byte, method jwt.SigningMethod, exp time.Duration) string {

@@ -321,6 +321,9 @@ type Options struct {
 	NoAgent bool
 	// AgentBin is the agent binary to run; empty means policy-agent. Build makes one.
 	AgentBin string
+	// NotReady is a kernel config that cannot serve every route (one is invalid on purpose),
+	// so the kernel never becomes ready: StartEnv waits until it listens only.
+	NotReady bool
 }
 
 // StartEnv writes the configs, starts the agent, waits for its socket, starts the kernel on a
@@ -349,7 +352,7 @@ func StartEnv(t testing.TB, o Options) *Env {
 	}
 	e.Kernel = Start(t, kbin, nil, "--config", e.KernelConfig, "--listen", e.KernelAddr, "--metrics-listen", e.MetricsAddr, "--agent-wait", "5s")
 	WaitDial(t, e.Kernel, "tcp", e.KernelAddr)
-	if !o.NoAgent {
+	if !o.NoAgent && !o.NotReady {
 		WaitFor(t, StartTimeout, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
 	}
 	return e

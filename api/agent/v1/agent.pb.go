@@ -1376,6 +1376,149 @@ func (x *ResponseStatus) GetPolicyName() string {
 	return ""
 }
 
+type ValidateChainsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entries       []*ChainEntry          `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ValidateChainsRequest) Reset() {
+	*x = ValidateChainsRequest{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ValidateChainsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ValidateChainsRequest) ProtoMessage() {}
+
+func (x *ValidateChainsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ValidateChainsRequest.ProtoReflect.Descriptor instead.
+func (*ValidateChainsRequest) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ValidateChainsRequest) GetEntries() []*ChainEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+// ChainEntry is one policy of a chain with the phase it runs in.
+type ChainEntry struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Policy        *Policy                `protobuf:"bytes,1,opt,name=policy,proto3" json:"policy,omitempty"`
+	Phase         PolicyPhase            `protobuf:"varint,2,opt,name=phase,proto3,enum=policyengine.agent.v1.PolicyPhase" json:"phase,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChainEntry) Reset() {
+	*x = ChainEntry{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChainEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChainEntry) ProtoMessage() {}
+
+func (x *ChainEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChainEntry.ProtoReflect.Descriptor instead.
+func (*ChainEntry) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ChainEntry) GetPolicy() *Policy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+func (x *ChainEntry) GetPhase() PolicyPhase {
+	if x != nil {
+		return x.Phase
+	}
+	return PolicyPhase_REQUEST
+}
+
+type ValidateChainsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per entry, in the request's order: empty when the entry builds and runs in its phase,
+	// else why it cannot.
+	Errors        []string `protobuf:"bytes,1,rep,name=errors,proto3" json:"errors,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ValidateChainsResponse) Reset() {
+	*x = ValidateChainsResponse{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ValidateChainsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ValidateChainsResponse) ProtoMessage() {}
+
+func (x *ValidateChainsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ValidateChainsResponse.ProtoReflect.Descriptor instead.
+func (*ValidateChainsResponse) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ValidateChainsResponse) GetErrors() []string {
+	if x != nil {
+		return x.Errors
+	}
+	return nil
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
@@ -1501,7 +1644,15 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x0eResponseStatus\x125\n" +
 	"\x04code\x18\x01 \x01(\x0e2!.policyengine.agent.v1.StatusCodeR\x04code\x12\x1f\n" +
 	"\vpolicy_name\x18\x02 \x01(\tR\n" +
-	"policyName*(\n" +
+	"policyName\"T\n" +
+	"\x15ValidateChainsRequest\x12;\n" +
+	"\aentries\x18\x01 \x03(\v2!.policyengine.agent.v1.ChainEntryR\aentries\"}\n" +
+	"\n" +
+	"ChainEntry\x125\n" +
+	"\x06policy\x18\x01 \x01(\v2\x1d.policyengine.agent.v1.PolicyR\x06policy\x128\n" +
+	"\x05phase\x18\x02 \x01(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x05phase\"0\n" +
+	"\x16ValidateChainsResponse\x12\x16\n" +
+	"\x06errors\x18\x01 \x03(\tR\x06errors*(\n" +
 	"\vPolicyPhase\x12\v\n" +
 	"\aREQUEST\x10\x00\x12\f\n" +
 	"\bRESPONSE\x10\x01*w\n" +
@@ -1518,11 +1669,12 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x02OK\x10\x00\x12\x11\n" +
 	"\rPOLICY_DENIED\x10\x01\x12\x10\n" +
 	"\fPOLICY_ERROR\x10\x02\x12\v\n" +
-	"\aTIMEOUT\x10\x032\xc0\x02\n" +
+	"\aTIMEOUT\x10\x032\xaf\x03\n" +
 	"\vPolicyAgent\x12m\n" +
 	"\x0eGetAgentConfig\x12,.policyengine.agent.v1.GetAgentConfigRequest\x1a-.policyengine.agent.v1.GetAgentConfigResponse\x12V\n" +
 	"\aExecute\x12$.policyengine.agent.v1.PolicyRequest\x1a%.policyengine.agent.v1.PolicyResponse\x12j\n" +
-	"\rExecuteStream\x12).policyengine.agent.v1.PolicyRequestBatch\x1a*.policyengine.agent.v1.PolicyResponseBatch(\x010\x01B=Z;github.com/policy-engine/policy-engine/api/agent/v1;agentv1b\x06proto3"
+	"\rExecuteStream\x12).policyengine.agent.v1.PolicyRequestBatch\x1a*.policyengine.agent.v1.PolicyResponseBatch(\x010\x01\x12m\n" +
+	"\x0eValidateChains\x12,.policyengine.agent.v1.ValidateChainsRequest\x1a-.policyengine.agent.v1.ValidateChainsResponseB=Z;github.com/policy-engine/policy-engine/api/agent/v1;agentv1b\x06proto3"
 
 var (
 	file_api_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -1537,7 +1689,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(PolicyPhase)(0),               // 0: policyengine.agent.v1.PolicyPhase
 	(InstructionType)(0),           // 1: policyengine.agent.v1.InstructionType
@@ -1559,54 +1711,62 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*ContinueRequest)(nil),        // 17: policyengine.agent.v1.ContinueRequest
 	(*StateInstruction)(nil),       // 18: policyengine.agent.v1.StateInstruction
 	(*ResponseStatus)(nil),         // 19: policyengine.agent.v1.ResponseStatus
-	nil,                            // 20: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
-	nil,                            // 21: policyengine.agent.v1.PolicyRequest.StateEntry
-	nil,                            // 22: policyengine.agent.v1.PolicyRequest.TraceContextEntry
-	nil,                            // 23: policyengine.agent.v1.Policy.MetadataEntry
-	nil,                            // 24: policyengine.agent.v1.RequestContext.HeadersEntry
-	nil,                            // 25: policyengine.agent.v1.RequestContext.QueryParamsEntry
-	nil,                            // 26: policyengine.agent.v1.ResponseContext.HeadersEntry
-	nil,                            // 27: policyengine.agent.v1.PolicyResponse.MetadataEntry
-	nil,                            // 28: policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	(*ValidateChainsRequest)(nil),  // 20: policyengine.agent.v1.ValidateChainsRequest
+	(*ChainEntry)(nil),             // 21: policyengine.agent.v1.ChainEntry
+	(*ValidateChainsResponse)(nil), // 22: policyengine.agent.v1.ValidateChainsResponse
+	nil,                            // 23: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	nil,                            // 24: policyengine.agent.v1.PolicyRequest.StateEntry
+	nil,                            // 25: policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	nil,                            // 26: policyengine.agent.v1.Policy.MetadataEntry
+	nil,                            // 27: policyengine.agent.v1.RequestContext.HeadersEntry
+	nil,                            // 28: policyengine.agent.v1.RequestContext.QueryParamsEntry
+	nil,                            // 29: policyengine.agent.v1.ResponseContext.HeadersEntry
+	nil,                            // 30: policyengine.agent.v1.PolicyResponse.MetadataEntry
+	nil,                            // 31: policyengine.agent.v1.ImmediateResponse.HeadersEntry
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	5,  // 0: policyengine.agent.v1.GetAgentConfigResponse.supported_policies:type_name -> policyengine.agent.v1.PolicyInfo
-	20, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	23, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
 	0,  // 2: policyengine.agent.v1.PolicyInfo.supported_phases:type_name -> policyengine.agent.v1.PolicyPhase
 	9,  // 3: policyengine.agent.v1.PolicyRequest.policies:type_name -> policyengine.agent.v1.Policy
 	10, // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
 	0,  // 5: policyengine.agent.v1.PolicyRequest.phase:type_name -> policyengine.agent.v1.PolicyPhase
 	11, // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
-	21, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
-	22, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	24, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
+	25, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
 	6,  // 9: policyengine.agent.v1.PolicyRequestBatch.requests:type_name -> policyengine.agent.v1.PolicyRequest
 	12, // 10: policyengine.agent.v1.PolicyResponseBatch.responses:type_name -> policyengine.agent.v1.PolicyResponse
-	23, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
-	24, // 12: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
-	25, // 13: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
-	26, // 14: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
+	26, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
+	27, // 12: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
+	28, // 13: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
+	29, // 14: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
 	13, // 15: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
 	19, // 16: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
-	27, // 17: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
+	30, // 17: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
 	1,  // 18: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
 	14, // 19: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
 	15, // 20: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
 	16, // 21: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
 	17, // 22: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
 	18, // 23: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
-	28, // 24: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	31, // 24: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
 	2,  // 25: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
-	3,  // 26: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
-	6,  // 27: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
-	7,  // 28: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
-	4,  // 29: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
-	12, // 30: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
-	8,  // 31: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
-	29, // [29:32] is the sub-list for method output_type
-	26, // [26:29] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	21, // 26: policyengine.agent.v1.ValidateChainsRequest.entries:type_name -> policyengine.agent.v1.ChainEntry
+	9,  // 27: policyengine.agent.v1.ChainEntry.policy:type_name -> policyengine.agent.v1.Policy
+	0,  // 28: policyengine.agent.v1.ChainEntry.phase:type_name -> policyengine.agent.v1.PolicyPhase
+	3,  // 29: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
+	6,  // 30: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
+	7,  // 31: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
+	20, // 32: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
+	4,  // 33: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
+	12, // 34: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
+	8,  // 35: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
+	22, // 36: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
+	33, // [33:37] is the sub-list for method output_type
+	29, // [29:33] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1627,7 +1787,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   26,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

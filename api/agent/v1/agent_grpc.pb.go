@@ -29,6 +29,7 @@ const (
 	PolicyAgent_GetAgentConfig_FullMethodName = "/policyengine.agent.v1.PolicyAgent/GetAgentConfig"
 	PolicyAgent_Execute_FullMethodName        = "/policyengine.agent.v1.PolicyAgent/Execute"
 	PolicyAgent_ExecuteStream_FullMethodName  = "/policyengine.agent.v1.PolicyAgent/ExecuteStream"
+	PolicyAgent_ValidateChains_FullMethodName = "/policyengine.agent.v1.PolicyAgent/ValidateChains"
 )
 
 // PolicyAgentClient is the client API for PolicyAgent service.
@@ -44,6 +45,11 @@ type PolicyAgentClient interface {
 	// batches than their requests. A batch holds whatever was ready to be sent at once, so that
 	// under load the per-message cost of gRPC is paid once for many calls.
 	ExecuteStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PolicyRequestBatch, PolicyResponseBatch], error)
+	// ValidateChains builds every chain entry the way Execute will (the policy's factory with the
+	// entry's metadata) and says, for each, why it cannot run. The kernel asks it whenever it
+	// compiles a config against the agent, so that an entry its policy refuses marks the route
+	// invalid instead of failing every request of the route.
+	ValidateChains(ctx context.Context, in *ValidateChainsRequest, opts ...grpc.CallOption) (*ValidateChainsResponse, error)
 }
 
 type policyAgentClient struct {
@@ -87,6 +93,16 @@ func (c *policyAgentClient) ExecuteStream(ctx context.Context, opts ...grpc.Call
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PolicyAgent_ExecuteStreamClient = grpc.BidiStreamingClient[PolicyRequestBatch, PolicyResponseBatch]
 
+func (c *policyAgentClient) ValidateChains(ctx context.Context, in *ValidateChainsRequest, opts ...grpc.CallOption) (*ValidateChainsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ValidateChainsResponse)
+	err := c.cc.Invoke(ctx, PolicyAgent_ValidateChains_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PolicyAgentServer is the server API for PolicyAgent service.
 // All implementations must embed UnimplementedPolicyAgentServer
 // for forward compatibility.
@@ -100,6 +116,11 @@ type PolicyAgentServer interface {
 	// batches than their requests. A batch holds whatever was ready to be sent at once, so that
 	// under load the per-message cost of gRPC is paid once for many calls.
 	ExecuteStream(grpc.BidiStreamingServer[PolicyRequestBatch, PolicyResponseBatch]) error
+	// ValidateChains builds every chain entry the way Execute will (the policy's factory with the
+	// entry's metadata) and says, for each, why it cannot run. The kernel asks it whenever it
+	// compiles a config against the agent, so that an entry its policy refuses marks the route
+	// invalid instead of failing every request of the route.
+	ValidateChains(context.Context, *ValidateChainsRequest) (*ValidateChainsResponse, error)
 	mustEmbedUnimplementedPolicyAgentServer()
 }
 
@@ -118,6 +139,9 @@ func (UnimplementedPolicyAgentServer) Execute(context.Context, *PolicyRequest) (
 }
 func (UnimplementedPolicyAgentServer) ExecuteStream(grpc.BidiStreamingServer[PolicyRequestBatch, PolicyResponseBatch]) error {
 	return status.Error(codes.Unimplemented, "method ExecuteStream not implemented")
+}
+func (UnimplementedPolicyAgentServer) ValidateChains(context.Context, *ValidateChainsRequest) (*ValidateChainsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ValidateChains not implemented")
 }
 func (UnimplementedPolicyAgentServer) mustEmbedUnimplementedPolicyAgentServer() {}
 func (UnimplementedPolicyAgentServer) testEmbeddedByValue()                     {}
@@ -183,6 +207,24 @@ func _PolicyAgent_ExecuteStream_Handler(srv interface{}, stream grpc.ServerStrea
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PolicyAgent_ExecuteStreamServer = grpc.BidiStreamingServer[PolicyRequestBatch, PolicyResponseBatch]
 
+func _PolicyAgent_ValidateChains_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ValidateChainsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PolicyAgentServer).ValidateChains(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PolicyAgent_ValidateChains_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PolicyAgentServer).ValidateChains(ctx, req.(*ValidateChainsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PolicyAgent_ServiceDesc is the grpc.ServiceDesc for PolicyAgent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -197,6 +239,10 @@ var PolicyAgent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Execute",
 			Handler:    _PolicyAgent_Execute_Handler,
+		},
+		{
+			MethodName: "ValidateChains",
+			Handler:    _PolicyAgent_ValidateChains_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1,0 +1,36 @@
+// Command policy-agent-nokeyauth is policy-agent with every compiled-in policy but apiKeyAuth.
+// The fault suite puts it in the place of a real agent, to show that a route whose chain names
+// a policy the agent in front of it lacks is never served. It is never shipped.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/policy-engine/policy-engine/agent"
+	_ "github.com/policy-engine/policy-engine/policies/allowall"
+	_ "github.com/policy-engine/policy-engine/policies/auditlog"
+	_ "github.com/policy-engine/policy-engine/policies/bodytransform"
+	_ "github.com/policy-engine/policy-engine/policies/jwtvalidation"
+	_ "github.com/policy-engine/policy-engine/policies/ratelimit"
+	_ "github.com/policy-engine/policy-engine/policies/rolecheck"
+	_ "github.com/policy-engine/policy-engine/policies/securityheaders"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := agent.Main(ctx, os.Args[1:], os.Stderr)
+	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "policy-agent-nokeyauth: %v\n", err)
+		os.Exit(1)
+	}
+}
