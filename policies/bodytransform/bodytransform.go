@@ -279,9 +279,13 @@ func (p *Transform) Execute(_ context.Context, c *policy.Context) (policy.Result
 	if kind == kindJSON && len(r.Body) > p.maxBody {
 		return refuse(ReasonTooLarge, fmt.Errorf("%d bytes, more than max_body_bytes (%d)", len(r.Body), p.maxBody))
 	}
-	buf := getBuf()
-	defer putBuf(buf)
-	text, decoded, err := decodeBody(r.Headers["content-encoding"], r.Body, p.maxBody, buf)
+	enc := r.Headers["content-encoding"]
+	var buf *[]byte
+	if enc != "" {
+		buf = getBuf()
+		defer putBuf(buf)
+	}
+	text, decoded, err := decodeBody(enc, r.Body, p.maxBody, buf)
 	if kind == kindUnknown {
 		// Without a content-type, what looks like JSON is JSON; what cannot be looked at is
 		// refused.

@@ -518,7 +518,8 @@ func benchBody(n int) []byte {
 }
 
 // BenchmarkTransform removes a field from each of 100 items (about 12 KB) and from each of
-// 8,000 (about 1 MB). Compare runs with benchstat:
+// 8,000 (about 1 MB), as identity and as gzip (decoded, edited, sent as identity). Compare runs
+// with benchstat:
 //
 //	go test -run '^$' -bench Transform -count 10 ./policies/bodytransform > new.txt
 //	benchstat old.txt new.txt
@@ -526,18 +527,26 @@ func BenchmarkTransform(b *testing.B) {
 	for _, n := range []int{100, 8000} {
 		body := benchBody(n)
 		p := mustBuild(b, map[string]string{"remove_fields": `["items.internal_id"]`, "max_body_bytes": "2000000"})
-		b.Run(strconv.Itoa(len(body)/1000)+"KB", func(b *testing.B) {
-			b.ReportAllocs()
-			b.SetBytes(int64(len(body)))
-			b.RunParallel(func(pb *testing.PB) {
-				c := responseContext("application/json", body)
-				for pb.Next() {
-					r, err := p.Execute(context.Background(), c)
-					if err != nil || len(r.Instructions) != 1 {
-						b.Fatalf("Execute: %v, %v", r, err)
+		for _, enc := range []string{"", "gzip"} {
+			sent := body
+			name := strconv.Itoa(len(body)/1000) + "KB"
+			if enc != "" {
+				sent = gzipBytes(b, body)
+				name += "-" + enc
+			}
+			b.Run(name, func(b *testing.B) {
+				b.ReportAllocs()
+				b.SetBytes(int64(len(body)))
+				b.RunParallel(func(pb *testing.PB) {
+					c := encodedContext("application/json", enc, sent)
+					for pb.Next() {
+						r, err := p.Execute(context.Background(), c)
+						if err != nil || len(r.Instructions) == 0 {
+							b.Fatalf("Execute: %v, %v", r, err)
+						}
 					}
-				}
+				})
 			})
-		})
+		}
 	}
 }

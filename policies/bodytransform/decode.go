@@ -118,7 +118,7 @@ var (
 // but identity it returns the body itself and decoded false. It never produces more than limit
 // bytes: a body that expands further is errDecodedTooLarge, returned with its first limit bytes
 // when the outermost coding overflowed (enough to tell whether the body is JSON). The output
-// is written in *buf, which grows as needed.
+// is written in *buf, which grows as needed; buf may be nil when contentEncoding is empty.
 func decodeBody(contentEncoding string, body []byte, limit int, buf *[]byte) (out []byte, decoded bool, err error) {
 	var codings [maxCodings]string
 	n := 0
@@ -177,7 +177,13 @@ func gunzip(src []byte, limit int, buf *[]byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: gzip: %v", errCorrupt, err)
 	}
 	defer gzipReaders.Put(zr)
-	out, err := readCapped(zr, limit, buf, len(src))
+	// The last 4 bytes are the size of the last member's text, mod 2^32: a hint for the
+	// buffer, which readCapped caps at the limit whatever it says.
+	hint := 4 * len(src)
+	if len(src) >= 18 {
+		hint = int(binary.LittleEndian.Uint32(src[len(src)-4:]))
+	}
+	out, err := readCapped(zr, limit, buf, hint)
 	if err != nil {
 		return out, err
 	}
@@ -204,7 +210,7 @@ func inflate(src []byte, limit int, buf *[]byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: deflate: %v", errCorrupt, err)
 	}
 	defer flateReaders.Put(fr)
-	out, err := readCapped(fr, limit, buf, len(src))
+	out, err := readCapped(fr, limit, buf, 4*len(src))
 	if err != nil {
 		return out, err
 	}
@@ -222,12 +228,13 @@ func inflate(src []byte, limit int, buf *[]byte) ([]byte, error) {
 	return out, nil
 }
 
-// readCapped reads r to its end into buf, but not more than limit bytes: past that it returns
-// errDecodedTooLarge with the first limit bytes.
-func readCapped(r io.Reader, limit int, buf *[]byte, srcLen int) ([]byte, error) {
+// readCapped reads r to its end into *buf, but not more than limit bytes: past that it returns
+// errDecodedTooLarge with the first limit bytes. hint is the expected size.
+func readCapped(r io.Reader, limit int, buf *[]byte, hint int) ([]byte, error) {
 	b := (*buf)[:0]
-	if cap(b) == 0 {
-		b = make([]byte, 0, min(limit+1, max(4*srcLen, 512)))
+	// One byte more than the text, so that the read that meets the end has room.
+	if want := min(max(hint, 0)+1, limit+1); cap(b) < want {
+		b = make([]byte, 0, max(want, 512))
 	}
 	for {
 		if len(b) == cap(b) {
