@@ -306,6 +306,9 @@ func (p *Transform) Execute(_ context.Context, c *policy.Context) (policy.Result
 		return refuse(ReasonBadEncoding, err)
 	}
 	n, _ := splitPrefix(text)
+	if blank(text[n:]) {
+		return policy.Result{}, nil // no document, so nothing to remove
+	}
 	out, changed, err := p.Apply(text[n:])
 	switch {
 	case errors.Is(err, jsonedit.ErrTooDeep):
@@ -326,6 +329,16 @@ func (p *Transform) Execute(_ context.Context, c *policy.Context) (policy.Result
 	// The edited body goes out as identity: its coding and length headers go in the same
 	// reply, which Envoy applies because the body is buffered.
 	return policy.Allow(policy.SetBody(out), policy.RemoveHeader("content-encoding"), policy.RemoveHeader("content-length")), nil
+}
+
+// blank reports whether b holds only JSON whitespace.
+func blank(b []byte) bool {
+	for _, c := range b {
+		if c != ' ' && c != '\t' && c != '\n' && c != '\r' {
+			return false
+		}
+	}
+	return true
 }
 
 // RefusedError is a body the policy cannot edit, so that the fields it must remove could reach

@@ -303,7 +303,10 @@ func TestExecute(t *testing.T) {
 	f(encodedContext("", "gzip", []byte("not gzip")), "", ReasonBadEncoding)
 	f(responseContext("application/json", []byte(`{"internal_id":1,`)), "", ReasonInvalidJSON)
 	f(responseContext("application/json", []byte(`<html>internal_id</html>`)), "", ReasonInvalidJSON)
-	f(responseContext("application/json", []byte(" ")), "", ReasonInvalidJSON)
+	// No document at all: nothing to remove.
+	f(responseContext("application/json", []byte(" \r\n")), "", "")
+	f(responseContext("application/json", []byte("\xef\xbb\xbf")), "", "")
+	f(encodedContext("application/json", "gzip", gzipBytes(t, nil)), "", "")
 	f(responseContext("application/json", []byte("\xfe\xff\x00{")), "", ReasonInvalidJSON)
 	f(responseContext("", []byte(`{"internal_id":1,`)), "", ReasonInvalidJSON)
 	f(responseContext("", []byte(")]}' internal_id")), "", ReasonInvalidJSON)
