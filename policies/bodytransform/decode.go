@@ -158,36 +158,48 @@ func decodeBody(contentEncoding string, body []byte, limit int, buf *[]byte) (ou
 	return out, n > 0, nil
 }
 
-var (
-	gzipReaders  sync.Pool // *gzip.Reader
-	flateReaders sync.Pool // io.ReadCloser that is a flate.Resetter
-)
+// A gunzipper and an inflater are a decompressor and the reader of its input, pooled together:
+// a decompressor keeps buffers worth tens of kilobytes, and resetting the input reader when
+// one goes back to the pool drops its reference to the body.
+type gunzipper struct {
+	src bytes.Reader
+	zr  *gzip.Reader
+}
+
+type inflater struct {
+	src bytes.Reader
+	fr  io.ReadCloser // a flate.Resetter
+}
+
+var gunzippers, inflaters sync.Pool
 
 // gunzip decodes a gzip body: every member, and nothing after the last one.
 func gunzip(src []byte, limit int, buf *[]byte) ([]byte, error) {
-	br := bytes.NewReader(src)
-	zr, _ := gzipReaders.Get().(*gzip.Reader)
+	g, _ := gunzippers.Get().(*gunzipper)
+	if g == nil {
+		g = &gunzipper{}
+	}
+	defer func() {
+		g.src.Reset(nil)
+		gunzippers.Put(g)
+	}()
+	g.src.Reset(src)
 	var err error
-	if zr == nil {
-		zr, err = gzip.NewReader(br)
+	if g.zr == nil {
+		g.zr, err = gzip.NewReader(&g.src)
 	} else {
-		err = zr.Reset(br)
+		err = g.zr.Reset(&g.src)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: gzip: %v", errCorrupt, err)
 	}
-	defer gzipReaders.Put(zr)
 	// The last 4 bytes are the size of the last member's text, mod 2^32: a hint for the
 	// buffer, which readCapped caps at the limit whatever it says.
 	hint := 4 * len(src)
 	if len(src) >= 18 {
 		hint = int(binary.LittleEndian.Uint32(src[len(src)-4:]))
 	}
-	out, err := readCapped(zr, limit, buf, hint)
-	if err != nil {
-		return out, err
-	}
-	return out, nil
+	return readCapped(g.zr, limit, buf, hint)
 }
 
 // inflate decodes a deflate body: a zlib stream (RFC 1950, what the HTTP coding means) or, as
@@ -202,20 +214,26 @@ func inflate(src []byte, limit int, buf *[]byte) ([]byte, error) {
 	if zlib {
 		stream = src[2:]
 	}
-	br := bytes.NewReader(stream)
-	fr, _ := flateReaders.Get().(io.ReadCloser)
-	if fr == nil {
-		fr = flate.NewReader(br)
-	} else if err := fr.(flate.Resetter).Reset(br, nil); err != nil {
+	f, _ := inflaters.Get().(*inflater)
+	if f == nil {
+		f = &inflater{}
+	}
+	defer func() {
+		f.src.Reset(nil)
+		inflaters.Put(f)
+	}()
+	f.src.Reset(stream)
+	if f.fr == nil {
+		f.fr = flate.NewReader(&f.src)
+	} else if err := f.fr.(flate.Resetter).Reset(&f.src, nil); err != nil {
 		return nil, fmt.Errorf("%w: deflate: %v", errCorrupt, err)
 	}
-	defer flateReaders.Put(fr)
-	out, err := readCapped(fr, limit, buf, 4*len(src))
+	out, err := readCapped(f.fr, limit, buf, 4*len(src))
 	if err != nil {
 		return out, err
 	}
 	// bytes.Reader is an io.ByteReader, so the decompressor read no further than the stream.
-	rest := stream[len(stream)-br.Len():]
+	rest := stream[len(stream)-f.src.Len():]
 	if zlib {
 		if len(rest) < 4 || binary.BigEndian.Uint32(rest) != adler32.Checksum(out) {
 			return nil, fmt.Errorf("%w: deflate: zlib checksum", errCorrupt)
