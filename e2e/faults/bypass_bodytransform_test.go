@@ -224,5 +224,18 @@ func TestBypassBodyTransform(t *testing.T) {
 	if err != nil || res.LocalReply || string(res.Body) != pwBody {
 		t.Errorf("on_failure continue: %v %+v", err, res)
 	}
+	// Every refusal is counted by reason, and logged without the body.
+	for reason, atLeast := range map[string]float64{"unsupported_encoding": 5, "bad_encoding": 2, "too_large": 2, "too_deep": 3, "invalid_json": 3} {
+		if got := agentMetric(t, e, `policy_agent_body_transform_refused_total{reason="`+reason+`"}`); got < atLeast {
+			t.Errorf("refused{reason=%q} = %v, want at least %v", reason, got, atLeast)
+		}
+	}
+	logs := e.Agent.Logs.String() + e.Kernel.Logs.String()
+	if strings.Contains(logs, secret) {
+		t.Errorf("a log holds the field's value:\n%s", logs)
+	}
+	if !strings.Contains(logs, "response body refused (unsupported_encoding)") {
+		t.Errorf("no refusal logged:\n%s", logs)
+	}
 	alive(t, e)
 }
