@@ -8,9 +8,17 @@
 //
 // The body is edited in one pass without being decoded (package jsonedit), so member order,
 // whitespace and number literals are kept exactly, and a body that needs no change gets no
-// SET_BODY instruction at all. Bodies that are not JSON, are encoded (gzip...), are larger than
-// max_body_bytes, are invalid or are nested deeper than max_depth pass unchanged and are
-// counted in policy_agent_body_transform_skipped_total{reason}.
+// SET_BODY instruction at all.
+//
+// A field that the configuration removes must never reach the client, so a body that may hold
+// it and cannot be edited is refused: the policy fails, and the chain entry's on_failure decides
+// (deny by default: the kernel answers 500). A body is JSON when its content-type names JSON
+// (application/json, text/json, anything +json, in any case, with parameters), or when it has
+// no content-type and looks like JSON. gzip and deflate bodies are decoded (never past
+// max_body_bytes) and an edited body is sent as identity; other codings, bodies over
+// max_body_bytes, nested deeper than max_depth or that do not parse are refused. A UTF-8 byte
+// order mark and an anti-hijacking guard such as ")]}'" before the JSON text are kept as they
+// are. Bodies of other content types pass unchanged.
 package bodytransform
 
 import (
@@ -21,6 +29,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/VictoriaMetrics/metrics"
 
@@ -46,8 +55,8 @@ const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type"
 	`"description":"dotted paths of fields to remove; arrays on the way apply the rest of the path to each element, a segment of digits selects one element"},` +
 	`"rename_fields":{"type":"object","propertyNames":{"pattern":"^[^.]+(\\.[^.]+)*$"},"additionalProperties":{"type":"string","minLength":1},` +
 	`"description":"dotted path of a field to its new name (a name, not a path: the field stays where it is)"},` +
-	`"max_body_bytes":{"type":"integer","minimum":1,"default":1048576,"description":"larger bodies pass unchanged"},` +
-	`"max_depth":{"type":"integer","minimum":1,"maximum":10000,"default":256,"description":"bodies nested deeper pass unchanged"}}}`
+	`"max_body_bytes":{"type":"integer","minimum":1,"default":1048576,"description":"JSON bodies larger than this, as received or once decoded, are refused"},` +
+	`"max_depth":{"type":"integer","minimum":1,"maximum":10000,"default":256,"description":"JSON bodies nested deeper are refused"}}}`
 
 // Settings are a chain entry's metadata.
 type Settings struct {
@@ -57,25 +66,31 @@ type Settings struct {
 	MaxDepth     int               `json:"max_depth"`
 }
 
-// Reasons a body passes unchanged, the reason label of the skipped counter.
+// Reasons: a body of another content type passes unchanged, counted in
+// policy_agent_body_transform_skipped_total{reason="not_json"}; the others are why a body was
+// refused, the reason label of policy_agent_body_transform_refused_total.
 const (
-	ReasonTooLarge    = "too_large"
-	ReasonNotJSON     = "not_json"
-	ReasonInvalidJSON = "invalid_json"
-	ReasonTooDeep     = "too_deep"
-	ReasonEncoded     = "encoded"
+	ReasonNotJSON             = "not_json"
+	ReasonTooLarge            = "too_large"
+	ReasonInvalidJSON         = "invalid_json"
+	ReasonTooDeep             = "too_deep"
+	ReasonUnsupportedEncoding = "unsupported_encoding"
+	ReasonBadEncoding         = "bad_encoding"
 )
 
-var skipped = map[string]*metrics.Counter{}
+var (
+	notJSON = metrics.GetOrCreateCounter(`policy_agent_body_transform_skipped_total{reason="not_json"}`)
+	refused = map[string]*metrics.Counter{}
+)
 
 func init() {
-	for _, r := range []string{ReasonTooLarge, ReasonNotJSON, ReasonInvalidJSON, ReasonTooDeep, ReasonEncoded} {
-		skipped[r] = metrics.GetOrCreateCounter(`policy_agent_body_transform_skipped_total{reason="` + r + `"}`)
+	for _, r := range []string{ReasonTooLarge, ReasonInvalidJSON, ReasonTooDeep, ReasonUnsupportedEncoding, ReasonBadEncoding} {
+		refused[r] = metrics.GetOrCreateCounter(`policy_agent_body_transform_refused_total{reason="` + r + `"}`)
 	}
 	policy.Register(policy.Module{
 		Name:        Name,
-		Version:     "1.0.0",
-		Description: "Removes and renames fields of JSON response bodies.",
+		Version:     "1.1.0",
+		Description: "Removes and renames fields of JSON response bodies; refuses a JSON body it cannot edit.",
 		Phases:      policy.Response,
 		// In the response phase it reads only the response and the state.
 		ResponseIgnoresRequest: true,
@@ -250,36 +265,119 @@ func union(set []*node, n *node) []*node {
 	return append(out, n)
 }
 
-// Execute transforms the response body.
+// Execute transforms the response body. A JSON body it cannot edit is a *RefusedError.
 func (p *Transform) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
 	r := c.Response
 	if r == nil || len(r.Body) == 0 {
 		return policy.Result{}, nil
 	}
-	if !jsonedit.IsJSONContentType(r.Headers["content-type"]) {
-		skipped[ReasonNotJSON].Inc()
+	kind := classify(r.Headers["content-type"])
+	if kind == kindOther {
+		notJSON.Inc()
 		return policy.Result{}, nil
 	}
-	if enc := strings.TrimSpace(r.Headers["content-encoding"]); enc != "" && !strings.EqualFold(enc, "identity") {
-		skipped[ReasonEncoded].Inc()
-		return policy.Result{}, nil
+	if kind == kindJSON && len(r.Body) > p.maxBody {
+		return refuse(ReasonTooLarge, fmt.Errorf("%d bytes, more than max_body_bytes (%d)", len(r.Body), p.maxBody))
 	}
-	if len(r.Body) > p.maxBody {
-		skipped[ReasonTooLarge].Inc()
-		return policy.Result{}, nil
+	enc := r.Headers["content-encoding"]
+	var buf *[]byte
+	if enc != "" {
+		buf = getBuf()
+		defer putBuf(buf)
 	}
-	out, changed, err := p.Apply(r.Body)
+	text, decoded, err := decodeBody(enc, r.Body, p.maxBody, buf)
+	if kind == kindUnknown {
+		// Without a content-type, what looks like JSON is JSON; what cannot be looked at is
+		// refused.
+		if text != nil && !looksLikeJSON(text) {
+			notJSON.Inc()
+			return policy.Result{}, nil
+		}
+		if err == nil && len(r.Body) > p.maxBody {
+			return refuse(ReasonTooLarge, fmt.Errorf("%d bytes, more than max_body_bytes (%d)", len(r.Body), p.maxBody))
+		}
+	}
+	switch {
+	case errors.Is(err, errDecodedTooLarge):
+		return refuse(ReasonTooLarge, fmt.Errorf("decoded, more than max_body_bytes (%d)", p.maxBody))
+	case errors.Is(err, errUnsupportedCoding):
+		return refuse(ReasonUnsupportedEncoding, err)
+	case err != nil:
+		return refuse(ReasonBadEncoding, err)
+	}
+	n, _ := splitPrefix(text)
+	if blank(text[n:]) {
+		return policy.Result{}, nil // no document, so nothing to remove
+	}
+	out, changed, err := p.Apply(text[n:])
 	switch {
 	case errors.Is(err, jsonedit.ErrTooDeep):
-		skipped[ReasonTooDeep].Inc()
-		return policy.Result{}, nil
+		return refuse(ReasonTooDeep, err)
 	case err != nil:
-		skipped[ReasonInvalidJSON].Inc()
-		return policy.Result{}, nil
+		return refuse(ReasonInvalidJSON, err)
 	case !changed:
+		// The body as received passes, encoded or not: it holds nothing to edit.
 		return policy.Result{}, nil
 	}
-	return policy.Allow(policy.SetBody(out)), nil
+	if n > 0 {
+		// The prefix may be in buf: the new body gets a copy.
+		out = append(append(make([]byte, 0, n+len(out)), text[:n]...), out...)
+	}
+	if !decoded {
+		return policy.Allow(policy.SetBody(out)), nil
+	}
+	// The edited body goes out as identity: its coding and length headers go in the same
+	// reply, which Envoy applies because the body is buffered.
+	return policy.Allow(policy.SetBody(out), policy.RemoveHeader("content-encoding"), policy.RemoveHeader("content-length")), nil
+}
+
+// blank reports whether b holds only JSON whitespace.
+func blank(b []byte) bool {
+	for _, c := range b {
+		if c != ' ' && c != '\t' && c != '\n' && c != '\r' {
+			return false
+		}
+	}
+	return true
+}
+
+// RefusedError is a body the policy cannot edit, so that the fields it must remove could reach
+// the client. Reason is the reason label of policy_agent_body_transform_refused_total.
+type RefusedError struct {
+	Reason string
+	Err    error
+}
+
+func (e *RefusedError) Error() string {
+	return "response body refused (" + e.Reason + "): " + e.Err.Error()
+}
+
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+func refuse(reason string, err error) (policy.Result, error) {
+	refused[reason].Inc()
+	return policy.Result{}, &RefusedError{Reason: reason, Err: err}
+}
+
+// bufs holds the buffers that bodies are decoded into. A buffer that grew above maxPooledBuf
+// is left to the collector, so that one large body does not pin its memory.
+var bufs sync.Pool
+
+const maxPooledBuf = 256 << 10
+
+func getBuf() *[]byte {
+	if b, ok := bufs.Get().(*[]byte); ok {
+		return b
+	}
+	return new([]byte)
+}
+
+func putBuf(b *[]byte) {
+	if cap(*b) > maxPooledBuf {
+		return
+	}
+	*b = (*b)[:0]
+	bufs.Put(b)
 }
 
 // Apply transforms a JSON document: it returns the new document and whether it differs. An

@@ -2,17 +2,25 @@ package bodytransform
 
 import (
 	"bytes"
+	"compress/flate"
+	"compress/gzip"
+	"compress/zlib"
 	"context"
 	"encoding/json"
+	"errors"
 	"reflect"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
 
+	"github.com/VictoriaMetrics/metrics"
+
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/policies/bodytransform/jsonedit"
 )
 
 func mustBuild(t testing.TB, md map[string]string) *Transform {
@@ -112,15 +120,77 @@ func responseContext(contentType string, body []byte) *policy.Context {
 	return &policy.Context{Phase: agentv1.PolicyPhase_RESPONSE, Response: &policy.ResponseContext{Status: 200, Headers: h, Body: body}}
 }
 
+// encodedContext is a response with a content-encoding.
+func encodedContext(contentType, encoding string, body []byte) *policy.Context {
+	c := responseContext(contentType, body)
+	c.Response.Headers["content-encoding"] = encoding
+	return c
+}
+
+func gzipBytes(t testing.TB, b []byte) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	w := gzip.NewWriter(&buf)
+	w.Write(b)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func zlibBytes(t testing.TB, b []byte) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	w := zlib.NewWriter(&buf)
+	w.Write(b)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func flateBytes(t testing.TB, b []byte) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	w, _ := flate.NewWriter(&buf, flate.BestSpeed)
+	w.Write(b)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// counted reports by how much a counter grew while run ran.
+func counted(c *metrics.Counter, run func()) uint64 {
+	before := c.Get()
+	run()
+	return c.Get() - before
+}
+
 func TestExecute(t *testing.T) {
-	p := mustBuild(t, map[string]string{"remove_fields": `["internal_id"]`, "max_body_bytes": "64", "max_depth": "4"})
-	f := func(c *policy.Context, wantBody string, reason string) {
+	p := mustBuild(t, map[string]string{"remove_fields": `["internal_id"]`, "max_body_bytes": "128", "max_depth": "4"})
+	// wantBody "" means no instruction; refusal names the reason of a refusal.
+	f := func(c *policy.Context, wantBody, refusal string) {
 		t.Helper()
-		var before uint64
-		if reason != "" {
-			before = skipped[reason].Get()
+		var (
+			r   policy.Result
+			err error
+		)
+		counter := notJSON
+		if refusal != "" {
+			counter = refused[refusal]
 		}
-		r, err := p.Execute(context.Background(), c)
+		grew := counted(counter, func() { r, err = p.Execute(context.Background(), c) })
+		if refusal != "" {
+			var re *RefusedError
+			if !errors.As(err, &re) || re.Reason != refusal || len(r.Instructions) != 0 {
+				t.Fatalf("Execute = %v, %v; want a refusal for %s", r, err, refusal)
+			}
+			if grew != 1 {
+				t.Fatalf("refused{reason=%q} grew by %d, want 1", refusal, grew)
+			}
+			return
+		}
 		if err != nil {
 			t.Fatalf("Execute: %v", err)
 		}
@@ -131,60 +201,168 @@ func TestExecute(t *testing.T) {
 			if len(r.Instructions) != 0 {
 				t.Fatalf("instructions = %v, want none", r.Instructions)
 			}
-		} else {
-			if len(r.Instructions) != 1 || r.Instructions[0].GetType() != agentv1.InstructionType_SET_BODY {
-				t.Fatalf("instructions = %v, want one SET_BODY", r.Instructions)
+			return
+		}
+		if grew != 0 {
+			t.Fatalf("an edited body counted as not_json")
+		}
+		if len(r.Instructions) == 0 || r.Instructions[0].GetType() != agentv1.InstructionType_SET_BODY {
+			t.Fatalf("instructions = %v, want SET_BODY first", r.Instructions)
+		}
+		if got := string(r.Instructions[0].GetBody().GetBody()); got != wantBody {
+			t.Fatalf("body = %q, want %q", got, wantBody)
+		}
+		// A decoded body goes out as identity, without its coding and length.
+		var removed []string
+		for _, in := range r.Instructions[1:] {
+			if in.GetType() != agentv1.InstructionType_REMOVE_HEADER {
+				t.Fatalf("instruction %v after SET_BODY", in)
 			}
-			if got := string(r.Instructions[0].GetBody().GetBody()); got != wantBody {
-				t.Fatalf("body = %s, want %s", got, wantBody)
+			removed = append(removed, in.GetHeader().GetKey())
+		}
+		var wantRemoved []string
+		for _, coding := range strings.Split(c.Response.Headers["content-encoding"], ",") {
+			if coding = strings.TrimSpace(coding); coding != "" && coding != "identity" {
+				wantRemoved = []string{"content-encoding", "content-length"}
 			}
 		}
-		if reason != "" {
-			if d := skipped[reason].Get() - before; d != 1 {
-				t.Fatalf("skipped{reason=%q} grew by %v, want 1", reason, d)
-			}
+		if !reflect.DeepEqual(removed, wantRemoved) {
+			t.Fatalf("removed headers %q, want %q", removed, wantRemoved)
 		}
 	}
 	body := []byte(`{"id":1,"internal_id":2}`)
-	f(responseContext("application/json", body), `{"id":1}`, "")
-	f(responseContext("application/json; charset=utf-8", body), `{"id":1}`, "")
-	f(responseContext("application/problem+json", body), `{"id":1}`, "")
+	const edited = `{"id":1}`
+	f(responseContext("application/json", body), edited, "")
+	f(responseContext("application/json; charset=utf-8", body), edited, "")
+	f(responseContext("application/problem+json", body), edited, "")
+	f(responseContext("Application/JSON", body), edited, "")
+	f(responseContext("text/json", body), edited, "")
+	f(responseContext("TEXT/JSON;charset=utf-8", body), edited, "")
+	f(responseContext("application/vnd.api+json; ext=x", body), edited, "")
+	f(responseContext("application/x-ndjson", body), edited, "")
+	f(responseContext("text/plain, application/json", body), edited, "")
 	// Nothing to remove: no instruction at all.
 	f(responseContext("application/json", []byte(`{"id":1}`)), "", "")
+	f(responseContext("application/json", []byte(`"internal_id"`)), "", "")
 	// No body, no response.
 	f(responseContext("application/json", nil), "", "")
 	f(&policy.Context{Phase: agentv1.PolicyPhase_RESPONSE}, "", "")
-	// Passed unchanged and counted.
-	f(responseContext("text/plain", body), "", ReasonNotJSON)
-	f(responseContext("", body), "", ReasonNotJSON)
+	// Another content type passes unchanged, and is counted.
+	notJSONPasses := func(c *policy.Context) {
+		t.Helper()
+		if n := counted(notJSON, func() { f(c, "", "") }); n != 1 {
+			t.Fatalf("not_json grew by %d, want 1", n)
+		}
+	}
+	notJSONPasses(responseContext("text/plain", body))
+	notJSONPasses(responseContext("text/html; charset=utf-8", []byte(`<p>{"internal_id":1}</p>`)))
+	notJSONPasses(encodedContext("image/png", "br", body))
+	notJSONPasses(responseContext("", []byte("plain text")))
+	// Without a content type, what looks like JSON is edited.
+	f(responseContext("", body), edited, "")
+	f(responseContext("", []byte(" \n[{\"internal_id\":1}]")), " \n[{}]", "")
+	f(responseContext("", []byte("42")), "", "")
+	f(responseContext(" ", body), edited, "")
+	// Prefixes are kept.
+	f(responseContext("application/json", []byte("\xef\xbb\xbf"+string(body))), "\xef\xbb\xbf"+edited, "")
+	f(responseContext("application/json", []byte(")]}'\n"+string(body))), ")]}'\n"+edited, "")
+	f(responseContext("application/json", []byte(")]}',\n"+string(body))), ")]}',\n"+edited, "")
+	f(responseContext("application/json", []byte("while(1);"+string(body))), "while(1);"+edited, "")
+	f(responseContext("", []byte("\xef\xbb\xbf)]}'"+string(body))), "\xef\xbb\xbf)]}'"+edited, "")
+	f(responseContext("", []byte(")]}'\n{\"id\":1}")), "", "")
+	// Encodings the standard library decodes.
+	f(encodedContext("application/json", "gzip", gzipBytes(t, body)), edited, "")
+	f(encodedContext("application/json", "x-gzip", gzipBytes(t, body)), edited, "")
+	f(encodedContext("application/json", "GZIP", append(gzipBytes(t, body[:10]), gzipBytes(t, body[10:])...)), edited, "")
+	f(encodedContext("application/json", "deflate", zlibBytes(t, body)), edited, "")
+	f(encodedContext("application/json", "deflate", flateBytes(t, body)), edited, "")
+	f(encodedContext("application/json", "deflate, gzip", gzipBytes(t, zlibBytes(t, body))), edited, "")
+	f(encodedContext("application/json", "identity,gzip", gzipBytes(t, body)), edited, "")
+	f(encodedContext("", "gzip", gzipBytes(t, body)), edited, "")
+	f(encodedContext("", "gzip", gzipBytes(t, []byte(")]}'"+string(body)))), ")]}'"+edited, "")
+	f(encodedContext("application/json", "identity", body), edited, "")
+	// Decoded with nothing to edit: the encoded body passes as it is.
+	f(encodedContext("application/json", "gzip", gzipBytes(t, []byte(`{"id":1}`))), "", "")
+	f(encodedContext("", "gzip", gzipBytes(t, []byte("plain text"))), "", "")
+	// Refused: codings it cannot decode, corrupt data, or a body that could hold the field
+	// and cannot be edited.
+	f(encodedContext("application/json", "br", body), "", ReasonUnsupportedEncoding)
+	f(encodedContext("application/json", "zstd", body), "", ReasonUnsupportedEncoding)
+	f(encodedContext("application/json", "compress", body), "", ReasonUnsupportedEncoding)
+	f(encodedContext("application/json", "gzip, br", gzipBytes(t, body)), "", ReasonUnsupportedEncoding)
+	f(encodedContext("application/json", "gzip,gzip,gzip,gzip,gzip", body), "", ReasonUnsupportedEncoding)
+	f(encodedContext("", "br", body), "", ReasonUnsupportedEncoding)
+	f(encodedContext("application/json", "gzip", body), "", ReasonBadEncoding)
+	f(encodedContext("application/json", "gzip", gzipBytes(t, body)[:20]), "", ReasonBadEncoding)
+	f(encodedContext("application/json", "gzip", append(gzipBytes(t, body), 0)), "", ReasonBadEncoding)
+	f(encodedContext("application/json", "deflate", append(zlibBytes(t, body), 'x')), "", ReasonBadEncoding)
+	f(encodedContext("application/json", "deflate", append(flateBytes(t, body), 'x')), "", ReasonBadEncoding)
+	zb := zlibBytes(t, body)
+	zb[len(zb)-1] ^= 1
+	f(encodedContext("application/json", "deflate", zb), "", ReasonBadEncoding)
+	f(encodedContext("", "gzip", []byte("not gzip")), "", ReasonBadEncoding)
 	f(responseContext("application/json", []byte(`{"internal_id":1,`)), "", ReasonInvalidJSON)
 	f(responseContext("application/json", []byte(`<html>internal_id</html>`)), "", ReasonInvalidJSON)
+	// No document at all: nothing to remove.
+	f(responseContext("application/json", []byte(" \r\n")), "", "")
+	f(responseContext("application/json", []byte("\xef\xbb\xbf")), "", "")
+	f(encodedContext("application/json", "gzip", gzipBytes(t, nil)), "", "")
+	f(responseContext("application/json", []byte("\xfe\xff\x00{")), "", ReasonInvalidJSON)
+	f(responseContext("", []byte(`{"internal_id":1,`)), "", ReasonInvalidJSON)
+	f(responseContext("", []byte(")]}' internal_id")), "", ReasonInvalidJSON)
+	f(responseContext("", []byte("\xff\xfe{\x00")), "", ReasonInvalidJSON)
 	f(responseContext("application/json", []byte(`{"a":[[[[{"internal_id":1}]]]]}`)), "", ReasonTooDeep)
-	f(responseContext("application/json", []byte(`{"pad":"`+strings.Repeat("x", 60)+`","internal_id":1}`)), "", ReasonTooLarge)
-	gz := responseContext("application/json", body)
-	gz.Response.Headers["content-encoding"] = "gzip"
-	f(gz, "", ReasonEncoded)
-	id := responseContext("application/json", body)
-	id.Response.Headers["content-encoding"] = "identity"
-	f(id, `{"id":1}`, "")
+	f(responseContext("", []byte(`{"a":[[[[{"internal_id":1}]]]]}`)), "", ReasonTooDeep)
+	large := []byte(`{"pad":"` + strings.Repeat("x", 130) + `","internal_id":1}`)
+	f(responseContext("application/json", large), "", ReasonTooLarge)
+	f(responseContext("", large), "", ReasonTooLarge)
+	f(encodedContext("application/json", "gzip", gzipBytes(t, large)), "", ReasonTooLarge)
+	f(encodedContext("", "gzip", gzipBytes(t, large)), "", ReasonTooLarge)
+	f(encodedContext("application/json", "gzip, gzip", gzipBytes(t, gzipBytes(t, large))), "", ReasonTooLarge)
+	f(encodedContext("", "gzip, gzip", gzipBytes(t, gzipBytes(t, large))), "", ReasonTooLarge)
+	// Over the limit but not JSON: it passes.
+	f(responseContext("", []byte(strings.Repeat("x", 200))), "", "")
+	f(encodedContext("", "gzip", gzipBytes(t, []byte(strings.Repeat("x", 200)))), "", "")
 }
 
-// TestDeepNestingIsCheap sends 100,000 levels of nesting: the body passes unchanged, quickly,
+// TestDecompressionBomb sends 10 KB of gzip that expands to 10 MB: it is refused after
+// max_body_bytes of output, without expanding the rest.
+func TestDecompressionBomb(t *testing.T) {
+	p := mustBuild(t, map[string]string{"remove_fields": `["a"]`, "max_body_bytes": "1048576"})
+	bomb := gzipBytes(t, []byte(`{"a":"`+strings.Repeat("0", 10<<20)+`"}`))
+	var allocs uint64
+	for range 3 {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		_, err := p.Execute(context.Background(), encodedContext("application/json", "gzip", bomb))
+		runtime.ReadMemStats(&after)
+		var re *RefusedError
+		if !errors.As(err, &re) || re.Reason != ReasonTooLarge {
+			t.Fatalf("Execute: %v, want too_large", err)
+		}
+		allocs = after.TotalAlloc - before.TotalAlloc
+	}
+	if allocs > 3<<20 {
+		t.Fatalf("a refused bomb allocated %d bytes, more than three times max_body_bytes", allocs)
+	}
+}
+
+// TestDeepNestingIsCheap sends 100,000 levels of nesting: the body is refused, quickly,
 // without recursion.
 func TestDeepNestingIsCheap(t *testing.T) {
 	p := mustBuild(t, map[string]string{"remove_fields": `["a"]`, "max_body_bytes": "10000000"})
 	for _, open := range []string{"[", `{"a":`, `{"b":`} {
 		body := []byte(strings.Repeat(open, 100000) + "1" + strings.Repeat(string(closer(open)), 100000))
-		before := skipped[ReasonTooDeep].Get()
+		before := refused[ReasonTooDeep].Get()
 		start := time.Now()
 		r, err := p.Execute(context.Background(), responseContext("application/json", body))
-		if err != nil || len(r.Instructions) != 0 {
+		if !errors.Is(err, jsonedit.ErrTooDeep) || len(r.Instructions) != 0 {
 			t.Fatalf("Execute: %v, %v", r, err)
 		}
 		if d := time.Since(start); d > 100*time.Millisecond {
 			t.Fatalf("100000 levels of %q took %v", open, d)
 		}
-		if skipped[ReasonTooDeep].Get() != before+1 {
+		if refused[ReasonTooDeep].Get() != before+1 {
 			t.Fatalf("too_deep not counted for %q", open)
 		}
 	}
@@ -257,7 +435,7 @@ func decode(t *testing.T, b []byte) any {
 
 // FuzzRemoveFields transforms arbitrary bodies with an arbitrary path (without index segments,
 // which the reference does not model) and checks the result against removing the path from the
-// decoded document. Invalid and too deep bodies must pass unchanged.
+// decoded document. Invalid and too deep bodies must be refused.
 func FuzzRemoveFields(f *testing.F) {
 	for _, s := range [][2]string{
 		{`{"id":1,"internal_id":2}`, "internal_id"},
@@ -282,17 +460,25 @@ func FuzzRemoveFields(f *testing.F) {
 			return // an invalid path: Build's errors are tested on their own
 		}
 		tr := p.(*Transform)
+		n, _ := splitPrefix(body)
 		r, err := tr.Execute(context.Background(), responseContext("application/json", body))
+		out, changed, applyErr := tr.Apply(body[n:])
+		if applyErr != nil {
+			var re *RefusedError
+			if !errors.As(err, &re) || len(r.Instructions) != 0 {
+				t.Fatalf("body %q (err %v): Execute = %v, %v, want a refusal", body, applyErr, r, err)
+			}
+			return
+		}
 		if err != nil {
 			t.Fatalf("Execute: %v", err)
 		}
-		out, changed, applyErr := tr.Apply(body)
-		if applyErr != nil || !changed {
+		if n > 0 {
+			return // prefixed bodies are checked by FuzzExecute
+		}
+		if !changed {
 			if len(r.Instructions) != 0 {
-				t.Fatalf("body %q (err %v, changed %v) got instructions %v", body, applyErr, changed, r.Instructions)
-			}
-			if applyErr != nil {
-				return
+				t.Fatalf("body %q (unchanged) got instructions %v", body, r.Instructions)
 			}
 		} else if len(r.Instructions) != 1 || !bytes.Equal(r.Instructions[0].GetBody().GetBody(), out) {
 			t.Fatalf("body %q: instructions %v, want SET_BODY %q", body, r.Instructions, out)
@@ -335,7 +521,8 @@ func benchBody(n int) []byte {
 }
 
 // BenchmarkTransform removes a field from each of 100 items (about 12 KB) and from each of
-// 8,000 (about 1 MB). Compare runs with benchstat:
+// 8,000 (about 1 MB), as identity and as gzip (decoded, edited, sent as identity). Compare runs
+// with benchstat:
 //
 //	go test -run '^$' -bench Transform -count 10 ./policies/bodytransform > new.txt
 //	benchstat old.txt new.txt
@@ -343,18 +530,26 @@ func BenchmarkTransform(b *testing.B) {
 	for _, n := range []int{100, 8000} {
 		body := benchBody(n)
 		p := mustBuild(b, map[string]string{"remove_fields": `["items.internal_id"]`, "max_body_bytes": "2000000"})
-		b.Run(strconv.Itoa(len(body)/1000)+"KB", func(b *testing.B) {
-			b.ReportAllocs()
-			b.SetBytes(int64(len(body)))
-			b.RunParallel(func(pb *testing.PB) {
-				c := responseContext("application/json", body)
-				for pb.Next() {
-					r, err := p.Execute(context.Background(), c)
-					if err != nil || len(r.Instructions) != 1 {
-						b.Fatalf("Execute: %v, %v", r, err)
+		for _, enc := range []string{"", "gzip"} {
+			sent := body
+			name := strconv.Itoa(len(body)/1000) + "KB"
+			if enc != "" {
+				sent = gzipBytes(b, body)
+				name += "-" + enc
+			}
+			b.Run(name, func(b *testing.B) {
+				b.ReportAllocs()
+				b.SetBytes(int64(len(body)))
+				b.RunParallel(func(pb *testing.PB) {
+					c := encodedContext("application/json", enc, sent)
+					for pb.Next() {
+						r, err := p.Execute(context.Background(), c)
+						if err != nil || len(r.Instructions) == 0 {
+							b.Fatalf("Execute: %v, %v", r, err)
+						}
 					}
-				}
+				})
 			})
-		})
+		}
 	}
 }
