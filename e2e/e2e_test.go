@@ -78,7 +78,13 @@ var envoyConfig = envoytest.FilterConfig{
 
 func start(t *testing.T) (*testenv.Env, *envoytest.Client) {
 	t.Helper()
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernelYAML, AgentEnv: []string{"E2E_ADMIN_KEY=admin-secret"}})
+	// The config has an invalid route on purpose, so the kernel is never ready: wait instead
+	// until the agent has checked every route, and only the broken one is refused.
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernelYAML, AgentEnv: []string{"E2E_ADMIN_KEY=admin-secret"}, NotReady: true})
+	testenv.WaitFor(t, testenv.StartTimeout, "the routes to be checked against the agent", func() bool {
+		code, body := e.Get(t, "/health/ready")
+		return code == 503 && strings.Contains(body, `"invalid_routes":["route \"/api/v1/broken\"`) && !strings.Contains(body, "unvalidated") && !strings.Contains(body, "is not reachable")
+	})
 	return e, e.Dial(t, envoyConfig)
 }
 
