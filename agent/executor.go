@@ -359,7 +359,7 @@ func outcomeOf(resp *agentv1.PolicyResponse) policy.Outcome {
 // enforces (policy.Module.Enforces) always fails closed, whatever its on_failure says, and is
 // never skipped: a broken authentication entry must not open the route. A policy that returns
 // TIMEOUT, or returns anything after the chain's deadline, ends the chain with TIMEOUT: the
-// kernel has stopped waiting, and a late allow is no decision.
+// kernel has stopped waiting, and a late allow is no decision; a late denial still denies.
 func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.PolicyRequest, chain []resolved, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
 	limits := s.cfg.ResourceLimits
 	trace := e.traceChain(ctx, req)
@@ -405,19 +405,25 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 			}
 		}
 		// Checked after the policy returned, whatever it returned: a policy that ignores its
-		// context overruns the deadline, and its late answer must not count.
-		timedOut := ctx.Err() != nil
-		if !timedOut && err == nil {
+		// context overruns the deadline, and its late answer must not count as a decision.
+		late := ctx.Err() != nil
+		timedOut := late
+		if err == nil {
 			switch result.Status {
 			case agentv1.StatusCode_OK, agentv1.StatusCode_POLICY_DENIED:
 				err = applyInstructions(pc, result.Instructions, limits.MaxStateSizeBytes)
+				// A late denial still denies: refusing is never less safe than the timeout
+				// answer, which the kernel turns into a pass for a fail-open agent.
+				if late && err == nil && terminal(result) {
+					timedOut = false
+				}
 			case agentv1.StatusCode_TIMEOUT:
 				timedOut = true
 			default: // POLICY_ERROR, or a code this agent does not know: a failure either way
 				err = fmt.Errorf("policy %q returned status %s: %s", name, result.Status, result.Message)
 			}
 		}
-		e.metrics.observe(name, start, result.Status, err, timedOut)
+		e.metrics.observe(name, start, result.Status, err, late || timedOut)
 		if timedOut && err == nil {
 			err = fmt.Errorf("policy %q: %w", name, context.DeadlineExceeded)
 		}

@@ -144,10 +144,14 @@ func init() {
 				Instructions: []*agentv1.Instruction{policy.SetHeader("x-status", s.Value)}}, nil
 		}
 	})
-	// t.deaf sleeps whatever its context says, then allows with a header.
+	// t.deaf sleeps whatever its context says, then allows with a header, or denies when
+	// want is "deny".
 	register("t.deaf", policy.Both, func(s testSettings) funcPolicy {
 		return func(context.Context, *policy.Context) (policy.Result, error) {
 			time.Sleep(s.Sleep)
+			if s.Want == "deny" {
+				return policy.Deny(403, "forbidden", "late", nil), nil
+			}
 			return policy.Allow(policy.SetHeader("x-late", "1")), nil
 		}
 	})
@@ -769,8 +773,14 @@ func TestEveryChainHasADeadline(t *testing.T) {
 			t.Fatalf("deadline_ms %d: %v", deadlineMS, r)
 		}
 	}
-	if got := metricValue(t, e, `policy_agent_policy_failures_total{policy="t.deaf",reason="timeout"}`); got != 2 {
-		t.Errorf("timeouts counted %v, want 2", got)
+	// A late denial still denies (a TIMEOUT answer would let a fail-open agent's request
+	// through), and is counted as a timeout too.
+	r := e.Execute(context.Background(), req(p("t.deaf", "sleep", "60ms", "want", "deny"), p("t.setHeader", "key", "x-after", "value", "1")))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_DENIED || immediate(r).GetStatusCode() != 403 || len(r.GetInstructions()) != 1 {
+		t.Fatalf("late denial: %v", r)
+	}
+	if got := metricValue(t, e, `policy_agent_policy_failures_total{policy="t.deaf",reason="timeout"}`); got != 3 {
+		t.Errorf("timeouts counted %v, want 3", got)
 	}
 	if got := metricValue(t, e, `policy_agent_executions_total{policy="t.deaf",status="ok"}`); got != 0 {
 		t.Errorf("late allows counted as %v successes", got)
