@@ -10,19 +10,24 @@ import (
 	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
-// failureKernelYAML is a fail-closed agent with the given timeout and message timeout, and
-// routes.
+// failureKernelYAML names the agent twice, fail-closed ("closed", the routes' default) and
+// fail-open ("open"), with the given timeout and message timeout, and routes.
 func failureKernelYAML(timeoutMS, messageTimeoutMS int, routes string) string {
 	return fmt.Sprintf(`policy_kernel:
   server:
-    message_timeout_ms: %d
+    message_timeout_ms: %[2]d
   agents:
     - name: closed
       socket_path: "{{SOCK}}"
-      timeout_ms: %d
+      timeout_ms: %[1]d
       health_check_interval_ms: 2000
+    - name: open
+      socket_path: "{{SOCK}}"
+      timeout_ms: %[1]d
+      health_check_interval_ms: 2000
+      fail_open: true
   route_policies:
-%s`, messageTimeoutMS, timeoutMS, routes)
+%[3]s`, timeoutMS, messageTimeoutMS, routes)
 }
 
 // failureRoutes are chains in which a failing entry's on_failure would, if honoured, let a
@@ -136,10 +141,14 @@ func TestBypassOverrun(t *testing.T) {
 }
 
 // TestBypassAgentDeadline gives the agent a chain limit below the kernel's agent timeout:
-// the agent, not the kernel, ends a chain whose policy overruns, and answers TIMEOUT.
+// the agent, not the kernel, ends a chain whose policy overruns, and answers TIMEOUT. A policy
+// that denies late still denies, also on a fail-open agent, which would pass a TIMEOUT.
 func TestBypassAgentDeadline(t *testing.T) {
 	routes := `    - route_name: /deaf
       request_policy_chain: [{policy: testDeafSleep, metadata: {sleep_ms: 300}}, {policy: allowAll}]
+    - route_name: /deaf-deny
+      agent: open
+      request_policy_chain: [{policy: testDeafSleep, metadata: {sleep_ms: 300, deny: true}}, {policy: allowAll}]
 `
 	agent := strings.Replace(agentYAML, "  policies:\n", "  server:\n    max_chain_duration_ms: 100\n  policies:\n", 1)
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agent, KernelYAML: failureKernelYAML(1500, 2000, routes),
@@ -151,8 +160,12 @@ func TestBypassAgentDeadline(t *testing.T) {
 	if got := s.outcome(); got != "500 policy_agent_timeout" || s.latency > 300*time.Millisecond+margin {
 		t.Errorf("/deaf: %s after %v, want 500 policy_agent_timeout once the policy returned (300ms)", got, s.latency)
 	}
-	if got := agentMetric(t, e, `policy_agent_policy_failures_total{policy="testDeafSleep",reason="timeout"}`); got != 1 {
-		t.Errorf("agent timeouts counted: %v, want 1", got)
+	s = play(c, "/deaf-deny", request("/deaf-deny"))
+	if got := s.outcome(); got != "403 forbidden" {
+		t.Errorf("/deaf-deny on a fail-open agent: %s after %v, want the late denial", got, s.latency)
+	}
+	if got := agentMetric(t, e, `policy_agent_policy_failures_total{policy="testDeafSleep",reason="timeout"}`); got != 2 {
+		t.Errorf("agent timeouts counted: %v, want 2", got)
 	}
 	if got := agentMetric(t, e, `policy_agent_executions_total{policy="allowAll",status="ok"}`); got != 0 {
 		t.Errorf("the chain went on after its deadline: allowAll ran %v times", got)

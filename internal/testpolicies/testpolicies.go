@@ -92,14 +92,15 @@ func init() {
 		}
 		return echo{from: strings.ToLower(s.From), to: s.To}, nil
 	})
-	register(DeafSleep, "Sleeps for sleep_ms whatever its context says, then allows.", func(md map[string]string) (policy.Policy, error) {
+	register(DeafSleep, "Sleeps for sleep_ms whatever its context says, then allows, or denies (403) when deny is true.", func(md map[string]string) (policy.Policy, error) {
 		var s struct {
-			SleepMS int `json:"sleep_ms" required:"true"`
+			SleepMS int  `json:"sleep_ms" required:"true"`
+			Deny    bool `json:"deny"`
 		}
 		if err := policy.DecodeMetadata(md, &s); err != nil {
 			return nil, err
 		}
-		return deafSleeper(time.Duration(s.SleepMS) * time.Millisecond), nil
+		return deafSleeper{d: time.Duration(s.SleepMS) * time.Millisecond, deny: s.Deny}, nil
 	})
 	register(Status, "Returns status (a StatusCode name or number) with no error and no instruction.", func(md map[string]string) (policy.Policy, error) {
 		var s struct {
@@ -157,10 +158,16 @@ func (d sleeper) Execute(ctx context.Context, _ *policy.Context) (policy.Result,
 
 // deafSleeper is a policy that ignores its context: it returns only when its time is up, long
 // after the chain's deadline if need be.
-type deafSleeper time.Duration
+type deafSleeper struct {
+	d    time.Duration
+	deny bool
+}
 
-func (d deafSleeper) Execute(context.Context, *policy.Context) (policy.Result, error) {
-	time.Sleep(time.Duration(d))
+func (s deafSleeper) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	time.Sleep(s.d)
+	if s.deny {
+		return policy.Deny(403, "forbidden", "testDeafSleep denies", nil), nil
+	}
 	return policy.Allow(), nil
 }
 
@@ -223,6 +230,6 @@ var (
 	_ policy.Policy = huge("")
 	_ policy.Policy = badUTF8{}
 	_ policy.Policy = echo{}
-	_ policy.Policy = deafSleeper(0)
+	_ policy.Policy = deafSleeper{}
 	_ policy.Policy = statusPolicy(0)
 )

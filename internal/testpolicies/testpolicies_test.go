@@ -132,4 +132,8 @@ func TestStatusAndDeafSleep(t *testing.T) {
 	if err != nil || r.Status != agentv1.StatusCode_OK || time.Since(start) < 20*time.Millisecond {
 		t.Fatalf("deaf sleep with a cancelled context: %v %v after %v, want OK after 20ms", r, err, time.Since(start))
 	}
+	r, err = build(t, DeafSleep, map[string]string{"sleep_ms": "1", "deny": "true"}).Execute(ctx, &policy.Context{})
+	if err != nil || r.Status != agentv1.StatusCode_POLICY_DENIED {
+		t.Fatalf("deaf sleep with deny: %v %v", r, err)
+	}
 }
