@@ -198,7 +198,11 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 		resp.AgentMetadata["max_state_size_bytes"] = fmt.Sprint(s.cfg.ResourceLimits.MaxStateSizeBytes)
 		resp.AgentMetadata["fail_on_unknown"] = fmt.Sprint(s.cfg.Policies.FailOnUnknown)
 	}
+	var enforcing []string
 	for _, m := range policy.Modules() {
+		if m.Enforces {
+			enforcing = append(enforcing, m.Name)
+		}
 		info := &agentv1.PolicyInfo{
 			Name:                   m.Name,
 			Version:                m.Version,
@@ -216,8 +220,15 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 		}
 		resp.SupportedPolicies = append(resp.SupportedPolicies, info)
 	}
+	// The policies whose failures deny whatever on_failure says, comma-separated: the kernel
+	// warns of chain entries that set continue or skip_remaining on one of them.
+	resp.AgentMetadata[enforcingPoliciesKey] = strings.Join(enforcing, ",")
 	return resp
 }
+
+// enforcingPoliciesKey is the agent_metadata key of GetAgentConfig that lists the policies
+// that enforce (policy.Module.Enforces).
+const enforcingPoliciesKey = "enforcing_policies"
 
 // instanceFor returns the policy compiled from (name, metadata), building it on first use.
 func (s *execSnapshot) instanceFor(f *factoryEntry, name string, md map[string]string) (policy.Policy, error) {

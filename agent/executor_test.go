@@ -665,6 +665,9 @@ func TestEnforcingEntriesFailClosed(t *testing.T) {
 			t.Errorf("on_failure %q on a failing enforcing entry: %v", mode, r)
 		}
 	}
+	if got := e.Describe().GetAgentMetadata()["enforcing_policies"]; !strings.Contains(","+got+",", ",t.guard,") || strings.Contains(got, "t.fail") {
+		t.Errorf("enforcing_policies advertised: %q", got)
+	}
 	if got := metricValue(t, e, `policy_agent_fail_closed_total{policy="t.guard"}`); got != 2 {
 		t.Errorf("fail_closed counted %v, want 2 (continue and skip_remaining)", got)
 	}

@@ -227,6 +227,9 @@ func (k *Kernel) install(snap *Snapshot, data []byte) {
 	for _, inv := range snap.invalid {
 		k.log.Error().Str("config_version", snap.Version).Str("error", inv).Msg("route marked invalid; its requests are denied")
 	}
+	for _, w := range snap.warnings {
+		k.log.Warn().Str("config_version", snap.Version).Str("key", w.key).Str("warning", w.msg).Msg("config setting ignored")
+	}
 }
 
 // discover asks every agent for its config, waiting up to wait for agents that are still
@@ -561,6 +564,9 @@ func validateReport(w io.Writer, file string, data []byte, snap *Snapshot) error
 	errs := permissionProblems(file, snap.Config)
 	if len(problems) > 0 {
 		errs = append([]error{problemsError(file, data, problems)}, errs...)
+	}
+	for _, p := range snap.warnings {
+		fmt.Fprintf(w, "warning: %v\n", problemsError(file, data, []problem{p}))
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)

@@ -111,6 +111,15 @@ func TestBypassOnFailure(t *testing.T) {
 			t.Errorf("the agent did not warn that %s on jwtValidation is ignored:\n%s", want, logs)
 		}
 	}
+	klogs := e.Kernel.Logs.String()
+	for _, want := range []string{
+		`route_policies[0].request_policy_chain[0].on_failure","warning":"on_failure continue is ignored: policy \"jwtValidation\" enforces`,
+		`route_policies[1].request_policy_chain[0].on_failure","warning":"on_failure skip_remaining is ignored: policy \"jwtValidation\" enforces`,
+	} {
+		if !strings.Contains(klogs, want) {
+			t.Errorf("the kernel did not warn %s:\n%s", want, klogs)
+		}
+	}
 }
 
 // TestBypassOverrun runs a policy that ignores its context and returns, with an allow, long
