@@ -82,6 +82,17 @@ func (c *chainCtx) errLocked() error {
 	return nil
 }
 
+// stoppedAt reports whether the chain must stop at now, a time the caller read: the deadline
+// has passed, or the chain or its parent was cancelled. It is Err without a clock read.
+func (c *chainCtx) stoppedAt(now time.Time) bool {
+	if !c.deadline.IsZero() && !now.Before(c.deadline) {
+		return true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err != nil || c.Context.Err() != nil
+}
+
 // cancel stops the chain: Err reports context.Canceled from now on.
 func (c *chainCtx) cancel() {
 	c.mu.Lock()

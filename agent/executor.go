@@ -318,7 +318,7 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	}
 	var buf [8]resolved
 	chain := s.resolve(req.GetPolicies(), buf[:0])
-	resp = e.runChain(ctx, s, req, chain, pc, resp)
+	resp = e.runChain(cc, s, req, chain, pc, resp)
 	// Every policy of the chain that observes outcomes sees this one, also when an earlier
 	// policy ended the chain before it ran.
 	for _, r := range chain {
@@ -371,7 +371,8 @@ func outcomeOf(resp *agentv1.PolicyResponse) policy.Outcome {
 // never skipped: a broken authentication entry must not open the route. A policy that returns
 // TIMEOUT, or returns anything after the chain's deadline, ends the chain with TIMEOUT: the
 // kernel has stopped waiting, and a late allow is no decision; a late denial still denies.
-func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.PolicyRequest, chain []resolved, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
+func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRequest, chain []resolved, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
+	var ctx context.Context = cc
 	limits := s.cfg.ResourceLimits
 	trace := e.traceChain(ctx, req)
 	// skippedBy is the entry that failed with skip_remaining; later entries run only if
@@ -417,7 +418,9 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 		}
 		// Checked after the policy returned, whatever it returned: a policy that ignores its
 		// context overruns the deadline, and its late answer must not count as a decision.
-		late := ctx.Err() != nil
+		// The clock read serves the duration metric too: reading it costs more than the rest.
+		end := time.Now()
+		late := cc.stoppedAt(end)
 		timedOut := late
 		if err == nil {
 			switch result.Status {
@@ -434,7 +437,7 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 				err = fmt.Errorf("policy %q returned status %s: %s", name, result.Status, result.Message)
 			}
 		}
-		e.metrics.observe(name, start, result.Status, err, late || timedOut)
+		e.metrics.observe(name, end.Sub(start), result.Status, err, late || timedOut)
 		if timedOut && err == nil {
 			err = fmt.Errorf("policy %q: %w", name, context.DeadlineExceeded)
 		}

@@ -176,9 +176,9 @@ func (m *agentMetrics) forPolicy(name string) *policyMetrics {
 
 // observe records one policy run: a timeout (the policy returned TIMEOUT or returned after
 // the deadline) or a failure is an error execution, counted with its reason.
-func (m *agentMetrics) observe(name string, start time.Time, status agentv1.StatusCode, err error, timedOut bool) {
+func (m *agentMetrics) observe(name string, took time.Duration, status agentv1.StatusCode, err error, timedOut bool) {
 	pm := m.forPolicy(name)
-	pm.duration.UpdateDuration(start)
+	pm.duration.Update(took.Seconds())
 	switch {
 	case timedOut:
 		pm.errored.Inc()
