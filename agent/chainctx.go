@@ -82,6 +82,17 @@ func (c *chainCtx) errLocked() error {
 	return nil
 }
 
+// stoppedAt reports whether the chain must stop at now, a time the caller read: the deadline
+// has passed, or the chain or its parent was cancelled. It is Err without a clock read.
+func (c *chainCtx) stoppedAt(now time.Time) bool {
+	if !c.deadline.IsZero() && !now.Before(c.deadline) {
+		return true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err != nil || c.Context.Err() != nil
+}
+
 // cancel stops the chain: Err reports context.Canceled from now on.
 func (c *chainCtx) cancel() {
 	c.mu.Lock()
@@ -108,12 +119,14 @@ func (c *chainCtx) closeLocked(err error) {
 	}
 }
 
-// deadlineOf is the deadline a request asks for, zero for none.
-func deadlineOf(req interface{ GetDeadlineMs() int64 }) time.Time {
+// deadlineOf is the deadline of a request's chain: the kernel's deadline_ms, at most the
+// agent's limit (server.max_chain_duration_ms), and that limit when the kernel sets none. No
+// chain runs without a deadline.
+func deadlineOf(req interface{ GetDeadlineMs() int64 }, limit time.Duration) time.Time {
 	if ms := req.GetDeadlineMs(); ms > 0 {
-		return time.Now().Add(time.Duration(ms) * time.Millisecond)
+		limit = min(limit, time.Duration(ms)*time.Millisecond)
 	}
-	return time.Time{}
+	return time.Now().Add(limit)
 }
 
 // release stops what Done started; the chain is over.

@@ -151,3 +151,23 @@ func TestChainCtxCancel(t *testing.T) {
 	}
 	c.release()
 }
+
+func TestChainCtxStoppedAt(t *testing.T) {
+	now := time.Now()
+	c := newChainCtx(context.Background(), now.Add(time.Hour))
+	defer c.release()
+	if c.stoppedAt(now) || !c.stoppedAt(now.Add(time.Hour)) {
+		t.Fatal("stoppedAt must compare the given time with the deadline")
+	}
+	c.cancel()
+	if !c.stoppedAt(now) {
+		t.Fatal("a cancelled chain is stopped")
+	}
+	parent, cancel := context.WithCancel(context.Background())
+	c2 := newChainCtx(parent, now.Add(time.Hour))
+	defer c2.release()
+	cancel()
+	if !c2.stoppedAt(now) {
+		t.Fatal("a chain whose parent is done is stopped")
+	}
+}

@@ -35,6 +35,9 @@ type CoreConfig struct {
 type ServerConfig struct {
 	MaxConcurrentRequests int `yaml:"max_concurrent_requests"`
 	RequestTimeoutMS      int `yaml:"request_timeout_ms"`
+	// MaxChainDurationMS bounds every chain: a chain's deadline is the kernel's deadline_ms,
+	// at most this, and this when the kernel sets none.
+	MaxChainDurationMS int `yaml:"max_chain_duration_ms"`
 }
 
 // PoliciesConfig holds the policies' settings.
@@ -68,6 +71,7 @@ type ResourceLimits struct {
 const (
 	DefaultMaxConcurrentRequests = 1000
 	DefaultRequestTimeoutMS      = 5000
+	DefaultMaxChainDurationMS    = 1000
 	DefaultMaxBodySizeBytes      = 1 << 20
 	DefaultMaxStateSizeBytes     = 64 << 10
 )
@@ -133,6 +137,9 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	if c.Server.RequestTimeoutMS < 0 {
 		bad("server.request_timeout_ms", "must not be negative, got %d", c.Server.RequestTimeoutMS)
 	}
+	if c.Server.MaxChainDurationMS < 0 {
+		bad("server.max_chain_duration_ms", "must not be negative, got %d", c.Server.MaxChainDurationMS)
+	}
 	if c.ResourceLimits.MaxBodySizeBytes < 0 {
 		bad("resource_limits.max_body_size_bytes", "must not be negative, got %d", c.ResourceLimits.MaxBodySizeBytes)
 	}
@@ -153,6 +160,9 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	}
 	if c.Server.RequestTimeoutMS == 0 {
 		c.Server.RequestTimeoutMS = DefaultRequestTimeoutMS
+	}
+	if c.Server.MaxChainDurationMS == 0 {
+		c.Server.MaxChainDurationMS = DefaultMaxChainDurationMS
 	}
 	if c.ResourceLimits.MaxBodySizeBytes == 0 {
 		c.ResourceLimits.MaxBodySizeBytes = DefaultMaxBodySizeBytes

@@ -35,6 +35,11 @@ type Executor struct {
 	panicT *logging.Throttle
 	// unknownT throttles the log of chains naming a policy the agent does not have.
 	unknownT *logging.Throttle
+	// failT throttles the log of policy failures, which a broken chain entry has on every
+	// request.
+	failT *logging.Throttle
+	// maxChain is server.max_chain_duration_ms of the config in force, in nanoseconds.
+	maxChain atomic.Int64
 	// tracer is nil while tracing is off.
 	tracer atomic.Pointer[tracing.Tracer]
 }
@@ -88,6 +93,9 @@ func (e *Executor) acquire() *execSnapshot {
 type factoryEntry struct {
 	module  policy.Module
 	factory policy.Factory
+	// ignoredLogged records that a chain entry setting on_failure continue ([0]) or
+	// skip_remaining ([1]) on this enforcing policy was logged, once per config.
+	ignoredLogged [2]atomic.Bool
 }
 
 // instance is a policy compiled from one metadata map.
@@ -100,7 +108,18 @@ type instance struct {
 // NewExecutor returns an executor with no config; Load gives it one.
 func NewExecutor(log *logging.Logger) *Executor {
 	return &Executor{log: log, metrics: newAgentMetrics(), panicT: logging.NewThrottle(10 * time.Second),
-		unknownT: logging.NewThrottle(10 * time.Second)}
+		unknownT: logging.NewThrottle(10 * time.Second),
+
+		failT: logging.NewThrottle(time.Second)}
+}
+
+// deadlineOf is the deadline of req's chain under the config in force; see deadlineOf.
+func (e *Executor) deadlineOf(req interface{ GetDeadlineMs() int64 }) time.Time {
+	limit := time.Duration(e.maxChain.Load())
+	if limit <= 0 {
+		limit = DefaultMaxChainDurationMS * time.Millisecond
+	}
+	return deadlineOf(req, limit)
 }
 
 // Load builds factories for every registered policy from cfg and swaps them in. On error the
@@ -126,6 +145,9 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 			continue
 		}
 		s.factories[m.Name] = &factoryEntry{module: m, factory: f}
+		if m.Enforces {
+			e.metrics.failClosedCounter(m.Name)
+		}
 	}
 	if len(errs) > 0 {
 		closeFactories(s)
@@ -135,6 +157,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 		e.log.Audit(zerolog.WarnLevel).Bool("fail_on_unknown", *cfg.Policies.FailOnUnknown).
 			Msg("agent_core.policies.fail_on_unknown is deprecated and ignored: a chain naming a policy this agent does not have always fails")
 	}
+	e.maxChain.Store(int64(time.Duration(cfg.Server.MaxChainDurationMS) * time.Millisecond))
 	if old := e.snap.Swap(s); old != nil {
 		old.retire()
 	}
@@ -183,7 +206,11 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 		resp.AgentMetadata["max_body_size_bytes"] = fmt.Sprint(s.cfg.ResourceLimits.MaxBodySizeBytes)
 		resp.AgentMetadata["max_state_size_bytes"] = fmt.Sprint(s.cfg.ResourceLimits.MaxStateSizeBytes)
 	}
+	var enforcing []string
 	for _, m := range policy.Modules() {
+		if m.Enforces {
+			enforcing = append(enforcing, m.Name)
+		}
 		info := &agentv1.PolicyInfo{
 			Name:                   m.Name,
 			Version:                m.Version,
@@ -201,6 +228,9 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 		}
 		resp.SupportedPolicies = append(resp.SupportedPolicies, info)
 	}
+	// The policies whose failures deny whatever on_failure says, comma-separated: the kernel
+	// warns of chain entries that set continue or skip_remaining on one of them.
+	resp.AgentMetadata[enforcingPoliciesKey] = strings.Join(enforcing, ",")
 	return resp
 }
 
@@ -234,6 +264,10 @@ func (e *Executor) ValidateChains(entries []*agentv1.ChainEntry) []string {
 	}
 	return out
 }
+
+// enforcingPoliciesKey is the agent_metadata key of GetAgentConfig that lists the policies
+// that enforce (policy.Module.Enforces).
+const enforcingPoliciesKey = "enforcing_policies"
 
 // instanceFor returns the policy compiled from (name, metadata), building it on first use.
 func (s *execSnapshot) instanceFor(f *factoryEntry, name string, md map[string]string) (policy.Policy, error) {
@@ -287,7 +321,7 @@ var errStateTooLarge = errors.New("state exceeds max_state_size_bytes")
 
 // Execute runs req's chain and returns the agent's answer. It never returns nil.
 func (e *Executor) Execute(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
-	cc := newChainCtx(ctx, deadlineOf(req))
+	cc := newChainCtx(ctx, e.deadlineOf(req))
 	defer cc.release()
 	return e.execute(cc, req)
 }
@@ -324,7 +358,7 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	var buf [8]resolved
 	chain := s.resolve(req.GetPolicies(), buf[:0])
 	resp.Instructions = e.removeOwned(req, chain, pc, resp.Instructions)
-	resp = e.runChain(ctx, s, req, chain, pc, resp)
+	resp = e.runChain(cc, s, req, chain, pc, resp)
 	// Every policy of the chain that observes outcomes sees this one, also when an earlier
 	// policy ended the chain before it ran.
 	for _, r := range chain {
@@ -369,11 +403,25 @@ func outcomeOf(resp *agentv1.PolicyResponse) policy.Outcome {
 }
 
 // runChain runs the chain's policies in order on pc.
-func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.PolicyRequest, chain []resolved, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
+//
+// A policy fails when it returns an error, panics, or returns POLICY_ERROR or a status code
+// the agent does not know; the entry's on_failure then decides (deny, continue, or
+// skip_remaining, which skips the later entries that do not enforce). An entry whose policy
+// enforces (policy.Module.Enforces) always fails closed, whatever its on_failure says, and is
+// never skipped: a broken authentication entry must not open the route. A policy that returns
+// TIMEOUT, or returns anything after the chain's deadline, ends the chain with TIMEOUT: the
+// kernel has stopped waiting, and a late allow is no decision; a late denial still denies.
+func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRequest, chain []resolved, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
+	var ctx context.Context = cc
 	limits := s.cfg.ResourceLimits
 	trace := e.traceChain(ctx, req)
+	// skippedBy is the entry that failed with skip_remaining; later entries run only if
+	// they enforce.
+	skippedBy := ""
 	for i, entry := range req.GetPolicies() {
-		if err := ctx.Err(); err != nil {
+		// The context is checked before the first policy and after every policy that ran
+		// (below), so that a chain whose deadline passed runs nothing more.
+		if i == 0 && ctx.Err() != nil {
 			e.metrics.failure(entry.GetName(), "timeout")
 			return fail(resp, agentv1.StatusCode_TIMEOUT, entry.GetName(), "deadline exceeded before policy "+entry.GetName())
 		}
@@ -385,6 +433,14 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 			e.logUnknown(req, name)
 			resp.Instructions = nil
 			return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, fmt.Sprintf("unknown policy %q", name))
+		}
+		enforces := f.module.Enforces
+		if skippedBy != "" && !enforces {
+			continue
+		}
+		onFailure := entry.GetOnFailure()
+		if enforces && (onFailure == "continue" || onFailure == "skip_remaining") {
+			e.logIgnored(f, req, name, onFailure)
 		}
 		var (
 			result policy.Result
@@ -400,28 +456,55 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 				result, err = e.run(ctx, chain[i].policy, pc, name)
 			}
 		}
+		// Checked after the policy returned, whatever it returned: a policy that ignores its
+		// context overruns the deadline, and its late answer must not count as a decision.
+		// The clock read serves the duration metric too: reading it costs more than the rest.
+		end := time.Now()
+		late := cc.stoppedAt(end)
+		timedOut := late
 		if err == nil {
-			err = applyInstructions(pc, result.Instructions, limits.MaxStateSizeBytes)
-		}
-		e.metrics.observe(name, start, result.Status, err)
-		endPolicySpan(span, result.Status, err)
-		if err != nil {
-			if ctx.Err() != nil {
-				return fail(resp, agentv1.StatusCode_TIMEOUT, name, err.Error())
+			switch result.Status {
+			case agentv1.StatusCode_OK, agentv1.StatusCode_POLICY_DENIED:
+				err = applyInstructions(pc, result.Instructions, limits.MaxStateSizeBytes)
+				// A late denial still denies: refusing is never less safe than the timeout
+				// answer, which the kernel turns into a pass for a fail-open agent.
+				if late && err == nil && terminal(result) {
+					timedOut = false
+				}
+			case agentv1.StatusCode_TIMEOUT:
+				timedOut = true
+			default: // POLICY_ERROR, or a code this agent does not know: a failure either way
+				err = fmt.Errorf("policy %q returned status %s: %s", name, result.Status, result.Message)
 			}
-			switch entry.GetOnFailure() {
-			case "continue":
+		}
+		e.metrics.observe(name, end.Sub(start), result.Status, err, late || timedOut)
+		if timedOut && err == nil {
+			err = fmt.Errorf("policy %q: %w", name, context.DeadlineExceeded)
+		}
+		endPolicySpan(span, result.Status, err)
+		if timedOut {
+			resp.Instructions = nil
+			return fail(resp, agentv1.StatusCode_TIMEOUT, name, err.Error())
+		}
+		if err != nil {
+			switch {
+			case enforces:
+				if onFailure == "continue" || onFailure == "skip_remaining" {
+					e.metrics.failClosed(name)
+				}
+			case onFailure == "continue":
 				e.logFailure(req, name, err, "continue")
 				continue
-			case "skip_remaining":
+			case onFailure == "skip_remaining":
 				e.logFailure(req, name, err, "skip_remaining")
-				resp.Status = &agentv1.ResponseStatus{Code: agentv1.StatusCode_OK, PolicyName: name}
-				return resp
-			default:
-				e.logFailure(req, name, err, "deny")
-				resp.Instructions = nil
-				return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, err.Error())
+				if skippedBy == "" {
+					skippedBy = name
+				}
+				continue
 			}
+			e.logFailure(req, name, err, "deny")
+			resp.Instructions = nil
+			return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, err.Error())
 		}
 		resp.Instructions = append(resp.Instructions, result.Instructions...)
 		for k, v := range result.Metadata {
@@ -434,7 +517,8 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 			return finish(resp, result, name)
 		}
 	}
-	resp.Status = &agentv1.ResponseStatus{Code: agentv1.StatusCode_OK}
+	// After a skip_remaining, the status names the entry whose failure skipped the rest.
+	resp.Status = &agentv1.ResponseStatus{Code: agentv1.StatusCode_OK, PolicyName: skippedBy}
 	return resp
 }
 
@@ -463,10 +547,27 @@ func (e *Executor) logUnknown(req *agentv1.PolicyRequest, name string) {
 	}
 }
 
+// logFailure logs a policy failure and what the chain did about it, at most once a second.
 func (e *Executor) logFailure(req *agentv1.PolicyRequest, name string, err error, action string) {
-	if ev := e.log.Warn(); ev != nil {
+	if ev := e.log.Warn(); ev != nil && e.failT.Allow() {
 		ev.Str("request_id", req.GetRequestId()).Str("route", req.GetRouteName()).Str("policy", name).
 			Str("on_failure", action).Str("error", err.Error()).Msg("policy failed")
+	}
+}
+
+// logIgnored warns, once per config and value, that a chain entry sets on_failure continue or
+// skip_remaining on a policy that enforces, where it is ignored.
+func (e *Executor) logIgnored(f *factoryEntry, req *agentv1.PolicyRequest, name, onFailure string) {
+	flag := &f.ignoredLogged[0]
+	if onFailure == "skip_remaining" {
+		flag = &f.ignoredLogged[1]
+	}
+	if flag.Load() || !flag.CompareAndSwap(false, true) {
+		return
+	}
+	if ev := e.log.Warn(); ev != nil {
+		ev.Str("route", req.GetRouteName()).Str("policy", name).Str("on_failure", onFailure).
+			Msg("on_failure " + onFailure + " is ignored: the policy enforces, so its failures deny and it is never skipped (logged once per policy and value)")
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"maps"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -34,28 +36,30 @@ func (f funcPolicy) Execute(ctx context.Context, c *policy.Context) (policy.Resu
 }
 
 func register(name string, phases policy.Phases, run func(s testSettings) funcPolicy) {
-	policy.Register(policy.Module{
-		Name: name, Version: "0.0.1", Phases: phases,
-		New: func(c policy.Config) (policy.Factory, error) {
-			var cfg struct {
-				Fail bool `json:"fail"`
-			}
-			if err := c.Decode(&cfg); err != nil {
+	registerModule(policy.Module{Name: name, Version: "0.0.1", Phases: phases}, run)
+}
+
+func registerModule(m policy.Module, run func(s testSettings) funcPolicy) {
+	m.New = func(c policy.Config) (policy.Factory, error) {
+		var cfg struct {
+			Fail bool `json:"fail"`
+		}
+		if err := c.Decode(&cfg); err != nil {
+			return nil, err
+		}
+		if cfg.Fail {
+			return nil, errors.New("configured to fail")
+		}
+		return policy.FactoryFunc(func(md map[string]string) (policy.Policy, error) {
+			builds.Add(1)
+			var s testSettings
+			if err := policy.DecodeMetadata(md, &s); err != nil {
 				return nil, err
 			}
-			if cfg.Fail {
-				return nil, errors.New("configured to fail")
-			}
-			return policy.FactoryFunc(func(md map[string]string) (policy.Policy, error) {
-				builds.Add(1)
-				var s testSettings
-				if err := policy.DecodeMetadata(md, &s); err != nil {
-					return nil, err
-				}
-				return run(s), nil
-			}), nil
-		},
-	})
+			return run(s), nil
+		}), nil
+	}
+	policy.Register(m)
 }
 
 func init() {
@@ -128,6 +132,42 @@ func init() {
 	})
 	register("t.responseOnly", policy.Response, func(s testSettings) funcPolicy {
 		return func(context.Context, *policy.Context) (policy.Result, error) { return policy.Result{}, nil }
+	})
+	// t.status returns the status named by value (or its number) with no error.
+	register("t.status", policy.Both, func(s testSettings) funcPolicy {
+		code, ok := agentv1.StatusCode_value[s.Value]
+		if !ok {
+			n, _ := strconv.Atoi(s.Value)
+			code = int32(n)
+		}
+		return func(context.Context, *policy.Context) (policy.Result, error) {
+			return policy.Result{Status: agentv1.StatusCode(code), Message: "status " + s.Value,
+				Instructions: []*agentv1.Instruction{policy.SetHeader("x-status", s.Value)}}, nil
+		}
+	})
+	// t.deaf sleeps whatever its context says, then allows with a header, or denies when
+	// want is "deny".
+	register("t.deaf", policy.Both, func(s testSettings) funcPolicy {
+		return func(context.Context, *policy.Context) (policy.Result, error) {
+			time.Sleep(s.Sleep)
+			if s.Want == "deny" {
+				return policy.Deny(403, "forbidden", "late", nil), nil
+			}
+			return policy.Allow(policy.SetHeader("x-late", "1")), nil
+		}
+	})
+	// t.guard enforces: it fails when want is "fail", else denies unless the header key
+	// holds want.
+	registerModule(policy.Module{Name: "t.guard", Version: "0.0.1", Phases: policy.Both, Enforces: true}, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			if s.Want == "fail" {
+				return policy.Result{}, errors.New("guard broken")
+			}
+			if c.Headers[s.Key] != s.Want {
+				return policy.Deny(401, "unauthorized", "no", nil), nil
+			}
+			return policy.Allow(policy.SetHeader("x-guard", "passed")), nil
+		}
 	})
 	register("t.query", policy.Request, func(s testSettings) funcPolicy {
 		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
@@ -636,5 +676,174 @@ func TestReloadWaitsForRunningChains(t *testing.T) {
 	}
 	if !first.closed.Load() {
 		t.Fatal("the old factory was not closed once its last chain ended")
+	}
+}
+
+// metricValue reads one series of the executor's metrics; 0 when it is absent.
+func metricValue(t *testing.T, e *Executor, series string) float64 {
+	t.Helper()
+	var buf bytes.Buffer
+	e.metrics.set.WritePrometheus(&buf)
+	for _, line := range strings.Split(buf.String(), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+	}
+	return 0
+}
+
+func headersOf(r *agentv1.PolicyResponse) map[string]string {
+	h := map[string]string{}
+	for _, in := range r.GetInstructions() {
+		if in.GetType() == agentv1.InstructionType_SET_HEADER {
+			h[in.GetHeader().GetKey()] = in.GetHeader().GetValue()
+		}
+	}
+	return h
+}
+
+func TestEnforcingEntriesFailClosed(t *testing.T) {
+	e, logs := newTestExecutor(t, testCore())
+	// A failing enforcing entry denies whatever its on_failure says.
+	for _, mode := range []string{"", "deny", "continue", "skip_remaining"} {
+		r := e.Execute(context.Background(), req(
+			onFailure(p("t.guard", "want", "fail"), mode),
+			p("t.setHeader", "key", "x-after", "value", "1"),
+		))
+		if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || r.GetStatus().GetPolicyName() != "t.guard" || len(r.GetInstructions()) != 0 {
+			t.Errorf("on_failure %q on a failing enforcing entry: %v", mode, r)
+		}
+	}
+	if got := e.Describe().GetAgentMetadata()["enforcing_policies"]; !strings.Contains(","+got+",", ",t.guard,") || strings.Contains(got, "t.fail") {
+		t.Errorf("enforcing_policies advertised: %q", got)
+	}
+	if got := metricValue(t, e, `policy_agent_fail_closed_total{policy="t.guard"}`); got != 2 {
+		t.Errorf("fail_closed counted %v, want 2 (continue and skip_remaining)", got)
+	}
+	e.Execute(context.Background(), req(onFailure(p("t.guard", "want", "fail"), "continue")))
+	for _, mode := range []string{"continue", "skip_remaining"} {
+		n := 0
+		for _, line := range strings.Split(logs.String(), "\n") {
+			if strings.Contains(line, `"on_failure":"`+mode+`"`) && strings.Contains(line, "is ignored") {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Errorf("the warning that %s is ignored was logged %d times, want once:\n%s", mode, n, logs)
+		}
+	}
+
+	// skip_remaining skips what does not enforce, never what does.
+	f := func(key string, chain []*agentv1.Policy, wantCode agentv1.StatusCode, wantPolicy string, wantHeaders map[string]string) {
+		t.Helper()
+		rq := req(chain...)
+		rq.Context.Headers["x-key"] = key
+		r := e.Execute(context.Background(), rq)
+		if r.GetStatus().GetCode() != wantCode || r.GetStatus().GetPolicyName() != wantPolicy {
+			t.Fatalf("key %q: %v (%s), want %v by %q", key, r.GetStatus(), r.GetMessage(), wantCode, wantPolicy)
+		}
+		if got := headersOf(r); wantHeaders != nil && !maps.Equal(got, wantHeaders) {
+			t.Fatalf("key %q: headers %v, want %v", key, got, wantHeaders)
+		}
+	}
+	skipThenGuard := []*agentv1.Policy{
+		p("t.setHeader", "key", "x-before", "value", "1"),
+		onFailure(p("t.fail"), "skip_remaining"),
+		p("t.setHeader", "key", "x-skipped", "value", "1"),
+		p("t.guard", "key", "x-key", "want", "good"),
+		p("t.setHeader", "key", "x-skipped-too", "value", "1"),
+	}
+	f("bad", skipThenGuard, agentv1.StatusCode_POLICY_DENIED, "t.guard", nil)
+	f("good", skipThenGuard, agentv1.StatusCode_OK, "t.fail", map[string]string{"x-before": "1", "x-guard": "passed"})
+	f("good", []*agentv1.Policy{
+		onFailure(p("t.panic"), "skip_remaining"),
+		onFailure(p("t.guard", "want", "fail"), "continue"),
+	}, agentv1.StatusCode_POLICY_ERROR, "t.guard", nil)
+}
+
+func TestFailingStatuses(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	f := func(status, mode string, wantCode agentv1.StatusCode, wantHeaders map[string]string) {
+		t.Helper()
+		r := e.Execute(context.Background(), req(
+			onFailure(p("t.status", "value", status), mode),
+			p("t.setHeader", "key", "x-after", "value", "1"),
+		))
+		if r.GetStatus().GetCode() != wantCode {
+			t.Fatalf("%s/%s: %v (%s), want %v", status, mode, r.GetStatus(), r.GetMessage(), wantCode)
+		}
+		if wantCode != agentv1.StatusCode_OK && r.GetStatus().GetPolicyName() != "t.status" {
+			t.Fatalf("%s/%s: the status names %q", status, mode, r.GetStatus().GetPolicyName())
+		}
+		if got := headersOf(r); !maps.Equal(got, wantHeaders) {
+			t.Fatalf("%s/%s: headers %v, want %v", status, mode, got, wantHeaders)
+		}
+	}
+	// A failing status is a failure: the entry's on_failure decides, and the failed policy's
+	// instructions are dropped.
+	f("POLICY_ERROR", "", agentv1.StatusCode_POLICY_ERROR, map[string]string{})
+	f("POLICY_ERROR", "continue", agentv1.StatusCode_OK, map[string]string{"x-after": "1"})
+	f("POLICY_ERROR", "skip_remaining", agentv1.StatusCode_OK, map[string]string{})
+	f("7", "", agentv1.StatusCode_POLICY_ERROR, map[string]string{})
+	f("-1", "continue", agentv1.StatusCode_OK, map[string]string{"x-after": "1"})
+	// TIMEOUT ends the chain as a timeout, whatever on_failure says.
+	f("TIMEOUT", "", agentv1.StatusCode_TIMEOUT, map[string]string{})
+	f("TIMEOUT", "continue", agentv1.StatusCode_TIMEOUT, map[string]string{})
+	f("OK", "", agentv1.StatusCode_OK, map[string]string{"x-status": "OK", "x-after": "1"})
+	if got := metricValue(t, e, `policy_agent_policy_failures_total{policy="t.status",reason="timeout"}`); got != 2 {
+		t.Errorf("timeouts counted %v, want 2", got)
+	}
+	if got := metricValue(t, e, `policy_agent_policy_failures_total{policy="t.status",reason="error"}`); got != 5 {
+		t.Errorf("errors counted %v, want 5", got)
+	}
+}
+
+func TestEveryChainHasADeadline(t *testing.T) {
+	f := func(deadlineMS int64, limit, want time.Duration) {
+		t.Helper()
+		before := time.Now()
+		got := deadlineOf(&agentv1.PolicyRequest{DeadlineMs: deadlineMS}, limit)
+		if d := got.Sub(before); d < want || d > want+100*time.Millisecond {
+			t.Fatalf("deadline_ms %d, limit %v: deadline in %v, want %v", deadlineMS, limit, d, want)
+		}
+	}
+	f(0, time.Second, time.Second)
+	f(-5, time.Second, time.Second)
+	f(150, time.Second, 150*time.Millisecond)
+	f(5000, time.Second, time.Second)
+
+	core := testCore()
+	core.Server.MaxChainDurationMS = 30
+	e, _ := newTestExecutor(t, core)
+	// A policy that ignores its context and allows after the deadline: the chain answers
+	// TIMEOUT, without the late instructions, and no later policy runs.
+	for _, deadlineMS := range []int64{0, 5000} {
+		rq := req(p("t.deaf", "sleep", "60ms"), p("t.setHeader", "key", "x-after", "value", "1"))
+		rq.DeadlineMs = deadlineMS
+		r := e.Execute(context.Background(), rq)
+		if r.GetStatus().GetCode() != agentv1.StatusCode_TIMEOUT || r.GetStatus().GetPolicyName() != "t.deaf" || len(r.GetInstructions()) != 0 {
+			t.Fatalf("deadline_ms %d: %v", deadlineMS, r)
+		}
+	}
+	// A late denial still denies (a TIMEOUT answer would let a fail-open agent's request
+	// through), and is counted as a timeout too.
+	r := e.Execute(context.Background(), req(p("t.deaf", "sleep", "60ms", "want", "deny"), p("t.setHeader", "key", "x-after", "value", "1")))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_DENIED || immediate(r).GetStatusCode() != 403 || len(r.GetInstructions()) != 1 {
+		t.Fatalf("late denial: %v", r)
+	}
+	if got := metricValue(t, e, `policy_agent_policy_failures_total{policy="t.deaf",reason="timeout"}`); got != 3 {
+		t.Errorf("timeouts counted %v, want 3", got)
+	}
+	if got := metricValue(t, e, `policy_agent_executions_total{policy="t.deaf",status="ok"}`); got != 0 {
+		t.Errorf("late allows counted as %v successes", got)
+	}
+	// Within the deadline, the same policy's answer stands.
+	rq := req(p("t.deaf", "sleep", "1ms"))
+	if r := e.Execute(context.Background(), rq); r.GetStatus().GetCode() != agentv1.StatusCode_OK {
+		t.Fatalf("in time: %v", r)
 	}
 }

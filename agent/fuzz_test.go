@@ -33,7 +33,7 @@ func FuzzAgentConfig(f *testing.F) {
 			return
 		}
 		c := cfg.AgentCore
-		if c.Name == "" || c.SocketPath == "" || c.Server.MaxConcurrentRequests <= 0 || c.Server.RequestTimeoutMS <= 0 ||
+		if c.Name == "" || c.SocketPath == "" || c.Server.MaxConcurrentRequests <= 0 || c.Server.RequestTimeoutMS <= 0 || c.Server.MaxChainDurationMS <= 0 ||
 			c.ResourceLimits.MaxBodySizeBytes <= 0 || c.ResourceLimits.MaxStateSizeBytes <= 0 {
 			t.Fatalf("accepted with settings out of bounds: %+v", c)
 		}

@@ -233,8 +233,8 @@ func TestMainValidateAndErrors(t *testing.T) {
 	f([]string{"extra"}, "unexpected arguments")
 	f([]string{"--config", filepath.Join(dir, "missing.yaml")}, "read agent config")
 	bad := filepath.Join(dir, "bad.yaml")
-	os.WriteFile(bad, []byte("agent_core:\n  name: \"\"\n  socket_path: x\n  server:\n    max_concurrent_requests: -1\n    request_timeout_ms: -1\n  resource_limits:\n    max_body_size_bytes: -1\n    max_state_size_bytes: -1\n  observability:\n    log_level: loud\n"), 0o600)
-	for _, want := range []string{"agent_core.name: must not be empty", "max_concurrent_requests: must not be negative", "request_timeout_ms: must not be negative", "max_body_size_bytes: must not be negative", "max_state_size_bytes: must not be negative", `unknown log level "loud"`} {
+	os.WriteFile(bad, []byte("agent_core:\n  name: \"\"\n  socket_path: x\n  server:\n    max_concurrent_requests: -1\n    request_timeout_ms: -1\n    max_chain_duration_ms: -1\n  resource_limits:\n    max_body_size_bytes: -1\n    max_state_size_bytes: -1\n  observability:\n    log_level: loud\n"), 0o600)
+	for _, want := range []string{"agent_core.name: must not be empty", "max_concurrent_requests: must not be negative", "request_timeout_ms: must not be negative", "max_chain_duration_ms: must not be negative", "max_body_size_bytes: must not be negative", "max_state_size_bytes: must not be negative", `unknown log level "loud"`} {
 		f([]string{"--config", bad}, want)
 	}
 	pol := filepath.Join(dir, "pol.yaml")

@@ -19,6 +19,10 @@ type agentMetrics struct {
 	mu       sync.RWMutex
 	byPolicy map[string]*policyMetrics
 	failures sync.Map // "policy\x00reason" → *metrics.Counter
+	// failClosed counts, by policy, failures of enforcing policies denied although the
+	// entry's on_failure said continue or skip_remaining.
+	failClosedMu sync.Mutex
+	failClosedBy map[string]*metrics.Counter
 
 	// Context sizes, by part of the context a chain runs on.
 	reqHeaders, reqBody, respHeaders, respBody, state *metrics.PrometheusHistogram
@@ -47,7 +51,8 @@ var sizeBuckets = []float64{64, 256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 <
 var Families = []obs.Family{
 	{Name: "policy_agent_executions_total", Type: "counter", Help: "Policy executions by policy and status: ok, denied, error."},
 	{Name: "policy_agent_execution_duration_seconds", Type: "histogram", Help: "Time one policy took to execute, by policy."},
-	{Name: "policy_agent_policy_failures_total", Type: "counter", Help: "Policy failures by policy and reason: error, timeout, unknown_policy."},
+	{Name: "policy_agent_policy_failures_total", Type: "counter", Help: "Policy failures by policy and reason: error, timeout (the policy returned TIMEOUT, or returned after the chain's deadline), unknown_policy."},
+	{Name: "policy_agent_fail_closed_total", Type: "counter", Help: "Failures of policies that enforce (authentication, authorization, rate limits), denied although the chain entry's on_failure said continue or skip_remaining, by policy."},
 	{Name: "policy_agent_context_size_bytes", Type: "histogram", Help: "Size of the context a chain runs on, by type: request_headers, request_body, response_headers, response_body, state (headers: one chain in 8 after the first 64)."},
 	{Name: "policy_agent_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
 	{Name: "policy_agent_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
@@ -55,7 +60,7 @@ var Families = []obs.Family{
 }
 
 func newAgentMetrics() *agentMetrics {
-	m := &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}}
+	m := &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}, failClosedBy: map[string]*metrics.Counter{}}
 	size := func(typ string) *metrics.PrometheusHistogram {
 		return m.set.NewPrometheusHistogramExt(`policy_agent_context_size_bytes{type="`+typ+`"}`, sizeBuckets)
 	}
@@ -169,10 +174,15 @@ func (m *agentMetrics) forPolicy(name string) *policyMetrics {
 	return pm
 }
 
-func (m *agentMetrics) observe(name string, start time.Time, status agentv1.StatusCode, err error) {
+// observe records one policy run: a timeout (the policy returned TIMEOUT or returned after
+// the deadline) or a failure is an error execution, counted with its reason.
+func (m *agentMetrics) observe(name string, took time.Duration, status agentv1.StatusCode, err error, timedOut bool) {
 	pm := m.forPolicy(name)
-	pm.duration.UpdateDuration(start)
+	pm.duration.Update(took.Seconds())
 	switch {
+	case timedOut:
+		pm.errored.Inc()
+		m.failure(name, "timeout")
 	case err != nil || status == agentv1.StatusCode_POLICY_ERROR:
 		pm.errored.Inc()
 		m.failure(name, "error")
@@ -192,4 +202,21 @@ func (m *agentMetrics) failure(name, reason string) {
 	c := m.set.GetOrCreateCounter(`policy_agent_policy_failures_total{policy=` + obs.Label(name) + `,reason=` + obs.Label(reason) + `}`)
 	m.failures.Store(key, c)
 	c.Inc()
+}
+
+// failClosed counts a failure of an enforcing policy denied against its entry's on_failure.
+func (m *agentMetrics) failClosed(name string) { m.failClosedCounter(name).Inc() }
+
+// failClosedCounter returns the policy's policy_agent_fail_closed_total series, made on first
+// use; the executor makes those of the enforcing policies when it loads a config, so that they
+// are exported at 0.
+func (m *agentMetrics) failClosedCounter(name string) *metrics.Counter {
+	m.failClosedMu.Lock()
+	defer m.failClosedMu.Unlock()
+	c := m.failClosedBy[name]
+	if c == nil {
+		c = m.set.GetOrCreateCounter(`policy_agent_fail_closed_total{policy=` + obs.Label(name) + `}`)
+		m.failClosedBy[name] = c
+	}
+	return c
 }

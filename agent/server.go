@@ -44,7 +44,7 @@ func newService(exec *Executor, maxConcurrent int) *service {
 // run executes a chain once a slot is free; a caller that gives up while waiting gets a
 // TIMEOUT answer.
 func (s *service) run(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
-	cc := newChainCtx(ctx, deadlineOf(req))
+	cc := newChainCtx(ctx, s.exec.deadlineOf(req))
 	defer cc.release()
 	return s.runIn(cc, req)
 }
@@ -137,7 +137,7 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 					}
 					continue
 				}
-				cc := newChainCtx(ctx, deadlineOf(req))
+				cc := newChainCtx(ctx, s.exec.deadlineOf(req))
 				mu.Lock()
 				if stopped {
 					// Read after the drain began: neither run nor answered.

@@ -232,6 +232,9 @@ func (k *Kernel) install(snap *Snapshot, data []byte) {
 	for _, inv := range snap.invalid {
 		k.log.Error().Str("config_version", snap.Version).Str("error", inv).Msg("route marked invalid; its requests are denied")
 	}
+	for _, w := range snap.warnings {
+		k.log.Warn().Str("config_version", snap.Version).Str("key", w.key).Str("warning", w.msg).Msg("config setting ignored")
+	}
 	// A route not checked yet is checked again at every health check; logged when the list
 	// changes only.
 	for _, inv := range snap.unvalidated {
@@ -637,6 +640,9 @@ func validateReport(w io.Writer, file string, data []byte, snap *Snapshot, entry
 	errs := permissionProblems(file, snap.Config)
 	if len(problems) > 0 {
 		errs = append([]error{problemsError(file, data, problems)}, errs...)
+	}
+	for _, p := range snap.warnings {
+		fmt.Fprintf(w, "warning: %v\n", problemsError(file, data, []problem{p}))
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)

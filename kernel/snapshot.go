@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -39,6 +40,9 @@ type Snapshot struct {
 	// problems are the same problems with the config key each is about, for file:line
 	// reports (reload, --validate).
 	problems []problem
+	// warnings are settings that have no effect, such as on_failure continue on a policy that
+	// enforces; logged when the snapshot is installed and printed by --validate.
+	warnings []problem
 	// metricKeys are the route series the snapshot uses; installing it drops the others.
 	metricKeys map[string]bool
 	// defaults counts the requests that route gives the default policy.
@@ -239,6 +243,10 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		var unchecked int
 		r.request, problems, unchecked = compileChecked(reqChain, agentv1.PolicyPhase_REQUEST, agentName, view.adv, view.verdicts, key+".request_policy_chain", problems, unchecked)
 		r.response, problems, unchecked = compileChecked(respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.adv, view.verdicts, key+".response_policy_chain", problems, unchecked)
+		if a := agents[agentName]; a != nil {
+			s.warnings = ignoredOnFailure(reqChain, a.enforcing(), key+".request_policy_chain", s.warnings)
+			s.warnings = ignoredOnFailure(respChain, a.enforcing(), key+".response_policy_chain", s.warnings)
+		}
 		switch {
 		case len(problems) > 0:
 			msgs := make([]string, len(problems))
@@ -429,6 +437,24 @@ func (r *Route) checkAgainst(adv map[string]*agentv1.PolicyInfo) string {
 		}
 	}
 	return ""
+}
+
+// enforcing returns the policies the agent says enforce (agent_metadata enforcing_policies):
+// their failures deny whatever on_failure says.
+func (a *agentState) enforcing() []string {
+	return strings.Split(a.info.Load().GetAgentMetadata()["enforcing_policies"], ",")
+}
+
+// ignoredOnFailure warns of chain entries whose on_failure the agent ignores: continue or
+// skip_remaining on a policy that enforces, whose failures deny and which is never skipped.
+func ignoredOnFailure(entries []ChainEntry, enforcing []string, key string, warnings []problem) []problem {
+	for i, e := range entries {
+		if (e.OnFailure == "continue" || e.OnFailure == "skip_remaining") && slices.Contains(enforcing, e.Policy) {
+			warnings = append(warnings, problem{fmt.Sprintf("%s[%d].on_failure", key, i),
+				fmt.Sprintf("on_failure %s is ignored: policy %q enforces, so its failures deny and it is never skipped", e.OnFailure, e.Policy)})
+		}
+	}
+	return warnings
 }
 
 func phaseSupported(info *agentv1.PolicyInfo, phase agentv1.PolicyPhase) bool {

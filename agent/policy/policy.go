@@ -57,6 +57,11 @@ type Module struct {
 	// response and the state, not the request: a response chain of such policies is sent
 	// without the request's headers, path and body.
 	ResponseIgnoresRequest bool
+	// Enforces says that the policy can refuse a request: it authenticates, authorizes or
+	// limits. Its chain entries fail closed: a failure denies whatever the entry's on_failure
+	// says, and a skip_remaining of an earlier entry does not skip them. A policy that only
+	// adds, transforms or records sets it to false, and its on_failure is honoured.
+	Enforces bool
 	// MetadataSchema is a JSON schema of the policy's metadata, published to the kernel.
 	MetadataSchema string
 	// New makes a factory from the policy's section of agent_core.policies.config.

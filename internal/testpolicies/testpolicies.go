@@ -1,7 +1,8 @@
 // Package testpolicies holds policies that misbehave on purpose, for the fault and hostile-input
-// suites: a policy that sleeps past any timeout, one that panics, one whose reply is too large
-// or cannot be marshalled, one that tags both phases with a value of its chain entry, one that
-// denies a body that holds a text. They are
+// suites: a policy that sleeps past any timeout (one of them deaf to its context), one that
+// panics, one whose reply is too large or cannot be marshalled, one that returns a failing status
+// without an error, one that tags both phases with a value of its chain entry, one that denies a
+// body that holds a text, one that sets any header value. They are
 // compiled into the test agent (internal/testpolicies/cmd/policy-testagent) and into test
 // binaries only, never into policy-agent.
 //
@@ -12,6 +13,7 @@ package testpolicies
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 	"strings"
 	"time"
@@ -19,6 +21,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 )
 
 // Policy names.
@@ -32,6 +35,8 @@ const (
 	Body      = "testBody"
 	BodyDeny  = "testBodyDeny"
 	SetHeader = "testSetHeader"
+	DeafSleep = "testDeafSleep"
+	Status    = "testStatus"
 )
 
 // TagHeader is the header testTag sets, in the request phase on the request and in the
@@ -101,6 +106,33 @@ func init() {
 		}
 		return setHeader{name: s.Name, value: s.Value, deny: s.DenyStatus}, nil
 	})
+	register(DeafSleep, "Sleeps for sleep_ms whatever its context says, then allows, or denies (403) when deny is true.", func(md map[string]string) (policy.Policy, error) {
+		var s struct {
+			SleepMS int  `json:"sleep_ms" required:"true"`
+			Deny    bool `json:"deny"`
+		}
+		if err := policy.DecodeMetadata(md, &s); err != nil {
+			return nil, err
+		}
+		return deafSleeper{d: time.Duration(s.SleepMS) * time.Millisecond, deny: s.Deny}, nil
+	})
+	register(Status, "Returns status (a StatusCode name or number) with no error and no instruction.", func(md map[string]string) (policy.Policy, error) {
+		var s struct {
+			Status string `json:"status" required:"true"`
+		}
+		if err := policy.DecodeMetadata(md, &s); err != nil {
+			return nil, err
+		}
+		code, ok := agentv1.StatusCode_value[s.Status]
+		if !ok {
+			n, err := strconv.ParseInt(s.Status, 10, 32)
+			if err != nil {
+				return nil, fmt.Errorf("status: %q is neither a status name nor a number", s.Status)
+			}
+			code = int32(n)
+		}
+		return statusPolicy(code), nil
+	})
 	m := module(Body, "Reads the body of its phase and sets x-test-body-length to its length.", func(md map[string]string) (policy.Policy, error) {
 		return bodyLength{}, policy.DecodeMetadata(md, &struct{}{})
 	})
@@ -147,6 +179,28 @@ func (d sleeper) Execute(ctx context.Context, _ *policy.Context) (policy.Result,
 		SleepCancelled.Inc()
 		return policy.Result{}, ctx.Err()
 	}
+}
+
+// deafSleeper is a policy that ignores its context: it returns only when its time is up, long
+// after the chain's deadline if need be.
+type deafSleeper struct {
+	d    time.Duration
+	deny bool
+}
+
+func (s deafSleeper) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	time.Sleep(s.d)
+	if s.deny {
+		return policy.Deny(403, "forbidden", "testDeafSleep denies", nil), nil
+	}
+	return policy.Allow(), nil
+}
+
+// statusPolicy returns a status and nothing else: no error, no instruction.
+type statusPolicy agentv1.StatusCode
+
+func (s statusPolicy) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	return policy.Result{Status: agentv1.StatusCode(s), Message: "testStatus returns " + agentv1.StatusCode(s).String()}, nil
 }
 
 type tagger string
@@ -231,4 +285,6 @@ var (
 	_ policy.Policy = badUTF8{}
 	_ policy.Policy = echo{}
 	_ policy.Policy = setHeader{}
+	_ policy.Policy = deafSleeper{}
+	_ policy.Policy = statusPolicy(0)
 )

@@ -111,11 +111,38 @@ func TestMetadataErrors(t *testing.T) {
 		BadUTF8:   {"x": "1"},
 		Echo:      {"from": "a"},
 		Body:      {"x": "1"},
+		DeafSleep: {},
+		Status:    {"status": "SOMETIMES"},
 	} {
 		m, _ := policy.Lookup(name)
 		f, _ := m.New(policy.Config{})
 		if _, err := f.Build(md); err == nil {
 			t.Errorf("%s accepted %v", name, md)
 		}
+	}
+}
+
+func TestStatusAndDeafSleep(t *testing.T) {
+	f := func(status string, want agentv1.StatusCode) {
+		t.Helper()
+		r, err := build(t, Status, map[string]string{"status": status}).Execute(context.Background(), &policy.Context{})
+		if err != nil || r.Status != want || len(r.Instructions) != 0 {
+			t.Fatalf("status %s: %v %v, want %v and no error", status, r, err, want)
+		}
+	}
+	f("POLICY_ERROR", agentv1.StatusCode_POLICY_ERROR)
+	f("TIMEOUT", agentv1.StatusCode_TIMEOUT)
+	f("7", agentv1.StatusCode(7))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	start := time.Now()
+	r, err := build(t, DeafSleep, map[string]string{"sleep_ms": "20"}).Execute(ctx, &policy.Context{})
+	if err != nil || r.Status != agentv1.StatusCode_OK || time.Since(start) < 20*time.Millisecond {
+		t.Fatalf("deaf sleep with a cancelled context: %v %v after %v, want OK after 20ms", r, err, time.Since(start))
+	}
+	r, err = build(t, DeafSleep, map[string]string{"sleep_ms": "1", "deny": "true"}).Execute(ctx, &policy.Context{})
+	if err != nil || r.Status != agentv1.StatusCode_POLICY_DENIED {
+		t.Fatalf("deaf sleep with deny: %v %v", r, err)
 	}
 }

@@ -68,6 +68,7 @@ func init() {
 		Version:        "1.0.0",
 		Description:    "Authenticates requests by API key.",
 		Phases:         policy.Request,
+		Enforces:       true,
 		MetadataSchema: schema,
 		New:            New,
 	})

@@ -85,6 +85,7 @@ func init() {
 		Version:        "1.0.0",
 		Description:    "Validates JSON Web Tokens and passes their claims on.",
 		Phases:         policy.Request,
+		Enforces:       true,
 		MetadataSchema: schema,
 		New:            New,
 	})

@@ -63,6 +63,7 @@ func init() {
 		Version:     "1.0.0",
 		Description: "Limits request rates with a token bucket per client, header, state value or route, in memory or in Redis.",
 		Phases:      policy.Both,
+		Enforces:    true,
 		// In the response phase it reads only the response and the state.
 		ResponseIgnoresRequest: true,
 		MetadataSchema:         schema,

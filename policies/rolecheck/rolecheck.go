@@ -37,6 +37,7 @@ func init() {
 		Version:        "1.0.0",
 		Description:    "Requires roles from the claims of a validated JWT.",
 		Phases:         policy.Request,
+		Enforces:       true,
 		MetadataSchema: schema,
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(build), nil
