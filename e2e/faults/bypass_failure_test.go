@@ -61,16 +61,30 @@ const failureRoutes = `    - route_name: /jwt-continue
       request_policy_chain:
         - {policy: testStatus, metadata: {status: "7"}}
         - {policy: allowAll}
+    - route_name: /enforcing-continue
+      request_policy_chain:
+        - {policy: testFailEnforcing, on_failure: continue}
+    - route_name: /enforcing-skip
+      request_policy_chain:
+        - {policy: testFailEnforcing, on_failure: skip_remaining}
+        - {policy: allowAll}
 `
 
 // TestBypassOnFailure attacks a chain through its entries' on_failure: a policy that
 // authenticates and cannot be built (its key file is missing) must refuse whatever its
-// on_failure says, a skip_remaining before apiKeyAuth must not skip apiKeyAuth, and a policy
+// on_failure says (the kernel refuses the route before the agent is asked: the agent would not
+// build the entry), one that authenticates and fails at run time likewise, a skip_remaining before apiKeyAuth must not skip apiKeyAuth, and a policy
 // that answers POLICY_ERROR, TIMEOUT or a status code the agent does not know, without a Go
 // error, must fail its chain like the failure it names instead of letting the next entry allow.
 func TestBypassOnFailure(t *testing.T) {
+	// The jwtValidation routes cannot be built, so the kernel is never ready: wait until it
+	// has checked them against the agent instead.
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: failureKernelYAML(400, 1000, failureRoutes),
-		AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
+		AgentBin: testenv.Build(t, testenv.TestAgentPackage), NotReady: true})
+	testenv.WaitFor(t, testenv.StartTimeout, "the routes to be checked against the agent", func() bool {
+		code, body := e.Get(t, "/health/ready")
+		return code == 503 && strings.Contains(body, `"invalid_routes"`) && !strings.Contains(body, "unvalidated") && !strings.Contains(body, "is not reachable")
+	})
 	c := e.Dial(t, envoyConfig)
 	f := func(req *envoytest.Request, want string, wantHeaders map[string]string) {
 		t.Helper()
@@ -85,8 +99,10 @@ func TestBypassOnFailure(t *testing.T) {
 			}
 		}
 	}
-	f(request("/jwt-continue", [2]string{"authorization", "Bearer a.b.c"}), "500 policy_error", nil)
-	f(request("/jwt-skip"), "500 policy_error", nil)
+	f(request("/jwt-continue", [2]string{"authorization", "Bearer a.b.c"}), "500 invalid_route", nil)
+	f(request("/jwt-skip"), "500 invalid_route", nil)
+	f(request("/enforcing-continue"), "500 policy_error", nil)
+	f(request("/enforcing-skip"), "500 policy_error", nil)
 	f(request("/skip-then-key", [2]string{"x-api-key", "wrong-key"}), "403 forbidden", nil)
 	f(request("/skip-then-key"), "401 unauthorized", nil)
 	// skip_remaining still skips what does not enforce: the tag is not set, the key is checked.
@@ -99,8 +115,8 @@ func TestBypassOnFailure(t *testing.T) {
 	f(request("/status-unknown"), "500 policy_error", nil)
 	alive(t, e)
 
-	if n := agentMetric(t, e, `policy_agent_fail_closed_total{policy="jwtValidation"}`); n != 2 {
-		t.Errorf("policy_agent_fail_closed_total{policy=jwtValidation} = %v, want 2", n)
+	if n := agentMetric(t, e, `policy_agent_fail_closed_total{policy="testFailEnforcing"}`); n != 2 {
+		t.Errorf("policy_agent_fail_closed_total{policy=testFailEnforcing} = %v, want 2", n)
 	}
 	if n := agentMetric(t, e, `policy_agent_policy_failures_total{policy="testStatus",reason="timeout"}`); n != 1 {
 		t.Errorf("testStatus timeouts counted: %v, want 1", n)
@@ -108,7 +124,7 @@ func TestBypassOnFailure(t *testing.T) {
 	logs := e.Agent.Logs.String()
 	for _, want := range []string{`"on_failure":"continue"`, `"on_failure":"skip_remaining"`} {
 		if !strings.Contains(logs, want) || !strings.Contains(logs, "is ignored") {
-			t.Errorf("the agent did not warn that %s on jwtValidation is ignored:\n%s", want, logs)
+			t.Errorf("the agent did not warn that %s on an enforcing entry is ignored:\n%s", want, logs)
 		}
 	}
 	klogs := e.Kernel.Logs.String()

@@ -13,6 +13,7 @@ package testpolicies
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -35,8 +36,11 @@ const (
 	Body      = "testBody"
 	BodyDeny  = "testBodyDeny"
 	SetHeader = "testSetHeader"
-	DeafSleep = "testDeafSleep"
-	Status    = "testStatus"
+	// FailEnforcing enforces (it stands for an authentication policy) and fails on every
+	// request, with an error: a broken authenticator at run time.
+	FailEnforcing = "testFailEnforcing"
+	DeafSleep     = "testDeafSleep"
+	Status        = "testStatus"
 )
 
 // TagHeader is the header testTag sets, in the request phase on the request and in the
@@ -149,6 +153,11 @@ func init() {
 	})
 	m.RequestBody, m.ResponseBody = true, true
 	policy.Register(m)
+	m = module(FailEnforcing, "Enforces, and fails every request with an error, as a broken authenticator would.", func(md map[string]string) (policy.Policy, error) {
+		return failing{}, policy.DecodeMetadata(md, &struct{}{})
+	})
+	m.Enforces = true
+	policy.Register(m)
 }
 
 func register(name, description string, build policy.FactoryFunc) {
@@ -207,6 +216,12 @@ type tagger string
 
 func (t tagger) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
 	return policy.Allow(policy.SetHeader(TagHeader, string(t))), nil
+}
+
+type failing struct{}
+
+func (failing) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	return policy.Result{}, errors.New("testFailEnforcing fails on purpose")
 }
 
 type panicker struct{}
@@ -276,6 +291,7 @@ func (d bodyDeny) Execute(_ context.Context, c *policy.Context) (policy.Result, 
 }
 
 var (
+	_ policy.Policy = failing{}
 	_ policy.Policy = bodyDeny("")
 	_ policy.Policy = bodyLength{}
 	_ policy.Policy = sleeper(0)
