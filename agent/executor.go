@@ -265,6 +265,36 @@ func (e *Executor) ValidateChains(entries []*agentv1.ChainEntry) []string {
 	return out
 }
 
+// EntryFacts tells, for each chain entry that builds, what the kernel must know of it to act
+// for it when the agent cannot: the request headers it owns (policy.HeaderOwner), which the
+// kernel removes itself when it lets a request through without the agent (fail_open). An
+// entry that does not build gets empty facts.
+func (e *Executor) EntryFacts(entries []*agentv1.ChainEntry) []*agentv1.EntryFacts {
+	out := make([]*agentv1.EntryFacts, len(entries))
+	s := e.acquire()
+	if s != nil {
+		defer s.release()
+	}
+	for i, ce := range entries {
+		out[i] = &agentv1.EntryFacts{}
+		if s == nil || ce.GetPhase() != agentv1.PolicyPhase_REQUEST {
+			continue
+		}
+		name := ce.GetPolicy().GetName()
+		f, ok := s.factories[name]
+		if !ok {
+			continue
+		}
+		p, err := s.instanceFor(f, name, ce.GetPolicy().GetMetadata())
+		if o, isOwner := p.(policy.HeaderOwner); err == nil && isOwner {
+			for _, h := range o.OwnedRequestHeaders() {
+				out[i].OwnedRequestHeaders = append(out[i].OwnedRequestHeaders, strings.ToLower(h))
+			}
+		}
+	}
+	return out
+}
+
 // enforcingPoliciesKey is the agent_metadata key of GetAgentConfig that lists the policies
 // that enforce (policy.Module.Enforces).
 const enforcingPoliciesKey = "enforcing_policies"

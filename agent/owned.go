@@ -5,6 +5,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/headers"
 	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
@@ -55,34 +56,10 @@ func (e *Executor) removeOwned(req *agentv1.PolicyRequest, chain []resolved, pc 
 func ownedBy(owned [][]string, header string) bool {
 	for _, names := range owned {
 		for _, n := range names {
-			if sameHeaderName(header, n) {
+			if headers.SameName(header, n) {
 				return true
 			}
 		}
 	}
 	return false
-}
-
-// sameHeaderName compares two header names as an upstream may: ASCII case folded and '_' read
-// as '-'.
-func sameHeaderName(a, b string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := 0; i < len(a); i++ {
-		if foldHeaderByte(a[i]) != foldHeaderByte(b[i]) {
-			return false
-		}
-	}
-	return true
-}
-
-func foldHeaderByte(c byte) byte {
-	switch {
-	case c >= 'A' && c <= 'Z':
-		return c + ('a' - 'A')
-	case c == '_':
-		return '-'
-	}
-	return c
 }

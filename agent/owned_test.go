@@ -114,22 +114,6 @@ func TestOwnedHeadersRemoved(t *testing.T) {
 	f("owner whose metadata is invalid", spoofed(agentv1.PolicyPhase_REQUEST, onFailure(p("t.owner", "nope", "x"), "continue")), agentv1.StatusCode_OK, nil)
 }
 
-func TestSameHeaderName(t *testing.T) {
-	f := func(a, b string, want bool) {
-		t.Helper()
-		if got := sameHeaderName(a, b); got != want {
-			t.Errorf("sameHeaderName(%q, %q) = %v, want %v", a, b, got, want)
-		}
-	}
-	f("x-user-id", "x-user-id", true)
-	f("x_user_id", "x-user-id", true)
-	f("X-User_Id", "x_user-id", true)
-	f("x-user-id", "x-user-idx", false)
-	f("x.user.id", "x-user-id", false)
-	f("", "", true)
-	f("x-user-ie", "x-user-id", false)
-}
-
 // BenchmarkRemoveOwned is the cost of the check on a request without spoofed headers, with an
 // owner in the chain and without one. Compare runs with benchstat.
 func BenchmarkRemoveOwned(b *testing.B) {
@@ -156,5 +140,35 @@ func BenchmarkRemoveOwned(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestEntryFacts: ValidateChains' facts name the request headers an entry owns, lowercase, so
+// that the kernel can remove them when it lets a request through without the agent; entries
+// that own none, run in the response phase, or do not build report none.
+func TestEntryFacts(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	entry := func(pol *agentv1.Policy, phase agentv1.PolicyPhase) *agentv1.ChainEntry {
+		return &agentv1.ChainEntry{Policy: pol, Phase: phase}
+	}
+	facts := e.EntryFacts([]*agentv1.ChainEntry{
+		entry(p("t.owner", "key", "X-User-ID"), agentv1.PolicyPhase_REQUEST),
+		entry(p("t.owner", "key", "X-User-ID"), agentv1.PolicyPhase_RESPONSE),
+		entry(p("t.setHeader", "key", "x", "value", "1"), agentv1.PolicyPhase_REQUEST),
+		entry(p("t.owner", "bogus", "1"), agentv1.PolicyPhase_REQUEST),
+		entry(p("nope"), agentv1.PolicyPhase_REQUEST),
+	})
+	want := [][]string{{"x-user-id"}, nil, nil, nil, nil}
+	if len(facts) != len(want) {
+		t.Fatalf("%d facts for %d entries", len(facts), len(want))
+	}
+	for i := range want {
+		if got := facts[i].GetOwnedRequestHeaders(); !slices.Equal(got, want[i]) {
+			t.Errorf("entry %d: owned %q, want %q", i, got, want[i])
+		}
+	}
+	e.Close()
+	if f := e.EntryFacts([]*agentv1.ChainEntry{entry(p("t.owner", "key", "x"), agentv1.PolicyPhase_REQUEST)}); len(f) != 1 || len(f[0].GetOwnedRequestHeaders()) != 0 {
+		t.Errorf("no config: %v", f)
 	}
 }

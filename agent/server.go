@@ -72,7 +72,7 @@ func (s *service) GetAgentConfig(context.Context, *agentv1.GetAgentConfigRequest
 
 // ValidateChains checks chain entries as Execute will run them; see Executor.ValidateChains.
 func (s *service) ValidateChains(_ context.Context, req *agentv1.ValidateChainsRequest) (*agentv1.ValidateChainsResponse, error) {
-	return &agentv1.ValidateChainsResponse{Errors: s.exec.ValidateChains(req.GetEntries())}, nil
+	return &agentv1.ValidateChainsResponse{Errors: s.exec.ValidateChains(req.GetEntries()), Facts: s.exec.EntryFacts(req.GetEntries())}, nil
 }
 
 func (s *service) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {

@@ -36,10 +36,11 @@ type AgentClient interface {
 }
 
 // chainValidator is an AgentClient that can ask its agent to build chain entries the way it
-// will run them (ValidateChains). It returns one message per entry, in order: "" when the entry
-// builds, else why not. An agent that predates the call answers codes.Unimplemented.
+// will run them (ValidateChains). Its answer has one message per entry, in order: "" when the
+// entry builds, else why not; and, from agents that report them, the entries' facts. An agent
+// that predates the call answers codes.Unimplemented.
 type chainValidator interface {
-	ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) ([]string, error)
+	ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) (*agentv1.ValidateChainsResponse, error)
 }
 
 // timeoutExecutor is an AgentClient that takes a call's timeout as a duration, which saves the
@@ -127,12 +128,8 @@ func (c *grpcAgentClient) GetAgentConfig(ctx context.Context) (*agentv1.GetAgent
 }
 
 // ValidateChains asks the agent to build chain entries; see chainValidator.
-func (c *grpcAgentClient) ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) ([]string, error) {
-	resp, err := c.agents[c.pick()].ValidateChains(ctx, &agentv1.ValidateChainsRequest{Entries: entries})
-	if err != nil {
-		return nil, err
-	}
-	return resp.GetErrors(), nil
+func (c *grpcAgentClient) ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) (*agentv1.ValidateChainsResponse, error) {
+	return c.agents[c.pick()].ValidateChains(ctx, &agentv1.ValidateChainsRequest{Entries: entries})
 }
 
 func (c *grpcAgentClient) Check(ctx context.Context) error {

@@ -523,7 +523,7 @@ func (c *streamAgentClient) GetAgentConfig(ctx context.Context) (*agentv1.GetAge
 }
 
 // ValidateChains asks the agent to build chain entries; see chainValidator.
-func (c *streamAgentClient) ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) ([]string, error) {
+func (c *streamAgentClient) ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) (*agentv1.ValidateChainsResponse, error) {
 	return c.unary.ValidateChains(ctx, entries)
 }
 

@@ -3,6 +3,7 @@ package kernel
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
@@ -11,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/headers"
 )
 
 // skipResponseMode asks Envoy not to send the response headers of a request whose route has no
@@ -288,7 +290,7 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 	}
 	if agent.cfg.FailOpen {
 		st.outcome(statusFailOpen)
-		return chainResult{}
+		return chainResult{common: stripOwned(st)}
 	}
 	st.outcome(statusError)
 	code := "policy_agent_unavailable"
@@ -296,6 +298,31 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 		code = "policy_agent_timeout"
 	}
 	return chainResult{immediate: denial(st.snap.Config.Server.StatusOnError, code, "the policy agent could not decide")}
+}
+
+// stripOwned is what a fail-open request phase still changes without the agent: it removes the
+// client's own copies of the request headers the chain's policies set from what they verified
+// (an identity header such as x-user-id, in any spelling an upstream may read as that name), as
+// the agent does before every request chain, so that a client cannot pass its own value off as
+// the policy's while the agent is down. nil when there is nothing to remove.
+func stripOwned(st *stream) *extprocv3.CommonResponse {
+	owned := st.route.request.owned
+	if st.phase != agentv1.PolicyPhase_REQUEST || len(owned) == 0 || st.reqCtx == nil {
+		return nil
+	}
+	var remove []string
+	for k := range st.reqCtx.Headers {
+		for _, o := range owned {
+			if headers.SameName(k, o) {
+				remove = append(remove, strings.Clone(k))
+				break
+			}
+		}
+	}
+	if len(remove) == 0 {
+		return nil
+	}
+	return &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: remove}}
 }
 
 // invalidReply answers for an agent reply the kernel cannot act on: deny with 500, whatever

@@ -92,6 +92,10 @@ type chain struct {
 	body bool
 	// noRequest says that no policy of a response chain reads the request: it is not sent.
 	noRequest bool
+	// owned are the request headers the chain's policies set from what they verified, as the
+	// agent reported them (lowercase): when the kernel lets a request through without the agent
+	// (fail_open), it removes the client's own copies, as the agent would have.
+	owned []string
 	// early and late split a chain that reads the body, for when Envoy sends the headers on
 	// before the body, or may send no body at all: early, the entries before the first one
 	// that reads the body, runs when the headers arrive; late, the rest, on the whole body. The
@@ -171,6 +175,9 @@ type entryVerdicts struct {
 	// byEntry holds, by entryKey, "" for an entry that builds, else the agent's error. An
 	// entry missing from it was not checked (the agent could not be asked).
 	byEntry map[string]string
+	// owned holds, by entryKey, the request headers an entry owns (EntryFacts), for the entries
+	// that own any.
+	owned map[string][]string
 }
 
 // current reports whether the verdicts were given for src and the agent's config version.
@@ -362,6 +369,11 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 				unchecked++
 			case msg != "":
 				problems = append(problems, problem{ekey, fmt.Sprintf("agent %q cannot run this entry: %s", agentName, msg)})
+			}
+			for _, h := range verdicts.owned[entryKey(pol, phase)] {
+				if !slices.Contains(c.owned, h) {
+					c.owned = append(c.owned, h)
+				}
 			}
 		}
 		if phase == agentv1.PolicyPhase_REQUEST && info.GetRequiresRequestBody() ||

@@ -119,6 +119,12 @@ func (a *agentState) checkEntries(ctx context.Context, entries []*agentv1.ChainE
 		if old != nil {
 			if msg, ok := old.byEntry[k]; ok {
 				v.byEntry[k] = msg
+				if hs, ok := old.owned[k]; ok {
+					if v.owned == nil {
+						v.owned = map[string][]string{}
+					}
+					v.owned[k] = hs
+				}
 				continue
 			}
 		}
@@ -133,7 +139,8 @@ func (a *agentState) checkEntries(ctx context.Context, entries []*agentv1.ChainE
 		v.unsupported = true
 		return nil
 	}
-	msgs, err := val.ValidateChains(ctx, ask)
+	vr, err := val.ValidateChains(ctx, ask)
+	msgs, facts := vr.GetErrors(), vr.GetFacts()
 	if status.Code(err) == codes.Unimplemented {
 		v.unsupported, v.byEntry = true, nil
 		return nil
@@ -146,6 +153,16 @@ func (a *agentState) checkEntries(ctx context.Context, entries []*agentv1.ChainE
 	}
 	for i, msg := range msgs {
 		v.byEntry[keys[i]] = msg
+	}
+	if len(facts) == len(ask) {
+		for i, f := range facts {
+			if hs := f.GetOwnedRequestHeaders(); len(hs) > 0 {
+				if v.owned == nil {
+					v.owned = map[string][]string{}
+				}
+				v.owned[keys[i]] = hs
+			}
+		}
 	}
 	return nil
 }

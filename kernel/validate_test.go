@@ -25,7 +25,7 @@ type validatingAgent struct {
 	err     error
 }
 
-func (v *validatingAgent) ValidateChains(_ context.Context, entries []*agentv1.ChainEntry) ([]string, error) {
+func (v *validatingAgent) ValidateChains(_ context.Context, entries []*agentv1.ChainEntry) (*agentv1.ValidateChainsResponse, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.asked = append(v.asked, entries)
@@ -38,7 +38,7 @@ func (v *validatingAgent) ValidateChains(_ context.Context, entries []*agentv1.C
 			out[i] = v.verdict(e)
 		}
 	}
-	return out, nil
+	return &agentv1.ValidateChainsResponse{Errors: out}, nil
 }
 
 func (v *validatingAgent) calls() int {

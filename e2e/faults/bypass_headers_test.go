@@ -212,3 +212,41 @@ func TestBypassControlCharacterValues(t *testing.T) {
 	}
 	alive(t, e)
 }
+
+// TestBypassSpoofedIdentityFailOpen kills the agent of a fail-open route whose apiKeyAuth is
+// optional: the kernel lets requests through without the agent, and must still remove the
+// client's own identity headers, in every spelling, as the agent would have.
+func TestBypassSpoofedIdentityFailOpen(t *testing.T) {
+	const kernelYAML = `policy_kernel:
+  server: {message_timeout_ms: 1000}
+  agents:
+    - name: open
+      socket_path: "{{SOCK}}"
+      timeout_ms: 300
+      health_check_interval_ms: 500
+      fail_open: true
+  route_policies:
+    - route_name: /optional
+      request_policy_chain: [{policy: apiKeyAuth, metadata: {required: false}}]
+`
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernelYAML})
+	c := e.Dial(t, envoyConfig)
+	e.Agent.Kill()
+	for _, spoof := range [][2]string{{"x-user-id", "admin"}, {"x_user_id", "admin"}, {"X_User-Id", "admin"}} {
+		s := play(c, "/optional", request("/optional", spoof, [2]string{"x-other", "kept"}))
+		if s.outcome() != "upstream" {
+			t.Errorf("%s with the agent down: %s, want upstream (fail_open)", spoof[0], s.outcome())
+			continue
+		}
+		if got := headerNames(s.res.Forwarded.Headers, "x-user-id"); len(got) > 0 {
+			t.Errorf("%s with the agent down: the upstream saw %q, want no identity header", spoof[0], got)
+		}
+		if testenv.Header(s.res.Forwarded.Headers, "x-other") != "kept" {
+			t.Errorf("%s with the agent down: another header was removed too", spoof[0])
+		}
+	}
+	if n := metric(t, e, `policy_kernel_requests_total{route="/optional",agent="open",status="fail_open"}`); n < 3 {
+		t.Errorf("fail_open requests counted: %v, want 3", n)
+	}
+	t.Logf("reliability: bypass: spoofed identity header on a fail-open route with the agent down → removed by the kernel")
+}

@@ -105,3 +105,27 @@ func ValidStatus(v string) bool {
 	}
 	return n >= 200
 }
+
+// SameName compares two header names as an upstream may read them: ASCII case folded and
+// '_' read as '-' (x_user_id, X-User_Id and x-user-id are one name to many servers).
+func SameName(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		if foldNameByte(a[i]) != foldNameByte(b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+func foldNameByte(c byte) byte {
+	switch {
+	case c >= 'A' && c <= 'Z':
+		return c + ('a' - 'A')
+	case c == '_':
+		return '-'
+	}
+	return c
+}

@@ -90,3 +90,19 @@ func FuzzHeaderChecks(f *testing.F) {
 		}
 	})
 }
+
+func TestSameName(t *testing.T) {
+	f := func(a, b string, want bool) {
+		t.Helper()
+		if got := SameName(a, b); got != want {
+			t.Errorf("SameName(%q, %q) = %v, want %v", a, b, got, want)
+		}
+	}
+	f("x-user-id", "x-user-id", true)
+	f("x_user_id", "x-user-id", true)
+	f("X-User_Id", "x_user-id", true)
+	f("x-user-id", "x-user-idx", false)
+	f("x.user.id", "x-user-id", false)
+	f("", "", true)
+	f("x-user-ie", "x-user-id", false)
+}

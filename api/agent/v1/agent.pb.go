@@ -1477,7 +1477,10 @@ type ValidateChainsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// One per entry, in the request's order: empty when the entry builds and runs in its phase,
 	// else why it cannot.
-	Errors        []string `protobuf:"bytes,1,rep,name=errors,proto3" json:"errors,omitempty"`
+	Errors []string `protobuf:"bytes,1,rep,name=errors,proto3" json:"errors,omitempty"`
+	// One per entry, in the request's order, when the agent reports them (an older agent sends
+	// none): what the kernel must know of the entry to act for it when the agent cannot.
+	Facts         []*EntryFacts `protobuf:"bytes,2,rep,name=facts,proto3" json:"facts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1515,6 +1518,62 @@ func (*ValidateChainsResponse) Descriptor() ([]byte, []int) {
 func (x *ValidateChainsResponse) GetErrors() []string {
 	if x != nil {
 		return x.Errors
+	}
+	return nil
+}
+
+func (x *ValidateChainsResponse) GetFacts() []*EntryFacts {
+	if x != nil {
+		return x.Facts
+	}
+	return nil
+}
+
+// EntryFacts is what a built chain entry tells the kernel.
+type EntryFacts struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The request headers the entry sets from what it verified (an identity header such as
+	// X-User-ID), lowercase. The agent removes a client's own copies, in every spelling, before
+	// a request chain runs; the kernel removes them itself when it lets a request through without
+	// the agent (fail_open).
+	OwnedRequestHeaders []string `protobuf:"bytes,1,rep,name=owned_request_headers,json=ownedRequestHeaders,proto3" json:"owned_request_headers,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *EntryFacts) Reset() {
+	*x = EntryFacts{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EntryFacts) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EntryFacts) ProtoMessage() {}
+
+func (x *EntryFacts) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EntryFacts.ProtoReflect.Descriptor instead.
+func (*EntryFacts) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *EntryFacts) GetOwnedRequestHeaders() []string {
+	if x != nil {
+		return x.OwnedRequestHeaders
 	}
 	return nil
 }
@@ -1650,9 +1709,13 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"ChainEntry\x125\n" +
 	"\x06policy\x18\x01 \x01(\v2\x1d.policyengine.agent.v1.PolicyR\x06policy\x128\n" +
-	"\x05phase\x18\x02 \x01(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x05phase\"0\n" +
+	"\x05phase\x18\x02 \x01(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x05phase\"i\n" +
 	"\x16ValidateChainsResponse\x12\x16\n" +
-	"\x06errors\x18\x01 \x03(\tR\x06errors*(\n" +
+	"\x06errors\x18\x01 \x03(\tR\x06errors\x127\n" +
+	"\x05facts\x18\x02 \x03(\v2!.policyengine.agent.v1.EntryFactsR\x05facts\"@\n" +
+	"\n" +
+	"EntryFacts\x122\n" +
+	"\x15owned_request_headers\x18\x01 \x03(\tR\x13ownedRequestHeaders*(\n" +
 	"\vPolicyPhase\x12\v\n" +
 	"\aREQUEST\x10\x00\x12\f\n" +
 	"\bRESPONSE\x10\x01*w\n" +
@@ -1689,7 +1752,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(PolicyPhase)(0),               // 0: policyengine.agent.v1.PolicyPhase
 	(InstructionType)(0),           // 1: policyengine.agent.v1.InstructionType
@@ -1714,59 +1777,61 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*ValidateChainsRequest)(nil),  // 20: policyengine.agent.v1.ValidateChainsRequest
 	(*ChainEntry)(nil),             // 21: policyengine.agent.v1.ChainEntry
 	(*ValidateChainsResponse)(nil), // 22: policyengine.agent.v1.ValidateChainsResponse
-	nil,                            // 23: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
-	nil,                            // 24: policyengine.agent.v1.PolicyRequest.StateEntry
-	nil,                            // 25: policyengine.agent.v1.PolicyRequest.TraceContextEntry
-	nil,                            // 26: policyengine.agent.v1.Policy.MetadataEntry
-	nil,                            // 27: policyengine.agent.v1.RequestContext.HeadersEntry
-	nil,                            // 28: policyengine.agent.v1.RequestContext.QueryParamsEntry
-	nil,                            // 29: policyengine.agent.v1.ResponseContext.HeadersEntry
-	nil,                            // 30: policyengine.agent.v1.PolicyResponse.MetadataEntry
-	nil,                            // 31: policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	(*EntryFacts)(nil),             // 23: policyengine.agent.v1.EntryFacts
+	nil,                            // 24: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	nil,                            // 25: policyengine.agent.v1.PolicyRequest.StateEntry
+	nil,                            // 26: policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	nil,                            // 27: policyengine.agent.v1.Policy.MetadataEntry
+	nil,                            // 28: policyengine.agent.v1.RequestContext.HeadersEntry
+	nil,                            // 29: policyengine.agent.v1.RequestContext.QueryParamsEntry
+	nil,                            // 30: policyengine.agent.v1.ResponseContext.HeadersEntry
+	nil,                            // 31: policyengine.agent.v1.PolicyResponse.MetadataEntry
+	nil,                            // 32: policyengine.agent.v1.ImmediateResponse.HeadersEntry
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	5,  // 0: policyengine.agent.v1.GetAgentConfigResponse.supported_policies:type_name -> policyengine.agent.v1.PolicyInfo
-	23, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	24, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
 	0,  // 2: policyengine.agent.v1.PolicyInfo.supported_phases:type_name -> policyengine.agent.v1.PolicyPhase
 	9,  // 3: policyengine.agent.v1.PolicyRequest.policies:type_name -> policyengine.agent.v1.Policy
 	10, // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
 	0,  // 5: policyengine.agent.v1.PolicyRequest.phase:type_name -> policyengine.agent.v1.PolicyPhase
 	11, // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
-	24, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
-	25, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	25, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
+	26, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
 	6,  // 9: policyengine.agent.v1.PolicyRequestBatch.requests:type_name -> policyengine.agent.v1.PolicyRequest
 	12, // 10: policyengine.agent.v1.PolicyResponseBatch.responses:type_name -> policyengine.agent.v1.PolicyResponse
-	26, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
-	27, // 12: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
-	28, // 13: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
-	29, // 14: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
+	27, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
+	28, // 12: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
+	29, // 13: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
+	30, // 14: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
 	13, // 15: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
 	19, // 16: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
-	30, // 17: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
+	31, // 17: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
 	1,  // 18: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
 	14, // 19: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
 	15, // 20: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
 	16, // 21: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
 	17, // 22: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
 	18, // 23: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
-	31, // 24: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	32, // 24: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
 	2,  // 25: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
 	21, // 26: policyengine.agent.v1.ValidateChainsRequest.entries:type_name -> policyengine.agent.v1.ChainEntry
 	9,  // 27: policyengine.agent.v1.ChainEntry.policy:type_name -> policyengine.agent.v1.Policy
 	0,  // 28: policyengine.agent.v1.ChainEntry.phase:type_name -> policyengine.agent.v1.PolicyPhase
-	3,  // 29: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
-	6,  // 30: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
-	7,  // 31: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
-	20, // 32: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
-	4,  // 33: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
-	12, // 34: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
-	8,  // 35: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
-	22, // 36: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
-	33, // [33:37] is the sub-list for method output_type
-	29, // [29:33] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	23, // 29: policyengine.agent.v1.ValidateChainsResponse.facts:type_name -> policyengine.agent.v1.EntryFacts
+	3,  // 30: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
+	6,  // 31: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
+	7,  // 32: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
+	20, // 33: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
+	4,  // 34: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
+	12, // 35: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
+	8,  // 36: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
+	22, // 37: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
+	34, // [34:38] is the sub-list for method output_type
+	30, // [30:34] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1787,7 +1852,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
