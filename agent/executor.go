@@ -116,7 +116,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 		}
 	}
 	for _, m := range policy.Modules() {
-		f, err := m.New(policy.Config{Raw: []byte(cfg.Policies.Config[m.Name]), Shared: &e.shared, Log: e.log})
+		f, err := m.New(policy.Config{Raw: []byte(cfg.Policies.Config[m.Name]), Unresolved: []byte(cfg.Policies.written[m.Name]), Shared: &e.shared, Log: e.log})
 		if err != nil {
 			errs = append(errs, fmt.Errorf("agent_core.policies.config.%s: %w", m.Name, err))
 			continue
