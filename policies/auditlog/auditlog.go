@@ -7,7 +7,10 @@
 // phase, so it has no record: denials are counted by the kernel and the agent metrics.
 //
 // Records go through a bounded queue to one background writer, so a request never waits for
-// the disk; when the queue is full the record is dropped and counted. The writer is shared by
+// the disk; when the queue is full the record is dropped and counted. Once a write has failed
+// (a full disk), the policy refuses the exchanges it sees with 503 until a write succeeds again
+// (on_sink_error: deny, the default), or lets them through unrecorded (continue); both are
+// counted. The writer is shared by
 // every factory made from the same sink settings (through policy.Config.Shared), so a config
 // reload neither reopens the file nor runs two writers on it; the last factory's Close flushes
 // and closes it.
@@ -67,7 +70,16 @@ type Config struct {
 	// RedactHeaders and RedactKeys add to DefaultRedactHeaders and DefaultRedactKeys.
 	RedactHeaders []string `json:"redact_headers"`
 	RedactKeys    []string `json:"redact_keys"`
+	// OnSinkError is what happens to an exchange while the sink fails: "deny" (the default)
+	// answers 503, "continue" lets it through without a record.
+	OnSinkError string `json:"on_sink_error"`
 }
+
+// Values of Config.OnSinkError.
+const (
+	SinkErrorDeny     = "deny"
+	SinkErrorContinue = "continue"
+)
 
 // Settings are a chain entry's metadata.
 type Settings struct {
@@ -112,6 +124,7 @@ var sharedMu sync.Mutex
 type Factory struct {
 	sink      *sink
 	redactor  *redactor
+	denyOnErr bool
 	closeOnce sync.Once
 	release   func() error
 	closeErr  error
@@ -120,7 +133,7 @@ type Factory struct {
 // New makes the factory from the policy's agent config section. It opens nothing: the sink
 // starts with the first record.
 func New(c policy.Config) (policy.Factory, error) {
-	cfg := Config{Sink: "stdout", MaxSizeMB: DefaultMaxSizeMB, QueueSize: DefaultQueueSize}
+	cfg := Config{Sink: "stdout", MaxSizeMB: DefaultMaxSizeMB, QueueSize: DefaultQueueSize, OnSinkError: SinkErrorDeny}
 	if err := c.Decode(&cfg); err != nil {
 		return nil, err
 	}
@@ -128,12 +141,12 @@ func New(c policy.Config) (policy.Factory, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := &Factory{redactor: newRedactor(cfg.RedactHeaders, cfg.RedactKeys)}
+	f := &Factory{redactor: newRedactor(cfg.RedactHeaders, cfg.RedactKeys), denyOnErr: cfg.OnSinkError == SinkErrorDeny}
 	mk := func() *sink {
 		if key.sink == "file" {
 			return newSink(newRotatingFile(key.path, key.maxSize, key.maxBackups), key.queueSize, c.Log)
 		}
-		return newSink(stdoutWriter{bufio.NewWriterSize(stdout, 64<<10)}, key.queueSize, c.Log)
+		return newSink(stdoutWriter{bufio.NewWriterSize(stdout, 64<<10), stdout}, key.queueSize, c.Log)
 	}
 	if c.Shared == nil {
 		f.sink = mk()
@@ -209,6 +222,9 @@ func (cfg *Config) validate() (sinkKey, error) {
 			errs = append(errs, fmt.Errorf("redact_keys[%d]: empty key", i))
 		}
 	}
+	if cfg.OnSinkError != SinkErrorDeny && cfg.OnSinkError != SinkErrorContinue {
+		errs = append(errs, fmt.Errorf("on_sink_error: want deny or continue, got %q", cfg.OnSinkError))
+	}
 	return key, errors.Join(errs...)
 }
 
@@ -238,22 +254,28 @@ func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
 		return nil, fmt.Errorf("max_body_log_bytes: must be between 1 and %d, got %d", maxBodyLogBytesLimit, s.MaxBodyLogBytes)
 	}
 	return &AuditLog{
-		sink:     f.sink,
-		redactor: f.redactor,
-		headers:  s.LogHeaders == nil || *s.LogHeaders,
-		body:     s.LogResponseBody,
-		maxBody:  s.MaxBodyLogBytes,
+		sink:      f.sink,
+		redactor:  f.redactor,
+		headers:   s.LogHeaders == nil || *s.LogHeaders,
+		body:      s.LogResponseBody,
+		maxBody:   s.MaxBodyLogBytes,
+		denyOnErr: f.denyOnErr,
 	}, nil
 }
 
 // AuditLog is a compiled chain entry.
 type AuditLog struct {
-	sink     *sink
-	redactor *redactor
-	headers  bool
-	body     bool
-	maxBody  int
+	sink      *sink
+	redactor  *redactor
+	headers   bool
+	body      bool
+	maxBody   int
+	denyOnErr bool
 }
+
+// sinkUnavailable answers an exchange that cannot be recorded under on_sink_error: deny; its
+// instructions are shared read-only.
+var sinkUnavailable = policy.Deny(503, "audit_log_unavailable", "the audit log cannot be written", nil)
 
 // Record is one line of the audit log.
 type Record struct {
@@ -286,8 +308,19 @@ type Record struct {
 }
 
 // Execute records the start time in the request phase. The record itself is written when the
-// chain ends (ObserveChain), so that it holds the chain's outcome.
+// chain ends (ObserveChain), so that it holds the chain's outcome. While the sink fails, it
+// refuses the exchange (on_sink_error: deny) or counts it once (continue), in either phase: one
+// atomic load per call when the sink is healthy.
 func (p *AuditLog) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
+	if p.sink.failing.Load() {
+		if p.denyOnErr {
+			sinkFailingDeny.Inc()
+			return sinkUnavailable, nil
+		}
+		if c.Phase != agentv1.PolicyPhase_RESPONSE || c.State[StateStart] == "" {
+			sinkFailingContinue.Inc() // once per exchange: the request phase counted it
+		}
+	}
 	if c.Phase == agentv1.PolicyPhase_RESPONSE || c.State[StateStart] != "" {
 		return policy.Result{}, nil
 	}
