@@ -157,6 +157,10 @@ type Context struct {
 	State map[string]string
 	// Deadline is when the kernel stops waiting for the chain.
 	Deadline time.Time
+	// Credentials names the headers and query parameters that the policies compiled for the
+	// agent's config read credentials from (CredentialReader), for the audit log to redact.
+	// It may be nil.
+	Credentials *CredentialSet
 
 	query map[string]string // see QueryParams
 }

@@ -213,6 +213,11 @@ type APIKeyAuth struct {
 	allowed          []policy.Result // by key, in the order of keys
 }
 
+// CredentialNames names the key header, for the audit log to redact.
+func (p *APIKeyAuth) CredentialNames() policy.Credentials {
+	return policy.Credentials{Headers: []string{p.header}}
+}
+
 // Execute authenticates the request.
 func (p *APIKeyAuth) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
 	key := c.Headers[p.header]
@@ -244,6 +249,7 @@ func (p *APIKeyAuth) lookup(key string) (int, bool) {
 }
 
 var (
-	_ policy.Factory = (*Factory)(nil)
-	_ policy.Policy  = (*APIKeyAuth)(nil)
+	_ policy.Factory          = (*Factory)(nil)
+	_ policy.Policy           = (*APIKeyAuth)(nil)
+	_ policy.CredentialReader = (*APIKeyAuth)(nil)
 )

@@ -219,3 +219,17 @@ func TestPlaintextKeyWarning(t *testing.T) {
 	f(optIn, optIn, "")
 	f(`{}`, `{}`, "")
 }
+
+// TestCredentialNames: the key header, default or configured, is named for the audit log.
+func TestCredentialNames(t *testing.T) {
+	fac := factory(t, `{}`)
+	for md, want := range map[string]string{"": "x-api-key", "X-Partner": "x-partner"} {
+		var meta map[string]string
+		if md != "" {
+			meta = map[string]string{"header_name": md}
+		}
+		if got := build(t, fac, meta).(policy.CredentialReader).CredentialNames().Headers; len(got) != 1 || got[0] != want {
+			t.Errorf("header_name %q: credential names %v, want [%s]", md, got, want)
+		}
+	}
+}

@@ -70,10 +70,25 @@ type Config struct {
 	// RedactHeaders and RedactKeys add to DefaultRedactHeaders and DefaultRedactKeys.
 	RedactHeaders []string `json:"redact_headers"`
 	RedactKeys    []string `json:"redact_keys"`
+	// Headers chooses which headers a record holds: all, credentials redacted (mode redact,
+	// the default), or only the named ones (mode allow), credentials still redacted.
+	Headers *HeadersConfig `json:"headers"`
 	// OnSinkError is what happens to an exchange while the sink fails: "deny" (the default)
 	// answers 503, "continue" lets it through without a record.
 	OnSinkError string `json:"on_sink_error"`
 }
+
+// HeadersConfig is Config.Headers.
+type HeadersConfig struct {
+	Mode  string   `json:"mode"`
+	Names []string `json:"names"`
+}
+
+// Values of HeadersConfig.Mode.
+const (
+	HeadersRedact = "redact"
+	HeadersAllow  = "allow"
+)
 
 // Values of Config.OnSinkError.
 const (
@@ -142,6 +157,12 @@ func New(c policy.Config) (policy.Factory, error) {
 		return nil, err
 	}
 	f := &Factory{redactor: newRedactor(cfg.RedactHeaders, cfg.RedactKeys), denyOnErr: cfg.OnSinkError == SinkErrorDeny}
+	if h := cfg.Headers; h != nil && h.Mode == HeadersAllow {
+		f.redactor.allow = map[string]struct{}{}
+		for _, n := range h.Names {
+			f.redactor.allow[strings.ToLower(n)] = struct{}{}
+		}
+	}
 	mk := func() *sink {
 		if key.sink == "file" {
 			return newSink(newRotatingFile(key.path, key.maxSize, key.maxBackups), key.queueSize, c.Log)
@@ -220,6 +241,25 @@ func (cfg *Config) validate() (sinkKey, error) {
 	for i, k := range cfg.RedactKeys {
 		if k == "" {
 			errs = append(errs, fmt.Errorf("redact_keys[%d]: empty key", i))
+		}
+	}
+	if h := cfg.Headers; h != nil {
+		switch h.Mode {
+		case HeadersRedact, "":
+			if len(h.Names) > 0 {
+				errs = append(errs, errors.New("headers.names: only mode allow takes names"))
+			}
+		case HeadersAllow:
+			if len(h.Names) == 0 {
+				errs = append(errs, errors.New("headers.names: mode allow needs at least one header name"))
+			}
+		default:
+			errs = append(errs, fmt.Errorf("headers.mode: want redact or allow, got %q", h.Mode))
+		}
+		for i, n := range h.Names {
+			if err := headers.ValidName(strings.ToLower(n)); err != nil {
+				errs = append(errs, fmt.Errorf("headers.names[%d]: invalid header name %q", i, n))
+			}
 		}
 	}
 	if cfg.OnSinkError != SinkErrorDeny && cfg.OnSinkError != SinkErrorContinue {
@@ -359,7 +399,7 @@ func (p *AuditLog) record(c *policy.Context, now time.Time) *Record {
 		RequestID:  c.RequestID,
 		Route:      c.RouteName,
 		Method:     c.Method,
-		Path:       p.redactor.Path(c.Path),
+		Path:       p.redactor.Path(c.Path, c.Credentials),
 		Authority:  c.Authority,
 		ClientIP:   c.ClientIP,
 		Phase:      strings.ToLower(c.Phase.String()),
@@ -373,15 +413,15 @@ func (p *AuditLog) record(c *policy.Context, now time.Time) *Record {
 		}
 	}
 	if p.headers {
-		r.RequestHeaders = p.redactor.Headers(c.Headers)
+		r.RequestHeaders = p.redactor.Headers(c.Headers, c.Credentials)
 	}
 	if resp := c.Response; resp != nil {
 		r.Status = resp.Status
 		if p.headers {
-			r.ResponseHeaders = p.redactor.Headers(resp.Headers)
+			r.ResponseHeaders = p.redactor.Headers(resp.Headers, c.Credentials)
 		}
 		if p.body {
-			p.addBody(r, resp)
+			p.addBody(r, resp, c.Credentials)
 		}
 	}
 	return r
@@ -389,7 +429,7 @@ func (p *AuditLog) record(c *policy.Context, now time.Time) *Record {
 
 // addBody puts the response body into the record, redacted then cut to maxBody. Only bodies
 // that can be redacted are logged: JSON and form bodies.
-func (p *AuditLog) addBody(r *Record, resp *policy.ResponseContext) {
+func (p *AuditLog) addBody(r *Record, resp *policy.ResponseContext, creds *policy.CredentialSet) {
 	r.ResponseBodyBytes = len(resp.Body)
 	if len(resp.Body) == 0 {
 		if n, err := strconv.Atoi(resp.Headers["content-length"]); err == nil && n > 0 {
@@ -416,7 +456,7 @@ func (p *AuditLog) addBody(r *Record, resp *policy.ResponseContext) {
 		}
 		body = string(red)
 	case strings.EqualFold(strings.TrimSpace(mt), "application/x-www-form-urlencoded"):
-		body = p.redactor.Query(string(resp.Body))
+		body = p.redactor.Query(string(resp.Body), creds)
 	default:
 		r.ResponseBodyOmitted = "content_type"
 		return
