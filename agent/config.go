@@ -47,6 +47,9 @@ type PoliciesConfig struct {
 	// that configs that set it keep loading.
 	FailOnUnknown *bool                   `yaml:"fail_on_unknown"`
 	Config        map[string]yamlconf.Raw `yaml:"config"`
+	// written holds the sections as the file has them, before secret references were
+	// resolved, for policies that warn about secrets written in clear.
+	written map[string]yamlconf.Raw
 }
 
 // ObservabilityConfig sets logs, metrics and tracing.
@@ -101,6 +104,7 @@ func LoadConfig(path string) (*Config, []byte, error) {
 // resolveSecrets replaces the secret references in the policies' settings by the secrets.
 func resolveSecrets(file string, c *CoreConfig, l secrets.Lookup) error {
 	var errs []error
+	c.Policies.written = maps.Clone(c.Policies.Config)
 	for _, name := range slices.Sorted(maps.Keys(c.Policies.Config)) {
 		raw, err := l.ResolveJSON(c.Policies.Config[name])
 		if err != nil {

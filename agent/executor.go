@@ -52,6 +52,10 @@ type execSnapshot struct {
 	seed      maphash.Seed
 	cache     *xsync.Map[uint64, []*instance]
 	cached    atomic.Int64
+	// creds holds the credential names of every policy compiled so far (CredentialReader),
+	// replaced under credsMu when a compiled policy adds one.
+	creds   atomic.Pointer[policy.CredentialSet]
+	credsMu sync.Mutex
 
 	// refs counts the chains running on the snapshot; once a newer snapshot replaced it
 	// (retired) and none runs, its factories are closed, so a reload never closes a client
@@ -139,7 +143,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 		}
 	}
 	for _, m := range policy.Modules() {
-		f, err := m.New(policy.Config{Raw: []byte(cfg.Policies.Config[m.Name]), Shared: &e.shared, Log: e.log})
+		f, err := m.New(policy.Config{Raw: []byte(cfg.Policies.Config[m.Name]), Unresolved: []byte(cfg.Policies.written[m.Name]), Shared: &e.shared, Log: e.log})
 		if err != nil {
 			errs = append(errs, fmt.Errorf("agent_core.policies.config.%s: %w", m.Name, err))
 			continue
@@ -312,6 +316,8 @@ func (s *execSnapshot) instanceFor(f *factoryEntry, name string, md map[string]s
 	p, err := f.factory.Build(md)
 	if err != nil {
 		err = fmt.Errorf("policy %q: invalid metadata: %w", name, err)
+	} else if cr, ok := p.(policy.CredentialReader); ok {
+		s.addCredentials(cr.CredentialNames())
 	}
 	if s.cached.Load() >= maxCachedInstances {
 		return p, err
@@ -327,6 +333,17 @@ func (s *execSnapshot) instanceFor(f *factoryEntry, name string, md map[string]s
 		return append(old[:len(old):len(old)], in), xsync.UpdateOp
 	})
 	return p, err
+}
+
+// addCredentials adds a compiled policy's credential names to the snapshot's set. It runs when a
+// policy is compiled, not per request; a chain run reads the set with one atomic load.
+func (s *execSnapshot) addCredentials(c policy.Credentials) {
+	if s.creds.Load().Has(c) {
+		return
+	}
+	s.credsMu.Lock()
+	s.creds.Store(s.creds.Load().With(c))
+	s.credsMu.Unlock()
 }
 
 // metadataHash hashes a policy name and its metadata independently of map order, without
@@ -387,6 +404,7 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	}
 	var buf [8]resolved
 	chain := s.resolve(req.GetPolicies(), buf[:0])
+	pc.Credentials = s.creds.Load() // after resolve: it holds the names of this chain's policies
 	resp.Instructions = e.removeOwned(req, chain, pc, resp.Instructions)
 	resp = e.runChain(cc, s, req, chain, pc, resp)
 	// Every policy of the chain that observes outcomes sees this one, also when an earlier

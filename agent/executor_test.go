@@ -847,3 +847,60 @@ func TestEveryChainHasADeadline(t *testing.T) {
 		t.Fatalf("in time: %v", r)
 	}
 }
+
+// credPolicy reads a credential from the header its metadata names.
+type credPolicy struct{ header string }
+
+func (c credPolicy) Execute(context.Context, *policy.Context) (policy.Result, error) {
+	return policy.Result{}, nil
+}
+
+func (c credPolicy) CredentialNames() policy.Credentials {
+	return policy.Credentials{Headers: []string{c.header}}
+}
+
+func init() {
+	policy.Register(policy.Module{
+		Name: "t.credential", Phases: policy.Both,
+		New: func(policy.Config) (policy.Factory, error) {
+			return policy.FactoryFunc(func(md map[string]string) (policy.Policy, error) { return credPolicy{md["header"]}, nil }), nil
+		},
+	})
+	register("t.requireCredential", policy.Both, func(s testSettings) funcPolicy {
+		return func(_ context.Context, c *policy.Context) (policy.Result, error) {
+			if !c.Credentials.Header(s.Want) {
+				return policy.Deny(403, "forbidden", s.Want+" is not a credential header", nil), nil
+			}
+			return policy.Result{}, nil
+		}
+	})
+}
+
+// TestCredentialNames: the credential names of a compiled policy reach every chain run after it
+// was compiled, its own chain included, as one set for the config in force; a reload starts a
+// new set.
+func TestCredentialNames(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	status := func(chain ...*agentv1.Policy) agentv1.StatusCode {
+		return e.Execute(context.Background(), req(chain...)).GetStatus().GetCode()
+	}
+	check := p("t.requireCredential", "want", "x-partner")
+	if got := status(check); got != agentv1.StatusCode_POLICY_DENIED {
+		t.Fatalf("before any credential policy: %v", got)
+	}
+	if got := status(p("t.credential", "header", "X-Partner"), check); got != agentv1.StatusCode_OK {
+		t.Fatalf("in the chain of the policy that reads it: %v", got)
+	}
+	if got := status(check); got != agentv1.StatusCode_OK {
+		t.Fatalf("in a later chain: %v", got)
+	}
+	if got := status(p("t.credential", "header", "x-other"), p("t.requireCredential", "want", "x-other"), check); got != agentv1.StatusCode_OK {
+		t.Fatalf("a second name: %v", got)
+	}
+	if err := e.Load(testCore(), "v2"); err != nil {
+		t.Fatal(err)
+	}
+	if got := status(check); got != agentv1.StatusCode_POLICY_DENIED {
+		t.Fatalf("after a reload: %v", got)
+	}
+}

@@ -57,6 +57,14 @@ var Families = []obs.Family{
 	{Name: "policy_agent_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
 	{Name: "policy_agent_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
 	{Name: "policy_agent_config_info", Type: "gauge", Help: "Always 1; the version label is the config in force (user version and content hash)."},
+	// Families of compiled-in policies, in the default set.
+	{Name: "policy_agent_audit_log_records_total", Type: "counter", Help: "Audit records written to the sink's buffer."},
+	{Name: "policy_agent_audit_log_dropped_total", Type: "counter", Help: "Audit records dropped, by reason: queue_full, closed."},
+	{Name: "policy_agent_audit_log_write_errors_total", Type: "counter", Help: "Audit log writes, flushes and closes that failed (a full disk, say); their records are lost."},
+	{Name: "policy_agent_audit_log_sink_failing_requests_total", Type: "counter", Help: "Exchanges that met a failing audit sink, by the on_sink_error action: deny (refused with 503) or continue (let through unrecorded)."},
+	{Name: "policy_agent_ratelimit_backend_errors_total", Type: "counter", Help: "Rate-limit decisions whose Redis backend failed, by the on_backend_error action: local, allow, deny."},
+	{Name: "policy_agent_ratelimit_local_overflow_total", Type: "counter", Help: "Rate-limit requests decided by a shared overflow bucket because the local key store was full."},
+	{Name: "policy_agent_ratelimit_local_buckets", Type: "gauge", Help: "Buckets in the local rate-limit key store."},
 }
 
 func newAgentMetrics() *agentMetrics {

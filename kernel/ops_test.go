@@ -202,7 +202,8 @@ func TestStreamSpans(t *testing.T) {
 	st.send(t, reqHeaders("/api/v1/users", false, "", "traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "x-request-id", "r1"))
 	st.send(t, respHeaders("200", true))
 	st.end(t)
-	// Unsampled parent: no span and no trace context for the agent.
+	// A parent marked not sampled: the client's flag does not decide, the kernel's rate (1)
+	// does, and the stream is traced under the client's trace id.
 	st = k.open(t)
 	st.send(t, reqHeaders("/api/v1/users", true, "", "traceparent", "00-0af7651916cd43dd8448eb211c80319d-b7ad6b7169203331-00"))
 	st.end(t)
@@ -213,7 +214,7 @@ func TestStreamSpans(t *testing.T) {
 	if err := tr.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	spans, _ := col.WaitFor(5*time.Second, func(s []otlptest.Span) bool { return len(s) >= 4 })
+	spans, _ := col.WaitFor(5*time.Second, func(s []otlptest.Span) bool { return len(s) >= 6 })
 	var names []string
 	for _, s := range spans {
 		names = append(names, s.Name+"/"+s.Attributes["outcome"]+"/"+s.Attributes["status"]+"/"+s.StatusCode.String())
@@ -224,13 +225,14 @@ func TestStreamSpans(t *testing.T) {
 		"agent call//OK/STATUS_CODE_UNSET",
 		"agent call//POLICY_ERROR/STATUS_CODE_UNSET",
 		"ext_proc stream/invalid_route//STATUS_CODE_ERROR",
+		"ext_proc stream/allow//STATUS_CODE_UNSET", // the parent marked not sampled
 	} {
 		if !strings.Contains(got, want) {
 			t.Errorf("spans %s lack %s", got, want)
 		}
 	}
-	if len(spans) != 4 {
-		t.Errorf("want 4 spans, got %s", got)
+	if len(spans) != 6 {
+		t.Errorf("want 6 spans, got %s", got)
 	}
 	if k.agent.ncalls() != 3 {
 		t.Fatalf("agent calls %d", k.agent.ncalls())

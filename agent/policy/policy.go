@@ -74,6 +74,10 @@ type Module struct {
 type Config struct {
 	// Raw is the JSON form of agent_core.policies.config.<name>; nil when absent.
 	Raw json.RawMessage
+	// Unresolved is Raw as the config file has it, before ${env:...} and ${file:...}
+	// references were resolved, so that a policy can tell a secret written in clear from a
+	// reference; nil when the agent did not resolve references (then Raw is as written).
+	Unresolved json.RawMessage
 	// Shared holds values that outlive one config snapshot, such as client connections,
 	// keyed by whatever the policy chooses. It is safe for concurrent use.
 	Shared *sync.Map
@@ -170,6 +174,10 @@ type Context struct {
 	State map[string]string
 	// Deadline is when the kernel stops waiting for the chain.
 	Deadline time.Time
+	// Credentials names the headers and query parameters that the policies compiled for the
+	// agent's config read credentials from (CredentialReader), for the audit log to redact.
+	// It may be nil.
+	Credentials *CredentialSet
 
 	query map[string]string // see QueryParams
 }

@@ -5,6 +5,10 @@
 // $${ at the start escapes a literal ${.
 //
 // Errors name the reference (the variable or the file), never a secret.
+//
+// A file reference reads a regular file of at most MaxFileSize bytes: a device (/dev/zero), a
+// FIFO or a directory is refused before it is read, so a mistyped path can neither hang the
+// load nor fill the process's memory.
 package secrets
 
 import (
@@ -12,11 +16,23 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 )
+
+// MaxFileSize is the largest file a ${file:...} reference reads: secrets are keys, tokens and
+// certificates, far smaller.
+const MaxFileSize = 1 << 20
+
+// ErrNotRegular is returned for a file reference to something other than a regular file.
+var ErrNotRegular = errors.New("not a regular file")
+
+// ErrTooLarge is returned for a file reference to a file larger than MaxFileSize.
+var ErrTooLarge = fmt.Errorf("larger than %d bytes", MaxFileSize)
 
 // ErrNotSet is returned for a reference to an environment variable that is not set.
 var ErrNotSet = errors.New("environment variable not set")
@@ -28,7 +44,53 @@ type Lookup struct {
 }
 
 // OS reads the real environment and file system.
-var OS = Lookup{Env: os.LookupEnv, File: os.ReadFile}
+var OS = Lookup{Env: os.LookupEnv, File: ReadFile}
+
+// ReadFile reads a secret file: a regular file of at most MaxFileSize bytes. The file is opened
+// without blocking (a FIFO would otherwise wait for a writer), checked on the open descriptor,
+// and read through a limit, so a file that grows after the check is still cut off.
+func ReadFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: %w (%s)", path, ErrNotRegular, kind(st.Mode()))
+	}
+	if st.Size() > MaxFileSize {
+		return nil, fmt.Errorf("%s: %w", path, ErrTooLarge)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > MaxFileSize {
+		return nil, fmt.Errorf("%s: %w", path, ErrTooLarge)
+	}
+	return b, nil
+}
+
+// kind names the type of a file that is not regular.
+func kind(m os.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "a directory"
+	case m&os.ModeNamedPipe != 0:
+		return "a FIFO"
+	case m&os.ModeCharDevice != 0:
+		return "a character device"
+	case m&os.ModeDevice != 0:
+		return "a device"
+	case m&os.ModeSocket != 0:
+		return "a socket"
+	}
+	return "type " + m.Type().String()
+}
 
 // IsRef reports whether s is a secret reference.
 func IsRef(s string) bool {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -145,4 +146,37 @@ func FuzzResolveJSON(f *testing.F) {
 			t.Fatalf("ResolveJSON(%q) returned nothing", doc)
 		}
 	})
+}
+
+// TestReadFileRefuses shows that a file reference reads only a regular file within the cap:
+// a device, a FIFO (which would block a plain open), a directory and a file over the cap are
+// refused with the path and the reason, never with any content.
+func TestReadFileRefuses(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	big := filepath.Join(dir, "big")
+	if err := os.WriteFile(big, []byte(strings.Repeat("B", MaxFileSize+1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	atCap := filepath.Join(dir, "atcap")
+	if err := os.WriteFile(atCap, []byte(strings.Repeat("A", MaxFileSize)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f := func(path string, want error, wantMsg string) {
+		t.Helper()
+		got, err := OS.Resolve("${file:" + path + "}")
+		if !errors.Is(err, want) || err.Error() != wantMsg {
+			t.Fatalf("Resolve(%s) = %d bytes, %v; want %q", path, len(got), err, wantMsg)
+		}
+	}
+	f("/dev/zero", ErrNotRegular, "secret ${file:/dev/zero}: /dev/zero: not a regular file (a character device)")
+	f(fifo, ErrNotRegular, "secret ${file:"+fifo+"}: "+fifo+": not a regular file (a FIFO)")
+	f(dir, ErrNotRegular, "secret ${file:"+dir+"}: "+dir+": not a regular file (a directory)")
+	f(big, ErrTooLarge, "secret ${file:"+big+"}: "+big+": larger than 1048576 bytes")
+	if got, err := OS.Resolve("${file:" + atCap + "}"); err != nil || len(got) != MaxFileSize {
+		t.Fatalf("a file of exactly the cap: %d bytes, %v", len(got), err)
+	}
 }

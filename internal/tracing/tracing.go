@@ -9,12 +9,20 @@
 // it is on, whether a stream is traced is decided once, when its span starts; an unsampled
 // stream does no further span work and sends no trace context to the agent, so the agent, which
 // only records spans under a sampled parent, does none either.
+//
+// The traceparent a request carries comes from the client unless Envoy replaces it, so by
+// default its sampled flag is not obeyed and its trace id does not decide either (a ratio
+// sampler keyed on the trace id takes every id whose low bits are zero, whatever the rate):
+// the kernel draws at random at its own sampling_rate, and keeps the incoming trace id and span
+// as the parent so that its spans still join the caller's trace. respect_parent_sampling hands
+// the decision to the incoming flag, for deployments where Envoy sets it.
 package tracing
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"time"
 
 	"go.opentelemetry.io/otel"
@@ -44,6 +52,10 @@ type Config struct {
 	Headers map[string]string `yaml:"headers"`
 	// ServiceName is the service.name resource attribute.
 	ServiceName string `yaml:"service_name"`
+	// RespectParentSampling obeys the sampled flag of an incoming traceparent (kernel only):
+	// a sampled parent is traced whatever the rate, one marked not sampled is not. Off, the
+	// kernel samples every stream at SamplingRate by a random draw.
+	RespectParentSampling bool `yaml:"respect_parent_sampling"`
 }
 
 // Rate returns the sampling rate in force.
@@ -65,8 +77,8 @@ type Tracer struct {
 type Role int
 
 const (
-	// Root processes (the kernel) decide: a trace is sampled at the configured rate, and a
-	// remote parent that was not sampled is never traced.
+	// Root processes (the kernel) decide: a stream is sampled at the configured rate by a
+	// random draw, or, with RespectParentSampling, as its remote parent says.
 	Root Role = iota
 	// Follower processes (the agent) record spans only under a sampled remote parent.
 	Follower
@@ -112,10 +124,7 @@ func New(cfg Config, role Role, service, version string, onError func(error)) (*
 		sampler = sdktrace.ParentBased(sdktrace.NeverSample(),
 			sdktrace.WithRemoteParentNotSampled(sdktrace.NeverSample()))
 	default:
-		ratio := sdktrace.TraceIDRatioBased(cfg.Rate())
-		sampler = sdktrace.ParentBased(ratio,
-			sdktrace.WithRemoteParentSampled(ratio),
-			sdktrace.WithRemoteParentNotSampled(sdktrace.NeverSample()))
+		sampler = rootSampler(cfg)
 	}
 	if onError != nil {
 		otel.SetErrorHandler(otel.ErrorHandlerFunc(onError))
@@ -129,6 +138,56 @@ func New(cfg Config, role Role, service, version string, onError func(error)) (*
 		)),
 	)
 	return &Tracer{cfg: cfg, provider: tp, tracer: tp.Tracer("github.com/policy-engine/policy-engine")}, nil
+}
+
+// rootSampler is the kernel's sampler. Spans under a local parent (the agent calls under their
+// stream) follow it.
+func rootSampler(cfg Config) sdktrace.Sampler {
+	draw := newDrawSampler(cfg.Rate())
+	if cfg.RespectParentSampling {
+		return sdktrace.ParentBased(draw,
+			sdktrace.WithRemoteParentSampled(sdktrace.AlwaysSample()),
+			sdktrace.WithRemoteParentNotSampled(sdktrace.NeverSample()))
+	}
+	return sdktrace.ParentBased(draw,
+		sdktrace.WithRemoteParentSampled(draw),
+		sdktrace.WithRemoteParentNotSampled(draw))
+}
+
+// drawSampler samples a span at a rate by a random draw, so that no trace id, which a client may
+// choose, is sampled more often than another. The draw reads the runtime's per-thread random
+// source: no lock, no allocation.
+type drawSampler struct {
+	all, none bool
+	bound     uint64 // sampled when a uniform uint64 is below it
+}
+
+func newDrawSampler(rate float64) drawSampler {
+	switch {
+	case rate >= 1:
+		return drawSampler{all: true}
+	case rate <= 0:
+		return drawSampler{none: true}
+	}
+	return drawSampler{bound: uint64(rate * (1 << 64))}
+}
+
+func (s drawSampler) ShouldSample(p sdktrace.SamplingParameters) sdktrace.SamplingResult {
+	d := sdktrace.Drop
+	if s.all || (!s.none && rand.Uint64() < s.bound) {
+		d = sdktrace.RecordAndSample
+	}
+	return sdktrace.SamplingResult{Decision: d, Tracestate: trace.SpanContextFromContext(p.ParentContext).TraceState()}
+}
+
+func (s drawSampler) Description() string {
+	switch {
+	case s.all:
+		return "Draw{1}"
+	case s.none:
+		return "Draw{0}"
+	}
+	return fmt.Sprintf("Draw{%g}", float64(s.bound)/(1<<64))
 }
 
 // Config returns the config the tracer was made from.

@@ -84,10 +84,7 @@ func TestExport(t *testing.T) {
 	call.End()
 	stream.End()
 
-	// Not sampled: a parent that says no, a follower without parent, a root at rate 0.
-	if _, s := root.StartRemote(context.Background(), map[string]string{"traceparent": parentNotSampled}, "x", trace.SpanKindServer); s != nil {
-		t.Fatal("unsampled parent traced")
-	}
+	// Not sampled: a follower without parent, a root at rate 0.
 	if _, s := follower.StartRemote(context.Background(), nil, "x", trace.SpanKindInternal); s != nil {
 		t.Fatal("follower traced a root")
 	}
@@ -145,6 +142,69 @@ func TestExport(t *testing.T) {
 	}
 	if len(exportErrs) > 0 {
 		t.Fatalf("export errors: %v", errors.Join(exportErrs...))
+	}
+}
+
+// TestRootSampling: by default the kernel's rate decides every stream, whatever the incoming
+// traceparent says, and a trace id a client chose is sampled no more often than any other; with
+// RespectParentSampling the incoming flag decides. The remote parent stays the span's parent
+// either way.
+func TestRootSampling(t *testing.T) {
+	col, err := otlptest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer col.Stop()
+	tracer := func(r float64, respect bool) *Tracer {
+		t.Helper()
+		tr, err := New(Config{Enabled: true, Endpoint: col.Addr(), SamplingRate: rate(r), RespectParentSampling: respect}, Root, "k", "v", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(tr.Close)
+		return tr
+	}
+	f := func(tr *Tracer, traceparent string, want bool) {
+		t.Helper()
+		carrier := map[string]string{}
+		if traceparent != "" {
+			carrier["traceparent"] = traceparent
+		}
+		_, s := tr.StartRemote(context.Background(), carrier, "x", trace.SpanKindServer)
+		if (s != nil) != want {
+			t.Fatalf("%s: traced %v, want %v", traceparent, s != nil, want)
+		}
+		if s == nil {
+			return
+		}
+		if tp := traceparent; tp != "" && s.SpanContext().TraceID().String() != tp[3:35] {
+			t.Fatalf("%s: trace id %s, not the parent's", tp, s.SpanContext().TraceID())
+		}
+		s.End()
+	}
+	// Low 64 bits zero: the ids a trace-id ratio sampler takes at any rate above 0.
+	const lowZero = "00-0af7651916cd43dd0000000000000000-b7ad6b7169203331-01"
+	def := tracer(0, false)
+	f(def, parentSampled, false)
+	f(def, "", false)
+	tiny := tracer(1e-9, false)
+	for range 100 {
+		f(tiny, lowZero, false)
+	}
+	all := tracer(1, false)
+	f(all, parentNotSampled, true)
+	f(all, parentSampled, true)
+	f(all, "", true)
+
+	respect := tracer(0, true)
+	f(respect, parentSampled, true)
+	f(respect, parentNotSampled, false)
+	f(respect, "", false)
+	f(tracer(1, true), parentNotSampled, false)
+
+	half := newDrawSampler(0.5)
+	if half.Description() != "Draw{0.5}" || newDrawSampler(1).Description() != "Draw{1}" || newDrawSampler(0).Description() != "Draw{0}" {
+		t.Fatal("Description")
 	}
 }
 

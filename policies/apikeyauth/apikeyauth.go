@@ -13,6 +13,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	"github.com/policy-engine/policy-engine/internal/headers"
+	"github.com/policy-engine/policy-engine/internal/secrets"
 )
 
 // Name is the policy's name in chains.
@@ -42,6 +44,9 @@ type Key struct {
 // Config is agent_core.policies.config.apiKeyAuth.
 type Config struct {
 	Keys []Key `json:"keys"`
+	// AllowPlaintextKeys silences the warning about keys written in clear (key: without a
+	// secret reference), for tests and demos.
+	AllowPlaintextKeys bool `json:"allow_plaintext_keys"`
 }
 
 // Settings are a chain entry's metadata.
@@ -81,6 +86,10 @@ func New(c policy.Config) (policy.Factory, error) {
 		return nil, err
 	}
 	f := &Factory{}
+	if clear := plaintextKeys(c); len(clear) > 0 && !cfg.AllowPlaintextKeys {
+		c.Log.Warn().Str("policy", Name).Str("keys", strings.Join(clear, ", ")).
+			Msg("API keys written in clear in the config file; use key_sha256, key_env or a ${file:...} reference, or set allow_plaintext_keys: true")
+	}
 	var errs []error
 	for i, k := range cfg.Keys {
 		sk, err := k.digest()
@@ -99,6 +108,30 @@ func New(c policy.Config) (policy.Factory, error) {
 		f.keys = append(f.keys, storedKey{digest: sk, userID: k.UserID})
 	}
 	return f, errors.Join(errs...)
+}
+
+// plaintextKeys names the entries whose key is written in the config file in clear, not as a
+// secret reference: "keys[0]", never the key.
+func plaintextKeys(c policy.Config) []string {
+	written := c.Unresolved
+	if written == nil {
+		written = c.Raw
+	}
+	var w struct {
+		Keys []struct {
+			Key string `json:"key"`
+		} `json:"keys"`
+	}
+	if len(written) == 0 || json.Unmarshal(written, &w) != nil {
+		return nil
+	}
+	var out []string
+	for i, k := range w.Keys {
+		if k.Key != "" && !secrets.IsRef(k.Key) {
+			out = append(out, fmt.Sprintf("keys[%d]", i))
+		}
+	}
+	return out
 }
 
 func (k Key) digest() ([sha256.Size]byte, error) {
@@ -187,6 +220,11 @@ type APIKeyAuth struct {
 	allowed          []policy.Result // by key, in the order of keys
 }
 
+// CredentialNames names the key header, for the audit log to redact.
+func (p *APIKeyAuth) CredentialNames() policy.Credentials {
+	return policy.Credentials{Headers: []string{p.header}}
+}
+
 // Execute authenticates the request.
 func (p *APIKeyAuth) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
 	key := c.Headers[p.header]
@@ -223,7 +261,8 @@ func (p *APIKeyAuth) lookup(key string) (int, bool) {
 }
 
 var (
-	_ policy.Factory     = (*Factory)(nil)
-	_ policy.Policy      = (*APIKeyAuth)(nil)
-	_ policy.HeaderOwner = (*APIKeyAuth)(nil)
+	_ policy.Factory          = (*Factory)(nil)
+	_ policy.Policy           = (*APIKeyAuth)(nil)
+	_ policy.HeaderOwner      = (*APIKeyAuth)(nil)
+	_ policy.CredentialReader = (*APIKeyAuth)(nil)
 )

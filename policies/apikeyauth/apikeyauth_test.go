@@ -7,8 +7,11 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/rs/zerolog"
+
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 func sha(s string) string { d := sha256.Sum256([]byte(s)); return hex.EncodeToString(d[:]) }
@@ -190,6 +193,60 @@ func BenchmarkAPIKeyAuth(b *testing.B) {
 	for b.Loop() {
 		if r, _ := p.Execute(context.Background(), c); r.Status != agentv1.StatusCode_OK {
 			b.Fatal(r)
+		}
+	}
+}
+
+// TestPlaintextKeyWarning: keys written in clear in the config file are named in one warning by
+// their index, never by value; secret references, digests and key_env are not, and
+// allow_plaintext_keys silences it.
+func TestPlaintextKeyWarning(t *testing.T) {
+	t.Setenv("APIKEY_WARN_TEST", "env-key")
+	f := func(written, resolved, want string) {
+		t.Helper()
+		logs := &strings.Builder{}
+		c := policy.Config{Raw: []byte(resolved), Log: logging.New(logs, "agent", zerolog.InfoLevel)}
+		if written != resolved {
+			c.Unresolved = []byte(written)
+		}
+		if _, err := New(c); err != nil {
+			t.Fatal(err)
+		}
+		got := logs.String()
+		if want == "" {
+			if got != "" {
+				t.Fatalf("%s: unexpected log %s", written, got)
+			}
+			return
+		}
+		if !strings.Contains(got, `"keys":"`+want+`"`) || !strings.Contains(got, `"level":"warn"`) || !strings.Contains(got, "allow_plaintext_keys") {
+			t.Fatalf("%s: log %s, want keys %q", written, got, want)
+		}
+		if strings.Contains(got, "CLEAR-SECRET") {
+			t.Fatalf("the warning holds a key: %s", got)
+		}
+	}
+	clear := `{"keys":[{"key":"CLEAR-SECRET-1","user_id":"a"},{"key_sha256":"` + sha("x") + `","user_id":"b"},{"key":"CLEAR-SECRET-2","user_id":"c"}]}`
+	f(clear, clear, "keys[0], keys[2]")
+	f(`{"keys":[{"key":"$${CLEAR-SECRET}","user_id":"a"}]}`, `{"keys":[{"key":"${CLEAR-SECRET}","user_id":"a"}]}`, "keys[0]")
+	f(`{"keys":[{"key":"${file:/run/secrets/k}","user_id":"a"},{"key":"${env:K}","user_id":"b"}]}`,
+		`{"keys":[{"key":"CLEAR-SECRET-F","user_id":"a"},{"key":"CLEAR-SECRET-E","user_id":"b"}]}`, "")
+	f(`{"keys":[{"key_env":"APIKEY_WARN_TEST","user_id":"a"}]}`, `{"keys":[{"key_env":"APIKEY_WARN_TEST","user_id":"a"}]}`, "")
+	optIn := `{"allow_plaintext_keys":true,"keys":[{"key":"CLEAR-SECRET-1","user_id":"a"}]}`
+	f(optIn, optIn, "")
+	f(`{}`, `{}`, "")
+}
+
+// TestCredentialNames: the key header, default or configured, is named for the audit log.
+func TestCredentialNames(t *testing.T) {
+	fac := factory(t, `{}`)
+	for md, want := range map[string]string{"": "x-api-key", "X-Partner": "x-partner"} {
+		var meta map[string]string
+		if md != "" {
+			meta = map[string]string{"header_name": md}
+		}
+		if got := build(t, fac, meta).(policy.CredentialReader).CredentialNames().Headers; len(got) != 1 || got[0] != want {
+			t.Errorf("header_name %q: credential names %v, want [%s]", md, got, want)
 		}
 	}
 }

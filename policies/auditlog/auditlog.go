@@ -7,7 +7,10 @@
 // phase, so it has no record: denials are counted by the kernel and the agent metrics.
 //
 // Records go through a bounded queue to one background writer, so a request never waits for
-// the disk; when the queue is full the record is dropped and counted. The writer is shared by
+// the disk; when the queue is full the record is dropped and counted. Once a write has failed
+// (a full disk), the policy refuses the exchanges it sees with 503 until a write succeeds again
+// (on_sink_error: deny, the default), or lets them through unrecorded (continue); both are
+// counted. The writer is shared by
 // every factory made from the same sink settings (through policy.Config.Shared), so a config
 // reload neither reopens the file nor runs two writers on it; the last factory's Close flushes
 // and closes it.
@@ -67,7 +70,31 @@ type Config struct {
 	// RedactHeaders and RedactKeys add to DefaultRedactHeaders and DefaultRedactKeys.
 	RedactHeaders []string `json:"redact_headers"`
 	RedactKeys    []string `json:"redact_keys"`
+	// Headers chooses which headers a record holds: all, credentials redacted (mode redact,
+	// the default), or only the named ones (mode allow), credentials still redacted.
+	Headers *HeadersConfig `json:"headers"`
+	// OnSinkError is what happens to an exchange while the sink fails: "deny" (the default)
+	// answers 503, "continue" lets it through without a record.
+	OnSinkError string `json:"on_sink_error"`
 }
+
+// HeadersConfig is Config.Headers.
+type HeadersConfig struct {
+	Mode  string   `json:"mode"`
+	Names []string `json:"names"`
+}
+
+// Values of HeadersConfig.Mode.
+const (
+	HeadersRedact = "redact"
+	HeadersAllow  = "allow"
+)
+
+// Values of Config.OnSinkError.
+const (
+	SinkErrorDeny     = "deny"
+	SinkErrorContinue = "continue"
+)
 
 // Settings are a chain entry's metadata.
 type Settings struct {
@@ -112,6 +139,7 @@ var sharedMu sync.Mutex
 type Factory struct {
 	sink      *sink
 	redactor  *redactor
+	denyOnErr bool
 	closeOnce sync.Once
 	release   func() error
 	closeErr  error
@@ -120,7 +148,7 @@ type Factory struct {
 // New makes the factory from the policy's agent config section. It opens nothing: the sink
 // starts with the first record.
 func New(c policy.Config) (policy.Factory, error) {
-	cfg := Config{Sink: "stdout", MaxSizeMB: DefaultMaxSizeMB, QueueSize: DefaultQueueSize}
+	cfg := Config{Sink: "stdout", MaxSizeMB: DefaultMaxSizeMB, QueueSize: DefaultQueueSize, OnSinkError: SinkErrorDeny}
 	if err := c.Decode(&cfg); err != nil {
 		return nil, err
 	}
@@ -128,12 +156,18 @@ func New(c policy.Config) (policy.Factory, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := &Factory{redactor: newRedactor(cfg.RedactHeaders, cfg.RedactKeys)}
+	f := &Factory{redactor: newRedactor(cfg.RedactHeaders, cfg.RedactKeys), denyOnErr: cfg.OnSinkError == SinkErrorDeny}
+	if h := cfg.Headers; h != nil && h.Mode == HeadersAllow {
+		f.redactor.allow = map[string]struct{}{}
+		for _, n := range h.Names {
+			f.redactor.allow[strings.ToLower(n)] = struct{}{}
+		}
+	}
 	mk := func() *sink {
 		if key.sink == "file" {
 			return newSink(newRotatingFile(key.path, key.maxSize, key.maxBackups), key.queueSize, c.Log)
 		}
-		return newSink(stdoutWriter{bufio.NewWriterSize(stdout, 64<<10)}, key.queueSize, c.Log)
+		return newSink(stdoutWriter{bufio.NewWriterSize(stdout, 64<<10), stdout}, key.queueSize, c.Log)
 	}
 	if c.Shared == nil {
 		f.sink = mk()
@@ -209,6 +243,28 @@ func (cfg *Config) validate() (sinkKey, error) {
 			errs = append(errs, fmt.Errorf("redact_keys[%d]: empty key", i))
 		}
 	}
+	if h := cfg.Headers; h != nil {
+		switch h.Mode {
+		case HeadersRedact, "":
+			if len(h.Names) > 0 {
+				errs = append(errs, errors.New("headers.names: only mode allow takes names"))
+			}
+		case HeadersAllow:
+			if len(h.Names) == 0 {
+				errs = append(errs, errors.New("headers.names: mode allow needs at least one header name"))
+			}
+		default:
+			errs = append(errs, fmt.Errorf("headers.mode: want redact or allow, got %q", h.Mode))
+		}
+		for i, n := range h.Names {
+			if err := headers.ValidName(strings.ToLower(n)); err != nil {
+				errs = append(errs, fmt.Errorf("headers.names[%d]: invalid header name %q", i, n))
+			}
+		}
+	}
+	if cfg.OnSinkError != SinkErrorDeny && cfg.OnSinkError != SinkErrorContinue {
+		errs = append(errs, fmt.Errorf("on_sink_error: want deny or continue, got %q", cfg.OnSinkError))
+	}
 	return key, errors.Join(errs...)
 }
 
@@ -238,22 +294,28 @@ func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
 		return nil, fmt.Errorf("max_body_log_bytes: must be between 1 and %d, got %d", maxBodyLogBytesLimit, s.MaxBodyLogBytes)
 	}
 	return &AuditLog{
-		sink:     f.sink,
-		redactor: f.redactor,
-		headers:  s.LogHeaders == nil || *s.LogHeaders,
-		body:     s.LogResponseBody,
-		maxBody:  s.MaxBodyLogBytes,
+		sink:      f.sink,
+		redactor:  f.redactor,
+		headers:   s.LogHeaders == nil || *s.LogHeaders,
+		body:      s.LogResponseBody,
+		maxBody:   s.MaxBodyLogBytes,
+		denyOnErr: f.denyOnErr,
 	}, nil
 }
 
 // AuditLog is a compiled chain entry.
 type AuditLog struct {
-	sink     *sink
-	redactor *redactor
-	headers  bool
-	body     bool
-	maxBody  int
+	sink      *sink
+	redactor  *redactor
+	headers   bool
+	body      bool
+	maxBody   int
+	denyOnErr bool
 }
+
+// sinkUnavailable answers an exchange that cannot be recorded under on_sink_error: deny; its
+// instructions are shared read-only.
+var sinkUnavailable = policy.Deny(503, "audit_log_unavailable", "the audit log cannot be written", nil)
 
 // Record is one line of the audit log.
 type Record struct {
@@ -286,8 +348,19 @@ type Record struct {
 }
 
 // Execute records the start time in the request phase. The record itself is written when the
-// chain ends (ObserveChain), so that it holds the chain's outcome.
+// chain ends (ObserveChain), so that it holds the chain's outcome. While the sink fails, it
+// refuses the exchange (on_sink_error: deny) or counts it once (continue), in either phase: one
+// atomic load per call when the sink is healthy.
 func (p *AuditLog) Execute(_ context.Context, c *policy.Context) (policy.Result, error) {
+	if p.sink.failing.Load() {
+		if p.denyOnErr {
+			sinkFailingDeny.Inc()
+			return sinkUnavailable, nil
+		}
+		if c.Phase != agentv1.PolicyPhase_RESPONSE || c.State[StateStart] == "" {
+			sinkFailingContinue.Inc() // once per exchange: the request phase counted it
+		}
+	}
 	if c.Phase == agentv1.PolicyPhase_RESPONSE || c.State[StateStart] != "" {
 		return policy.Result{}, nil
 	}
@@ -326,7 +399,7 @@ func (p *AuditLog) record(c *policy.Context, now time.Time) *Record {
 		RequestID:  c.RequestID,
 		Route:      c.RouteName,
 		Method:     c.Method,
-		Path:       p.redactor.Path(c.Path),
+		Path:       p.redactor.Path(c.Path, c.Credentials),
 		Authority:  c.Authority,
 		ClientIP:   c.ClientIP,
 		Phase:      strings.ToLower(c.Phase.String()),
@@ -340,15 +413,15 @@ func (p *AuditLog) record(c *policy.Context, now time.Time) *Record {
 		}
 	}
 	if p.headers {
-		r.RequestHeaders = p.redactor.Headers(c.Headers)
+		r.RequestHeaders = p.redactor.Headers(c.Headers, c.Credentials)
 	}
 	if resp := c.Response; resp != nil {
 		r.Status = resp.Status
 		if p.headers {
-			r.ResponseHeaders = p.redactor.Headers(resp.Headers)
+			r.ResponseHeaders = p.redactor.Headers(resp.Headers, c.Credentials)
 		}
 		if p.body {
-			p.addBody(r, resp)
+			p.addBody(r, resp, c.Credentials)
 		}
 	}
 	return r
@@ -356,7 +429,7 @@ func (p *AuditLog) record(c *policy.Context, now time.Time) *Record {
 
 // addBody puts the response body into the record, redacted then cut to maxBody. Only bodies
 // that can be redacted are logged: JSON and form bodies.
-func (p *AuditLog) addBody(r *Record, resp *policy.ResponseContext) {
+func (p *AuditLog) addBody(r *Record, resp *policy.ResponseContext, creds *policy.CredentialSet) {
 	r.ResponseBodyBytes = len(resp.Body)
 	if len(resp.Body) == 0 {
 		if n, err := strconv.Atoi(resp.Headers["content-length"]); err == nil && n > 0 {
@@ -383,7 +456,7 @@ func (p *AuditLog) addBody(r *Record, resp *policy.ResponseContext) {
 		}
 		body = string(red)
 	case strings.EqualFold(strings.TrimSpace(mt), "application/x-www-form-urlencoded"):
-		body = p.redactor.Query(string(resp.Body))
+		body = p.redactor.Query(string(resp.Body), creds)
 	default:
 		r.ResponseBodyOmitted = "content_type"
 		return

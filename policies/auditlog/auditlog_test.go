@@ -317,6 +317,11 @@ func TestConfigErrors(t *testing.T) {
 	f(`{"redact_headers":["ok","bad header"]}`, `redact_headers[1]: invalid header name "bad header"`)
 	f(`{"redact_headers":[":path"]}`, `redact_headers[0]: invalid header name ":path"`)
 	f(`{"redact_keys":[""]}`, `redact_keys[0]: empty key`)
+	f(`{"on_sink_error":"ignore"}`, `on_sink_error: want deny or continue, got "ignore"`)
+	f(`{"headers":{"mode":"deny"}}`, `headers.mode: want redact or allow, got "deny"`)
+	f(`{"headers":{"mode":"allow"}}`, `headers.names: mode allow needs at least one header name`)
+	f(`{"headers":{"names":["a"]}}`, `headers.names: only mode allow takes names`)
+	f(`{"headers":{"mode":"allow","names":["ok","bad name"]}}`, `headers.names[1]: invalid header name "bad name"`)
 	f(`{"sinks":"file"}`, `invalid JSON: json: unknown field "sinks"`)
 	f(`{"sink":"file","max_size_mb":0,"queue_size":0}`, "path: required with sink file\nmax_size_mb: must be at least 1, got 0\nqueue_size: must be between 1 and 1048576, got 0")
 

@@ -1,10 +1,12 @@
 package auditlog
 
 import (
+	"bytes"
 	"net/url"
 	"strings"
 	"unicode/utf8"
 
+	"github.com/policy-engine/policy-engine/agent/policy"
 	"github.com/policy-engine/policy-engine/policies/bodytransform/jsonedit"
 )
 
@@ -13,8 +15,23 @@ const Redacted = "[REDACTED]"
 
 var redactedJSON = []byte(`"` + Redacted + `"`)
 
-// DefaultRedactHeaders are the headers whose values are always redacted.
-var DefaultRedactHeaders = []string{"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
+// DefaultRedactHeaders are the headers whose values are always redacted, besides those whose
+// names hold a CredentialWords entry.
+var DefaultRedactHeaders = []string{
+	"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
+	"x-csrf-token", "x-xsrf-token", "x-session-token", "x-amz-security-token", "x-auth-token",
+}
+
+// CredentialWords redact every header, query parameter and form field whose name holds one of
+// them (compared as keys are: case-insensitive, '-' and '_' equal): x-session-id,
+// x-client-secret, private-token. JSON body keys are not matched by them (a body's "tokens"
+// or "session_count" is data): only whole keys are, see DefaultRedactKeys.
+var CredentialWords = []string{"token", "secret", "password", "passwd", "apikey", "api_key", "session", "credential", "signature"}
+
+// DefaultRedactParams are the query parameters and form fields whose values are always
+// redacted besides the keys: short names that signed URLs and OAuth redirects use for
+// credentials, too common in JSON bodies to redact there.
+var DefaultRedactParams = []string{"key", "code", "sig", "auth", "pwd"}
 
 // DefaultRedactKeys are the JSON keys, query parameters and form fields whose values are always
 // redacted. Names are compared case-insensitively with '-' and '_' taken as equal, so
@@ -27,15 +44,24 @@ var DefaultRedactKeys = []string{
 // redactDepth bounds the nesting of a body that is redacted; a deeper body is not logged.
 const redactDepth = 256
 
-// redactor finds credentials in headers, query strings, form bodies and JSON bodies.
+// redactor finds credentials in headers, query strings, form bodies and JSON bodies. Besides
+// its own lists it redacts the names a chain's policies read credentials from
+// (policy.CredentialSet, passed with each record).
 type redactor struct {
 	headers map[string]struct{} // lowercase header names
 	keys    map[string]struct{} // normalized key names
-	maxKey  int                 // the longest normalized key, in bytes
+	params  map[string]struct{} // normalized names of query parameters and form fields only
+	maxKey  int                 // the longest normalized key or parameter, in bytes
+	// allow, when set, is the only headers recorded (lowercase names): allow-list mode.
+	allow map[string]struct{}
 }
 
 func newRedactor(headers, keys []string) *redactor {
-	r := &redactor{headers: map[string]struct{}{}, keys: map[string]struct{}{}}
+	r := &redactor{headers: map[string]struct{}{}, keys: map[string]struct{}{}, params: map[string]struct{}{}}
+	for _, p := range DefaultRedactParams {
+		r.params[p] = struct{}{}
+		r.maxKey = max(r.maxKey, len(p))
+	}
 	for _, h := range append(DefaultRedactHeaders[:len(DefaultRedactHeaders):len(DefaultRedactHeaders)], headers...) {
 		r.headers[strings.ToLower(h)] = struct{}{}
 	}
@@ -76,42 +102,81 @@ func (r *redactor) sensitiveKey(key []byte) bool {
 	return ok
 }
 
-// sensitiveHeader reports whether a header holds a credential: it is one of the redacted
-// headers, or its name is a redacted key (a header named "access-token", say).
-func (r *redactor) sensitiveHeader(name string) bool {
-	if _, ok := r.headers[strings.ToLower(name)]; ok {
-		return true
+// credentialName reports whether a header, parameter or field name holds a CredentialWords
+// entry.
+func credentialName(name []byte) bool {
+	var buf [64]byte
+	n := normalize(buf[:0], name)
+	for _, w := range CredentialWords {
+		if bytes.Contains(n, []byte(w)) {
+			return true
+		}
 	}
-	return r.sensitiveKey([]byte(name))
+	return false
 }
 
-// Headers returns a copy of h with credentials redacted.
-func (r *redactor) Headers(h map[string]string) map[string]string {
+// sensitiveParam reports whether a query parameter or form field (unescaped name) holds a
+// credential: a redacted key, a short credential name, a name with a credential word, or a name
+// a policy of the config reads a credential from.
+func (r *redactor) sensitiveParam(name []byte, creds *policy.CredentialSet) bool {
+	if r.sensitiveKey(name) || credentialName(name) || creds.Param(string(name)) {
+		return true
+	}
+	if len(name) > 4*r.maxKey {
+		return false
+	}
+	var buf [64]byte
+	_, ok := r.params[string(normalize(buf[:0], name))]
+	return ok
+}
+
+// sensitiveHeader reports whether a header holds a credential: it is one of the redacted
+// headers, a header a policy of the config reads a credential from, its name is a redacted key
+// (a header named "access-token", say) or holds a credential word.
+func (r *redactor) sensitiveHeader(name string, creds *policy.CredentialSet) bool {
+	lower := strings.ToLower(name)
+	if _, ok := r.headers[lower]; ok {
+		return true
+	}
+	return creds.Header(lower) || r.sensitiveKey([]byte(name)) || credentialName([]byte(name))
+}
+
+// Headers returns a copy of h with credentials redacted; in allow-list mode, only the allowed
+// headers, still redacted when they hold a credential.
+func (r *redactor) Headers(h map[string]string, creds *policy.CredentialSet) map[string]string {
 	if len(h) == 0 {
 		return nil
 	}
-	out := make(map[string]string, len(h))
+	out := make(map[string]string, min(len(h), max(len(r.allow), 1)))
 	for k, v := range h {
-		if r.sensitiveHeader(k) {
+		if r.allow != nil {
+			if _, ok := r.allow[strings.ToLower(k)]; !ok {
+				continue
+			}
+		}
+		if r.sensitiveHeader(k, creds) {
 			v = Redacted
 		}
 		out[k] = v
+	}
+	if len(out) == 0 {
+		return nil
 	}
 	return out
 }
 
 // Path returns a request path with the values of sensitive query parameters redacted.
-func (r *redactor) Path(p string) string {
+func (r *redactor) Path(p string, creds *policy.CredentialSet) string {
 	path, q, ok := strings.Cut(p, "?")
 	if !ok {
 		return p
 	}
-	return path + "?" + r.Query(q)
+	return path + "?" + r.Query(q, creds)
 }
 
 // Query redacts the values of sensitive parameters of a query string or form body, keeping
 // everything else, order included, as it was.
-func (r *redactor) Query(q string) string {
+func (r *redactor) Query(q string, creds *policy.CredentialSet) string {
 	var b strings.Builder
 	b.Grow(len(q))
 	for i := 0; ; i++ {
@@ -124,7 +189,7 @@ func (r *redactor) Query(q string) string {
 		if err != nil {
 			key = name
 		}
-		if r.sensitiveKey([]byte(key)) {
+		if r.sensitiveParam([]byte(key), creds) {
 			b.WriteString(name)
 			b.WriteString("=" + Redacted)
 		} else {

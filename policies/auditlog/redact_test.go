@@ -10,6 +10,7 @@ import (
 	"testing"
 	"unicode/utf8"
 
+	"github.com/policy-engine/policy-engine/agent/policy"
 	"github.com/policy-engine/policy-engine/policies/bodytransform/jsonedit"
 )
 
@@ -65,7 +66,7 @@ func TestRedactHeaders(t *testing.T) {
 		"x-session-id": "f", "access-token": "g", "Authorization": "h", "content-type": "application/json",
 		"x-request-id": "r",
 	}
-	got := r.Headers(in)
+	got := r.Headers(in, nil)
 	for k, v := range got {
 		keep := k == "content-type" || k == "x-request-id"
 		if keep && v != in[k] || !keep && v != Redacted {
@@ -75,7 +76,7 @@ func TestRedactHeaders(t *testing.T) {
 	if len(got) != len(in) || in["cookie"] != "c" {
 		t.Fatal("Headers changed its input or lost headers")
 	}
-	if r.Headers(nil) != nil {
+	if r.Headers(nil, nil) != nil {
 		t.Fatal("Headers(nil) != nil")
 	}
 }
@@ -93,7 +94,7 @@ func TestRedactPath(t *testing.T) {
 		"/a?%zz=1&token=a=b":                  "/a?%zz=1&token=[REDACTED]",
 		"/a?x=1?token=2":                      "/a?x=1?token=2",
 	} {
-		if got := r.Path(in); got != want {
+		if got := r.Path(in, nil); got != want {
 			t.Errorf("Path(%q) = %q, want %q", in, got, want)
 		}
 	}
@@ -178,7 +179,7 @@ func FuzzRedactPath(f *testing.F) {
 	}
 	r := newRedactor(nil, nil)
 	f.Fuzz(func(t *testing.T, p string) {
-		got := r.Path(p)
+		got := r.Path(p, nil)
 		path, q, ok := strings.Cut(p, "?")
 		gotPath, gotQ, gotOK := strings.Cut(got, "?")
 		if ok != gotOK || path != gotPath {
@@ -197,7 +198,7 @@ func FuzzRedactPath(f *testing.F) {
 			if err != nil {
 				key = name
 			}
-			if r.sensitiveKey([]byte(key)) {
+			if r.sensitiveParam([]byte(key), nil) {
 				if out[i] != name+"="+Redacted {
 					t.Fatalf("Path(%q) = %q: parameter %q not redacted", p, got, in[i])
 				}
@@ -206,4 +207,73 @@ func FuzzRedactPath(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestRedactCredentialNames: headers and query parameters whose names hold a credential word,
+// the default credential headers and short parameter names, and the names the config's
+// policies read credentials from are redacted; JSON body keys only match whole.
+func TestRedactCredentialNames(t *testing.T) {
+	r := newRedactor(nil, nil)
+	creds := (*policy.CredentialSet)(nil).With(policy.Credentials{Headers: []string{"X-Partner"}, Params: []string{"partner"}})
+	f := func(name string, header, param bool) {
+		t.Helper()
+		if got := r.sensitiveHeader(name, creds); got != header {
+			t.Errorf("header %q: sensitive %v, want %v", name, got, header)
+		}
+		if got := r.sensitiveParam([]byte(name), creds); got != param {
+			t.Errorf("parameter %q: sensitive %v, want %v", name, got, param)
+		}
+	}
+	for _, h := range DefaultRedactHeaders {
+		f(h, true, h != "cookie" && h != "set-cookie" && h != "proxy-authorization") // as parameters, names without a credential word are data
+	}
+	f("x-csrf-token", true, true)
+	f("X-Session-Token", true, true)
+	f("x-amz-security-token", true, true)
+	f("x-session-id", true, true)
+	f("x-client-secret", true, true)
+	f("my_password_hint", true, true)
+	f("x-goog-api-key", true, true)
+	f("x-apikey", true, true)
+	f("x-amz-credential", true, true)
+	f("x-amz-signature", true, true)
+	f("x-partner", true, false)
+	f("partner", false, true)
+	f("key", false, true)
+	f("code", false, true)
+	f("sig", false, true)
+	f("SIG", false, true)
+	f("content-type", false, false)
+	f("x-request-id", false, false)
+	f("user-agent", false, false)
+	f("monkey", false, false)
+	f("page", false, false)
+	f(strings.Repeat("x", 200)+"-token", true, true)
+	f(strings.Repeat("x", 200), false, false)
+
+	if got := r.Path("/a?key=1&code=2&sig=3&token=4&x-amz-security-token=5&partner=6&page=7&monkey=8", creds); got !=
+		"/a?key=[REDACTED]&code=[REDACTED]&sig=[REDACTED]&token=[REDACTED]&x-amz-security-token=[REDACTED]&partner=[REDACTED]&page=7&monkey=8" {
+		t.Errorf("Path = %s", got)
+	}
+	// JSON keys: whole matches only, so a body's counters and codes are kept.
+	if out, _ := r.JSON([]byte(`{"total_tokens":1,"code":404,"key":"k","session_count":2,"token":"t"}`)); string(out) != `{"total_tokens":1,"code":404,"key":"k","session_count":2,"token":"[REDACTED]"}` {
+		t.Errorf("JSON = %s", out)
+	}
+}
+
+// TestRedactAllowList: in allow-list mode a record holds only the named headers, credentials
+// among them still redacted.
+func TestRedactAllowList(t *testing.T) {
+	fac := newFactory(t, `{"headers":{"mode":"allow","names":["User-Agent","x-api-key","x-partner"]}}`)
+	creds := (*policy.CredentialSet)(nil).With(policy.Credentials{Headers: []string{"x-partner"}})
+	got := fac.redactor.Headers(map[string]string{"user-agent": "ua", "x-api-key": "k", "x-partner": "p", "x-other": "o", "cookie": "c"}, creds)
+	if want := map[string]string{"user-agent": "ua", "x-api-key": Redacted, "x-partner": Redacted}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("allow-list headers = %v, want %v", got, want)
+	}
+	if got := fac.redactor.Headers(map[string]string{"x-other": "o"}, nil); got != nil {
+		t.Fatalf("no allowed header: %v, want nil", got)
+	}
+	if got := newFactory(t, `{"headers":{"mode":"redact"}}`).redactor.Headers(map[string]string{"x-other": "o"}, nil); got["x-other"] != "o" {
+		t.Fatalf("redact mode: %v", got)
+	}
 }

@@ -58,6 +58,12 @@ func (r *rotatingFile) Flush() error {
 		return nil
 	}
 	if err := r.bw.Flush(); err != nil {
+		// bufio.Writer keeps its first error for good: drop the buffer (its records are lost
+		// and counted) and the file, so that the next record opens it again and a disk that
+		// has room again is written to.
+		r.bw.Reset(r.f)
+		_ = r.f.Close()
+		r.f = nil
 		return fmt.Errorf("write audit log %q: %w", r.path, err)
 	}
 	return nil

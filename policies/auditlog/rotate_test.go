@@ -9,9 +9,12 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/testenv"
 )
@@ -249,5 +252,129 @@ func TestFileSinkHealth(t *testing.T) {
 	}
 	if err := f.HealthCheck(t.Context()); err == nil || !strings.Contains(err.Error(), "audit log sink: open audit log") {
 		t.Fatalf("HealthCheck = %v", err)
+	}
+}
+
+// switchWriter fails every write while broken is set, as a full disk does.
+type switchWriter struct {
+	mu     sync.Mutex
+	broken bool
+	out    strings.Builder
+}
+
+func (w *switchWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.broken {
+		return 0, syscall.ENOSPC
+	}
+	return w.out.Write(p)
+}
+
+func (w *switchWriter) set(broken bool) {
+	w.mu.Lock()
+	w.broken = broken
+	w.mu.Unlock()
+}
+
+// TestOnSinkError: once a write has failed, every exchange is refused with 503 under
+// on_sink_error: deny (the default), or let through and counted once under continue; when the
+// disk has room again the next record is written and exchanges pass again.
+func TestOnSinkError(t *testing.T) {
+	for _, mode := range []string{"", SinkErrorDeny, SinkErrorContinue} {
+		t.Run("mode="+mode, func(t *testing.T) {
+			raw := `{}`
+			if mode != "" {
+				raw = `{"on_sink_error":"` + mode + `"}`
+			}
+			fac := newFactory(t, raw)
+			w := &switchWriter{}
+			fac.sink = newSink(stdoutWriter{bufio.NewWriterSize(w, 256), w}, 16, nil)
+			t.Cleanup(func() { fac.sink.Close() })
+			p := mustBuild(t, fac, nil)
+			reqCtx := func() *policy.Context {
+				return &policy.Context{Phase: agentv1.PolicyPhase_REQUEST, RouteName: "/r", State: map[string]string{}}
+			}
+			exchange := func() (policy.Result, policy.Result) {
+				c := reqCtx()
+				req, _ := p.Execute(t.Context(), c)
+				p.ObserveChain(c, policy.Outcome{Status: req.Status})
+				if req.Status != agentv1.StatusCode_OK {
+					return req, policy.Result{}
+				}
+				c.Phase = agentv1.PolicyPhase_RESPONSE
+				for _, in := range req.Instructions {
+					if st := in.GetState(); st != nil {
+						c.State[st.GetKey()] = st.GetValue()
+					}
+				}
+				c.Response = &policy.ResponseContext{Status: 200}
+				resp, _ := p.Execute(t.Context(), c)
+				p.ObserveChain(c, policy.Outcome{Status: resp.Status})
+				return req, resp
+			}
+			waitFailing := func(want bool) {
+				t.Helper()
+				testenv.WaitFor(t, 5*time.Second, "the sink's state", func() bool { return fac.sink.failing.Load() == want })
+			}
+			w.set(true)
+			if req, _ := exchange(); req.Status != agentv1.StatusCode_OK {
+				t.Fatal("the first exchange is refused before any write failed")
+			}
+			waitFailing(true)
+			if err := fac.HealthCheck(t.Context()); err == nil {
+				t.Fatal("HealthCheck: nil with a failing sink")
+			}
+			deny, cont := sinkFailingDeny.Get(), sinkFailingContinue.Get()
+			req, resp := exchange()
+			if mode == SinkErrorContinue {
+				if req.Status != agentv1.StatusCode_OK || resp.Status != agentv1.StatusCode_OK {
+					t.Fatalf("continue: %v %v", req, resp)
+				}
+				if n := sinkFailingContinue.Get() - cont; n != 1 {
+					t.Fatalf("continue counted %d times for one exchange", n)
+				}
+			} else {
+				ir := req.Instructions[0].GetImmediateResponse()
+				if req.Status != agentv1.StatusCode_POLICY_DENIED || ir.GetStatusCode() != 503 || !strings.Contains(string(ir.GetBody()), "audit_log_unavailable") {
+					t.Fatalf("deny: %+v", req)
+				}
+				if n := sinkFailingDeny.Get() - deny; n != 1 {
+					t.Fatalf("deny counted %d times", n)
+				}
+			}
+			// The disk has room again: the next record is written and the sink recovers.
+			w.set(false)
+			exchange()
+			waitFailing(false)
+			if req, resp := exchange(); req.Status != agentv1.StatusCode_OK || resp.Status != agentv1.StatusCode_OK {
+				t.Fatalf("after recovery: %v %v", req, resp)
+			}
+		})
+	}
+}
+
+// TestRotatingFileRecovers: after a flush fails (the disk is full), the file is reopened by the
+// next record instead of failing for good (bufio.Writer keeps its first error).
+func TestRotatingFileRecovers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	r := newRotatingFile(path, 1<<20, 1)
+	defer r.Close()
+	if _, err := r.Write([]byte("a\n")); err != nil {
+		t.Fatal(err)
+	}
+	// Make the open file unwritable, as a full disk would be.
+	r.f.Close()
+	if err := r.Flush(); err == nil {
+		t.Fatal("Flush to a closed file succeeded")
+	}
+	if _, err := r.Write([]byte("b\n")); err != nil {
+		t.Fatalf("Write after a failed flush: %v", err)
+	}
+	if err := r.Flush(); err != nil {
+		t.Fatalf("Flush after a failed flush: %v", err)
+	}
+	if got := readLines(t, path); !equal(got, []string{"b"}) {
+		t.Fatalf("file holds %q", got)
 	}
 }

@@ -20,6 +20,9 @@ var (
 	droppedFull    = metrics.GetOrCreateCounter(`policy_agent_audit_log_dropped_total{reason="queue_full"}`)
 	droppedClosed  = metrics.GetOrCreateCounter(`policy_agent_audit_log_dropped_total{reason="closed"}`)
 	writeErrors    = metrics.GetOrCreateCounter(`policy_agent_audit_log_write_errors_total`)
+
+	sinkFailingDeny     = metrics.GetOrCreateCounter(`policy_agent_audit_log_sink_failing_requests_total{action="deny"}`)
+	sinkFailingContinue = metrics.GetOrCreateCounter(`policy_agent_audit_log_sink_failing_requests_total{action="continue"}`)
 )
 
 // stdout is where the stdout sink writes; tests replace it.
@@ -39,10 +42,23 @@ type flushWriter interface {
 	Close() error
 }
 
-// stdoutWriter buffers writes to stdout; closing it flushes but leaves stdout open.
-type stdoutWriter struct{ *bufio.Writer }
+// stdoutWriter buffers writes to stdout (out); closing it flushes but leaves stdout open.
+type stdoutWriter struct {
+	*bufio.Writer
+	out io.Writer
+}
 
 func (w stdoutWriter) Write(p []byte) (int, error) { return writeWhole(w.Writer, p) }
+
+// Flush writes the buffer out; after a failure the buffer is dropped (its records are lost and
+// counted), so that a later flush can succeed: bufio.Writer keeps its first error for good.
+func (w stdoutWriter) Flush() error {
+	err := w.Writer.Flush()
+	if err != nil {
+		w.Writer.Reset(w.out)
+	}
+	return err
+}
 
 func (w stdoutWriter) Close() error { return w.Flush() }
 
@@ -87,6 +103,8 @@ type sink struct {
 	errMu    sync.Mutex
 	lastErr  error
 	closeErr error
+	// failing is lastErr != nil, read by every exchange without a lock.
+	failing atomic.Bool
 }
 
 func newSink(w flushWriter, queueSize int, log *logging.Logger) *sink {
@@ -184,6 +202,7 @@ func (s *sink) setErr(err error) {
 	}
 	s.errMu.Lock()
 	s.lastErr = err
+	s.failing.Store(err != nil)
 	s.errMu.Unlock()
 }
 

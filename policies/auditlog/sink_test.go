@@ -120,7 +120,7 @@ func responseContextFor(id string) *policy.Context {
 // TestCloseTimeout shows that Close gives up on an output that takes nothing.
 func TestCloseTimeout(t *testing.T) {
 	r, w, _ := blockedPipe(t)
-	s := newSink(stdoutWriter{bufio.NewWriter(w)}, 4, nil)
+	s := newSink(stdoutWriter{bufio.NewWriter(w), w}, 4, nil)
 	s.closeTimeout = 100 * time.Millisecond
 	s.enqueue([]byte("{}\n"))
 	s.enqueue([]byte("{}\n"))
@@ -275,7 +275,7 @@ func (w *writesRecorder) Write(p []byte) (int, error) {
 // output, whatever the record sizes, so two writers on one output cannot cut records.
 func TestWritesHoldWholeRecords(t *testing.T) {
 	out := &writesRecorder{}
-	w := stdoutWriter{bufio.NewWriterSize(out, 64)}
+	w := stdoutWriter{bufio.NewWriterSize(out, 64), out}
 	var want strings.Builder
 	for i, n := range []int{10, 30, 30, 5, 100, 20, 63, 64, 65, 1} {
 		rec := fmt.Sprintf("%d:%s\n", i, strings.Repeat("x", n))

@@ -714,6 +714,11 @@ type JWTValidation struct {
 	invalid              [numReasons]policy.Result
 }
 
+// CredentialNames names the token header, for the audit log to redact.
+func (p *JWTValidation) CredentialNames() policy.Credentials {
+	return policy.Credentials{Headers: []string{p.header}}
+}
+
 // Execute validates the request's token.
 func (p *JWTValidation) Execute(ctx context.Context, c *policy.Context) (policy.Result, error) {
 	tok, ok := p.token(c.Headers[p.header])
@@ -864,11 +869,12 @@ func (d *duration) UnmarshalJSON(b []byte) error {
 }
 
 var (
-	_ policy.Factory       = (*Factory)(nil)
-	_ policy.HealthChecker = (*Factory)(nil)
-	_ io.Closer            = (*Factory)(nil)
-	_ policy.Policy        = (*JWTValidation)(nil)
-	_ policy.HeaderOwner   = (*JWTValidation)(nil)
-	_ keyProvider          = staticKeys{}
-	_ keyProvider          = (*remoteKeys)(nil)
+	_ policy.Factory          = (*Factory)(nil)
+	_ policy.HealthChecker    = (*Factory)(nil)
+	_ io.Closer               = (*Factory)(nil)
+	_ policy.Policy           = (*JWTValidation)(nil)
+	_ policy.HeaderOwner      = (*JWTValidation)(nil)
+	_ policy.CredentialReader = (*JWTValidation)(nil)
+	_ keyProvider             = staticKeys{}
+	_ keyProvider             = (*remoteKeys)(nil)
 )

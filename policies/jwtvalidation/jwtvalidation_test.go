@@ -644,3 +644,19 @@ func BenchmarkExecute(b *testing.B) {
 		})
 	}
 }
+
+// TestCredentialNames: the token header, default or configured, is named for the audit log.
+func TestCredentialNames(t *testing.T) {
+	testKeys(t)
+	t.Setenv("JWT_TEST_SECRET", strings.Repeat("s3cr3t-", 6))
+	f := newFactory(t, `{"hmac_secret_env":"JWT_TEST_SECRET"}`, nil, nil)
+	for md, want := range map[string]string{"": "authorization", "X-Identity": "x-identity"} {
+		var meta map[string]string
+		if md != "" {
+			meta = map[string]string{"header": md}
+		}
+		if got := policy.CredentialReader(build(t, f, meta)).CredentialNames().Headers; len(got) != 1 || got[0] != want {
+			t.Errorf("header %q: credential names %v, want [%s]", md, got, want)
+		}
+	}
+}
