@@ -142,7 +142,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		o := core.Observability
 		h := obs.Handler(obs.Options{
 			Sets:           func() []*metrics.Set { return []*metrics.Set{exec.metrics.Set()} },
-			Pprof:          o.PprofEnabled == nil || *o.PprofEnabled,
+			Pprof:          o.PprofEnabled != nil && *o.PprofEnabled,
 			ProcessMetrics: true,
 			Families:       Families,
 			NoMetrics:      o.MetricsEnabled != nil && !*o.MetricsEnabled,

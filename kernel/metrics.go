@@ -35,6 +35,9 @@ type kernelMetrics struct {
 	lastReloadSuccessTS          float64
 	infoVersion                  string
 	protocolErrors               *metrics.Counter
+	// The ext_proc port's limits and TLS.
+	connRefused, streamsIdleClosed  *metrics.Counter
+	tlsReloadSuccess, tlsReloadFail *metrics.Counter
 }
 
 type routeMetrics struct {
@@ -66,6 +69,10 @@ var Families = []obs.Family{
 	{Name: "policy_kernel_mutations_rejected_total", Type: "counter", Help: "Header mutations dropped because Envoy's mutation rules would reject them, by route and agent."},
 	{Name: "policy_kernel_body_missing_total", Type: "counter", Help: "Bodies a chain reads that Envoy did not send (allow_mode_override off, a body mode of NONE, trailers without a body, or an exchange that ended first), by route, agent and phase; a request is refused when a message still arrives to answer."},
 	{Name: "policy_kernel_streams_active", Type: "gauge", Help: "ext_proc streams open now."},
+	{Name: "policy_kernel_connections_active", Type: "gauge", Help: "Connections open now on the ext_proc port."},
+	{Name: "policy_kernel_connections_refused_total", Type: "counter", Help: "Connections to the ext_proc port closed at once because server.max_connections were open."},
+	{Name: "policy_kernel_streams_idle_closed_total", Type: "counter", Help: "ext_proc streams ended because they received and sent no message for server.stream_idle_timeout_ms."},
+	{Name: "policy_kernel_tls_reload_total", Type: "counter", Help: "Reloads of the ext_proc port's certificate files after they changed, by status: success or failure (the previous certificates stay)."},
 }
 
 type agentMetrics struct {
@@ -85,6 +92,8 @@ func newKernelMetrics() *kernelMetrics {
 		return m.lastReloadSuccessTS
 	})
 	m.protocolErrors = m.set.NewCounter(`policy_kernel_protocol_errors_total`)
+	m.connRefused = m.set.NewCounter(`policy_kernel_connections_refused_total`)
+	m.streamsIdleClosed = m.set.NewCounter(`policy_kernel_streams_idle_closed_total`)
 	return m
 }
 
@@ -184,4 +193,15 @@ func (m *kernelMetrics) setInfo(version string) {
 // registerStreams exports the number of open ext_proc streams.
 func (m *kernelMetrics) registerStreams(s *Server) {
 	m.set.GetOrCreateGauge(`policy_kernel_streams_active`, func() float64 { return float64(s.streams.Load()) })
+}
+
+// registerConnections exports the number of connections open on the ext_proc port.
+func (m *kernelMetrics) registerConnections(l *limitListener) {
+	m.set.GetOrCreateGauge(`policy_kernel_connections_active`, func() float64 { return float64(l.active.Load()) })
+}
+
+// registerTLS creates the certificate reload counters; only a kernel serving TLS has them.
+func (m *kernelMetrics) registerTLS() {
+	m.tlsReloadSuccess = m.set.GetOrCreateCounter(`policy_kernel_tls_reload_total{status="success"}`)
+	m.tlsReloadFail = m.set.GetOrCreateCounter(`policy_kernel_tls_reload_total{status="failure"}`)
 }
