@@ -111,6 +111,13 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	kc := cfg.PolicyKernel
+	// A config or agent socket that any user could replace is refused at start-up, as under
+	// --validate (which reports it with every other problem).
+	if !f.validate {
+		if errs := permissionProblems(f.config, kc); len(errs) > 0 {
+			return errors.Join(errs...)
+		}
+	}
 	level, _ := logging.ParseLevel(kc.Observability.LogLevel)
 	log := logging.New(stderr, "kernel", level)
 	m := newKernelMetrics()

@@ -25,6 +25,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/policy-engine/policy-engine/internal/envoytest"
 	"github.com/policy-engine/policy-engine/internal/testenv"
 )
@@ -412,4 +414,70 @@ func TestLockdownDefaultAddress(t *testing.T) {
 		}
 	}
 	t.Fatalf("no serving line:\n%s", k.Output())
+}
+
+// TestLockdownPermissionsAtStartup starts both binaries, without --validate, on a config in a
+// directory every user may write to: both refuse to start, exit 1 and say why. The same
+// directory seen through a read-only bind mount (how Kubernetes mounts a ConfigMap) is
+// accepted, where the test can make one.
+func TestLockdownPermissionsAtStartup(t *testing.T) {
+	kbin, abin := testenv.Binaries(t)
+	root := t.TempDir()
+	dir := filepath.Join(root, "etc")
+	run := filepath.Join(root, "run")
+	for _, d := range []string{dir, run} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := filepath.Join(run, "agent.sock")
+	kcfg, acfg := filepath.Join(dir, "kernel.yaml"), filepath.Join(dir, "agent.yaml")
+	writeFile(t, kcfg, []byte(`policy_kernel:
+  agents:
+    - name: default
+      socket_path: "`+sock+`"
+  observability:
+    metrics_port: -1
+`))
+	writeFile(t, acfg, []byte(strings.NewReplacer("{{SOCK}}", sock, `  observability:
+    metrics_address: "{{AGENT_METRICS}}"
+`, "").Replace(agentYAML)))
+	if err := os.Chmod(dir, os.ModeSticky|0o777); err != nil {
+		t.Fatal(err)
+	}
+	want := `config directory "` + dir + `" is writable by every user (mode 1777)`
+	refused := func(name, bin string, args ...string) {
+		t.Helper()
+		p := testenv.Start(t, bin, nil, args...)
+		err, ok := p.Wait(testenv.StartTimeout)
+		if !ok {
+			t.Fatalf("%s started on a world-writable config directory:\n%s", name, p.Output())
+		}
+		if p.Cmd.ProcessState.ExitCode() != 1 || !strings.Contains(p.Output(), want) {
+			t.Fatalf("%s: %v, output:\n%s\nwant exit 1 and %q", name, err, p.Output(), want)
+		}
+		t.Logf("reliability: %s on a world-writable config directory: exit 1: %s", name, strings.TrimSpace(p.Output()))
+	}
+	refused("agent", abin, "--config", acfg)
+	refused("kernel", kbin, "--config", kcfg, "--listen", testenv.FreeAddr(t), "--agent-wait", "0s")
+
+	// The same directory through a read-only bind mount: nobody can write there.
+	ro := filepath.Join(root, "ro")
+	if err := os.Mkdir(ro, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(dir, ro, "", unix.MS_BIND, ""); err != nil {
+		t.Skipf("no bind mount here (%v): the read-only case is covered by internal/fsperm's unit test", err)
+	}
+	t.Cleanup(func() { unix.Unmount(ro, unix.MNT_DETACH) })
+	if err := unix.Mount("", ro, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+		t.Skipf("no read-only remount here (%v)", err)
+	}
+	a := testenv.Start(t, abin, nil, "--config", filepath.Join(ro, "agent.yaml"))
+	testenv.WaitDial(t, a, "unix", sock)
+	addr := testenv.FreeAddr(t)
+	k := testenv.Start(t, kbin, nil, "--config", filepath.Join(ro, "kernel.yaml"), "--listen", addr, "--agent-wait", "5s")
+	testenv.WaitDial(t, k, "tcp", addr)
+	// Stop both before the mount goes, so that it is not busy.
+	t.Cleanup(func() { k.Stop(t); a.Stop(t) })
 }
