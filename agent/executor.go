@@ -285,7 +285,15 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	}
 	var buf [8]resolved
 	chain := s.resolve(req.GetPolicies(), buf[:0])
+	var start time.Time
+	debug := e.debugOn()
+	if debug {
+		start = time.Now()
+	}
 	resp = e.runChain(ctx, s, req, chain, pc, resp)
+	if debug {
+		e.logChain(req, resp, time.Since(start))
+	}
 	// Every policy of the chain that observes outcomes sees this one, also when an earlier
 	// policy ended the chain before it ran.
 	for _, r := range chain {
@@ -402,6 +410,11 @@ func (e *Executor) runChain(ctx context.Context, s *execSnapshot, req *agentv1.P
 // run executes one policy and turns a panic into an error, so that one faulty policy cannot
 // take the agent down.
 func (e *Executor) run(ctx context.Context, p policy.Policy, pc *policy.Context, name string) (r policy.Result, err error) {
+	var start time.Time
+	debug := e.debugOn()
+	if debug {
+		start = time.Now()
+	}
 	defer func() {
 		if v := recover(); v != nil {
 			err = fmt.Errorf("policy %q panicked: %v", name, v)
@@ -409,12 +422,15 @@ func (e *Executor) run(ctx context.Context, p policy.Policy, pc *policy.Context,
 				e.log.Error().Str("policy", name).Str("panic", fmt.Sprint(v)).Msg("policy panicked")
 			}
 		}
+		if debug {
+			e.logPolicy(pc, name, r, err, time.Since(start))
+		}
 	}()
 	return p.Execute(ctx, pc)
 }
 
 func (e *Executor) logFailure(req *agentv1.PolicyRequest, name string, err error, action string) {
-	if ev := e.log.Warn(); ev != nil {
+	if ev := e.log.Error(); ev != nil {
 		ev.Str("request_id", req.GetRequestId()).Str("route", req.GetRouteName()).Str("policy", name).
 			Str("on_failure", action).Str("error", err.Error()).Msg("policy failed")
 	}

@@ -16,6 +16,9 @@ const (
 	statusError        = "error"
 	statusFailOpen     = "fail_open"
 	statusInvalidRoute = "invalid_route"
+	// statusNoRoute counts requests that matched no route when there is no default_policy:
+	// they go on without any policy, on the one series without route and agent.
+	statusNoRoute = "no_route"
 )
 
 var allStatuses = []string{statusAllow, statusDeny, statusError, statusFailOpen, statusInvalidRoute}
@@ -35,6 +38,7 @@ type kernelMetrics struct {
 	lastReloadSuccessTS          float64
 	infoVersion                  string
 	protocolErrors               *metrics.Counter
+	noRoute                      *metrics.Counter
 	// The ext_proc port's limits and TLS.
 	connRefused, streamsIdleClosed  *metrics.Counter
 	tlsReloadSuccess, tlsReloadFail *metrics.Counter
@@ -56,7 +60,7 @@ var durationBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .2
 
 // Families describes the kernel's metrics for /metrics (HELP and TYPE) and the operations guide.
 var Families = []obs.Family{
-	{Name: "policy_kernel_requests_total", Type: "counter", Help: "HTTP requests by route, agent and the request phase's outcome: allow, deny, error, fail_open, invalid_route."},
+	{Name: "policy_kernel_requests_total", Type: "counter", Help: "HTTP requests by route, agent and the request phase's outcome: allow, deny, error, fail_open, invalid_route; requests that matched no route while there is no default_policy are no_route, on one series with an empty route and agent."},
 	{Name: "policy_kernel_response_phase_total", Type: "counter", Help: "Response-phase chain runs by route, agent and outcome: allow, deny, error, fail_open."},
 	{Name: "policy_kernel_request_duration_seconds", Type: "histogram", Help: "Time the kernel took to answer an ext_proc message that ran a policy chain, agent call included, by route and agent."},
 	{Name: "policy_kernel_agent_health", Type: "gauge", Help: "1 when the agent answered its last health check, else 0."},
@@ -92,6 +96,7 @@ func newKernelMetrics() *kernelMetrics {
 		return m.lastReloadSuccessTS
 	})
 	m.protocolErrors = m.set.NewCounter(`policy_kernel_protocol_errors_total`)
+	m.noRoute = m.set.NewCounter(`policy_kernel_requests_total{route="",agent="",status="` + statusNoRoute + `"}`)
 	m.connRefused = m.set.NewCounter(`policy_kernel_connections_refused_total`)
 	m.streamsIdleClosed = m.set.NewCounter(`policy_kernel_streams_idle_closed_total`)
 	return m

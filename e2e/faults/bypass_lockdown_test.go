@@ -129,8 +129,10 @@ func writeFile(t *testing.T, path string, data []byte) {
 // lockdownKernel is a kernel config with one apiKeyAuth route, /keyed, one with a response
 // chain, /audited, and the given server settings.
 func lockdownKernel(server string) string {
+	if server != "" {
+		server = "  server:\n" + server
+	}
 	return `policy_kernel:
-  server:
 ` + server + `  agents:
     - name: default
       socket_path: "{{SOCK}}"
@@ -453,7 +455,7 @@ func TestLockdownPermissionsAtStartup(t *testing.T) {
 		if !ok {
 			t.Fatalf("%s started on a world-writable config directory:\n%s", name, p.Output())
 		}
-		if p.Cmd.ProcessState.ExitCode() != 1 || !strings.Contains(p.Output(), want) {
+		if got := fatalLine(t, p.Output()); p.Cmd.ProcessState.ExitCode() != 1 || !strings.Contains(got, want) {
 			t.Fatalf("%s: %v, output:\n%s\nwant exit 1 and %q", name, err, p.Output(), want)
 		}
 		t.Logf("reliability: %s on a world-writable config directory: exit 1: %s", name, strings.TrimSpace(p.Output()))
@@ -480,4 +482,144 @@ func TestLockdownPermissionsAtStartup(t *testing.T) {
 	testenv.WaitDial(t, k, "tcp", addr)
 	// Stop both before the mount goes, so that it is not busy.
 	t.Cleanup(func() { k.Stop(t); a.Stop(t) })
+}
+
+// fatalLine returns the errors of the JSON line a process writes when it stops on an error
+// (level error, "fatal": true), one a line, or "" when there is none.
+func fatalLine(t *testing.T, out string) string {
+	t.Helper()
+	for _, l := range testenv.LogLines(t, out) {
+		if l.Level == "error" && l.Metadata["fatal"] == true {
+			var errs []string
+			list, _ := l.Metadata["errors"].([]any)
+			for _, e := range list {
+				s, _ := e.(string)
+				errs = append(errs, s)
+			}
+			return strings.Join(errs, "\n")
+		}
+	}
+	return ""
+}
+
+// logLines returns the lines of a process's JSON log with message msg.
+func logLinesWith(t *testing.T, logs, msg string) []testenv.LogLine {
+	t.Helper()
+	var out []testenv.LogLine
+	for _, l := range testenv.LogLines(t, logs) {
+		if strings.Contains(l.Message, msg) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// TestLockdownDebugLogs: at info nothing is logged per request; at debug (after a reload) the
+// kernel logs the route it picked and how the agent call ended, the agent each policy's run
+// and the context updates, credentials redacted; a request with no route is logged (throttled)
+// and counted as no_route.
+func TestLockdownDebugLogs(t *testing.T) {
+	kernelYAML := lockdownKernel("")
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernelYAML})
+	c := e.Dial(t, envoyConfig)
+	traffic := func() {
+		t.Helper()
+		if s := play(c, "/keyed", keyed("/keyed?api_key=fault-key-1")); !served(s) {
+			t.Fatalf("keyed request: %s", s.outcome())
+		}
+		// No route and no default_policy: it goes on without policy, and is counted.
+		if s := play(c, "/elsewhere", request("/elsewhere")); s.outcome() != "upstream" {
+			t.Fatalf("unrouted request: %s", s.outcome())
+		}
+	}
+	traffic()
+	kn, an := len(testenv.LogLines(t, e.Kernel.Output())), len(testenv.LogLines(t, e.Agent.Output()))
+	traffic()
+	if k, a := len(testenv.LogLines(t, e.Kernel.Output())), len(testenv.LogLines(t, e.Agent.Output())); k != kn || a != an {
+		t.Fatalf("at info, requests logged %d kernel and %d agent lines:\n%s\n%s", k-kn, a-an, e.Kernel.Output(), e.Agent.Output())
+	}
+	if n := metric(t, e, `policy_kernel_requests_total{route="",agent="",status="no_route"}`); n != 2 {
+		t.Fatalf("no_route requests counted: %v, want 2", n)
+	}
+
+	writeAtomically(t, e, e.KernelConfig, kernelYAML+"  observability: {log_level: debug}\n")
+	e.Reload(t, "config reloaded")
+	writeAtomically(t, e, e.AgentConfig, agentYAML+"    log_level: debug\n")
+	e.Agent.Reload(t, "config reloaded")
+	time.Sleep(5100 * time.Millisecond) // past the throttle of the unrouted line
+	traffic()
+
+	klog, alog := e.Kernel.Output(), e.Agent.Output()
+	if strings.Contains(klog+alog, "fault-key-1") {
+		t.Fatalf("the API key reached a log:\n%s\n%s", klog, alog)
+	}
+	if l := logLinesWith(t, klog, "route picked"); len(l) == 0 || l[len(l)-1].Level != "debug" || l[len(l)-1].Metadata["route"] != "/keyed" || l[len(l)-1].Metadata["path"] != "/keyed" {
+		t.Fatalf("no debug line of the route picked (query string left out):\n%s", klog)
+	}
+	if l := logLinesWith(t, klog, "agent call answered"); len(l) == 0 || l[len(l)-1].Metadata["status"] != "OK" {
+		t.Fatalf("no debug line of the agent call:\n%s", klog)
+	}
+	if l := logLinesWith(t, klog, "no route and no default_policy"); len(l) != 1 || l[0].Level != "debug" {
+		t.Fatalf("unrouted request lines %d, want 1 at debug:\n%s", len(l), klog)
+	}
+	pl := logLinesWith(t, alog, "policy ran")
+	if len(pl) == 0 || pl[len(pl)-1].Metadata["policy"] != "apiKeyAuth" || pl[len(pl)-1].Level != "debug" {
+		t.Fatalf("no debug line of the policy's run:\n%s", alog)
+	}
+	if u := fmt.Sprint(pl[len(pl)-1].Metadata["updates"]); !strings.Contains(u, "set header x-user-id: fault-user") {
+		t.Fatalf("context updates %q, want the header apiKeyAuth set", u)
+	}
+	if l := logLinesWith(t, alog, "chain ran"); len(l) == 0 {
+		t.Fatalf("no debug line of the chain's run:\n%s", alog)
+	}
+}
+
+// TestLockdownFailureLogLevels: a failed policy is an ERROR in both processes, an agent timeout
+// a WARN, a retried call an INFO line; the reasons go with them.
+func TestLockdownFailureLogLevels(t *testing.T) {
+	routes := `    - route_name: /panics
+      agent: closed
+      request_policy_chain: [{policy: testPanic}]
+    - route_name: /slow
+      agent: closed
+      request_policy_chain: [{policy: testSleep, metadata: {sleep_ms: 1500}}]
+    - route_name: /keyed
+      agent: closed
+      request_policy_chain: [{policy: apiKeyAuth}]
+`
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: twoAgents(300, 1000, routes), AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
+	c := e.Dial(t, envoyConfig)
+	if s := play(c, "/panics", request("/panics")); s.outcome() != "500 policy_error" {
+		t.Fatalf("failing policy: %s", s.outcome())
+	}
+	if s := play(c, "/slow", request("/slow")); s.outcome() != "500 policy_agent_timeout" {
+		t.Fatalf("slow policy: %s", s.outcome())
+	}
+	level := func(logs, msg string) string {
+		t.Helper()
+		var l []testenv.LogLine
+		testenv.WaitFor(t, 5*time.Second, "a line "+msg, func() bool { l = logLinesWith(t, logs, msg); return len(l) > 0 })
+		return l[0].Level
+	}
+	if lv := level(e.Kernel.Output(), "policy failed; request denied"); lv != "error" {
+		t.Errorf("kernel's policy failure at %s, want error", lv)
+	}
+	if lv := level(e.Agent.Output(), "policy failed"); lv != "error" {
+		t.Errorf("agent's policy failure at %s, want error", lv)
+	}
+	if lv := level(e.Kernel.Output(), "policy agent call failed"); lv != "warn" {
+		t.Errorf("agent timeout at %s, want warn", lv)
+	}
+	e.Agent.Kill()
+	if s := play(c, "/keyed", keyed("/keyed")); s.outcome() != "500 policy_agent_unavailable" {
+		t.Fatalf("agent gone: %s", s.outcome())
+	}
+	var retry []testenv.LogLine
+	testenv.WaitFor(t, 5*time.Second, "a retry line", func() bool {
+		retry = logLinesWith(t, e.Kernel.Output(), "retrying")
+		return len(retry) > 0
+	})
+	if retry[0].Level != "info" || retry[0].Metadata["agent"] != "closed" {
+		t.Errorf("retry line %s", retry[0].Text)
+	}
 }

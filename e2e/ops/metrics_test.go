@@ -183,7 +183,7 @@ func TestMetrics(t *testing.T) {
 // and not on the others.
 func TestAlertRules(t *testing.T) {
 	out := promtool(t, "", "check", "rules", repoRoot+"deploy/prometheus/alerts.yml")
-	if !strings.Contains(out, "SUCCESS: 5 rules found") {
+	if !strings.Contains(out, "SUCCESS: 6 rules found") {
 		t.Fatalf("promtool check rules: %s", out)
 	}
 	promtool(t, "", "test", "rules", repoRoot+"deploy/prometheus/alerts_test.yml")
