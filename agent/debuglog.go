@@ -13,8 +13,7 @@ import (
 
 // The lines an operator turns on with log_level: debug. Every call site checks the level first
 // (one atomic load), so that at info they cost nothing more. No value that may be a credential
-// is written: header and state values whose name says credential are replaced by
-// "[redacted]", and bodies are written as their size.
+// is written: context updates are written as names and sizes.
 
 // debugOn reports whether the debug lines are written.
 func (e *Executor) debugOn() bool { return e.log.Enabled(zerolog.DebugLevel) }
@@ -56,38 +55,29 @@ func (e *Executor) logChain(req *agentv1.PolicyRequest, resp *agentv1.PolicyResp
 	ev.Msg("chain ran")
 }
 
-// contextUpdates describes instructions for the log, credentials redacted.
+// contextUpdates describes instructions for the log: names and sizes, never a value. A value
+// may be a credential whatever its name: a policy may copy a token into any header.
 func contextUpdates(ins []*agentv1.Instruction) []string {
 	var out []string
 	for _, in := range ins {
 		switch in.GetType() {
 		case agentv1.InstructionType_SET_HEADER:
 			h := in.GetHeader()
-			out = append(out, "set header "+h.GetKey()+": "+redact(h.GetKey(), h.GetValue()))
+			verb := "set header "
+			if h.GetAppend() {
+				verb = "append header "
+			}
+			out = append(out, verb+h.GetKey()+" ("+strconv.Itoa(len(h.GetValue()))+" bytes)")
 		case agentv1.InstructionType_REMOVE_HEADER:
 			out = append(out, "remove header "+in.GetHeader().GetKey())
 		case agentv1.InstructionType_SET_BODY:
-			out = append(out, "set body: "+strconv.Itoa(len(in.GetBody().GetBody()))+" bytes")
+			out = append(out, "set body ("+strconv.Itoa(len(in.GetBody().GetBody()))+" bytes)")
 		case agentv1.InstructionType_SET_STATE:
 			st := in.GetState()
-			out = append(out, "set state "+st.GetKey()+": "+redact(st.GetKey(), st.GetValue()))
+			out = append(out, "set state "+st.GetKey()+" ("+strconv.Itoa(len(st.GetValue()))+" bytes)")
 		case agentv1.InstructionType_IMMEDIATE_RESPONSE:
 			out = append(out, "immediate response "+strconv.Itoa(int(in.GetImmediateResponse().GetStatusCode())))
 		}
 	}
 	return out
-}
-
-// sensitiveWords mark a header or state name whose value may be a credential.
-var sensitiveWords = []string{"auth", "cookie", "token", "secret", "password", "passwd", "key", "session", "jwt", "credential", "signature"}
-
-// redact returns value, or "[redacted]" when name looks like it holds a credential.
-func redact(name, value string) string {
-	n := strings.ToLower(name)
-	for _, w := range sensitiveWords {
-		if strings.Contains(n, w) {
-			return "[redacted]"
-		}
-	}
-	return value
 }
