@@ -171,7 +171,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", f.config, err)
 		}
-		opts = append(opts, grpc.Creds(credentials.NewTLS(cf.serverConfig())))
+		opts = append(opts, grpc.Creds(newRefusalCounter(credentials.NewTLS(cf.serverConfig()), m, log)))
 	}
 	var idle *idleStreams
 	if ms := kc.Server.StreamIdleTimeoutMS; ms > 0 {

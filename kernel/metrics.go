@@ -42,6 +42,7 @@ type kernelMetrics struct {
 	// The ext_proc port's limits and TLS.
 	connRefused, streamsIdleClosed  *metrics.Counter
 	tlsReloadSuccess, tlsReloadFail *metrics.Counter
+	tlsHandshakeFail                *metrics.Counter
 }
 
 type routeMetrics struct {
@@ -76,6 +77,7 @@ var Families = []obs.Family{
 	{Name: "policy_kernel_connections_active", Type: "gauge", Help: "Connections open now on the ext_proc port."},
 	{Name: "policy_kernel_connections_refused_total", Type: "counter", Help: "Connections to the ext_proc port closed at once because server.max_connections were open."},
 	{Name: "policy_kernel_streams_idle_closed_total", Type: "counter", Help: "ext_proc streams ended because they received and sent no message for server.stream_idle_timeout_ms."},
+	{Name: "policy_kernel_tls_handshake_failures_total", Type: "counter", Help: "Connections to the ext_proc port refused in the TLS handshake: no client certificate of client_ca_file, a plaintext client, or no handshake within 5 s."},
 	{Name: "policy_kernel_tls_reload_total", Type: "counter", Help: "Reloads of the ext_proc port's certificate files after they changed, by status: success or failure (the previous certificates stay)."},
 }
 
@@ -209,4 +211,5 @@ func (m *kernelMetrics) registerConnections(l *limitListener) {
 func (m *kernelMetrics) registerTLS() {
 	m.tlsReloadSuccess = m.set.GetOrCreateCounter(`policy_kernel_tls_reload_total{status="success"}`)
 	m.tlsReloadFail = m.set.GetOrCreateCounter(`policy_kernel_tls_reload_total{status="failure"}`)
+	m.tlsHandshakeFail = m.set.GetOrCreateCounter(`policy_kernel_tls_handshake_failures_total`)
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"google.golang.org/grpc/credentials"
 
 	"github.com/policy-engine/policy-engine/internal/logging"
 )
@@ -140,4 +142,33 @@ func (c *certFiles) load() (*tls.Config, error) {
 		}
 	}
 	return tc, nil
+}
+
+// refusalCounter counts and logs (throttled) the handshakes the listener refuses: a client
+// without a certificate of client_ca_file, a plaintext client, a client that never finishes.
+type refusalCounter struct {
+	credentials.TransportCredentials
+	metrics *kernelMetrics
+	log     *logging.Logger
+	logT    *logging.Throttle
+}
+
+func newRefusalCounter(c credentials.TransportCredentials, m *kernelMetrics, log *logging.Logger) *refusalCounter {
+	return &refusalCounter{TransportCredentials: c, metrics: m, log: log, logT: logging.NewThrottle(10 * time.Second)}
+}
+
+func (r *refusalCounter) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	out, info, err := r.TransportCredentials.ServerHandshake(conn)
+	if err != nil {
+		r.metrics.tlsHandshakeFail.Inc()
+		if r.logT.Allow() {
+			r.log.Warn().Str("remote", conn.RemoteAddr().String()).Err(err).
+				Msg("ext_proc TLS handshake refused (logged at most once every 10 s)")
+		}
+	}
+	return out, info, err
+}
+
+func (r *refusalCounter) Clone() credentials.TransportCredentials {
+	return &refusalCounter{TransportCredentials: r.TransportCredentials.Clone(), metrics: r.metrics, log: r.log, logT: r.logT}
 }

@@ -219,6 +219,14 @@ func TestLockdownMTLS(t *testing.T) {
 	if s := play(e.Dial(t, envoyConfig), "/keyed", keyed("/keyed")); !refusedAtTransport(s) {
 		t.Fatalf("plaintext client: %s, want refused", s.outcome())
 	}
+	// Each refusal is counted, and logged (throttled) with the remote address.
+	if n := metric(t, e, `policy_kernel_tls_handshake_failures_total`); n < 3 {
+		t.Fatalf("refused handshakes counted: %v, want at least 3", n)
+	}
+	testenv.WaitFor(t, 5*time.Second, "the refusal logged", func() bool {
+		l := logLinesWith(t, e.Kernel.Output(), "ext_proc TLS handshake refused")
+		return len(l) == 1 && l[0].Level == "warn" && l[0].Metadata["remote"] != nil
+	})
 }
 
 // TestLockdownTLSRotation replaces the server certificate and the client CA while the kernel
