@@ -59,9 +59,10 @@ type ObservabilityConfig struct {
 	MetricsEnabled *bool `yaml:"metrics_enabled"`
 	// MetricsAddress is where /metrics, /health/* and /debug/pprof/ are served; empty turns
 	// the HTTP listener off.
-	MetricsAddress string         `yaml:"metrics_address"`
-	PprofEnabled   *bool          `yaml:"pprof_enabled"`
-	Tracing        tracing.Config `yaml:"tracing"`
+	MetricsAddress string `yaml:"metrics_address"`
+	// PprofEnabled serves /debug/pprof/ on MetricsAddress; nil means false.
+	PprofEnabled *bool          `yaml:"pprof_enabled"`
+	Tracing      tracing.Config `yaml:"tracing"`
 }
 
 // ResourceLimits caps what one request may carry.

@@ -406,7 +406,15 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	chain := s.resolve(req.GetPolicies(), buf[:0])
 	pc.Credentials = s.creds.Load() // after resolve: it holds the names of this chain's policies
 	resp.Instructions = e.removeOwned(req, chain, pc, resp.Instructions)
+	var start time.Time
+	debug := e.debugOn()
+	if debug {
+		start = time.Now()
+	}
 	resp = e.runChain(cc, s, req, chain, pc, resp)
+	if debug {
+		e.logChain(req, resp, time.Since(start))
+	}
 	// Every policy of the chain that observes outcomes sees this one, also when an earlier
 	// policy ended the chain before it ran.
 	for _, r := range chain {
@@ -573,12 +581,20 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 // run executes one policy and turns a panic into an error, so that one faulty policy cannot
 // take the agent down.
 func (e *Executor) run(ctx context.Context, p policy.Policy, pc *policy.Context, name string) (r policy.Result, err error) {
+	var start time.Time
+	debug := e.debugOn()
+	if debug {
+		start = time.Now()
+	}
 	defer func() {
 		if v := recover(); v != nil {
 			err = fmt.Errorf("policy %q panicked: %v", name, v)
 			if e.panicT.Allow() {
 				e.log.Error().Str("policy", name).Str("panic", fmt.Sprint(v)).Msg("policy panicked")
 			}
+		}
+		if debug {
+			e.logPolicy(pc, name, r, err, time.Since(start))
 		}
 	}()
 	return p.Execute(ctx, pc)
@@ -597,7 +613,7 @@ func (e *Executor) logUnknown(req *agentv1.PolicyRequest, name string) {
 
 // logFailure logs a policy failure and what the chain did about it, at most once a second.
 func (e *Executor) logFailure(req *agentv1.PolicyRequest, name string, err error, action string) {
-	if ev := e.log.Warn(); ev != nil && e.failT.Allow() {
+	if ev := e.log.Error(); ev != nil && e.failT.Allow() {
 		ev.Str("request_id", req.GetRequestId()).Str("route", req.GetRouteName()).Str("policy", name).
 			Str("on_failure", action).Str("error", err.Error()).Msg("policy failed")
 	}

@@ -92,6 +92,11 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	if f.socket != "" {
 		core.SocketPath = f.socket
 	}
+	// A config or socket directory that any user could write to is refused at start-up too.
+	permErr := errors.Join(fsperm.CheckConfig(f.config), fsperm.CheckSocket(uds.Path(core.SocketPath)))
+	if permErr != nil && !f.validate {
+		return permErr
+	}
 	level, _ := logging.ParseLevel(core.Observability.LogLevel)
 	log := logging.New(stderr, "agent", level)
 	exec := NewExecutor(log)
@@ -101,8 +106,8 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	defer exec.Close()
 	if f.validate {
-		if err := errors.Join(fsperm.CheckConfig(f.config), fsperm.CheckSocket(uds.Path(core.SocketPath))); err != nil {
-			return err
+		if permErr != nil {
+			return permErr
 		}
 		fmt.Fprintf(stderr, "%s: valid (version %s)\n", f.config, version)
 		return nil
@@ -142,7 +147,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		o := core.Observability
 		h := obs.Handler(obs.Options{
 			Sets:           func() []*metrics.Set { return []*metrics.Set{exec.metrics.Set()} },
-			Pprof:          o.PprofEnabled == nil || *o.PprofEnabled,
+			Pprof:          o.PprofEnabled != nil && *o.PprofEnabled,
 			ProcessMetrics: true,
 			Families:       Families,
 			NoMetrics:      o.MetricsEnabled != nil && !*o.MetricsEnabled,

@@ -128,7 +128,7 @@ func TestMainServes(t *testing.T) {
 		t.Fatalf("stream end: %v", err)
 	}
 
-	// Metrics, readiness, liveness and pprof on the metrics address.
+	// Metrics, readiness and liveness on the metrics address; pprof only when enabled.
 	get := func(path string) (int, string) { return testenv.HTTPGet("http://" + a.metrics + path) }
 	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, `policy_agent_executions_total{policy="t.setHeader",status="ok"}`) || !strings.Contains(body, "go_goroutines") {
 		t.Fatalf("metrics %d:\n%s", code, body)
@@ -139,8 +139,8 @@ func TestMainServes(t *testing.T) {
 	if code, _ := get("/health/live"); code != 200 {
 		t.Fatalf("live %d", code)
 	}
-	if code, _ := get("/debug/pprof/"); code != 200 {
-		t.Fatalf("pprof %d", code)
+	if code, _ := get("/debug/pprof/"); code != 404 {
+		t.Fatalf("pprof without pprof_enabled: %d, want 404", code)
 	}
 }
 

@@ -240,7 +240,8 @@ func TestMalformedConfigExitsNonZero(t *testing.T) {
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
 		t.Fatalf("kernel exit: %v", err)
 	}
-	if !strings.Contains(string(out), `kernel.yaml:5: policy_kernel.agents[0].timeout_ms: want an integer, got "soon"`) {
+	// The process says why it stops in one JSON line, like the rest of its log.
+	if errs := fatalErrors(t, out); !strings.Contains(errs, `kernel.yaml:5: policy_kernel.agents[0].timeout_ms: want an integer, got "soon"`) {
 		t.Fatalf("kernel output: %s", out)
 	}
 	badAgent := filepath.Join(dir, "agent.yaml")
@@ -249,7 +250,7 @@ func TestMalformedConfigExitsNonZero(t *testing.T) {
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
 		t.Fatalf("agent exit: %v", err)
 	}
-	if !strings.Contains(string(out), "agent.yaml:3: agent_core.sokcet_path: unknown key") || !strings.Contains(string(out), "agent_core.socket_path: missing required key") {
+	if errs := fatalErrors(t, out); !strings.Contains(errs, "agent.yaml:3: agent_core.sokcet_path: unknown key") || !strings.Contains(errs, "agent_core.socket_path: missing required key") {
 		t.Fatalf("agent output: %s", out)
 	}
 	// A key_env naming an unset variable is a clear config error, never an empty key.
@@ -259,4 +260,25 @@ func TestMalformedConfigExitsNonZero(t *testing.T) {
 	if !strings.Contains(string(out), `key_env: environment variable "E2E_UNSET_VARIABLE" is not set`) {
 		t.Fatalf("agent output: %s", out)
 	}
+}
+
+// fatalErrors returns the errors of the one JSON line a process writes when it stops on an
+// error (level error, metadata fatal: true), one a line; it fails the test when there is no
+// such line or when any line of out is not JSON.
+func fatalErrors(t *testing.T, out []byte) string {
+	t.Helper()
+	for _, l := range testenv.LogLines(t, string(out)) {
+		if l.Level != "error" || l.Metadata["fatal"] != true {
+			continue
+		}
+		var errs []string
+		list, _ := l.Metadata["errors"].([]any)
+		for _, e := range list {
+			s, _ := e.(string)
+			errs = append(errs, s)
+		}
+		return strings.Join(errs, "\n")
+	}
+	t.Fatalf("no fatal JSON line in:\n%s", out)
+	return ""
 }

@@ -123,6 +123,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	agent := route.agent
 	span := st.traceCall(req, agent.cfg.Name)
 	resp, err := s.callAgent(ctx, agent, req, start, cfg.Server.MessageTimeoutMS)
+	s.logCall(st, agent, phase, resp, err, start)
 	// The request went out encoded: let go of what it points to (the request context, the
 	// received message its strings point into) while the stream waits for its next message.
 	callID := req.GetCallId()
@@ -157,7 +158,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	case agentv1.StatusCode_POLICY_ERROR:
 		st.outcome(statusError)
 		if s.policyLog.Allow() {
-			s.log.Warn().Str("route", route.Name).Str("request_id", st.requestID).
+			s.log.Error().Str("route", route.Name).Str("request_id", st.requestID).
 				Str("policy", resp.GetStatus().GetPolicyName()).Str("error", resp.GetMessage()).Msg("policy failed; request denied")
 		}
 		return chainResult{immediate: denial(cfg.Server.StatusOnError, "policy_error", "a policy failed")}
@@ -250,6 +251,7 @@ func (s *Server) callAgent(ctx context.Context, agent *agentState, req *agentv1.
 		if time.Until(deadline) <= backoff {
 			break
 		}
+		s.logRetry(agent, attempt, backoff, err)
 		time.Sleep(backoff)
 	}
 	if lastErr == nil {
@@ -285,7 +287,13 @@ func (s *Server) agentFailed(st *stream, agent *agentState, err error) chainResu
 		agent.metrics.unavailable.Inc()
 	}
 	if s.agentLog.Allow() {
-		s.log.Error().Str("agent", agent.cfg.Name).Str("route", route.Name).Str("request_id", st.requestID).
+		// A timeout is the agent being slow, which fail_open or the deny covers: a warning;
+		// an agent that cannot be reached at all is an error.
+		ev := s.log.Error()
+		if timeout {
+			ev = s.log.Warn()
+		}
+		ev.Str("agent", agent.cfg.Name).Str("route", route.Name).Str("request_id", st.requestID).
 			Bool("timeout", timeout).Bool("fail_open", agent.cfg.FailOpen).Str("error", err.Error()).Msg("policy agent call failed")
 	}
 	if agent.cfg.FailOpen {

@@ -49,7 +49,29 @@ type ServerConfig struct {
 	// StatusOnError is the HTTP status of a request denied because the kernel could not
 	// decide (agent down, invalid route, invalid agent reply).
 	StatusOnError int `yaml:"status_on_error"`
+	// MaxConnections caps the connections open at once on the ext_proc port; one past it is
+	// closed as soon as it is accepted.
+	MaxConnections int `yaml:"max_connections"`
+	// StreamIdleTimeoutMS ends an ext_proc stream that has received no message for that long
+	// (a stream legitimately waits between the request and the response phase for as long as
+	// the upstream takes); -1 turns the limit off.
+	StreamIdleTimeoutMS int `yaml:"stream_idle_timeout_ms"`
+	// TLS serves the ext_proc port over TLS, with client certificates when asked.
+	TLS TLSConfig `yaml:"tls"`
 }
+
+// TLSConfig is the ext_proc listener's TLS. The files are read again when they change.
+type TLSConfig struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// ClientCAFile holds the CA certificates that client certificates must chain to.
+	ClientCAFile string `yaml:"client_ca_file"`
+	// RequireClientCert refuses a connection without a valid client certificate (mTLS).
+	RequireClientCert bool `yaml:"require_client_cert"`
+}
+
+// Enabled reports whether the listener serves TLS.
+func (t TLSConfig) Enabled() bool { return t.CertFile != "" }
 
 // AgentConfig is one policy-agent.
 type AgentConfig struct {
@@ -97,10 +119,11 @@ type ChainEntry struct {
 type ObservabilityConfig struct {
 	MetricsPort int `yaml:"metrics_port"`
 	// MetricsAddress is the address the metrics port binds to; default 0.0.0.0.
-	MetricsAddress string        `yaml:"metrics_address"`
-	LogLevel       string        `yaml:"log_level"`
-	PprofEnabled   *bool         `yaml:"pprof_enabled"`
-	Tracing        TracingConfig `yaml:"tracing"`
+	MetricsAddress string `yaml:"metrics_address"`
+	LogLevel       string `yaml:"log_level"`
+	// PprofEnabled serves /debug/pprof/ on the metrics port; nil means false.
+	PprofEnabled *bool         `yaml:"pprof_enabled"`
+	Tracing      TracingConfig `yaml:"tracing"`
 }
 
 // TracingConfig sets OpenTelemetry tracing.
@@ -108,7 +131,10 @@ type TracingConfig = tracing.Config
 
 // Defaults of the kernel config.
 const (
+	DefaultAddress               = "127.0.0.1"
 	DefaultPort                  = 9001
+	DefaultMaxConnections        = 1024
+	DefaultStreamIdleTimeoutMS   = 300000
 	DefaultMaxConcurrentStreams  = 1000
 	DefaultStreamWorkers         = 256
 	MaxStreamWorkers             = 65536
@@ -154,7 +180,7 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	}
 	s := &k.Server
 	if s.Address == "" {
-		s.Address = "0.0.0.0"
+		s.Address = DefaultAddress
 	}
 	if s.Port == 0 {
 		s.Port = DefaultPort
@@ -197,6 +223,32 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	}
 	if s.StatusOnError < 200 || s.StatusOnError > 599 {
 		bad("server.status_on_error", "must be an HTTP status from 200 to 599, got %d", s.StatusOnError)
+	}
+	if s.MaxConnections == 0 {
+		s.MaxConnections = DefaultMaxConnections
+	}
+	if s.MaxConnections < 0 {
+		bad("server.max_connections", "must be positive, got %d", s.MaxConnections)
+	}
+	if s.StreamIdleTimeoutMS == 0 {
+		s.StreamIdleTimeoutMS = DefaultStreamIdleTimeoutMS
+	}
+	if s.StreamIdleTimeoutMS > 0 && s.StreamIdleTimeoutMS <= s.MessageTimeoutMS {
+		bad("server.stream_idle_timeout_ms", "must be longer than server.message_timeout_ms (%d), got %d", s.MessageTimeoutMS, s.StreamIdleTimeoutMS)
+	}
+	if s.StreamIdleTimeoutMS < -1 {
+		bad("server.stream_idle_timeout_ms", "must be positive, or -1 to turn the limit off, got %d", s.StreamIdleTimeoutMS)
+	}
+	if t := s.TLS; t.CertFile != "" || t.KeyFile != "" || t.ClientCAFile != "" || t.RequireClientCert {
+		if t.CertFile == "" {
+			bad("server.tls.cert_file", "required when server.tls is set")
+		}
+		if t.KeyFile == "" {
+			bad("server.tls.key_file", "required when server.tls is set")
+		}
+		if t.RequireClientCert && t.ClientCAFile == "" {
+			bad("server.tls.client_ca_file", "required when require_client_cert is true: client certificates are checked against it")
+		}
 	}
 
 	if len(k.Agents) == 0 {

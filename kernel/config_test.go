@@ -69,6 +69,12 @@ func TestConfigDefaultsAndExample(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if s := minimal.PolicyKernel.Server; s.Address != "127.0.0.1" || s.MaxConnections != DefaultMaxConnections || s.StreamIdleTimeoutMS != DefaultStreamIdleTimeoutMS || s.TLS.Enabled() {
+		t.Fatalf("listener defaults: %+v (the ext_proc port binds loopback unless told otherwise)", s)
+	}
+	if o := minimal.PolicyKernel.Observability; o.PprofEnabled != nil {
+		t.Fatalf("pprof_enabled default: %v", *o.PprofEnabled)
+	}
 	a := minimal.PolicyKernel.Agents[0]
 	if a.TimeoutMS != DefaultAgentTimeoutMS || a.Retry.MaxAttempts != 1 || a.Retry.BackoffMS != DefaultBackoffMS || a.HealthCheckIntervalMS != DefaultHealthCheckIntervalMS || a.Connections != DefaultConnections || a.FailOpen {
 		t.Fatalf("agent defaults %+v", a)

@@ -27,6 +27,7 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -111,6 +112,13 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	kc := cfg.PolicyKernel
+	// A config or agent socket that any user could replace is refused at start-up, as under
+	// --validate (which reports it with every other problem).
+	if !f.validate {
+		if errs := permissionProblems(f.config, kc); len(errs) > 0 {
+			return errors.Join(errs...)
+		}
+	}
 	level, _ := logging.ParseLevel(kc.Observability.LogLevel)
 	log := logging.New(stderr, "kernel", level)
 	m := newKernelMetrics()
@@ -150,11 +158,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	if f.listen != "" {
 		addr = f.listen
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("listen on %q: %w", addr, err)
-	}
-	srv := grpc.NewServer(
+	opts := []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(kc.Server.MaxConcurrentStreams),
 		grpc.MaxRecvMsgSize(grpcMsgLimit(kc)),
 		grpc.MaxSendMsgSize(grpcMsgLimit(kc)),
@@ -162,13 +166,36 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		// Each Envoy stream runs in a goroutine; a new one grows its stack for every stream,
 		// a worker only once.
 		grpc.NumStreamWorkers(kc.Server.StreamWorkers),
-	)
+		// A connection that has not finished its handshake (TLS and HTTP/2 preface) in this
+		// time is closed, so that it cannot hold a place under max_connections.
+		grpc.ConnectionTimeout(handshakeTimeout),
+	}
+	if kc.Server.TLS.Enabled() {
+		cf, err := newCertFiles(kc.Server.TLS, m, log)
+		if err != nil {
+			return fmt.Errorf("%s: %w", f.config, err)
+		}
+		opts = append(opts, grpc.Creds(newRefusalCounter(credentials.NewTLS(cf.serverConfig()), m, log)))
+	}
+	var idle *idleStreams
+	if ms := kc.Server.StreamIdleTimeoutMS; ms > 0 {
+		idle = newIdleStreams(time.Duration(ms)*time.Millisecond, m, log)
+		opts = append(opts, idle.serverOptions()...)
+		// A connection without a stream for as long is closed too (GOAWAY; Envoy reconnects).
+		opts = append(opts, grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: time.Duration(ms) * time.Millisecond}))
+	}
+	tcpLn, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen on %q: %w", addr, err)
+	}
+	ln := newLimitListener(tcpLn, kc.Server.MaxConnections, m, log)
+	srv := grpc.NewServer(opts...)
 	extprocv3.RegisterExternalProcessorServer(srv, k.server)
 	healthpb.RegisterHealthServer(srv, k.health)
 	k.syncHealth()
 
 	if maddr := metricsAddr(f, kc); maddr != "" {
-		pprofOn := kc.Observability.PprofEnabled == nil || *kc.Observability.PprofEnabled
+		pprofOn := kc.Observability.PprofEnabled != nil && *kc.Observability.PprofEnabled
 		httpSrv, err := obs.Listen(maddr, obs.Handler(obs.Options{
 			Sets:           func() []*metrics.Set { return []*metrics.Set{m.set} },
 			Ready:          k.readiness,
@@ -187,10 +214,14 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	defer stopHealth()
 	healthDone := make(chan struct{})
 	go func() { k.healthLoop(hctx); close(healthDone) }()
+	if idle != nil {
+		go idle.run(hctx)
+	}
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Audit(zerolog.InfoLevel).Str("address", ln.Addr().String()).Str("config_version", snap.Version).
+	log.Audit(zerolog.InfoLevel).Str("address", ln.Addr().String()).Bool("tls", kc.Server.TLS.Enabled()).
+		Bool("client_cert_required", kc.Server.TLS.RequireClientCert).Str("config_version", snap.Version).
 		Int("routes", snap.routes.Len()).Msg("policy-kernel serving")
 
 	for {
@@ -387,6 +418,9 @@ func restartOnly(old, cur *KernelConfig) []string {
 	add(old.Server.MaxConcurrentStreams != cur.Server.MaxConcurrentStreams, "server.max_concurrent_streams")
 	add(old.Server.StreamWorkers != cur.Server.StreamWorkers, "server.stream_workers")
 	add(old.Server.MaxBodySizeBytes != cur.Server.MaxBodySizeBytes, "server.max_body_size_bytes")
+	add(old.Server.MaxConnections != cur.Server.MaxConnections, "server.max_connections")
+	add(old.Server.StreamIdleTimeoutMS != cur.Server.StreamIdleTimeoutMS, "server.stream_idle_timeout_ms")
+	add(old.Server.TLS != cur.Server.TLS, "server.tls")
 	o, c := old.Observability, cur.Observability
 	add(o.MetricsPort != c.MetricsPort, "observability.metrics_port")
 	add(o.MetricsAddress != c.MetricsAddress, "observability.metrics_address")

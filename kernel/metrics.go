@@ -19,6 +19,9 @@ const (
 	statusError        = "error"
 	statusFailOpen     = "fail_open"
 	statusInvalidRoute = "invalid_route"
+	// statusNoRoute counts requests that matched no route when there is no default_policy:
+	// they go on without any policy, on the one series without route and agent.
+	statusNoRoute = "no_route"
 )
 
 var allStatuses = []string{statusAllow, statusDeny, statusError, statusFailOpen, statusInvalidRoute}
@@ -39,6 +42,11 @@ type kernelMetrics struct {
 	infoVersion                  string
 	protocolErrors               *metrics.Counter
 	defaults                     *defaultRoutes
+	noRoute                      *metrics.Counter
+	// The ext_proc port's limits and TLS.
+	connRefused, streamsIdleClosed  *metrics.Counter
+	tlsReloadSuccess, tlsReloadFail *metrics.Counter
+	tlsHandshakeFail                *metrics.Counter
 }
 
 type routeMetrics struct {
@@ -57,7 +65,7 @@ var durationBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .2
 
 // Families describes the kernel's metrics for /metrics (HELP and TYPE) and the operations guide.
 var Families = []obs.Family{
-	{Name: "policy_kernel_requests_total", Type: "counter", Help: "HTTP requests by route, agent and the request phase's outcome: allow, deny, error, fail_open, invalid_route."},
+	{Name: "policy_kernel_requests_total", Type: "counter", Help: "HTTP requests by route, agent and the request phase's outcome: allow, deny, error, fail_open, invalid_route; requests that matched no route while there is no default_policy are no_route, on one series with an empty route and agent."},
 	{Name: "policy_kernel_response_phase_total", Type: "counter", Help: "Response-phase chain runs by route, agent and outcome: allow, deny, error, fail_open."},
 	{Name: "policy_kernel_request_duration_seconds", Type: "histogram", Help: "Time the kernel took to answer an ext_proc message that ran a policy chain, agent call included, by route and agent."},
 	{Name: "policy_kernel_agent_health", Type: "gauge", Help: "1 when the agent answered its last health check, else 0."},
@@ -72,6 +80,11 @@ var Families = []obs.Family{
 	{Name: "policy_kernel_streams_active", Type: "gauge", Help: "ext_proc streams open now."},
 	{Name: "policy_kernel_default_route_requests_total", Type: "counter", Help: "Requests that matched no route by name or path and got default_policy (or, without one, went through unchanged), by the xds.route_name attribute (\"\" when absent); past 100 names, \"other\"."},
 	{Name: "policy_kernel_invalid_routes", Type: "gauge", Help: "Routes of the config in force whose requests are refused: invalid (a policy its agent lacks or refuses) or not checked against their agent yet. The kernel is not ready while it is above 0."},
+	{Name: "policy_kernel_connections_active", Type: "gauge", Help: "Connections open now on the ext_proc port."},
+	{Name: "policy_kernel_connections_refused_total", Type: "counter", Help: "Connections to the ext_proc port closed at once because server.max_connections were open."},
+	{Name: "policy_kernel_streams_idle_closed_total", Type: "counter", Help: "ext_proc streams ended because they received and sent no message for server.stream_idle_timeout_ms."},
+	{Name: "policy_kernel_tls_handshake_failures_total", Type: "counter", Help: "Connections to the ext_proc port refused in the TLS handshake: no client certificate of client_ca_file, a plaintext client, or no handshake within 5 s."},
+	{Name: "policy_kernel_tls_reload_total", Type: "counter", Help: "Reloads of the ext_proc port's certificate files after they changed, by status: success or failure (the previous certificates stay)."},
 }
 
 type agentMetrics struct {
@@ -92,6 +105,9 @@ func newKernelMetrics() *kernelMetrics {
 	})
 	m.protocolErrors = m.set.NewCounter(`policy_kernel_protocol_errors_total`)
 	m.defaults = newDefaultRoutes(m.set)
+	m.noRoute = m.set.NewCounter(`policy_kernel_requests_total{route="",agent="",status="` + statusNoRoute + `"}`)
+	m.connRefused = m.set.NewCounter(`policy_kernel_connections_refused_total`)
+	m.streamsIdleClosed = m.set.NewCounter(`policy_kernel_streams_idle_closed_total`)
 	return m
 }
 
@@ -266,4 +282,16 @@ func (d *defaultRoutes) logFirst(name string, hasDefault bool, msg string) {
 // registerInvalidRoutes exports how many routes of the config in force cannot serve.
 func (m *kernelMetrics) registerInvalidRoutes(s *Server) {
 	m.set.GetOrCreateGauge(`policy_kernel_invalid_routes`, func() float64 { return float64(s.Snapshot().refusedRoutes()) })
+}
+
+// registerConnections exports the number of connections open on the ext_proc port.
+func (m *kernelMetrics) registerConnections(l *limitListener) {
+	m.set.GetOrCreateGauge(`policy_kernel_connections_active`, func() float64 { return float64(l.active.Load()) })
+}
+
+// registerTLS creates the certificate reload counters; only a kernel serving TLS has them.
+func (m *kernelMetrics) registerTLS() {
+	m.tlsReloadSuccess = m.set.GetOrCreateCounter(`policy_kernel_tls_reload_total{status="success"}`)
+	m.tlsReloadFail = m.set.GetOrCreateCounter(`policy_kernel_tls_reload_total{status="failure"}`)
+	m.tlsHandshakeFail = m.set.GetOrCreateCounter(`policy_kernel_tls_handshake_failures_total`)
 }

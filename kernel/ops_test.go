@@ -433,8 +433,8 @@ func TestRestartOnly(t *testing.T) {
 	if got := restartOnly(old, parse("  version: x\n  observability: {log_level: debug}\n")); len(got) != 0 {
 		t.Fatalf("reloadable keys flagged: %v", got)
 	}
-	got := restartOnly(old, parse("  server: {address: 127.0.0.1, port: 9002, max_concurrent_streams: 10, stream_workers: 8, max_body_size_bytes: 10}\n  observability: {metrics_port: 1, metrics_address: 127.0.0.1, pprof_enabled: false}\n"))
-	want := "policy_kernel.server.address policy_kernel.server.port policy_kernel.server.max_concurrent_streams policy_kernel.server.stream_workers policy_kernel.server.max_body_size_bytes policy_kernel.observability.metrics_port policy_kernel.observability.metrics_address policy_kernel.observability.pprof_enabled"
+	got := restartOnly(old, parse("  server: {address: 0.0.0.0, port: 9002, max_concurrent_streams: 10, stream_workers: 8, max_body_size_bytes: 10, max_connections: 5, stream_idle_timeout_ms: 1000, tls: {cert_file: c, key_file: k}}\n  observability: {metrics_port: 1, metrics_address: 127.0.0.1, pprof_enabled: false}\n"))
+	want := "policy_kernel.server.address policy_kernel.server.port policy_kernel.server.max_concurrent_streams policy_kernel.server.stream_workers policy_kernel.server.max_body_size_bytes policy_kernel.server.max_connections policy_kernel.server.stream_idle_timeout_ms policy_kernel.server.tls policy_kernel.observability.metrics_port policy_kernel.observability.metrics_address policy_kernel.observability.pprof_enabled"
 	if strings.Join(got, " ") != want {
 		t.Fatalf("restartOnly = %v", got)
 	}

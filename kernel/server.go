@@ -506,10 +506,13 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 	rc.ClientIp = clientIP(attribute(req, "source.address"))
 	st.reqCtx = rc
 	st.requestID = rc.Headers["x-request-id"]
-	route := st.snap.route(attribute(req, "xds.route_name"), rc.Path)
+	routeName := attribute(req, "xds.route_name")
+	route := st.snap.route(routeName, rc.Path)
 	st.route = route
+	s.logRoute(st, routeName, route)
 	s.traceStream(ctx, st)
 	if route == nil {
+		s.metrics.noRoute.Inc()
 		return requestHeadersReply(nil, skipResponseMode), nil
 	}
 	if route.invalid != "" {

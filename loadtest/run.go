@@ -433,6 +433,7 @@ func agentConfig(sock string, mport int) string {
   observability:
     log_level: "warn"
     metrics_address: "127.0.0.1:%d"
+    pprof_enabled: true  # the profiles of make profile
 `, sock, APIKey, mport)
 }
 
@@ -468,6 +469,7 @@ func kernelConfig(port, mport int, sock, reqChain string, messageTimeout time.Du
     metrics_address: "127.0.0.1"
     metrics_port: %d
     log_level: "warn"
+    pprof_enabled: true  # the profiles of make profile
 `, port, messageTimeout.Milliseconds(), sock, messageTimeout.Milliseconds()*3/4, RouteName, second, mport)
 	if extra != "" {
 		cfg += extra + "\n"

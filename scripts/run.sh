@@ -24,6 +24,6 @@ stop() {
   wait "$agent" 2>/dev/null || true
 }
 trap stop INT TERM
-echo "policy-engine: ext_proc on :9001, kernel metrics on :9090, agent metrics on 127.0.0.1:9091 (Ctrl-C stops)" >&2
+echo "policy-engine: ext_proc on 127.0.0.1:9001, kernel metrics on :9090, agent metrics on 127.0.0.1:9091 (Ctrl-C stops)" >&2
 wait -n "$agent" "$kernel" || true
 stop

@@ -12,6 +12,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent"
 	"github.com/policy-engine/policy-engine/internal/gctune"
+	"github.com/policy-engine/policy-engine/internal/logging"
 	_ "github.com/policy-engine/policy-engine/policies/all"
 )
 
@@ -26,8 +27,27 @@ func main() {
 		return
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "policy-agent: %v\n", err)
+		// --validate answers a person, in plain text: file:line: key: message, one a line.
+		// A process that stops logs why as a JSON line, like the rest of its log.
+		if validating(os.Args[1:]) {
+			fmt.Fprintf(os.Stderr, "policy-agent: %v\n", err)
+		} else {
+			logging.Fatal(os.Stderr, "agent", "policy-agent", err)
+		}
 		gc.Stop()
 		os.Exit(1)
 	}
+}
+
+// validating reports whether the command line asks for --validate.
+func validating(args []string) bool {
+	for _, a := range args {
+		switch a {
+		case "-validate", "--validate", "-validate=true", "--validate=true":
+			return true
+		case "--", "-":
+			return false
+		}
+	}
+	return false
 }

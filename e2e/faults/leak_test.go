@@ -50,7 +50,9 @@ func settles(t *testing.T, get func(testing.TB, string) (int, string), want int)
 // them and drops whole connections, then checks that both processes are back to the goroutines
 // they had before, that no stream is still counted open, and that every agent call ended.
 func TestEnvoyGoesAwayNoLeak(t *testing.T) {
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: leakKernelYAML, AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
+	// pprof (off by default) counts the goroutines.
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML + "    pprof_enabled: true\n", KernelYAML: leakKernelYAML + "  observability: {pprof_enabled: true}\n",
+		AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
 	// Warm up: one full exchange on each route, on a client that is then closed.
 	c, err := envoytest.Dial(e.KernelAddr, envoyConfig)
 	if err != nil {

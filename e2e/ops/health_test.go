@@ -167,21 +167,33 @@ func TestLogsQuietOnHotPath(t *testing.T) {
 	}
 }
 
-// TestPprof shows /debug/pprof/ on the metrics port, and that pprof_enabled: false removes it.
+// TestPprof shows that /debug/pprof/ (profiles, goroutine dumps, the command line) is off by
+// default on both processes while the probes and metrics stay, and that pprof_enabled: true
+// serves it.
 func TestPprof(t *testing.T) {
 	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: fmt.Sprintf(kernelYAML, "p1")})
-	if code, body := e.Get(t, "/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
+	for _, p := range []string{"/debug/pprof/", "/debug/pprof/cmdline", "/debug/pprof/goroutine?debug=2"} {
+		if code, _ := e.Get(t, p); code != 404 {
+			t.Fatalf("kernel %s by default: %d, want 404", p, code)
+		}
+		if code, _ := e.GetAgent(t, p); code != 404 {
+			t.Fatalf("agent %s by default: %d, want 404", p, code)
+		}
+	}
+	for _, p := range []string{"/metrics", "/health/live", "/health/ready"} {
+		if code, _ := e.Get(t, p); code != 200 {
+			t.Fatalf("kernel %s with pprof off: %d", p, code)
+		}
+		if code, _ := e.GetAgent(t, p); code != 200 {
+			t.Fatalf("agent %s with pprof off: %d", p, code)
+		}
+	}
+	on := fmt.Sprintf(kernelYAML, "p2") + "  observability:\n    pprof_enabled: true\n"
+	e2 := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML + "    pprof_enabled: true\n", KernelYAML: on})
+	if code, body := e2.Get(t, "/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
 		t.Fatalf("pprof on: %d", code)
 	}
-	if code, _ := e.GetAgent(t, "/debug/pprof/cmdline"); code != 200 {
+	if code, _ := e2.GetAgent(t, "/debug/pprof/cmdline"); code != 200 {
 		t.Fatalf("agent pprof on: %d", code)
-	}
-	off := fmt.Sprintf(kernelYAML, "p2") + "  observability:\n    pprof_enabled: false\n"
-	e2 := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: off})
-	if code, _ := e2.Get(t, "/debug/pprof/"); code != 404 {
-		t.Fatalf("pprof off: %d", code)
-	}
-	if code, _ := e2.Get(t, "/metrics"); code != 200 {
-		t.Fatalf("metrics with pprof off: %d", code)
 	}
 }

@@ -16,6 +16,7 @@ package envoytest
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"math"
 	"sync/atomic"
@@ -25,6 +26,7 @@ import (
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
@@ -86,6 +88,9 @@ type FilterConfig struct {
 	// Connections is the number of HTTP/2 connections streams are spread over,
 	// round-robin, like Envoy's per-worker connections; 0 means 1.
 	Connections int
+	// TLS is the ext_proc cluster's transport_socket (UpstreamTlsContext): the server's
+	// trusted CAs, SNI and, for mTLS, the client certificate. nil means plaintext.
+	TLS *tls.Config
 }
 
 func (cfg FilterConfig) normalize() (FilterConfig, *checker, error) {
@@ -208,15 +213,19 @@ type Client struct {
 }
 
 // Dial prepares a client for the ext_proc server at target ("host:port" or
-// "unix:///path"), with insecure transport credentials. Connections are made lazily;
+// "unix:///path"), with TLS when cfg.TLS is set, else insecure transport credentials. Connections are made lazily;
 // opts are appended to the client's own options.
 func Dial(target string, cfg FilterConfig, opts ...grpc.DialOption) (*Client, error) {
 	norm, chk, err := cfg.normalize()
 	if err != nil {
 		return nil, err
 	}
+	creds := insecure.NewCredentials()
+	if norm.TLS != nil {
+		creds = credentials.NewTLS(norm.TLS)
+	}
 	dialOpts := append([]grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		// Envoy puts no 4 MiB cap on ext_proc messages in either direction.
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)),
 	}, opts...)

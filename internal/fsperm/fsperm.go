@@ -2,6 +2,11 @@
 // machine: a config file, or a directory that holds a config or a Unix socket, that every user
 // may write to lets any of them change the policies in force, or put their own socket where the
 // kernel sends every request (with its API keys and tokens) to be judged.
+//
+// Both processes make these checks at start-up (and refuse to start) as well as under
+// --validate. A path on a file system mounted read-only is accepted whatever its mode: no one
+// can write to it. That is how Kubernetes mounts ConfigMaps and Secrets (a 0777 or 1777
+// directory behind symlinks, on a read-only mount).
 package fsperm
 
 import (
@@ -10,10 +15,27 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 )
 
+// readOnly reports whether path is on a file system mounted read-only; a test may replace it.
+var readOnly = func(path string) bool {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false
+	}
+	return st.Flags&unix.ST_RDONLY != 0
+}
+
+// writable reports whether every user may write to path, whose mode fi holds: the mode says
+// so and its file system is not mounted read-only.
+func writable(path string, fi fs.FileInfo) bool {
+	return fi.Mode().Perm()&0o002 != 0 && !readOnly(path)
+}
+
 // CheckDir fails when dir is writable by every user (whatever its sticky bit, which stops no one
-// from creating a file that is not there yet). A directory that does not exist yet is judged by
+// from creating a file that is not there yet), unless its file system is mounted read-only. A directory that does not exist yet is judged by
 // its nearest existing ancestor, where it would be created. what names the directory's role in
 // the error, such as "config directory".
 func CheckDir(what, dir string) error {
@@ -21,7 +43,7 @@ func CheckDir(what, dir string) error {
 	for {
 		fi, err := os.Stat(d)
 		if err == nil {
-			if fi.Mode().Perm()&0o002 == 0 {
+			if !writable(d, fi) {
 				return nil
 			}
 			where := fmt.Sprintf("%s %q", what, d)
@@ -41,8 +63,8 @@ func CheckDir(what, dir string) error {
 	}
 }
 
-// CheckFile fails when the file at path is writable by every user; a missing file is no
-// problem of permissions.
+// CheckFile fails when the file at path is writable by every user, unless its file system is
+// mounted read-only; a missing file is no problem of permissions.
 func CheckFile(what, path string) error {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -51,7 +73,7 @@ func CheckFile(what, path string) error {
 		}
 		return fmt.Errorf("check %s %q: %w", what, path, err)
 	}
-	if fi.Mode().Perm()&0o002 != 0 {
+	if writable(path, fi) {
 		return fmt.Errorf("%s %q is writable by every user (mode %s); remove their write permission (chmod o-w %s)", what, path, mode(fi), path)
 	}
 	return nil

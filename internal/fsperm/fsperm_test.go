@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestCheckDir(t *testing.T) {
@@ -96,5 +98,60 @@ func TestCheckConfigAndSocket(t *testing.T) {
 	file := filepath.Join(dir, "kernel.yaml")
 	if err := CheckFile("config file", filepath.Join(file, "x")); err == nil || !strings.Contains(err.Error(), "check config file") {
 		t.Fatalf("path through a file: %v", err)
+	}
+}
+
+// TestReadOnlyMount: a world-writable directory or file that no one can write, because its
+// file system is mounted read-only (how Kubernetes mounts ConfigMaps and Secrets), is
+// accepted; the same on a writable mount is refused.
+func TestReadOnlyMount(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "etc")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, os.ModeSticky|0o777); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(dir, "kernel.yaml")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(file, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	f := func(name string, ro func(string) bool, wantErr bool) {
+		t.Helper()
+		saved := readOnly
+		readOnly = ro
+		defer func() { readOnly = saved }()
+		err := CheckConfig(file)
+		if (err != nil) != wantErr {
+			t.Errorf("%s: %v, want error %v", name, err, wantErr)
+		}
+	}
+	f("writable mount", func(string) bool { return false }, true)
+	f("read-only mount", func(string) bool { return true }, false)
+	f("only the directory's file system read-only", func(p string) bool { return p == dir }, true)
+
+	// A real read-only bind mount, where the test may make one (root, with CAP_SYS_ADMIN).
+	ro := filepath.Join(root, "ro")
+	if err := os.Mkdir(ro, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(dir, ro, "", unix.MS_BIND, ""); err != nil {
+		t.Logf("no bind mount here (%v): the real read-only case is skipped", err)
+		return
+	}
+	defer unix.Unmount(ro, unix.MNT_DETACH)
+	if err := unix.Mount("", ro, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+		t.Logf("no read-only remount here (%v): the real read-only case is skipped", err)
+		return
+	}
+	if err := CheckConfig(filepath.Join(ro, "kernel.yaml")); err != nil {
+		t.Errorf("config on a read-only bind mount of a 1777 directory: %v", err)
+	}
+	if err := CheckConfig(file); err == nil {
+		t.Error("the same directory on its writable mount was accepted")
 	}
 }

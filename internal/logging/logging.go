@@ -274,3 +274,17 @@ func (t *Throttle) Allow() bool {
 	}
 	return t.last.CompareAndSwap(last, now)
 }
+
+// FatalField is the metadata field, set to true, of the line Fatal writes.
+const FatalField = "fatal"
+
+// Fatal writes the error that ends a process (an invalid config at start-up, a listener that
+// fails) as one JSON line at level error, like every other line of the process, with every
+// error that errors.Join combined as one entry of "errors" and "fatal": true, so that a log
+// pipeline that reads JSON lines sees why the process stopped.
+func Fatal(w io.Writer, component, program string, err error) {
+	l := New(w, component, zerolog.ErrorLevel)
+	e := l.Error().Errors("errors", err)
+	e.meta().Bool(FatalField, true)
+	e.Msg(program + " exits on an error")
+}

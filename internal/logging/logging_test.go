@@ -222,3 +222,28 @@ func TestErrorsFlattened(t *testing.T) {
 		t.Fatal("Flatten of a plain error")
 	}
 }
+
+// TestFatal: the error that ends a process is one JSON line at error, with fatal: true and
+// every joined error on its own entry.
+func TestFatal(t *testing.T) {
+	var buf bytes.Buffer
+	Fatal(&buf, "kernel", "policy-kernel", errors.Join(errors.New(`a.yaml:1: x: got "y"`), errors.New("b")))
+	var line struct {
+		Level     string `json:"level"`
+		Component string `json:"component"`
+		Message   string `json:"message"`
+		Metadata  struct {
+			Errors []string `json:"errors"`
+			Fatal  bool     `json:"fatal"`
+		} `json:"metadata"`
+	}
+	if strings.Count(buf.String(), "\n") != 1 {
+		t.Fatalf("want one line: %q", buf.String())
+	}
+	if err := json.Unmarshal(buf.Bytes(), &line); err != nil {
+		t.Fatal(err)
+	}
+	if line.Level != "error" || line.Component != "kernel" || !line.Metadata.Fatal || len(line.Metadata.Errors) != 2 || line.Metadata.Errors[0] != `a.yaml:1: x: got "y"` || !strings.Contains(line.Message, "policy-kernel") {
+		t.Fatalf("%+v", line)
+	}
+}
