@@ -25,9 +25,9 @@ func TestAnswerBy(t *testing.T) {
 			t.Errorf("%v left: %v reserved, want %v to %v", left, r, minReserve, maxReserve)
 		}
 	}
-	f(150*time.Millisecond, 36*time.Millisecond, 38*time.Millisecond)
-	f(time.Second, 245*time.Millisecond, 250*time.Millisecond)
-	f(10*time.Millisecond, MinAnswerReserve, MinAnswerReserve)
+	f(150*time.Millisecond, 73*time.Millisecond, 75*time.Millisecond)
+	f(time.Second, 495*time.Millisecond, 500*time.Millisecond)
+	f(15*time.Millisecond, MinAnswerReserve, MinAnswerReserve)
 	// Past the deadline the answer time has passed too.
 	f(-time.Millisecond, MinAnswerReserve, MinAnswerReserve)
 }
