@@ -29,6 +29,10 @@ type CoreConfig struct {
 	Policies       PoliciesConfig      `yaml:"policies"`
 	Observability  ObservabilityConfig `yaml:"observability"`
 	ResourceLimits ResourceLimits      `yaml:"resource_limits"`
+
+	// unresolved holds the policies' settings as the file has them, secret references not
+	// resolved, for /config.
+	unresolved map[string]yamlconf.Raw
 }
 
 // ServerConfig bounds the agent's gRPC server.
@@ -101,6 +105,7 @@ func LoadConfig(path string) (*Config, []byte, error) {
 // resolveSecrets replaces the secret references in the policies' settings by the secrets.
 func resolveSecrets(file string, c *CoreConfig, l secrets.Lookup) error {
 	var errs []error
+	c.unresolved = maps.Clone(c.Policies.Config)
 	for _, name := range slices.Sorted(maps.Keys(c.Policies.Config)) {
 		raw, err := l.ResolveJSON(c.Policies.Config[name])
 		if err != nil {

@@ -50,6 +50,7 @@ type Executor struct {
 type execSnapshot struct {
 	cfg       *CoreConfig
 	version   string
+	loaded    time.Time
 	factories map[string]*factoryEntry
 	seed      maphash.Seed
 	cache     *xsync.Map[uint64, []*instance]
@@ -130,6 +131,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 	s := &execSnapshot{
 		cfg:       cfg,
 		version:   version,
+		loaded:    time.Now(),
 		factories: map[string]*factoryEntry{},
 		seed:      maphash.MakeSeed(),
 		cache:     xsync.NewMap[uint64, []*instance](),

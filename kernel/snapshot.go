@@ -26,6 +26,9 @@ type Snapshot struct {
 	Config  *KernelConfig
 	// Loaded is when the snapshot was built.
 	Loaded time.Time
+	// ConfigLoaded is when its config was loaded: a snapshot rebuilt from the same config
+	// keeps its predecessor's (set by Server.Store).
+	ConfigLoaded time.Time
 
 	routes       *routetable.Table[*Route]
 	defaultRoute *Route // nil: unknown routes pass unchanged
