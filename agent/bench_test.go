@@ -48,7 +48,7 @@ func BenchmarkExecuteChain(b *testing.B) {
 	for _, c := range []struct {
 		name string
 		req  *agentv1.PolicyRequest
-		want int // instructions
+		want int // instructions; -1: not checked
 	}{
 		{"request", &agentv1.PolicyRequest{
 			Phase:   agentv1.PolicyPhase_REQUEST,
@@ -59,6 +59,27 @@ func BenchmarkExecuteChain(b *testing.B) {
 			},
 			DeadlineMs: 150,
 		}, 3},
+		// The same chain with apiKeyAuth in shadow: allowed, its header dropped.
+		{"request_shadow_allow", &agentv1.PolicyRequest{
+			Phase:   agentv1.PolicyPhase_REQUEST,
+			Context: rc,
+			Policies: []*agentv1.Policy{
+				{Name: "apiKeyAuth", Metadata: map[string]string{"header_name": "X-API-Key", "required": "true"}, Shadow: true},
+				{Name: "allowAll"},
+			},
+			DeadlineMs: 150,
+		}, -1},
+		// A shadow apiKeyAuth that would deny every request (it reads a header that is not
+		// there): counted, logged at most shadowLogPerSecond times a second.
+		{"request_shadow_deny", &agentv1.PolicyRequest{
+			Phase:   agentv1.PolicyPhase_REQUEST,
+			Context: rc,
+			Policies: []*agentv1.Policy{
+				{Name: "apiKeyAuth", Metadata: map[string]string{"header_name": "X-Missing-Key", "required": "true"}, Shadow: true},
+				{Name: "allowAll"},
+			},
+			DeadlineMs: 150,
+		}, -1},
 		{"response", &agentv1.PolicyRequest{
 			Phase:      agentv1.PolicyPhase_RESPONSE,
 			Context:    rc,
@@ -76,7 +97,7 @@ func BenchmarkExecuteChain(b *testing.B) {
 				// the kernel comes fresh, without the header apiKeyAuth set on the last one.
 				delete(headers, "x-user-id")
 				resp := exec.Execute(ctx, c.req)
-				if resp.GetStatus().GetCode() != agentv1.StatusCode_OK || len(resp.GetInstructions()) != c.want {
+				if resp.GetStatus().GetCode() != agentv1.StatusCode_OK || c.want >= 0 && len(resp.GetInstructions()) != c.want {
 					b.Fatalf("reply %v", resp)
 				}
 			}

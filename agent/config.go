@@ -48,7 +48,8 @@ type PoliciesConfig struct {
 	FailOnUnknown *bool                   `yaml:"fail_on_unknown"`
 	Config        map[string]yamlconf.Raw `yaml:"config"`
 	// written holds the sections as the file has them, before secret references were
-	// resolved, for policies that warn about secrets written in clear.
+	// resolved: for policies that warn about secrets written in clear, and for /config, which
+	// shows references, never what they resolve to.
 	written map[string]yamlconf.Raw
 }
 

@@ -38,6 +38,8 @@ type Executor struct {
 	// failT throttles the log of policy failures, which a broken chain entry has on every
 	// request.
 	failT *logging.Throttle
+	// shadowLog throttles the log of what shadow entries would have refused.
+	shadowLog rateLog
 	// maxChain is server.max_chain_duration_ms of the config in force, in nanoseconds.
 	maxChain atomic.Int64
 	// tracer is nil while tracing is off.
@@ -48,6 +50,7 @@ type Executor struct {
 type execSnapshot struct {
 	cfg       *CoreConfig
 	version   string
+	loaded    time.Time
 	factories map[string]*factoryEntry
 	seed      maphash.Seed
 	cache     *xsync.Map[uint64, []*instance]
@@ -112,9 +115,9 @@ type instance struct {
 // NewExecutor returns an executor with no config; Load gives it one.
 func NewExecutor(log *logging.Logger) *Executor {
 	return &Executor{log: log, metrics: newAgentMetrics(), panicT: logging.NewThrottle(10 * time.Second),
-		unknownT: logging.NewThrottle(10 * time.Second),
-
-		failT: logging.NewThrottle(time.Second)}
+		unknownT:  logging.NewThrottle(10 * time.Second),
+		failT:     logging.NewThrottle(time.Second),
+		shadowLog: rateLog{perSecond: shadowLogPerSecond}}
 }
 
 // deadlineOf is the deadline of req's chain under the config in force; see deadlineOf.
@@ -132,6 +135,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 	s := &execSnapshot{
 		cfg:       cfg,
 		version:   version,
+		loaded:    time.Now(),
 		factories: map[string]*factoryEntry{},
 		seed:      maphash.MakeSeed(),
 		cache:     xsync.NewMap[uint64, []*instance](),
@@ -411,7 +415,8 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	if debug {
 		start = time.Now()
 	}
-	resp = e.runChain(cc, s, req, chain, pc, resp)
+	var shadow []policy.ShadowDecision
+	resp = e.runChain(cc, s, req, chain, pc, resp, &shadow)
 	if debug {
 		e.logChain(req, resp, time.Since(start))
 	}
@@ -419,7 +424,9 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	// policy ended the chain before it ran.
 	for _, r := range chain {
 		if o, ok := r.policy.(policy.ChainObserver); ok {
-			o.ObserveChain(pc, outcomeOf(resp))
+			out := outcomeOf(resp)
+			out.Shadow = shadow
+			o.ObserveChain(pc, out)
 		}
 	}
 	return resp
@@ -467,7 +474,14 @@ func outcomeOf(resp *agentv1.PolicyResponse) policy.Outcome {
 // never skipped: a broken authentication entry must not open the route. A policy that returns
 // TIMEOUT, or returns anything after the chain's deadline, ends the chain with TIMEOUT: the
 // kernel has stopped waiting, and a late allow is no decision; a late denial still denies.
-func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRequest, chain []resolved, pc *policy.Context, resp *agentv1.PolicyResponse) *agentv1.PolicyResponse {
+//
+// An entry in shadow (Policy.shadow) runs as any other, but nothing it decides is enforced:
+// its denial or immediate response does not end the chain, its instructions (headers, body,
+// state) and metadata are dropped, and its failure, whatever its on_failure or whether it
+// enforces, does not fail the chain. What it would have refused is counted, logged (throttled)
+// and appended to shadow, for the chain's observers. The chain's deadline is shared: a shadow
+// entry that overruns it times the chain out like any other.
+func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRequest, chain []resolved, pc *policy.Context, resp *agentv1.PolicyResponse, shadow *[]policy.ShadowDecision) *agentv1.PolicyResponse {
 	var ctx context.Context = cc
 	limits := s.cfg.ResourceLimits
 	trace := e.traceChain(ctx, req)
@@ -494,8 +508,9 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 		if skippedBy != "" && !enforces {
 			continue
 		}
+		inShadow := entry.GetShadow()
 		onFailure := entry.GetOnFailure()
-		if enforces && (onFailure == "continue" || onFailure == "skip_remaining") {
+		if enforces && !inShadow && (onFailure == "continue" || onFailure == "skip_remaining") {
 			e.logIgnored(f, req, name, onFailure)
 		}
 		var (
@@ -518,6 +533,15 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 		end := time.Now()
 		late := cc.stoppedAt(end)
 		timedOut := late
+		if inShadow {
+			ok := e.shadowRun(req, name, result, err, late, end.Sub(start), end, shadow)
+			endPolicySpan(span, result.Status, err)
+			if ok {
+				continue
+			}
+			resp.Instructions = nil
+			return fail(resp, agentv1.StatusCode_TIMEOUT, name, fmt.Sprintf("policy %q (shadow): %v", name, context.DeadlineExceeded))
+		}
 		if err == nil {
 			switch result.Status {
 			case agentv1.StatusCode_OK, agentv1.StatusCode_POLICY_DENIED:
@@ -715,7 +739,7 @@ func stateSize(m map[string]string) int {
 }
 
 // applyInstructions updates the context with a policy's instructions (§4.1.4), so that the
-// next policy sees them.
+// next policy sees them. With a nil pc it only checks them (a shadow entry's).
 func applyInstructions(pc *policy.Context, ins []*agentv1.Instruction, maxState int) error {
 	for _, in := range ins {
 		switch in.GetType() {
@@ -723,6 +747,9 @@ func applyInstructions(pc *policy.Context, ins []*agentv1.Instruction, maxState 
 			h := in.GetHeader()
 			if h == nil || h.GetKey() == "" {
 				return fmt.Errorf("%s instruction without a header name", in.GetType())
+			}
+			if pc == nil {
+				continue
 			}
 			headers := pc.Headers
 			if pc.Response != nil {
@@ -738,6 +765,9 @@ func applyInstructions(pc *policy.Context, ins []*agentv1.Instruction, maxState 
 				headers[key] = h.GetValue()
 			}
 		case agentv1.InstructionType_SET_BODY:
+			if pc == nil {
+				continue
+			}
 			if pc.Response != nil {
 				pc.Response.Body = in.GetBody().GetBody()
 			} else {
@@ -747,6 +777,9 @@ func applyInstructions(pc *policy.Context, ins []*agentv1.Instruction, maxState 
 			st := in.GetState()
 			if st == nil || st.GetKey() == "" {
 				return errors.New("SET_STATE instruction without a key")
+			}
+			if pc == nil {
+				continue
 			}
 			if pc.State == nil {
 				pc.State = map[string]string{}

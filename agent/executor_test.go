@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -599,7 +600,7 @@ func TestChainObserver(t *testing.T) {
 		e.Execute(context.Background(), req(chain...))
 		select {
 		case got := <-observed.seen:
-			if got != want {
+			if !reflect.DeepEqual(got, want) {
 				t.Fatalf("outcome %+v, want %+v", got, want)
 			}
 		default:

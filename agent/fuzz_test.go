@@ -53,6 +53,7 @@ func FuzzExecute(f *testing.F) {
 		req(p("t.state", "key", "k", "value", "v"), p("t.body", "value", "b"), p("t.query", "key", "q")),
 		req(onFailure(p("t.fail"), "continue"), onFailure(p("t.panic"), "skip_remaining"), p("t.denyBare")),
 		req(p("t.badInstruction"), p("nope"), p("t.sleep", "sleep", "1h")),
+		req(shadowed(p("t.guard", "key", "x-k", "want", "v")), shadowed(p("t.setHeader", "key", "x-a", "value", "1")), shadowed(p("t.status", "value", "POLICY_ERROR")), shadowed(p("t.badInstruction"))),
 		{RequestId: "r", CallId: 7, Phase: agentv1.PolicyPhase_RESPONSE, Policies: []*agentv1.Policy{p("t.responseOnly"), p("t.removeHeader", "key", "a")},
 			Response: &agentv1.ResponseContext{StatusCode: 200, Headers: map[string]string{"a": "1"}, Body: []byte("x")}, State: map[string]string{"k": "v"}},
 	}
@@ -112,6 +113,22 @@ func FuzzExecute(f *testing.F) {
 		}
 		if code == agentv1.StatusCode_OK && immediate {
 			t.Fatalf("OK with an immediate response: %v", resp)
+		}
+		// A chain of shadow entries enforces nothing: it may only strip owned headers, and
+		// only fails for a policy the agent lacks or a deadline.
+		allShadow := len(r.GetPolicies()) > 0
+		for _, pol := range r.GetPolicies() {
+			allShadow = allShadow && pol.GetShadow()
+		}
+		if allShadow {
+			if code == agentv1.StatusCode_POLICY_DENIED {
+				t.Fatalf("shadow chain denied: %v", resp)
+			}
+			for _, in := range resp.GetInstructions() {
+				if in.GetType() != agentv1.InstructionType_REMOVE_HEADER {
+					t.Fatalf("shadow chain returned %v", in)
+				}
+			}
 		}
 	})
 }

@@ -152,6 +152,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 			Families:       Families,
 			NoMetrics:      o.MetricsEnabled != nil && !*o.MetricsEnabled,
 			Ready:          exec.readiness,
+			Config:         exec.configDump,
 		})
 		httpSrv, err := obs.Listen(o.MetricsAddress, h)
 		if err != nil {

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
+	"github.com/puzpuzpuz/xsync/v4"
 
 	"github.com/policy-engine/policy-engine/internal/obs"
 
@@ -27,6 +28,12 @@ type agentMetrics struct {
 	// Context sizes, by part of the context a chain runs on.
 	reqHeaders, reqBody, respHeaders, respBody, state *metrics.PrometheusHistogram
 	sampled                                           atomic.Uint64
+
+	// shadowBy holds policy_agent_shadow_decisions_total by policy and route; shadowRoutes
+	// the route labels in use, at most maxShadowRoutes.
+	shadowBy     *xsync.Map[shadowKey, *shadowCounters]
+	shadowMu     sync.Mutex
+	shadowRoutes map[string]bool
 
 	reloadSuccess, reloadFailure *metrics.Counter
 	infoMu                       sync.Mutex
@@ -53,6 +60,7 @@ var Families = []obs.Family{
 	{Name: "policy_agent_execution_duration_seconds", Type: "histogram", Help: "Time one policy took to execute, by policy."},
 	{Name: "policy_agent_policy_failures_total", Type: "counter", Help: "Policy failures by policy and reason: error, timeout (the policy returned TIMEOUT, or returned after the chain's deadline), unknown_policy."},
 	{Name: "policy_agent_fail_closed_total", Type: "counter", Help: "Failures of policies that enforce (authentication, authorization, rate limits), denied although the chain entry's on_failure said continue or skip_remaining, by policy."},
+	{Name: "policy_agent_shadow_decisions_total", Type: "counter", Help: "What chain entries in shadow mode would have decided had they enforced, by policy, route and decision: allow, deny, error. Nothing they decide is enforced."},
 	{Name: "policy_agent_context_size_bytes", Type: "histogram", Help: "Size of the context a chain runs on, by type: request_headers, request_body, response_headers, response_body, state (headers: one chain in 8 after the first 64)."},
 	{Name: "policy_agent_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
 	{Name: "policy_agent_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
@@ -68,7 +76,8 @@ var Families = []obs.Family{
 }
 
 func newAgentMetrics() *agentMetrics {
-	m := &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}, failClosedBy: map[string]*metrics.Counter{}}
+	m := &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}, failClosedBy: map[string]*metrics.Counter{},
+		shadowBy: xsync.NewMap[shadowKey, *shadowCounters](), shadowRoutes: map[string]bool{}}
 	size := func(typ string) *metrics.PrometheusHistogram {
 		return m.set.NewPrometheusHistogramExt(`policy_agent_context_size_bytes{type="`+typ+`"}`, sizeBuckets)
 	}
@@ -226,5 +235,61 @@ func (m *agentMetrics) failClosedCounter(name string) *metrics.Counter {
 		c = m.set.GetOrCreateCounter(`policy_agent_fail_closed_total{policy=` + obs.Label(name) + `}`)
 		m.failClosedBy[name] = c
 	}
+	return c
+}
+
+// maxShadowRoutes bounds the route label of policy_agent_shadow_decisions_total. The kernel
+// sends the route names of its config (and "default"), so a deployment stays far below it;
+// past it, a new route is counted as "other".
+const maxShadowRoutes = 1000
+
+type shadowKey struct{ policy, route string }
+
+// shadowCounters are a (policy, route) pair's series, one per decision.
+type shadowCounters struct{ allow, deny, errored *metrics.Counter }
+
+// shadow counts one decision of a shadow entry. The three series of a pair are made together
+// on its first decision, so that rate() over any of them works from then on.
+func (m *agentMetrics) shadow(policyName, route, decision string) {
+	c, ok := m.shadowBy.Load(shadowKey{policyName, route})
+	if !ok {
+		c = m.shadowSeries(policyName, route)
+	}
+	switch decision {
+	case shadowDeny:
+		c.deny.Inc()
+	case shadowError:
+		c.errored.Inc()
+	default:
+		c.allow.Inc()
+	}
+}
+
+func (m *agentMetrics) shadowSeries(policyName, route string) *shadowCounters {
+	m.shadowMu.Lock()
+	defer m.shadowMu.Unlock()
+	key := shadowKey{policyName, route}
+	if c, ok := m.shadowBy.Load(key); ok {
+		return c
+	}
+	label := route
+	if !m.shadowRoutes[route] {
+		if len(m.shadowRoutes) >= maxShadowRoutes {
+			label = "other"
+			if c, ok := m.shadowBy.Load(shadowKey{policyName, label}); ok {
+				return c // not stored under the route: the map stays bounded too
+			}
+			key = shadowKey{policyName, label}
+		} else {
+			m.shadowRoutes[route] = true
+		}
+	}
+	prefix := `policy_agent_shadow_decisions_total{policy=` + obs.Label(policyName) + `,route=` + obs.Label(label) + `,decision=`
+	c := &shadowCounters{
+		allow:   m.set.GetOrCreateCounter(prefix + `"allow"}`),
+		deny:    m.set.GetOrCreateCounter(prefix + `"deny"}`),
+		errored: m.set.GetOrCreateCounter(prefix + `"error"}`),
+	}
+	m.shadowBy.Store(key, c)
 	return c
 }

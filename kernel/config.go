@@ -19,7 +19,9 @@ type Config struct {
 // KernelConfig is the policy_kernel section.
 type KernelConfig struct {
 	// Version is an optional label shown with the config's content hash.
-	Version       string              `yaml:"version"`
+	Version string `yaml:"version"`
+	// Shadow puts every chain entry of every route in shadow (see ChainEntry.Mode).
+	Shadow        bool                `yaml:"shadow"`
 	Server        ServerConfig        `yaml:"server"`
 	Agents        []AgentConfig       `yaml:"agents" required:"true"`
 	RoutePolicies []RoutePolicy       `yaml:"route_policies"`
@@ -96,14 +98,18 @@ type RetryConfig struct {
 type RoutePolicy struct {
 	RouteName string `yaml:"route_name" required:"true"`
 	// Agent names the agent that runs the chains; default: the first agent.
-	Agent               string       `yaml:"agent"`
+	Agent string `yaml:"agent"`
+	// Mode "shadow" puts every entry of the route's chains in shadow.
+	Mode                string       `yaml:"mode"`
 	RequestPolicyChain  []ChainEntry `yaml:"request_policy_chain"`
 	ResponsePolicyChain []ChainEntry `yaml:"response_policy_chain"`
 }
 
 // ChainPair is the default policy's chains.
 type ChainPair struct {
-	Agent               string       `yaml:"agent"`
+	Agent string `yaml:"agent"`
+	// Mode "shadow" puts every entry of the default chains in shadow.
+	Mode                string       `yaml:"mode"`
 	RequestPolicyChain  []ChainEntry `yaml:"request_policy_chain"`
 	ResponsePolicyChain []ChainEntry `yaml:"response_policy_chain"`
 }
@@ -113,7 +119,16 @@ type ChainEntry struct {
 	Policy    string            `yaml:"policy" required:"true"`
 	Metadata  yamlconf.Metadata `yaml:"metadata"`
 	OnFailure string            `yaml:"on_failure"`
+	// Mode is "enforce" (the default) or "shadow": the entry runs, and what it would have
+	// refused is counted and logged by the agent, but nothing it decides is enforced.
+	Mode string `yaml:"mode"`
 }
+
+// Chain entry modes.
+const (
+	ModeEnforce = "enforce"
+	ModeShadow  = "shadow"
+)
 
 // ObservabilityConfig sets metrics, logs and tracing.
 type ObservabilityConfig struct {
@@ -312,6 +327,7 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 		if r.Agent != "" && !agents[r.Agent] {
 			bad(key+".agent", "no agent named %q", r.Agent)
 		}
+		checkMode(bad, key+".mode", r.Mode)
 		checkChain(bad, key+".request_policy_chain", r.RequestPolicyChain)
 		checkChain(bad, key+".response_policy_chain", r.ResponsePolicyChain)
 	}
@@ -319,6 +335,7 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 		if d.Agent != "" && !agents[d.Agent] {
 			bad("default_policy.agent", "no agent named %q", d.Agent)
 		}
+		checkMode(bad, "default_policy.mode", d.Mode)
 		checkChain(bad, "default_policy.request_policy_chain", d.RequestPolicyChain)
 		checkChain(bad, "default_policy.response_policy_chain", d.ResponsePolicyChain)
 	}
@@ -359,5 +376,14 @@ func checkChain(bad func(key, format string, args ...any), key string, chain []C
 		default:
 			bad(k+".on_failure", "must be deny, continue or skip_remaining, got %q", e.OnFailure)
 		}
+		checkMode(bad, k+".mode", e.Mode)
+	}
+}
+
+func checkMode(bad func(key, format string, args ...any), key, mode string) {
+	switch mode {
+	case "", ModeEnforce, ModeShadow:
+	default:
+		bad(key, "must be enforce or shadow, got %q", mode)
 	}
 }

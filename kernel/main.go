@@ -202,6 +202,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 			Pprof:          pprofOn,
 			ProcessMetrics: true,
 			Families:       Families,
+			Config:         k.configDump,
 		}))
 		if err != nil {
 			ln.Close()

@@ -67,7 +67,17 @@ func NewServer(log *logging.Logger, m *kernelMetrics) *Server {
 }
 
 // Store swaps in a new snapshot. Streams already open keep the one they started with.
-func (s *Server) Store(snap *Snapshot) { s.snap.Store(snap) }
+func (s *Server) Store(snap *Snapshot) {
+	// A snapshot rebuilt from the same config (an agent came back, or learned another policy
+	// set) keeps the time that config was loaded.
+	if snap != nil {
+		snap.ConfigLoaded = snap.Loaded
+		if prev := s.snap.Load(); prev != nil && prev.Version == snap.Version && !prev.ConfigLoaded.IsZero() {
+			snap.ConfigLoaded = prev.ConfigLoaded
+		}
+	}
+	s.snap.Store(snap)
+}
 
 // Snapshot returns the current snapshot.
 func (s *Server) Snapshot() *Snapshot { return s.snap.Load() }

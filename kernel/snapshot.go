@@ -26,6 +26,9 @@ type Snapshot struct {
 	Config  *KernelConfig
 	// Loaded is when the snapshot was built.
 	Loaded time.Time
+	// ConfigLoaded is when its config was loaded: a snapshot rebuilt from the same config
+	// keeps its predecessor's (set by Server.Store).
+	ConfigLoaded time.Time
 
 	routes       *routetable.Table[*Route]
 	defaultRoute *Route // nil: unknown routes pass unchanged
@@ -240,7 +243,8 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 	first := cfg.Agents[0].Name
 	routes := map[string]*Route{}
 	keepRoutes := map[string]bool{}
-	compile := func(name, key, agentName string, reqChain, respChain []ChainEntry) *Route {
+	compile := func(name, key, agentName, mode string, reqChain, respChain []ChainEntry) *Route {
+		shadowAll := cfg.Shadow || mode == ModeShadow
 		if agentName == "" {
 			agentName = first
 		}
@@ -248,8 +252,8 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		r := &Route{Name: name, agent: agents[agentName], checkedWith: view.src}
 		var problems []problem
 		var unchecked int
-		r.request, problems, unchecked = compileChecked(reqChain, agentv1.PolicyPhase_REQUEST, agentName, view.adv, view.verdicts, key+".request_policy_chain", problems, unchecked)
-		r.response, problems, unchecked = compileChecked(respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.adv, view.verdicts, key+".response_policy_chain", problems, unchecked)
+		r.request, problems, unchecked = compileChecked(reqChain, agentv1.PolicyPhase_REQUEST, agentName, view.adv, view.verdicts, shadowAll, key+".request_policy_chain", problems, unchecked)
+		r.response, problems, unchecked = compileChecked(respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.adv, view.verdicts, shadowAll, key+".response_policy_chain", problems, unchecked)
 		if a := agents[agentName]; a != nil {
 			s.warnings = ignoredOnFailure(reqChain, a.enforcing(), key+".request_policy_chain", s.warnings)
 			s.warnings = ignoredOnFailure(respChain, a.enforcing(), key+".response_policy_chain", s.warnings)
@@ -283,10 +287,10 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		return r
 	}
 	for i, rp := range cfg.RoutePolicies {
-		routes[rp.RouteName] = compile(rp.RouteName, fmt.Sprintf("policy_kernel.route_policies[%d]", i), rp.Agent, rp.RequestPolicyChain, rp.ResponsePolicyChain)
+		routes[rp.RouteName] = compile(rp.RouteName, fmt.Sprintf("policy_kernel.route_policies[%d]", i), rp.Agent, rp.Mode, rp.RequestPolicyChain, rp.ResponsePolicyChain)
 	}
 	if d := cfg.DefaultPolicy; d != nil {
-		s.defaultRoute = compile("default", "policy_kernel.default_policy", d.Agent, d.RequestPolicyChain, d.ResponsePolicyChain)
+		s.defaultRoute = compile("default", "policy_kernel.default_policy", d.Agent, d.Mode, d.RequestPolicyChain, d.ResponsePolicyChain)
 	}
 	s.routes = routetable.New(routes)
 	sort.Strings(s.invalid)
@@ -323,20 +327,21 @@ func (s *Snapshot) retainMetrics(m *kernelMetrics) {
 // policy runs in the phase, and that the metadata satisfies the policy's metadata schema.
 // key is the chain's config key.
 func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, key string, problems []problem) (chain, []problem) {
-	c, problems, _ := compileChecked(entries, phase, agentName, adv, nil, key, problems, 0)
+	c, problems, _ := compileChecked(entries, phase, agentName, adv, nil, false, key, problems, 0)
 	return c, problems
 }
 
 // compileChecked is compileChain that also checks each entry against what the agent said
 // when it built it (verdicts, unless nil): an entry the agent refused is a problem, one it was
-// not asked about is counted in unchecked.
-func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, verdicts *entryVerdicts, key string, problems []problem, unchecked int) (chain, []problem, int) {
+// not asked about is counted in unchecked. shadowAll puts every entry in shadow (the route's or
+// the kernel's mode); otherwise each entry's own mode applies.
+func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, verdicts *entryVerdicts, shadowAll bool, key string, problems []problem, unchecked int) (chain, []problem, int) {
 	var c chain
 	// Without the agent's word, the request is sent.
 	readsRequest := false
 	var readsBody []bool
 	for i, e := range entries {
-		pol := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure}
+		pol := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure, Shadow: shadowAll || e.Mode == ModeShadow}
 		c.policies = append(c.policies, pol)
 		readsBody = append(readsBody, false)
 		if adv == nil {

@@ -143,6 +143,22 @@ type Outcome struct {
 	// HTTPStatus is the status of the immediate response that answers the client, 0 when
 	// there is none.
 	HTTPStatus int
+	// Shadow lists what the chain's shadow entries would have refused (a denial or a
+	// failure), in chain order; nil when none would have. Their decisions are not part of
+	// Status: a shadow entry enforces nothing.
+	Shadow []ShadowDecision
+}
+
+// ShadowDecision is what a chain entry in shadow mode would have done had it enforced.
+type ShadowDecision struct {
+	Policy string
+	// Decision is "deny" or "error".
+	Decision string
+	// HTTPStatus is the status of the response the denial would have answered; 0 for a
+	// failure, which the kernel answers with its status_on_error (500 by default).
+	HTTPStatus int
+	// Message is the denial's or the failure's message.
+	Message string
 }
 
 // Policy is one compiled chain entry.

@@ -73,13 +73,23 @@ func promtool(t *testing.T, in string, args ...string) string {
 // both processes: promtool accepts it, and every metric of the specification's §7.1 is there
 // with exactly its labels.
 func TestMetrics(t *testing.T) {
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: fmt.Sprintf(kernelYAML, "m1")})
+	// One more route, whose apiKeyAuth is in shadow: its families are exported once it ran.
+	cfg := strings.Replace(fmt.Sprintf(kernelYAML, "m1"), "  default_policy:\n", `    - route_name: /shadow
+      request_policy_chain:
+        - policy: apiKeyAuth
+          mode: shadow
+  default_policy:
+`, 1)
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: cfg})
 	c := e.Dial(t, envoyConfig)
 	do(t, c)                                  // allow
 	do(t, c, [2]string{"x-api-key", "wrong"}) // a second key header: joined, so denied
 	r, err := c.Do(t.Context(), &envoytest.Request{Path: "/api/v1/users"}, nil)
 	if err != nil || r.Status != 401 {
 		t.Fatalf("no key: %v %v", r, err)
+	}
+	if r, err := c.Do(t.Context(), &envoytest.Request{Path: "/shadow"}, nil); err != nil || r.Status != 200 {
+		t.Fatalf("shadow route without a key: %v %v", r, err)
 	}
 	e.Reload(t, "config unchanged; reload skipped")
 
@@ -105,6 +115,7 @@ func TestMetrics(t *testing.T) {
 		"policy_agent_execution_duration_seconds_bucket": "le,policy",
 		"policy_agent_policy_failures_total":             "policy,reason",
 		"policy_agent_context_size_bytes_bucket":         "le,type",
+		"policy_agent_shadow_decisions_total":            "decision,policy,route",
 		// Reloads, versions and rejected mutations.
 		"policy_kernel_config_info":              "version",
 		"policy_agent_config_info":               "version",
@@ -140,8 +151,9 @@ func TestMetrics(t *testing.T) {
 	for _, s := range []string{
 		`policy_agent_executions_total{policy="apiKeyAuth",status="ok"} 1`,
 		`policy_agent_executions_total{policy="apiKeyAuth",status="denied"} 2`,
+		`policy_agent_shadow_decisions_total{policy="apiKeyAuth",route="/shadow",decision="deny"} 1`,
 		`policy_agent_executions_total{policy="addSecurityHeaders",status="ok"} 1`,
-		`policy_agent_context_size_bytes_count{type="request_headers"} 3`,
+		`policy_agent_context_size_bytes_count{type="request_headers"} 4`, // the three above and /shadow
 		`policy_agent_context_size_bytes_count{type="response_headers"} 1`,
 		`# TYPE policy_agent_execution_duration_seconds histogram`,
 	} {

@@ -52,10 +52,13 @@ type Options struct {
 	Families []Family
 	// NoMetrics leaves /metrics out (the health probes and pprof stay).
 	NoMetrics bool
+	// Config returns the config in force, secrets redacted, for /config (JSON); nil leaves
+	// /config out.
+	Config func() any
 }
 
-// Handler returns the HTTP handler for /metrics, /health/live, /health/ready and, when
-// enabled, /debug/pprof/.
+// Handler returns the HTTP handler for /metrics, /health/live, /health/ready, /config and,
+// when enabled, /debug/pprof/.
 func Handler(o Options) http.Handler {
 	mux := http.NewServeMux()
 	if !o.NoMetrics {
@@ -79,6 +82,17 @@ func Handler(o Options) http.Handler {
 		}
 		writeJSON(w, code, detail)
 	})
+	if o.Config != nil {
+		mux.HandleFunc("/config", func(w http.ResponseWriter, r *http.Request) {
+			if r.Method != http.MethodGet && r.Method != http.MethodHead {
+				w.Header().Set("Allow", "GET, HEAD")
+				writeJSON(w, http.StatusMethodNotAllowed, map[string]string{"error": "read-only: use GET"})
+				return
+			}
+			w.Header().Set("Cache-Control", "no-store")
+			writeJSON(w, http.StatusOK, o.Config())
+		})
+	}
 	if o.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)

@@ -79,3 +79,30 @@ func TestHandlerDefaults(t *testing.T) {
 		t.Fatal("bad address accepted")
 	}
 }
+
+func TestConfigEndpoint(t *testing.T) {
+	s, err := Listen("127.0.0.1:0", Handler(Options{Config: func() any { return map[string]string{"version": "v1"} }}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if code, body := get(t, s, "/config"); code != 200 || strings.TrimSpace(body) != `{"version":"v1"}` {
+		t.Fatalf("/config: %d %s", code, body)
+	}
+	r, err := http.Post("http://"+s.Addr()+"/config", "application/json", strings.NewReader("{}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	if r.StatusCode != http.StatusMethodNotAllowed {
+		t.Fatalf("POST /config: %d, want 405", r.StatusCode)
+	}
+	none, err := Listen("127.0.0.1:0", Handler(Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer none.Close()
+	if code, _ := get(t, none, "/config"); code != 404 {
+		t.Fatalf("/config without Options.Config: %d", code)
+	}
+}

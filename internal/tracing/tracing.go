@@ -35,6 +35,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/obs"
 	"github.com/policy-engine/policy-engine/internal/secrets"
 )
 
@@ -268,4 +269,15 @@ func Inject(ctx context.Context) map[string]string {
 	c := mapCarrier{}
 	propagator.Inject(ctx, c)
 	return c
+}
+
+// Redacted is the config for a config dump (/config): header values redacted unless they are
+// secret references, which stay unresolved.
+func (c Config) Redacted() map[string]any {
+	headers := map[string]any{}
+	for name, v := range c.Headers {
+		headers[name] = obs.RedactValue(true, v)
+	}
+	return map[string]any{"enabled": c.Enabled, "endpoint": obs.RedactValue(false, c.Endpoint), "sampling_rate": c.Rate(),
+		"insecure": c.Insecure == nil || *c.Insecure, "headers": headers, "service_name": c.ServiceName}
 }

@@ -336,6 +336,9 @@ type Record struct {
 	UserID     string   `json:"user_id,omitempty"`
 	AuthMethod string   `json:"auth_method,omitempty"`
 	DurationMS *float64 `json:"duration_ms,omitempty"`
+	// Shadow lists what the chain's entries in shadow mode would have refused; nothing they
+	// decide is enforced, so Decision does not include them.
+	Shadow []ShadowRecord `json:"shadow,omitempty"`
 
 	RequestHeaders  map[string]string `json:"request_headers,omitempty"`
 	ResponseHeaders map[string]string `json:"response_headers,omitempty"`
@@ -345,6 +348,15 @@ type Record struct {
 	ResponseBodyTruncated bool    `json:"response_body_truncated,omitempty"`
 	// ResponseBodyOmitted says why a body asked for is not in the record.
 	ResponseBodyOmitted string `json:"response_body_omitted,omitempty"`
+}
+
+// ShadowRecord is what one chain entry in shadow mode would have done: decision "deny" with
+// the status it would have answered, or "error" (a failure).
+type ShadowRecord struct {
+	Policy   string `json:"policy"`
+	Decision string `json:"decision"`
+	Status   int    `json:"status,omitempty"`
+	Reason   string `json:"reason,omitempty"`
 }
 
 // Execute records the start time in the request phase. The record itself is written when the
@@ -368,9 +380,11 @@ func (p *AuditLog) Execute(_ context.Context, c *policy.Context) (policy.Result,
 }
 
 // ObserveChain writes one record per exchange: when the request chain denies or fails (there
-// will be no response phase), or when the response chain ends.
+// will be no response phase), or when the response chain ends. A request chain that allows
+// while one of its shadow entries would have refused writes a record too (decision "allowed"
+// with the shadow list), since the response chain does not learn of it.
 func (p *AuditLog) ObserveChain(c *policy.Context, o policy.Outcome) {
-	if c.Phase != agentv1.PolicyPhase_RESPONSE && o.Status == agentv1.StatusCode_OK {
+	if c.Phase != agentv1.PolicyPhase_RESPONSE && o.Status == agentv1.StatusCode_OK && len(o.Shadow) == 0 {
 		return
 	}
 	r := p.record(c, time.Now())
@@ -383,6 +397,9 @@ func (p *AuditLog) ObserveChain(c *policy.Context, o policy.Outcome) {
 		r.Decision = "error"
 	}
 	r.DecidedBy = o.DecidedBy
+	for _, sd := range o.Shadow {
+		r.Shadow = append(r.Shadow, ShadowRecord{Policy: sd.Policy, Decision: sd.Decision, Status: sd.HTTPStatus, Reason: sd.Message})
+	}
 	if o.HTTPStatus != 0 {
 		r.Status = o.HTTPStatus
 	}

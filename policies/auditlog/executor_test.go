@@ -10,6 +10,8 @@ import (
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/policies/bodytransform"
+	_ "github.com/policy-engine/policy-engine/policies/rolecheck"
+	"github.com/rs/zerolog"
 )
 
 // TestThroughExecutor runs an exchange the way the agent does: the request chain records the
@@ -109,5 +111,54 @@ agent_core:
 	}
 	if want := `{"id":7,"name":"Ada","password":"[REDACTED]","items":[{"sku":"A"}]}`; r.ResponseBody == nil || *r.ResponseBody != want {
 		t.Fatalf("logged body = %v, want %s", r.ResponseBody, want)
+	}
+}
+
+// TestShadowRecorded checks that a request the chain allowed while a shadow entry would have
+// refused it gets a record listing the shadow decision, and that a request no shadow entry
+// would have refused gets none in the request phase.
+func TestShadowRecorded(t *testing.T) {
+	out := captureStdout(t)
+	cfg, err := agent.ParseConfig("agent.yaml", []byte(`
+agent_core:
+  name: test
+  socket_path: unix:///nonexistent.sock
+  policies:
+    config:
+      auditLog: {sink: stdout, queue_size: 64}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := agent.NewExecutor(logging.New(io.Discard, "agent", zerolog.ErrorLevel))
+	if err := e.Load(cfg.AgentCore, "v1"); err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	run := func(id string, state map[string]string) {
+		t.Helper()
+		resp := e.Execute(context.Background(), &agentv1.PolicyRequest{
+			RequestId: id, RouteName: "admin", Phase: agentv1.PolicyPhase_REQUEST, State: state,
+			Policies: []*agentv1.Policy{
+				{Name: "roleCheck", Metadata: map[string]string{"required_roles": "admin"}, Shadow: true},
+				{Name: Name},
+			},
+			Context: &agentv1.RequestContext{Method: "GET", Path: "/admin"},
+		})
+		if resp.GetStatus().GetCode() != agentv1.StatusCode_OK {
+			t.Fatalf("%s: %v", id, resp.GetStatus())
+		}
+	}
+	run("no-role", nil)
+	run("admin", map[string]string{"jwt.claims": `{"roles":["admin"]}`})
+	e.Close()
+	recs := parseRecords(t, out.String())
+	if len(recs) != 1 {
+		t.Fatalf("%d records, want 1: %s", len(recs), out)
+	}
+	r := recs[0]
+	if r.RequestID != "no-role" || r.Decision != "allowed" || len(r.Shadow) != 1 ||
+		r.Shadow[0].Policy != "roleCheck" || r.Shadow[0].Decision != "deny" || r.Shadow[0].Status != 403 {
+		t.Fatalf("record = %+v", r)
 	}
 }

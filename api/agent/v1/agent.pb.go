@@ -621,10 +621,15 @@ func (x *PolicyResponseBatch) GetResponses() []*PolicyResponse {
 }
 
 type Policy struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Metadata      map[string]string      `protobuf:"bytes,2,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	OnFailure     string                 `protobuf:"bytes,3,opt,name=on_failure,json=onFailure,proto3" json:"on_failure,omitempty"` // "deny" | "continue" | "skip_remaining"; empty means "deny"
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Metadata  map[string]string      `protobuf:"bytes,2,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	OnFailure string                 `protobuf:"bytes,3,opt,name=on_failure,json=onFailure,proto3" json:"on_failure,omitempty"` // "deny" | "continue" | "skip_remaining"; empty means "deny"
+	// shadow runs the entry without enforcing anything it decides: a denial or immediate
+	// response does not end the chain, its mutations and state are dropped, and its failure
+	// does not fail the chain; the agent counts and logs what it would have done. An agent
+	// built before this field ignores it and enforces the entry: the safe direction.
+	Shadow        bool `protobuf:"varint,4,opt,name=shadow,proto3" json:"shadow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -678,6 +683,13 @@ func (x *Policy) GetOnFailure() string {
 		return x.OnFailure
 	}
 	return ""
+}
+
+func (x *Policy) GetShadow() bool {
+	if x != nil {
+		return x.Shadow
+	}
+	return false
 }
 
 type RequestContext struct {
@@ -1630,12 +1642,13 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x12PolicyRequestBatch\x12@\n" +
 	"\brequests\x18\x01 \x03(\v2$.policyengine.agent.v1.PolicyRequestR\brequests\"Z\n" +
 	"\x13PolicyResponseBatch\x12C\n" +
-	"\tresponses\x18\x01 \x03(\v2%.policyengine.agent.v1.PolicyResponseR\tresponses\"\xc1\x01\n" +
+	"\tresponses\x18\x01 \x03(\v2%.policyengine.agent.v1.PolicyResponseR\tresponses\"\xd9\x01\n" +
 	"\x06Policy\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12G\n" +
 	"\bmetadata\x18\x02 \x03(\v2+.policyengine.agent.v1.Policy.MetadataEntryR\bmetadata\x12\x1d\n" +
 	"\n" +
-	"on_failure\x18\x03 \x01(\tR\tonFailure\x1a;\n" +
+	"on_failure\x18\x03 \x01(\tR\tonFailure\x12\x16\n" +
+	"\x06shadow\x18\x04 \x01(\bR\x06shadow\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc8\x03\n" +
