@@ -36,6 +36,7 @@ import (
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
 	"github.com/policy-engine/policy-engine/internal/tracing"
+	"github.com/policy-engine/policy-engine/internal/watch"
 	"github.com/policy-engine/policy-engine/internal/yamlconf"
 )
 
@@ -48,6 +49,9 @@ type flags struct {
 	listen    string
 	metrics   string
 	agentWait time.Duration
+	// watch reloads the config when its file changes; watchEvery is how often it looks.
+	watch      bool
+	watchEvery time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (*flags, error) {
@@ -59,6 +63,8 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.listen, "listen", "", "ext_proc listen address host:port (overrides server.address and server.port)")
 	fs.StringVar(&f.metrics, "metrics-listen", "", "metrics listen address host:port (overrides observability.metrics_address and metrics_port)")
 	fs.DurationVar(&f.agentWait, "agent-wait", 10*time.Second, "how long to wait at start for the agents to answer GetAgentConfig")
+	fs.BoolVar(&f.watch, "watch-config", true, "reload the config when its file changes, as on SIGHUP")
+	fs.DurationVar(&f.watchEvery, "watch-interval", time.Second, "how often -watch-config looks at the config file")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -71,6 +77,9 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	}
 	if f.agentWait < 0 {
 		errs = append(errs, errors.New("-agent-wait must not be negative"))
+	}
+	if f.watchEvery < 10*time.Millisecond {
+		errs = append(errs, fmt.Errorf("-watch-interval must be at least 10ms, got %v", f.watchEvery))
 	}
 	return f, errors.Join(errs...)
 }
@@ -193,9 +202,14 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	log.Audit(zerolog.InfoLevel).Str("address", ln.Addr().String()).Str("config_version", snap.Version).
 		Int("routes", snap.routes.Len()).Msg("policy-kernel serving")
 
+	w := watchConfig(hctx, f)
 	for {
 		select {
 		case <-hup:
+			w.Sync()
+			k.reload()
+		case files := <-w.C():
+			log.Audit(zerolog.InfoLevel).Strs("files", files).Msg("config file changed; reloading")
 			k.reload()
 		case err := <-serveErr:
 			return fmt.Errorf("grpc server: %w", err)
@@ -206,6 +220,16 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 			return nil
 		}
 	}
+}
+
+// watchConfig watches the config file when -watch-config is on; nil (off) otherwise.
+func watchConfig(ctx context.Context, f *flags) *watch.Watcher {
+	if !f.watch {
+		return nil
+	}
+	w := watch.New(f.watchEvery, f.config)
+	go w.Run(ctx)
+	return w
 }
 
 // grpcMsgLimit sizes gRPC messages to the body cap plus room for headers, so a body Envoy is
