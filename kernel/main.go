@@ -60,7 +60,7 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	f := &flags{}
 	fs.StringVar(&f.config, "config", DefaultConfigPath, "path of the kernel config file")
 	fs.BoolVar(&f.validate, "validate", false, "check the config (and, when reachable, every chain against its agent) and exit: 0 if valid, 1 if not")
-	fs.StringVar(&f.listen, "listen", "", "ext_proc listen address host:port (overrides server.address and server.port)")
+	fs.StringVar(&f.listen, "listen", "", "ext_proc listen address host:port, or unix:///path for a Unix socket (overrides server.address, server.port and server.socket_path)")
 	fs.StringVar(&f.metrics, "metrics-listen", "", "metrics listen address host:port (overrides observability.metrics_address and metrics_port)")
 	fs.DurationVar(&f.agentWait, "agent-wait", 10*time.Second, "how long to wait at start for the agents to answer GetAgentConfig")
 	fs.BoolVar(&f.watch, "watch-config", true, "reload the config when its file changes, as on SIGHUP")
@@ -155,13 +155,9 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	k.install(snap, data)
 	m.markReloaded()
 
-	addr := net.JoinHostPort(kc.Server.Address, strconv.Itoa(kc.Server.Port))
-	if f.listen != "" {
-		addr = f.listen
-	}
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listenExtProc(kc, f)
 	if err != nil {
-		return fmt.Errorf("listen on %q: %w", addr, err)
+		return err
 	}
 	srv := grpc.NewServer(
 		grpc.MaxConcurrentStreams(kc.Server.MaxConcurrentStreams),
@@ -408,6 +404,8 @@ func restartOnly(old, cur *KernelConfig) []string {
 	}
 	add(old.Server.Address != cur.Server.Address, "server.address")
 	add(old.Server.Port != cur.Server.Port, "server.port")
+	add(old.Server.SocketPath != cur.Server.SocketPath, "server.socket_path")
+	add(old.Server.SocketMode != cur.Server.SocketMode, "server.socket_mode")
 	add(old.Server.MaxConcurrentStreams != cur.Server.MaxConcurrentStreams, "server.max_concurrent_streams")
 	add(old.Server.StreamWorkers != cur.Server.StreamWorkers, "server.stream_workers")
 	add(old.Server.MaxBodySizeBytes != cur.Server.MaxBodySizeBytes, "server.max_body_size_bytes")
