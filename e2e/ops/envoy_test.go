@@ -91,7 +91,7 @@ func validateDeep(m proto.Message, path string) error {
 }
 
 // kernelSocket is the kernel's socket in deploy/envoy/envoy-uds.yaml.
-const kernelSocket = "/var/run/policy-engine/ext-proc/kernel.sock"
+const kernelSocket = "/var/run/policy-engine/ext-proc/kernel/kernel.sock"
 
 // TestEnvoyBootstrap decodes every deploy/envoy/*.yaml into go-control-plane's Bootstrap with
 // every typed config resolved and validated, and checks that it is the setup the kernel
