@@ -2,6 +2,10 @@ package ops
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/base64"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -144,4 +148,70 @@ func TestConfigFollowsKubeletSwap(t *testing.T) {
 		t.Errorf("agent metrics: want one successful reload:\n%s", ametrics)
 	}
 	t.Logf("answers: v1 %d, v2 %d, v3 %d", tr.count("v1"), tr.count("v2"), tr.count("v3"))
+}
+
+// jwksOf is a JWK Set with one new P-256 key.
+func jwksOf(t *testing.T, kid string) string {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	point, err := k.PublicKey.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b64 := base64.RawURLEncoding.EncodeToString
+	return fmt.Sprintf(`{"keys":[{"kty":"EC","crv":"P-256","kid":%q,"use":"sig","x":%q,"y":%q}]}`, kid, b64(point[1:33]), b64(point[33:]))
+}
+
+// TestAgentFollowsJWKSFile: the agent reloads when the JWK Set file its config names changes
+// (a Secret updated by the kubelet), refuses a key set it cannot read and keeps the one in
+// force, and takes the next good one.
+func TestAgentFollowsJWKSFile(t *testing.T) {
+	_, abin := testenv.Binaries(t)
+	dir := t.TempDir()
+	keys := testenv.NewKubeDir(t, filepath.Join(dir, "keys"), map[string]string{"jwks.json": jwksOf(t, "k1")})
+	sock, cfg, metrics := filepath.Join(dir, "agent.sock"), filepath.Join(dir, "agent.yaml"), testenv.FreeAddr(t)
+	yaml := fmt.Sprintf(`agent_core:
+  name: default-agent
+  socket_path: %q
+  policies:
+    config:
+      jwtValidation:
+        issuer: https://issuer.example
+        jwks_file: %q
+  observability:
+    metrics_address: %q
+`, sock, keys.Path("jwks.json"), metrics)
+	if err := os.WriteFile(cfg, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	agent := testenv.Start(t, abin, nil, "--config", cfg, "--watch-interval", "100ms")
+	testenv.WaitDial(t, agent, "unix", sock)
+
+	keys.Update(t, map[string]string{"jwks.json": jwksOf(t, "k2")})
+	testenv.WaitFor(t, 10*time.Second, "the reload for the new key set", func() bool {
+		return strings.Contains(agent.Output(), `"files_changed":["`+keys.Path("jwks.json")+`"]`)
+	})
+	keys.Update(t, map[string]string{"jwks.json": `{"keys":[{"kty":"EC"`})
+	testenv.WaitFor(t, 10*time.Second, "the broken key set to be refused", func() bool {
+		return strings.Contains(agent.Output(), "config reload failed; keeping the previous config")
+	})
+	keys.Update(t, map[string]string{"jwks.json": jwksOf(t, "k3")})
+	testenv.WaitFor(t, 10*time.Second, "the next good key set", func() bool {
+		return strings.Count(agent.Output(), `"files_changed":["`+keys.Path("jwks.json")+`"]`) == 2
+	})
+	_, m := testenv.HTTPGet("http://" + metrics + "/metrics")
+	for _, want := range []string{
+		`policy_agent_config_reload_total{status="success"} 2`,
+		`policy_agent_config_reload_total{status="failure"} 1`,
+	} {
+		if !strings.Contains(m, want) {
+			t.Errorf("agent metrics lack %s:\n%s", want, agent.Output())
+		}
+	}
+	if !strings.Contains(agent.Output(), "jwks_file") {
+		t.Errorf("the refusal does not name the setting:\n%s", agent.Output())
+	}
 }
