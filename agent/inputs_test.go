@@ -1,10 +1,12 @@
 package agent
 
 import (
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 )
 
 // TestNamedFiles: the files an agent config names are its ${file:} secrets (at any depth of
@@ -73,5 +75,18 @@ func TestNamedFiles(t *testing.T) {
 	os.Remove(key)
 	if _, _, files, err := loadInputs(cfgFile); err == nil || !slices.Contains(files, key) {
 		t.Fatalf("err %v, files %q", err, files)
+	}
+}
+
+func TestWatchFlags(t *testing.T) {
+	f, err := parseFlags(nil, io.Discard)
+	if err != nil || !f.watch || f.watchEvery != time.Second {
+		t.Fatalf("defaults: %+v, %v", f, err)
+	}
+	if f, err := parseFlags([]string{"-watch-config=false"}, io.Discard); err != nil || f.watch {
+		t.Fatalf("off: %+v, %v", f, err)
+	}
+	if _, err := parseFlags([]string{"-watch-interval", "0s"}, io.Discard); err == nil {
+		t.Fatal("a zero interval was accepted")
 	}
 }

@@ -1,8 +1,11 @@
 package kernel
 
 import (
+	"io"
 	"io/fs"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseSocketMode(t *testing.T) {
@@ -59,4 +62,18 @@ func FuzzParseSocketMode(f *testing.F) {
 			t.Fatalf("%q accepted as %o", s, m)
 		}
 	})
+}
+
+func TestWatchFlags(t *testing.T) {
+	f, err := parseFlags(nil, io.Discard)
+	if err != nil || !f.watch || f.watchEvery != time.Second {
+		t.Fatalf("defaults: %+v, %v", f, err)
+	}
+	f, err = parseFlags([]string{"-watch-config=false", "-listen", "unix:///run/k.sock"}, io.Discard)
+	if err != nil || f.watch || !isUnix(f.listen) {
+		t.Fatalf("off: %+v, %v", f, err)
+	}
+	if _, err := parseFlags([]string{"-watch-interval", "1ms"}, io.Discard); err == nil || !strings.Contains(err.Error(), "-watch-interval must be at least 10ms") {
+		t.Fatalf("a 1ms interval: %v", err)
+	}
 }
