@@ -3,7 +3,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -14,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
+	"slices"
 	"syscall"
 	"time"
 
@@ -39,6 +39,10 @@ type flags struct {
 	config   string
 	socket   string
 	validate bool
+	// watch reloads the config when it or a file it names changes; watchEvery is how often it
+	// looks.
+	watch      bool
+	watchEvery time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (*flags, error) {
@@ -48,6 +52,8 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.config, "config", DefaultConfigPath, "path of the agent config file")
 	fs.StringVar(&f.socket, "socket", "", "Unix socket to listen on (overrides agent_core.socket_path)")
 	fs.BoolVar(&f.validate, "validate", false, "check the config and exit: 0 if valid, 1 if not")
+	fs.BoolVar(&f.watch, "watch-config", true, "reload the config when it or a file it names (secrets, jwks_file) changes, as on SIGHUP")
+	fs.DurationVar(&f.watchEvery, "watch-interval", time.Second, "how often -watch-config looks at the files")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -56,6 +62,9 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	}
 	if f.config == "" {
 		return nil, errors.New("-config must not be empty")
+	}
+	if f.watchEvery < 10*time.Millisecond {
+		return nil, fmt.Errorf("-watch-interval must be at least 10ms, got %v", f.watchEvery)
 	}
 	return f, nil
 }
@@ -84,10 +93,11 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	cfg, data, err := LoadConfig(f.config)
+	cfg, in, files, err := loadInputs(f.config)
 	if err != nil {
 		return err
 	}
+	data := in.data
 	core := cfg.AgentCore
 	if f.socket != "" {
 		core.SocketPath = f.socket
@@ -167,10 +177,19 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	log.Audit(zerolog.InfoLevel).Str("socket", uds.Path(core.SocketPath)).Str("config_version", version).
 		Int("policies", len(exec.Describe().SupportedPolicies)).Msg("policy-agent serving")
 
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	w := watchFiles(wctx, f, files)
 	for {
 		select {
 		case <-hup:
-			data = reloadAgent(f, data, exec, log)
+			w.Sync()
+			in, files = reloadAgent(f, in, files, exec, log)
+			w.Set(files)
+		case changed := <-w.C():
+			log.Audit(zerolog.InfoLevel).Strs("files", changed).Msg("config file changed; reloading")
+			in, files = reloadAgent(f, in, files, exec, log)
+			w.Set(files)
 		case err := <-serveErr:
 			return fmt.Errorf("grpc server: %w", err)
 		case <-ctx.Done():
@@ -212,13 +231,21 @@ func (e *Executor) readiness() (bool, any) {
 	return true, d
 }
 
-// reloadAgent re-reads the config file and swaps in a new snapshot when it changed and is
-// valid. It returns the bytes now in force.
-func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) []byte {
-	cfg, data, err := LoadConfig(f.config)
-	if err == nil && bytes.Equal(data, current) {
+// reloadAgent re-reads the config file and the files it names, and swaps in a new snapshot
+// when any of them changed and the config is valid. It returns the inputs now in force and the
+// files to watch: those of the config in force and, after a failure, those the refused config
+// names, so that the secret it waited for is noticed when it appears.
+func reloadAgent(f *flags, current *inputs, watched []string, exec *Executor, log *logging.Logger) (*inputs, []string) {
+	cfg, in, files, err := loadInputs(f.config)
+	if err == nil && in.same(current) {
 		log.Audit(zerolog.InfoLevel).Str("config_version", exec.snap.Load().version).Msg("config unchanged; reload skipped")
-		return current
+		return current, files
+	}
+	var data []byte
+	var changedFiles []string
+	if in != nil {
+		data = in.data
+		changedFiles = in.changed(current)
 	}
 	var version string
 	var tr *tracing.Tracer
@@ -231,7 +258,8 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 			err = fmt.Errorf("%s: agent_core.socket_path: cannot change on reload (from %q to %q); restart the agent", f.config, old.SocketPath, cfg.AgentCore.SocketPath)
 		}
 	}
-	tracingChanged := err == nil && !reflect.DeepEqual(cfg.AgentCore.Observability.Tracing, old.Observability.Tracing)
+	tracingChanged := err == nil && (!reflect.DeepEqual(cfg.AgentCore.Observability.Tracing, old.Observability.Tracing) ||
+		slices.ContainsFunc(in.tracing, func(p string) bool { return slices.Contains(changedFiles, p) }))
 	if tracingChanged {
 		if tr, err = tracing.NewLogged(cfg.AgentCore.Observability.Tracing, tracing.Follower, "policy-agent", Version, log); err != nil {
 			err = fmt.Errorf("%s: %w", f.config, err)
@@ -250,7 +278,7 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 		exec.metrics.reloadFailure.Inc()
 		log.Audit(zerolog.ErrorLevel).Str("file", f.config).Str("config_version", exec.snap.Load().version).
 			Errors("errors", err).Msg("config reload failed; keeping the previous config")
-		return current
+		return current, union(watched, files)
 	}
 	if tracingChanged {
 		go exec.SetTracer(tr).Close()
@@ -264,6 +292,10 @@ func reloadAgent(f *flags, current []byte, exec *Executor, log *logging.Logger) 
 	}
 	exec.metrics.reloadSuccess.Inc()
 	exec.metrics.loaded(version)
-	log.Audit(zerolog.InfoLevel).Str("config_version", version).Msg("config reloaded")
-	return data
+	ev := log.Audit(zerolog.InfoLevel).Str("config_version", version)
+	if len(changedFiles) > 0 {
+		ev = ev.Strs("files_changed", changedFiles)
+	}
+	ev.Msg("config reloaded")
+	return in, files
 }

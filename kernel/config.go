@@ -2,7 +2,9 @@ package kernel
 
 import (
 	"fmt"
+	"io/fs"
 	"os"
+	"strconv"
 	"sync"
 
 	"github.com/policy-engine/policy-engine/config"
@@ -31,8 +33,14 @@ type KernelConfig struct {
 
 // ServerConfig is the ext_proc listener.
 type ServerConfig struct {
-	Address              string `yaml:"address"`
-	Port                 int    `yaml:"port"`
+	Address string `yaml:"address"`
+	Port    int    `yaml:"port"`
+	// SocketPath, when set, is a Unix socket the kernel serves ext_proc on instead of
+	// Address:Port: Envoy in the same pod reaches it with a pipe address.
+	SocketPath string `yaml:"socket_path"`
+	// SocketMode is the octal mode of SocketPath ("0600" by default); "0660" lets an Envoy
+	// that runs as another user but shares the kernel's group connect.
+	SocketMode           string `yaml:"socket_mode"`
 	MaxConcurrentStreams uint32 `yaml:"max_concurrent_streams"`
 	// StreamWorkers is how many goroutines serve Envoy's streams and keep the stacks they
 	// grew; a stream that finds none idle gets a goroutine of its own.
@@ -163,7 +171,29 @@ const (
 	DefaultStatusOnError         = 500
 	DefaultMetricsPort           = 9090
 	DefaultShutdownTimeoutMS     = 10000
+	DefaultSocketMode            = "0600"
 )
+
+// ParseSocketMode reads an octal socket mode such as "0660". The owner must be able to read and
+// write (the kernel checks that a socket in its place is not in use by connecting to it), and
+// other users get nothing: a process that can connect can ask the kernel to judge requests, and
+// learns the policies' answers. Share the socket with Envoy through a group.
+func ParseSocketMode(s string) (fs.FileMode, error) {
+	v, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || len(s) > 4 {
+		return 0, fmt.Errorf("must be an octal mode such as \"0660\", got %q", s)
+	}
+	m := fs.FileMode(v)
+	switch {
+	case m&^fs.ModePerm != 0:
+		return 0, fmt.Errorf("must be an octal mode such as \"0660\", got %q", s)
+	case m&0o600 != 0o600:
+		return 0, fmt.Errorf("must let the owner read and write (0600), got %q", s)
+	case m&0o007 != 0:
+		return 0, fmt.Errorf("must give other users no access (share the socket through a group, e.g. \"0660\"), got %q", s)
+	}
+	return m, nil
+}
 
 // kernelSchema is the JSON schema every kernel config is checked against.
 var kernelSchema = sync.OnceValue(func() *yamlconf.Schema {
@@ -202,6 +232,12 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	}
 	if s.Port < 0 || s.Port > 65535 {
 		bad("server.port", "must be from 0 to 65535, got %d", s.Port)
+	}
+	if s.SocketMode == "" {
+		s.SocketMode = DefaultSocketMode
+	}
+	if _, err := ParseSocketMode(s.SocketMode); err != nil {
+		bad("server.socket_mode", "%v", err)
 	}
 	if s.MaxConcurrentStreams == 0 {
 		s.MaxConcurrentStreams = DefaultMaxConcurrentStreams

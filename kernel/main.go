@@ -37,6 +37,7 @@ import (
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
 	"github.com/policy-engine/policy-engine/internal/tracing"
+	"github.com/policy-engine/policy-engine/internal/watch"
 	"github.com/policy-engine/policy-engine/internal/yamlconf"
 )
 
@@ -49,6 +50,9 @@ type flags struct {
 	listen    string
 	metrics   string
 	agentWait time.Duration
+	// watch reloads the config when its file changes; watchEvery is how often it looks.
+	watch      bool
+	watchEvery time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (*flags, error) {
@@ -57,9 +61,11 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	f := &flags{}
 	fs.StringVar(&f.config, "config", DefaultConfigPath, "path of the kernel config file")
 	fs.BoolVar(&f.validate, "validate", false, "check the config (and, when reachable, every chain against its agent) and exit: 0 if valid, 1 if not")
-	fs.StringVar(&f.listen, "listen", "", "ext_proc listen address host:port (overrides server.address and server.port)")
+	fs.StringVar(&f.listen, "listen", "", "ext_proc listen address host:port, or unix:///path for a Unix socket (overrides server.address, server.port and server.socket_path)")
 	fs.StringVar(&f.metrics, "metrics-listen", "", "metrics listen address host:port (overrides observability.metrics_address and metrics_port)")
 	fs.DurationVar(&f.agentWait, "agent-wait", 10*time.Second, "how long to wait at start for the agents to answer GetAgentConfig")
+	fs.BoolVar(&f.watch, "watch-config", true, "reload the config when its file changes, as on SIGHUP")
+	fs.DurationVar(&f.watchEvery, "watch-interval", time.Second, "how often -watch-config looks at the config file")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -72,6 +78,9 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	}
 	if f.agentWait < 0 {
 		errs = append(errs, errors.New("-agent-wait must not be negative"))
+	}
+	if f.watchEvery < 10*time.Millisecond {
+		errs = append(errs, fmt.Errorf("-watch-interval must be at least 10ms, got %v", f.watchEvery))
 	}
 	return f, errors.Join(errs...)
 }
@@ -154,10 +163,6 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	k.install(snap, data)
 	m.markReloaded()
 
-	addr := net.JoinHostPort(kc.Server.Address, strconv.Itoa(kc.Server.Port))
-	if f.listen != "" {
-		addr = f.listen
-	}
 	opts := []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(kc.Server.MaxConcurrentStreams),
 		grpc.MaxRecvMsgSize(grpcMsgLimit(kc)),
@@ -184,11 +189,11 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		// A connection without a stream for as long is closed too (GOAWAY; Envoy reconnects).
 		opts = append(opts, grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: time.Duration(ms) * time.Millisecond}))
 	}
-	tcpLn, err := net.Listen("tcp", addr)
+	extLn, err := listenExtProc(kc, f)
 	if err != nil {
-		return fmt.Errorf("listen on %q: %w", addr, err)
+		return err
 	}
-	ln := newLimitListener(tcpLn, kc.Server.MaxConnections, m, log)
+	ln := newLimitListener(extLn, kc.Server.MaxConnections, m, log)
 	srv := grpc.NewServer(opts...)
 	extprocv3.RegisterExternalProcessorServer(srv, k.server)
 	healthpb.RegisterHealthServer(srv, k.health)
@@ -225,9 +230,14 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		Bool("client_cert_required", kc.Server.TLS.RequireClientCert).Str("config_version", snap.Version).
 		Int("routes", snap.routes.Len()).Msg("policy-kernel serving")
 
+	w := watchConfig(hctx, f)
 	for {
 		select {
 		case <-hup:
+			w.Sync()
+			k.reload()
+		case files := <-w.C():
+			log.Audit(zerolog.InfoLevel).Strs("files", files).Msg("config file changed; reloading")
 			k.reload()
 		case err := <-serveErr:
 			return fmt.Errorf("grpc server: %w", err)
@@ -238,6 +248,16 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 			return nil
 		}
 	}
+}
+
+// watchConfig watches the config file when -watch-config is on; nil (off) otherwise.
+func watchConfig(ctx context.Context, f *flags) *watch.Watcher {
+	if !f.watch {
+		return nil
+	}
+	w := watch.New(f.watchEvery, f.config)
+	go w.Run(ctx)
+	return w
 }
 
 // grpcMsgLimit sizes gRPC messages to the body cap plus room for headers, so a body Envoy is
@@ -416,6 +436,8 @@ func restartOnly(old, cur *KernelConfig) []string {
 	}
 	add(old.Server.Address != cur.Server.Address, "server.address")
 	add(old.Server.Port != cur.Server.Port, "server.port")
+	add(old.Server.SocketPath != cur.Server.SocketPath, "server.socket_path")
+	add(old.Server.SocketMode != cur.Server.SocketMode, "server.socket_mode")
 	add(old.Server.MaxConcurrentStreams != cur.Server.MaxConcurrentStreams, "server.max_concurrent_streams")
 	add(old.Server.StreamWorkers != cur.Server.StreamWorkers, "server.stream_workers")
 	add(old.Server.MaxBodySizeBytes != cur.Server.MaxBodySizeBytes, "server.max_body_size_bytes")

@@ -33,6 +33,9 @@ const (
 const (
 	targetNoop   = "noop"
 	targetKernel = "kernel+agent"
+	// targetKernelUDS is kernel+agent with Envoy's side on a Unix socket (server.socket_path),
+	// as with a sidecar Envoy on a pipe address, instead of TCP loopback.
+	targetKernelUDS = "kernel+agent-uds"
 )
 
 // APIKey is the API key of the load-test traffic; the agent config holds its digest.
@@ -81,7 +84,7 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	fs.IntVar(&o.Conns, "conns", 2, "HTTP/2 connections to each server, like Envoy's per-worker connections")
 	fs.IntVar(&o.Streams, "streams", 10000, "streams held open at once in the memory phase (0: skip it)")
 	fs.IntVar(&o.Repeat, "repeat", 1, "how many times to run the open and closed phases, alternating the targets")
-	fs.StringVar(&targets, "targets", targetNoop+","+targetKernel, "targets to measure, comma-separated: noop, kernel+agent")
+	fs.StringVar(&targets, "targets", targetNoop+","+targetKernel, "targets to measure, comma-separated: noop, kernel+agent, kernel+agent-uds (Envoy's side on a Unix socket)")
 	fs.StringVar(&o.JSONOut, "json", "loadtest/results/loadtest.json", "where to write the JSON report (empty: nowhere)")
 	fs.StringVar(&o.WorkDir, "workdir", "", "folder for configs, sockets and logs (default: a temporary one, removed at the end)")
 	fs.StringVar(&o.ProfileDir, "profile", "", "capture CPU and heap profiles of the kernel and agent during the closed loop into this folder")
@@ -122,10 +125,10 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	}
 	for t := range strings.SplitSeq(targets, ",") {
 		switch t = strings.TrimSpace(t); t {
-		case targetNoop, targetKernel:
+		case targetNoop, targetKernel, targetKernelUDS:
 			o.Targets = append(o.Targets, t)
 		default:
-			errs = append(errs, fmt.Errorf("-targets: unknown target %q (want noop or kernel+agent)", t))
+			errs = append(errs, fmt.Errorf("-targets: unknown target %q (want noop, kernel+agent or kernel+agent-uds)", t))
 		}
 	}
 	return o, errors.Join(errs...)
@@ -379,7 +382,18 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 		if err := waitTCP(ctx, t.addr, p, o.StartTimeout); err != nil {
 			return nil, err
 		}
-	case targetKernel:
+	case targetKernel, targetKernelUDS:
+		socket := ""
+		if name == targetKernelUDS {
+			// Its own folder: configs, sockets and logs apart from the TCP run's.
+			dir = filepath.Join(dir, "uds")
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				return nil, fmt.Errorf("create work folder: %w", err)
+			}
+			ksock := filepath.Join(dir, "kernel.sock")
+			t.addr = "unix://" + ksock
+			socket = fmt.Sprintf("    socket_path: %q\n", ksock)
+		}
 		mport, err := freePort()
 		if err != nil {
 			return nil, err
@@ -394,7 +408,9 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 		if err := os.WriteFile(acfg, []byte(agentConfig(sock, aport)), 0o600); err != nil {
 			return nil, fmt.Errorf("write agent config: %w", err)
 		}
-		if err := os.WriteFile(kcfg, []byte(kernelConfig(port, mport, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)), 0o600); err != nil {
+		kc := kernelConfig(port, mport, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)
+		kc = strings.Replace(kc, kernelServerLine, kernelServerLine+socket, 1)
+		if err := os.WriteFile(kcfg, []byte(kc), 0o600); err != nil {
 			return nil, fmt.Errorf("write kernel config: %w", err)
 		}
 		agent, err := startProcess(filepath.Join(o.BinDir, "policy-agent"), []string{"-config", acfg}, "agent", dir, o.ServerEnv...)
@@ -436,6 +452,9 @@ func agentConfig(sock string, mport int) string {
     pprof_enabled: true  # the profiles of make profile
 `, sock, APIKey, mport)
 }
+
+// kernelServerLine is a line of kernelConfig's server section, after which a setting is added.
+const kernelServerLine = "    max_concurrent_streams: 1024\n"
 
 func kernelConfig(port, mport int, sock, reqChain string, messageTimeout time.Duration, extra string) string {
 	second := `        - policy: "allowAll"`

@@ -108,6 +108,7 @@ func TestMainEndToEnd(t *testing.T) {
 		"-bin", bin, "-rate", "200", "-open", "500ms", "-closed", "1500ms", "-warmup", "300ms", "-concurrency", "4",
 		"-streams", "300", "-json", jsonOut, "-workdir", filepath.Join(work, "run"),
 		"-profile", profiles, "-profile-seconds", "1s",
+		"-targets", "noop,kernel+agent,kernel+agent-uds",
 		// The test checks the pipeline, not timing: other packages' tests share the CPUs.
 		"-message-timeout", "4s",
 	}, &stdout, &stderr)
@@ -115,7 +116,7 @@ func TestMainEndToEnd(t *testing.T) {
 		t.Fatalf("Main: %v\nstderr:\n%s", err, stderr.String())
 	}
 	out := stdout.String()
-	for _, want := range []string{"noop", "kernel+agent", "streams 300", "report written to"} {
+	for _, want := range []string{"noop", "kernel+agent", "kernel+agent-uds", "streams 300", "report written to"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
@@ -128,8 +129,8 @@ func TestMainEndToEnd(t *testing.T) {
 	if err := json.Unmarshal(data, &rep); err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Rows) != 6 {
-		t.Fatalf("%d rows, want open, closed and streams for both targets:\n%s", len(rep.Rows), out)
+	if len(rep.Rows) != 9 {
+		t.Fatalf("%d rows, want open, closed and streams for the three targets:\n%s", len(rep.Rows), out)
 	}
 	for _, row := range rep.Rows {
 		if row.Errors != 0 {
@@ -144,10 +145,11 @@ func TestMainEndToEnd(t *testing.T) {
 		if row.Requests == 0 || row.CPUPer1k <= 0 || row.CPURatio <= 0 || row.P99us <= 0 {
 			t.Errorf("row without measurements: %+v", row)
 		}
-		if row.Target == targetKernel && (len(row.Procs) != 2 || row.Procs[0].PeakRSS <= 0) {
+		kernelRow := row.Target == targetKernel || row.Target == targetKernelUDS
+		if kernelRow && (len(row.Procs) != 2 || row.Procs[0].PeakRSS <= 0) {
 			t.Errorf("kernel row processes: %+v", row.Procs)
 		}
-		if row.Target == targetKernel && row.KernelP99us <= 0 {
+		if kernelRow && row.KernelP99us <= 0 {
 			t.Errorf("kernel row without the kernel's own p99: %+v", row)
 		}
 	}

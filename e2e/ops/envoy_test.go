@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -89,13 +90,27 @@ func validateDeep(m proto.Message, path string) error {
 	return errors.Join(errs...)
 }
 
-// TestEnvoyBootstrap decodes deploy/envoy/envoy.yaml into go-control-plane's Bootstrap with
+// kernelSocket is the kernel's socket in deploy/envoy/envoy-uds.yaml.
+const kernelSocket = "/var/run/policy-engine/ext-proc/kernel/kernel.sock"
+
+// TestEnvoyBootstrap decodes every deploy/envoy/*.yaml into go-control-plane's Bootstrap with
 // every typed config resolved and validated, and checks that it is the setup the kernel
 // expects: route names of config/kernel-config.yaml, the ext_proc filter with the route
 // attribute, mode override, message timeout and fail-closed, and an HTTP/2 cluster to the
-// kernel on 127.0.0.1:9001 health-checked over gRPC.
+// kernel health-checked over gRPC: on 127.0.0.1:9001 (envoy.yaml), or on the kernel's Unix
+// socket (envoy-uds.yaml, a pipe address).
 func TestEnvoyBootstrap(t *testing.T) {
-	bs, err := loadBootstrap(repoRoot + "deploy/envoy/envoy.yaml")
+	files, err := filepath.Glob(repoRoot + "deploy/envoy/*.yaml")
+	if err != nil || len(files) < 2 {
+		t.Fatalf("bootstraps: %q, %v", files, err)
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) { checkBootstrap(t, f, strings.Contains(filepath.Base(f), "uds")) })
+	}
+}
+
+func checkBootstrap(t *testing.T, path string, uds bool) {
+	bs, err := loadBootstrap(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,8 +191,18 @@ func TestEnvoyBootstrap(t *testing.T) {
 	if po.GetExplicitHttpConfig().GetHttp2ProtocolOptions() == nil {
 		t.Error("the kernel's cluster does not speak HTTP/2")
 	}
-	sa := kc.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
-	if sa.GetAddress() != "127.0.0.1" || sa.GetPortValue() != uint32(cfg.PolicyKernel.Server.Port) {
+	addr := kc.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress()
+	if uds {
+		if p := addr.GetPipe().GetPath(); p != kernelSocket {
+			t.Errorf("kernel endpoint %v, want the pipe %s", addr, kernelSocket)
+		}
+		// The socket the file names is one a kernel config accepts, with the mode the file's
+		// comment gives.
+		kc := strings.Replace(kernelYAML, "    message_timeout_ms: 2000\n", "    message_timeout_ms: 2000\n    socket_path: "+kernelSocket+"\n    socket_mode: \"0660\"\n", 1)
+		if _, err := kernel.ParseConfig("uds.yaml", []byte(fmt.Sprintf(kc, "u"))); err != nil {
+			t.Error(err)
+		}
+	} else if sa := addr.GetSocketAddress(); sa.GetAddress() != "127.0.0.1" || sa.GetPortValue() != uint32(cfg.PolicyKernel.Server.Port) {
 		t.Errorf("kernel endpoint %s:%d, want 127.0.0.1:%d", sa.GetAddress(), sa.GetPortValue(), cfg.PolicyKernel.Server.Port)
 	}
 	hc := kc.GetHealthChecks()

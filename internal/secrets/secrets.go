@@ -115,6 +115,15 @@ func parseRef(s string) (kind, arg string, ok bool) {
 	return kind, arg, true
 }
 
+// FileRef returns the path of a ${file:/path} reference.
+func FileRef(s string) (string, bool) {
+	kind, arg, ok := parseRef(s)
+	if !ok || kind != "file" {
+		return "", false
+	}
+	return arg, true
+}
+
 // Resolve returns the value a config string stands for.
 func (l Lookup) Resolve(s string) (string, error) {
 	if rest, ok := strings.CutPrefix(s, "$${"); ok {

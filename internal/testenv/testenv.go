@@ -303,8 +303,10 @@ type Env struct {
 	Agent        *Proc
 	Kernel       *Proc
 	AgentEnv     []string
-	kernelBin    string
-	agentBin     string
+	// watchArgs are the -watch-config flags both binaries get.
+	watchArgs []string
+	kernelBin string
+	agentBin  string
 }
 
 // AgentBin returns the agent binary the environment starts.
@@ -324,6 +326,9 @@ type Options struct {
 	// NotReady is a kernel config that cannot serve every route (one is invalid on purpose),
 	// so the kernel never becomes ready: StartEnv waits until it listens only.
 	NotReady bool
+	// WatchConfig leaves the binaries' config watching on (-watch-config). Off by default, so
+	// that a test that rewrites a config decides with SIGHUP when it is read.
+	WatchConfig bool
 }
 
 // StartEnv writes the configs, starts the agent, waits for its socket, starts the kernel on a
@@ -345,12 +350,15 @@ func StartEnv(t testing.TB, o Options) *Env {
 	if o.AgentBin != "" {
 		e.agentBin = o.AgentBin
 	}
+	if !o.WatchConfig {
+		e.watchArgs = []string{"--watch-config=false"}
+	}
 	e.WriteConfig(t, e.AgentConfig, o.AgentYAML)
 	e.WriteConfig(t, e.KernelConfig, o.KernelYAML)
 	if !o.NoAgent {
 		e.StartAgent(t)
 	}
-	e.Kernel = Start(t, kbin, nil, "--config", e.KernelConfig, "--listen", e.KernelAddr, "--metrics-listen", e.MetricsAddr, "--agent-wait", "5s")
+	e.Kernel = Start(t, kbin, nil, append([]string{"--config", e.KernelConfig, "--listen", e.KernelAddr, "--metrics-listen", e.MetricsAddr, "--agent-wait", "5s"}, e.watchArgs...)...)
 	WaitDial(t, e.Kernel, "tcp", e.KernelAddr)
 	if !o.NoAgent && !o.NotReady {
 		WaitFor(t, StartTimeout, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
@@ -381,7 +389,7 @@ func (e *Env) StartAgent(t testing.TB) {
 // different set of compiled-in policies, and waits for its socket to accept connections.
 func (e *Env) StartAgentBin(t testing.TB, bin string) {
 	t.Helper()
-	e.Agent = Start(t, bin, e.AgentEnv, "--config", e.AgentConfig)
+	e.Agent = Start(t, bin, e.AgentEnv, append([]string{"--config", e.AgentConfig}, e.watchArgs...)...)
 	WaitDial(t, e.Agent, "unix", e.AgentSock)
 }
 

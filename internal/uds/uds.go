@@ -1,6 +1,6 @@
 // Package uds listens on Unix domain sockets the way both processes need: a "unix://" prefix is
 // accepted, a stale socket file left by a dead process is removed, a live one is refused, and
-// the socket is made readable and writable by its owner only (0600).
+// the socket is made readable and writable by its owner only (0600), or given the mode asked for.
 package uds
 
 import (
@@ -25,8 +25,11 @@ func Path(addr string) string {
 	return addr
 }
 
-// Listen listens on the socket at addr.
-func Listen(addr string) (net.Listener, error) {
+// Listen listens on the socket at addr, mode 0600.
+func Listen(addr string) (net.Listener, error) { return ListenMode(addr, 0o600) }
+
+// ListenMode listens on the socket at addr and gives it mode (permission bits only).
+func ListenMode(addr string, mode fs.FileMode) (net.Listener, error) {
 	path := Path(addr)
 	if path == "" {
 		return nil, errors.New("empty socket path")
@@ -50,7 +53,7 @@ func Listen(addr string) (net.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	if err := os.Chmod(path, mode.Perm()); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("set mode of socket %q: %w", path, err)
 	}

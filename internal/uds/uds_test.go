@@ -103,3 +103,30 @@ func TestDirectoryNotCreatable(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// TestListenModeShared: a socket shared with another user of the same group gets the mode asked
+// for; a stale one is still replaced.
+func TestListenModeShared(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "k.sock")
+	ln, err := ListenMode("unix://"+p, 0o660)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket mode %o, want 660", fi.Mode().Perm())
+	}
+	if _, err := ListenMode(p, 0o660); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("a live socket was not refused: %v", err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	ln, err = ListenMode(p, 0o660)
+	if err != nil {
+		t.Fatalf("a stale socket was not replaced: %v", err)
+	}
+	ln.Close()
+}
