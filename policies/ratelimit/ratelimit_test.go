@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"reflect"
 	"sort"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
@@ -366,45 +368,105 @@ func TestNewErrors(t *testing.T) {
 	}
 	check(`{"max_local_buckets": 0}`, "max_local_buckets: must be positive, got 0")
 	check(`{"max_local_buckets": 10, "colour": 1}`, `invalid JSON: json: unknown field "colour"`)
-	check(`{"redis": {}}`, "redis.address: required")
+	check(`{"redis": {}}`, "redis.address: required with mode single")
 	check(`{"redis": {"address": "127.0.0.1:1", "timeout_ms": 5000, "db": -1, "pool_size": -2}}`,
 		"redis.timeout_ms: want 1 to 1000, got 5000\nredis.db: must not be negative, got -1\nredis.pool_size: must not be negative, got -2")
 	check(`{"redis": {"address": "127.0.0.1:1", "password_env": "RL_TEST_UNSET_VARIABLE"}}`,
 		`redis.password_env: environment variable "RL_TEST_UNSET_VARIABLE" is not set`)
 	check(`{"redis": {"address": "127.0.0.1:1", "password_env": "RL_TEST_EMPTY"}}`,
 		`redis.password_env: environment variable "RL_TEST_EMPTY" is not set`)
+	// Topologies.
+	check(`{"redis": {"mode": "ring", "address": "h:1"}}`, `redis.mode: want single, sentinel or cluster, got "ring"`)
+	check(`{"redis": {"address": "h:1", "addresses": ["h:2"], "master_name": "m", "sentinel_password": "x"}}`,
+		"redis.addresses: only for mode sentinel or cluster; mode single takes address\nredis.master_name: only for mode sentinel\n"+
+			"redis.sentinel_username, sentinel_password: only for mode sentinel")
+	check(`{"redis": {"address": "h"}}`, `redis.address: want host:port, got "h"`)
+	check(`{"redis": {"address": "h:0"}}`, `redis.address: want a port from 1 to 65535, got "h:0"`)
+	check(`{"redis": {"mode": "sentinel"}}`,
+		"redis.addresses: required with mode sentinel: the Sentinels, host:port\nredis.master_name: required with mode sentinel")
+	check(`{"redis": {"mode": "sentinel", "address": "h:1", "master_name": "m", "addresses": ["h:2", "h:2"]}}`,
+		"redis.address: only for mode single; mode sentinel takes addresses\nredis.addresses[1]: \"h:2\" is listed twice")
+	check(`{"redis": {"mode": "cluster", "addresses": ["h:1", "x"], "db": 2, "key_prefix": "{fleet}:"}}`,
+		`redis.addresses[1]: want host:port, got "x"`+"\nredis.db: a Redis Cluster has only database 0, got 2\n"+
+			`redis.key_prefix: must not contain { or } with mode cluster (they would put every bucket in one hash slot), got "{fleet}:"`)
+	check(`{"redis": {"address": "h:1", "dial_timeout_ms": 60000}}`, "redis.dial_timeout_ms: want 1 to 30000, got 60000")
+	// Secrets: both forms at once, and a reference the agent did not resolve.
+	check(`{"redis": {"address": "h:1", "password": "x", "password_env": "RL_TEST_EMPTY"}}`,
+		"redis.password_env: set password or password_env, not both\n"+`redis.password_env: environment variable "RL_TEST_EMPTY" is not set`)
+	check(`{"redis": {"mode": "sentinel", "master_name": "m", "addresses": ["h:1"], "sentinel_password": "${env:RL_TEST_UNSET_VARIABLE}"}}`,
+		"redis.sentinel_password: the secret reference ${env:RL_TEST_UNSET_VARIABLE} was not resolved")
+	// TLS: files that are missing, not PEM, or half a key pair; none of their contents shows.
+	dir := t.TempDir()
+	notPEM := dir + "/not.pem"
+	if err := os.WriteFile(notPEM, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	check(`{"redis": {"address": "h:1", "tls": {"ca_file": "`+dir+`/missing.pem", "cert_file": "`+notPEM+`"}}}`,
+		"redis.tls.ca_file: open "+dir+"/missing.pem: no such file or directory\nredis.tls.cert_file, key_file: set both or neither")
+	check(`{"redis": {"address": "h:1", "tls": {"ca_file": "`+notPEM+`", "cert_file": "`+notPEM+`", "key_file": "`+notPEM+`"}}}`,
+		"redis.tls.ca_file: "+notPEM+" holds no PEM certificate\nredis.tls.cert_file, key_file: "+notPEM+" and "+notPEM+
+			": tls: failed to find any PEM data in certificate input")
+	check(`{"redis": {"address": "unix:///run/redis.sock", "tls": {}}}`, "redis.tls: not for a Unix socket address")
 }
 
 func TestRedisOptions(t *testing.T) {
 	t.Setenv("RL_TEST_PASSWORD", "s3cret")
 	f := func(c RedisConfig, network, addr string) {
 		t.Helper()
-		o, err := c.options()
+		s, err := c.setup()
 		if err != nil {
 			t.Fatal(err)
 		}
-		if o.Network != network || o.Addr != addr || o.ReadTimeout != time.Duration(c.TimeoutMS)*time.Millisecond || o.MaxRetries != -1 {
-			t.Fatalf("options(%+v): network %q addr %q read timeout %v retries %d", c, o.Network, o.Addr, o.ReadTimeout, o.MaxRetries)
+		cl := c.newClient(s)
+		defer cl.Close()
+		o := cl.(*redis.Client).Options()
+		if o.Network != network || o.Addr != addr || o.PoolTimeout != time.Duration(c.TimeoutMS)*time.Millisecond ||
+			o.DialTimeout != DefaultRedisDialTimeoutMS*time.Millisecond || o.MaxRetries > 0 || !o.ContextTimeoutEnabled {
+			t.Fatalf("options(%+v): network %q addr %q pool timeout %v dial timeout %v retries %d", c, o.Network, o.Addr, o.PoolTimeout, o.DialTimeout, o.MaxRetries)
 		}
 	}
 	f(RedisConfig{Address: "10.0.0.1:6379"}, "tcp", "10.0.0.1:6379")
 	f(RedisConfig{Address: "unix:///run/redis.sock", TimeoutMS: 5}, "unix", "/run/redis.sock")
 	f(RedisConfig{Address: "/run/redis.sock"}, "unix", "/run/redis.sock")
 	c := RedisConfig{Address: "h:1", PasswordEnv: "RL_TEST_PASSWORD"}
-	o, err := c.options()
-	if err != nil || o.Password != "s3cret" || c.TimeoutMS != DefaultRedisTimeoutMS || c.KeyPrefix != DefaultRedisKeyPrefix {
+	s, err := c.setup()
+	if err != nil || s.password != "s3cret" || c.TimeoutMS != DefaultRedisTimeoutMS || c.KeyPrefix != DefaultRedisKeyPrefix || c.Mode != RedisSingle {
 		t.Fatalf("defaults and password: %v, %+v", err, c)
 	}
 	// The shared-client key changes with the settings and the password, but never holds it.
-	k1 := c.key(o)
+	k1 := c.key(s)
 	if strings.Contains(k1, "s3cret") {
 		t.Fatal("the shared-client key holds the password")
 	}
 	t.Setenv("RL_TEST_PASSWORD", "other")
-	o2, _ := c.options()
-	if c.key(o2) == k1 {
+	s2, _ := c.setup()
+	if c.key(s2) == k1 {
 		t.Fatal("a new password keeps the old client")
 	}
+	// The other modes make the matching clients.
+	sc := RedisConfig{Mode: "sentinel", MasterName: "m", Addresses: []string{"h:26379", "h2:26379"}, SentinelPassword: "sp"}
+	ss, err := sc.setup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := sc.key(ss); strings.Contains(k, "sp\"") || k == k1 {
+		t.Fatalf("sentinel key %q", k)
+	}
+	cl := sc.newClient(ss)
+	if _, ok := cl.(*redis.Client); !ok {
+		t.Fatalf("sentinel mode made a %T", cl)
+	}
+	_ = cl.Close()
+	cc := RedisConfig{Mode: "cluster", Addresses: []string{"h:7000"}}
+	cs, err := cc.setup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl = cc.newClient(cs)
+	if o := cl.(*redis.ClusterClient).Options(); o.MaxRetries > 0 || !o.DisableRoutingPolicies || o.Addrs[0] != "h:7000" {
+		t.Fatalf("cluster options: %+v", o)
+	}
+	_ = cl.Close()
 }
 
 // TestFactoryShared checks the reload story: a second factory made from the same Shared map
