@@ -37,7 +37,7 @@ type RedisNode struct {
 	// Username and Password, when Password is set, are sent with AUTH by Do.
 	Username, Password string
 	// TLS, when set, is how Do and the start-up check connect.
-	TLS *tls.Config
+	TLS  *tls.Config
 	t    testing.TB
 	argv []string
 	cmd  *exec.Cmd
