@@ -89,8 +89,10 @@ func (n *RedisNode) Start() {
 	}
 	deadline := time.Now().Add(StartTimeout)
 	for {
+		// Any reply counts: a server whose default user is off answers NOAUTH.
 		reply, err := n.Do("PING")
-		if err == nil && reply == "PONG" {
+		var rerr RedisError
+		if (err == nil && reply == "PONG") || errors.As(err, &rerr) {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -210,7 +212,7 @@ func respRead(r *bufio.Reader) (any, error) {
 	case '+':
 		return line[1:], nil
 	case '-':
-		return nil, errors.New(line[1:])
+		return nil, RedisError(line[1:])
 	case ':':
 		return strconv.ParseInt(line[1:], 10, 64)
 	case '$':
@@ -238,6 +240,11 @@ func respRead(r *bufio.Reader) (any, error) {
 	}
 	return nil, fmt.Errorf("unexpected reply %q", line)
 }
+
+// RedisError is an error reply of a Redis server.
+type RedisError string
+
+func (e RedisError) Error() string { return string(e) }
 
 // RedisCluster is a Redis Cluster of masters without replicas, made by redis-cli --cluster
 // create.
