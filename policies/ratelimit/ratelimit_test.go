@@ -9,6 +9,7 @@ import (
 	"os"
 	"reflect"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -635,21 +636,25 @@ func BenchmarkExecute(b *testing.B) {
 }
 
 // benchRedisFactory starts a real Redis of the topology (single, tls: mutual TLS, cluster: 3
-// masters) and makes a factory for it.
-func benchRedisFactory(b *testing.B, topo string) *Factory {
+// masters) and makes a factory for it. It also returns the Redis nodes, for scriptStats.
+func benchRedisFactory(b *testing.B, topo string) (*Factory, []*testenv.RedisNode) {
 	b.Helper()
 	var raw string
+	var nodes []*testenv.RedisNode
 	switch topo {
 	case "single":
-		r := testenv.StartRedis(b, "")
-		raw = fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 1000}}`, r.Addr)
+		n := testenv.StartRedisNode(b)
+		nodes = append(nodes, n)
+		raw = fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 1000}}`, n.Addr)
 	case "tls":
 		certs := testenv.NewRedisCerts(b)
 		n := testenv.StartRedisTLS(b, certs, true)
+		nodes = append(nodes, n)
 		raw = fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 1000, "tls": {"ca_file": %q, "cert_file": %q, "key_file": %q}}}`,
 			n.Addr, certs.CAFile, certs.ClientCertFile, certs.ClientKeyFile)
 	case "cluster":
 		c := testenv.StartRedisCluster(b, 3)
+		nodes = c.Nodes
 		addrs, _ := json.Marshal(c.Addrs)
 		raw = fmt.Sprintf(`{"redis": {"mode": "cluster", "addresses": %s, "timeout_ms": 1000}}`, addrs)
 	}
@@ -658,7 +663,36 @@ func benchRedisFactory(b *testing.B, topo string) *Factory {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { _ = f.(*Factory).Close() })
-	return f.(*Factory)
+	return f.(*Factory), nodes
+}
+
+// scriptStats returns how many times the nodes ran EVALSHA and the microseconds of Redis CPU
+// they spent in it, from INFO commandstats.
+func scriptStats(b *testing.B, nodes []*testenv.RedisNode) (calls, usec int64) {
+	b.Helper()
+	for _, n := range nodes {
+		info, err := n.DoString("INFO", "commandstats")
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, line := range strings.Split(info, "\r\n") {
+			rest, ok := strings.CutPrefix(line, "cmdstat_evalsha:")
+			if !ok {
+				continue
+			}
+			for _, kv := range strings.Split(rest, ",") {
+				k, v, _ := strings.Cut(kv, "=")
+				x, _ := strconv.ParseInt(v, 10, 64)
+				switch k {
+				case "calls":
+					calls += x
+				case "usec":
+					usec += x
+				}
+			}
+		}
+	}
+	return calls, usec
 }
 
 // BenchmarkRedisLatency measures the time one decision takes from one goroutine, one after
@@ -667,7 +701,7 @@ func benchRedisFactory(b *testing.B, topo string) *Factory {
 func BenchmarkRedisLatency(b *testing.B) {
 	for _, topo := range []string{"single", "tls", "cluster"} {
 		b.Run(topo, func(b *testing.B) {
-			f := benchRedisFactory(b, topo)
+			f, _ := benchRedisFactory(b, topo)
 			p := mustBuildB(b, f, map[string]string{"requests_per_second": "1000000", "backend": "redis", "on_backend_error": "deny"})
 			c := &policy.Context{Phase: agentv1.PolicyPhase_REQUEST, RouteName: "users", Headers: map[string]string{}}
 			ctx := context.Background()
@@ -700,13 +734,15 @@ func BenchmarkRedisLatency(b *testing.B) {
 
 // BenchmarkRedisThroughput measures decisions per second against a real local Redis (single,
 // mutual TLS, 3-master cluster) with 16 decisions in flight per CPU, as an agent serving many
-// concurrent requests has: the pool's connections carry them side by side.
+// concurrent requests has: the pool's connections carry them side by side. It also reports
+// the microseconds Redis itself spent per decision (INFO commandstats).
 func BenchmarkRedisThroughput(b *testing.B) {
 	for _, topo := range []string{"single", "tls", "cluster"} {
 		b.Run(topo, func(b *testing.B) {
-			f := benchRedisFactory(b, topo)
+			f, nodes := benchRedisFactory(b, topo)
 			p := mustBuildB(b, f, map[string]string{"requests_per_second": "1000000", "backend": "redis", "on_backend_error": "deny"})
 			var failed atomic.Int64
+			calls0, usec0 := scriptStats(b, nodes)
 			b.SetParallelism(16)
 			b.ReportAllocs()
 			b.ResetTimer()
@@ -727,6 +763,11 @@ func BenchmarkRedisThroughput(b *testing.B) {
 				b.Fatalf("%d decisions failed", n)
 			}
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "decisions/s")
+			// Redis's own CPU per decision: what bounds one Redis (or one master).
+			calls, usec := scriptStats(b, nodes)
+			if calls > calls0 {
+				b.ReportMetric(float64(usec-usec0)/float64(calls-calls0), "redis-µs/decision")
+			}
 		})
 	}
 }
