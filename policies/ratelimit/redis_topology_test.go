@@ -145,8 +145,8 @@ func TestRedisClusterSharedLimit(t *testing.T) {
 	}
 }
 
-// TestRedisStartsWhileDown starts an agent's factory while its Redis (one server, or every
-// node of a cluster) is down: the load succeeds, every decision follows on_backend_error at
+// TestRedisStartsWhileDown starts an agent's factory while its Redis (one server, the
+// Sentinels, or every node of a cluster) is down: the load succeeds, every decision follows on_backend_error at
 // once, health reports the outage, and once Redis is up the decisions are Redis's.
 func TestRedisStartsWhileDown(t *testing.T) {
 	check := func(t *testing.T, raw string, stop, start func()) {
@@ -198,6 +198,22 @@ func TestRedisStartsWhileDown(t *testing.T) {
 	t.Run("single", func(t *testing.T) {
 		r := testenv.StartRedis(t, "")
 		check(t, fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 200}}`, r.Addr), r.Kill, r.Start)
+	})
+	t.Run("sentinel", func(t *testing.T) {
+		// The Sentinels down (the master up but unknown to the agent): nothing names the
+		// master until they are back.
+		s := testenv.StartRedisSentinel(t, testenv.RedisSentinelOptions{})
+		check(t, fmt.Sprintf(`{"redis": {"mode": "sentinel", "master_name": %q, "addresses": %s, "timeout_ms": 200}}`, s.MasterName, jsonList(s.Addrs)),
+			func() {
+				for _, n := range s.Sentinels {
+					n.Kill()
+				}
+			},
+			func() {
+				for _, n := range s.Sentinels {
+					n.Start()
+				}
+			})
 	})
 	t.Run("cluster", func(t *testing.T) {
 		c := testenv.StartRedisCluster(t, 3)
