@@ -351,7 +351,7 @@ func (c *RedisConfig) newClient(s *redisSetup) redis.UniversalClient {
 			TLSConfig:             s.tls,
 		})
 	case RedisCluster:
-		return redis.NewClusterClient(&redis.ClusterOptions{
+		cc := redis.NewClusterClient(&redis.ClusterOptions{
 			Addrs:           s.addrs,
 			Username:        c.Username,
 			Password:        s.password,
@@ -373,6 +373,12 @@ func (c *RedisConfig) newClient(s *redisSetup) redis.UniversalClient {
 			DisableRoutingPolicies:   true,
 			MaintNotificationsConfig: maint,
 		})
+		// Load the slot map in the background now: until it is there, every decision
+		// loads it itself, and an agent that starts under traffic would send Redis as many
+		// CLUSTER SLOTS as it has requests in flight. A failure (Redis down) is left to
+		// the decisions, which retry it.
+		cc.ReloadState(context.Background())
+		return cc
 	}
 	return redis.NewClient(&redis.Options{
 		Network:  s.network,
