@@ -119,6 +119,9 @@ func New(c policy.Config) (policy.Factory, error) {
 	f.local = local
 	f.release = append(f.release, release)
 	if rs != nil {
+		if c.Log != nil {
+			goRedisLog.Store(c.Log)
+		}
 		// go-redis dials lazily: making the client opens no connection.
 		client, release := acquire(shared, cfg.Redis.key(rs), func() (redis.UniversalClient, func()) {
 			cl := cfg.Redis.newClient(rs)

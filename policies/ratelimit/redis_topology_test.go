@@ -567,3 +567,21 @@ agent_core:
 		t.Fatalf("log with a wrong password:\n%s", logs.String())
 	}
 }
+
+// TestGoRedisLogsToAgentLog checks that go-redis's own lines (here: a failed dial) go to the
+// agent's log as throttled debug lines, not to stderr.
+func TestGoRedisLogsToAgentLog(t *testing.T) {
+	var logs testenv.SyncBuffer
+	f := factoryJSON(t, fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 200}}`, testenv.FreeAddr(t)),
+		logging.New(&logs, "agent", zerolog.DebugLevel))
+	p := mustBuild(t, f, map[string]string{"requests_per_second": "1", "backend": "redis", "on_backend_error": "deny"})
+	testenv.WaitFor(t, 5*time.Second, "a go-redis line in the agent's log", func() bool {
+		execute(t, p, request("users", "192.0.2.1"))
+		return strings.Contains(logs.String(), `"source":"go-redis"`)
+	})
+	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		if strings.Contains(line, `"source":"go-redis"`) && (!strings.Contains(line, `"level":"debug"`) || !strings.Contains(line, "dial")) {
+			t.Fatalf("go-redis line: %s", line)
+		}
+	}
+}
