@@ -453,8 +453,8 @@ func TestRedisTLS(t *testing.T) {
 	fails("no TLS", fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 200}}`, plain.Addr), "")
 }
 
-// TestRedisACLAndKeyPrefix loads a real agent config file whose Redis password is
-// ${env:...}: the agent resolves it, the ACL user (allowed only the keys under its fleet's
+// TestRedisACLAndKeyPrefix loads real agent config files whose Redis passwords are
+// ${env:...} and ${file:...}: the agent resolves it, the ACL user (allowed only the keys under its fleet's
 // prefix and the commands the script needs) decides, and redis-cli --scan shows every key
 // under the prefix. A second fleet with its own prefix shares the Redis without sharing
 // buckets. A wrong password fails every decision by on_backend_error and is never logged.
@@ -526,8 +526,13 @@ agent_core:
 	if err := a.HealthCheck(context.Background()); err != nil {
 		t.Fatalf("fleet a health: %v", err)
 	}
-	// Fleet b, same Redis, its own prefix: its buckets are its own.
-	b, _ := load("agent-b", "admin", "admin-secret", "fleet-b:")
+	// Fleet b, same Redis, its own prefix: its buckets are its own. Its password is a file
+	// (a Kubernetes secret), with the trailing newline such files have.
+	pwFile := filepath.Join(dir, "redis-password")
+	if err := os.WriteFile(pwFile, []byte("admin-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := load("agent-b", "admin", "${file:"+pwFile+"}", "fleet-b:")
 	if got := strings.Join(codes(b, "u-1", 3), " "); got != "OK OK 429" {
 		t.Fatalf("fleet b: %s, want its own burst", got)
 	}
