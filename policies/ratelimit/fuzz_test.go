@@ -2,12 +2,15 @@ package ratelimit
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/secrets"
 )
 
 // FuzzForwardedFor checks the x-forwarded-for reading against a plain reference: split on
@@ -111,6 +114,57 @@ func FuzzParseFields(f *testing.F) {
 		back, ok := parseFields(formatFields(fl))
 		if !ok || back != fl {
 			t.Fatalf("parseFields(%q) = %+v does not round-trip: %+v", s, fl, back)
+		}
+	})
+}
+
+// FuzzRedisConfig checks the redis section's validation on any JSON: it never panics, an
+// accepted config is one the client can be made from (a known mode, addresses, bounded
+// timeouts, a cluster prefix without braces, so that each key has one hash tag, the digest),
+// and no error repeats the password. The TLS files are left out: reading arbitrary paths is
+// not the point.
+func FuzzRedisConfig(f *testing.F) {
+	f.Add(`{"address": "127.0.0.1:6379", "password": "hunter2-secret"}`)
+	f.Add(`{"mode": "sentinel", "master_name": "m", "addresses": ["a:1", "b:2"], "sentinel_password": "s3cret-pass"}`)
+	f.Add(`{"mode": "cluster", "addresses": ["a:1"], "key_prefix": "x{y}:", "db": 1, "password": "p4ssword!"}`)
+	f.Add(`{"mode": "cluster", "addresses": ["[::1]:7000", "h:65536"], "timeout_ms": -1, "dial_timeout_ms": 99999}`)
+	f.Add(`{"address": "unix:///run/r.sock", "tls": {"server_name": "r"}}`)
+	f.Fuzz(func(t *testing.T, raw string) {
+		var c RedisConfig
+		if err := json.Unmarshal([]byte(raw), &c); err != nil {
+			return
+		}
+		if c.TLS != nil {
+			c.TLS.CAFile, c.TLS.CertFile, c.TLS.KeyFile = "", "", ""
+		}
+		c.PasswordEnv = ""
+		// The errors do not depend on the passwords (other than an unresolved reference).
+		other := c
+		if c.Password != "" && !secrets.IsRef(c.Password) {
+			other.Password = "another password"
+		}
+		if c.SentinelPassword != "" && !secrets.IsRef(c.SentinelPassword) {
+			other.SentinelPassword = "another password"
+		}
+		_, otherErr := other.setup()
+		s, err := c.setup()
+		if fmt.Sprint(err) != fmt.Sprint(otherErr) {
+			t.Fatalf("the error depends on the password:\n%v\n%v", err, otherErr)
+		}
+		if err != nil {
+			return
+		}
+		if len(s.addrs) == 0 || (s.mode != RedisSingle && s.mode != RedisSentinel && s.mode != RedisCluster) ||
+			c.TimeoutMS < 1 || c.TimeoutMS > maxRedisTimeoutMS || c.DialTimeoutMS < 1 || c.DialTimeoutMS > maxRedisDialTimeoutMS {
+			t.Fatalf("accepted %+v as %+v", c, s)
+		}
+		st := &redisStore{prefix: c.KeyPrefix, cluster: s.mode == RedisCluster}
+		k := st.key("scope", "ident", kindValue, "v")
+		if st.cluster && (strings.Count(k, "{") != 1 || !strings.HasSuffix(k, "}") || len(k) != len(c.KeyPrefix)+34) {
+			t.Fatalf("cluster key %q: want one hash tag, the digest", k)
+		}
+		if !strings.HasPrefix(k, c.KeyPrefix) {
+			t.Fatalf("key %q lacks the prefix %q", k, c.KeyPrefix)
 		}
 	})
 }

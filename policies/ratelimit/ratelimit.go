@@ -98,10 +98,10 @@ func New(c policy.Config) (policy.Factory, error) {
 	if cfg.MaxLocalBuckets < 1 {
 		errs = append(errs, fmt.Errorf("max_local_buckets: must be positive, got %d", cfg.MaxLocalBuckets))
 	}
-	var opts *redis.Options
+	var rs *redisSetup
 	if cfg.Redis != nil {
 		var err error
-		if opts, err = cfg.Redis.options(); err != nil {
+		if rs, err = cfg.Redis.setup(); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -118,15 +118,19 @@ func New(c policy.Config) (policy.Factory, error) {
 	})
 	f.local = local
 	f.release = append(f.release, release)
-	if opts != nil {
+	if rs != nil {
+		if c.Log != nil {
+			goRedisLog.Store(c.Log)
+		}
 		// go-redis dials lazily: making the client opens no connection.
-		client, release := acquire(shared, cfg.Redis.key(opts), func() (*redis.Client, func()) {
-			cl := redis.NewClient(opts)
+		client, release := acquire(shared, cfg.Redis.key(rs), func() (redis.UniversalClient, func()) {
+			cl := cfg.Redis.newClient(rs)
 			return cl, func() { _ = cl.Close() }
 		})
 		f.release = append(f.release, release)
 		f.redis = &redisStore{
 			client:  client,
+			cluster: rs.mode == RedisCluster,
 			prefix:  cfg.Redis.KeyPrefix,
 			timeout: time.Duration(cfg.Redis.TimeoutMS) * time.Millisecond,
 			log:     c.Log,

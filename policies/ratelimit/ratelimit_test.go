@@ -6,13 +6,17 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"reflect"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
@@ -366,45 +370,105 @@ func TestNewErrors(t *testing.T) {
 	}
 	check(`{"max_local_buckets": 0}`, "max_local_buckets: must be positive, got 0")
 	check(`{"max_local_buckets": 10, "colour": 1}`, `invalid JSON: json: unknown field "colour"`)
-	check(`{"redis": {}}`, "redis.address: required")
+	check(`{"redis": {}}`, "redis.address: required with mode single")
 	check(`{"redis": {"address": "127.0.0.1:1", "timeout_ms": 5000, "db": -1, "pool_size": -2}}`,
 		"redis.timeout_ms: want 1 to 1000, got 5000\nredis.db: must not be negative, got -1\nredis.pool_size: must not be negative, got -2")
 	check(`{"redis": {"address": "127.0.0.1:1", "password_env": "RL_TEST_UNSET_VARIABLE"}}`,
 		`redis.password_env: environment variable "RL_TEST_UNSET_VARIABLE" is not set`)
 	check(`{"redis": {"address": "127.0.0.1:1", "password_env": "RL_TEST_EMPTY"}}`,
 		`redis.password_env: environment variable "RL_TEST_EMPTY" is not set`)
+	// Topologies.
+	check(`{"redis": {"mode": "ring", "address": "h:1"}}`, `redis.mode: want single, sentinel or cluster, got "ring"`)
+	check(`{"redis": {"address": "h:1", "addresses": ["h:2"], "master_name": "m", "sentinel_password": "x"}}`,
+		"redis.addresses: only for mode sentinel or cluster; mode single takes address\nredis.master_name: only for mode sentinel\n"+
+			"redis.sentinel_username, sentinel_password: only for mode sentinel")
+	check(`{"redis": {"address": "h"}}`, `redis.address: want host:port, got "h"`)
+	check(`{"redis": {"address": "h:0"}}`, `redis.address: want a port from 1 to 65535, got "h:0"`)
+	check(`{"redis": {"mode": "sentinel"}}`,
+		"redis.addresses: required with mode sentinel: the Sentinels, host:port\nredis.master_name: required with mode sentinel")
+	check(`{"redis": {"mode": "sentinel", "address": "h:1", "master_name": "m", "addresses": ["h:2", "h:2"]}}`,
+		"redis.address: only for mode single; mode sentinel takes addresses\nredis.addresses[1]: \"h:2\" is listed twice")
+	check(`{"redis": {"mode": "cluster", "addresses": ["h:1", "x"], "db": 2, "key_prefix": "{fleet}:"}}`,
+		`redis.addresses[1]: want host:port, got "x"`+"\nredis.db: a Redis Cluster has only database 0, got 2\n"+
+			`redis.key_prefix: must not contain { or } with mode cluster (they would put every bucket in one hash slot), got "{fleet}:"`)
+	check(`{"redis": {"address": "h:1", "dial_timeout_ms": 60000}}`, "redis.dial_timeout_ms: want 1 to 30000, got 60000")
+	// Secrets: both forms at once, and a reference the agent did not resolve.
+	check(`{"redis": {"address": "h:1", "password": "x", "password_env": "RL_TEST_EMPTY"}}`,
+		"redis.password_env: set password or password_env, not both\n"+`redis.password_env: environment variable "RL_TEST_EMPTY" is not set`)
+	check(`{"redis": {"mode": "sentinel", "master_name": "m", "addresses": ["h:1"], "sentinel_password": "${env:RL_TEST_UNSET_VARIABLE}"}}`,
+		"redis.sentinel_password: the secret reference ${env:RL_TEST_UNSET_VARIABLE} was not resolved")
+	// TLS: files that are missing, not PEM, or half a key pair; none of their contents shows.
+	dir := t.TempDir()
+	notPEM := dir + "/not.pem"
+	if err := os.WriteFile(notPEM, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	check(`{"redis": {"address": "h:1", "tls": {"ca_file": "`+dir+`/missing.pem", "cert_file": "`+notPEM+`"}}}`,
+		"redis.tls.ca_file: open "+dir+"/missing.pem: no such file or directory\nredis.tls.cert_file, key_file: set both or neither")
+	check(`{"redis": {"address": "h:1", "tls": {"ca_file": "`+notPEM+`", "cert_file": "`+notPEM+`", "key_file": "`+notPEM+`"}}}`,
+		"redis.tls.ca_file: "+notPEM+" holds no PEM certificate\nredis.tls.cert_file, key_file: "+notPEM+" and "+notPEM+
+			": tls: failed to find any PEM data in certificate input")
+	check(`{"redis": {"address": "unix:///run/redis.sock", "tls": {}}}`, "redis.tls: not for a Unix socket address")
 }
 
 func TestRedisOptions(t *testing.T) {
 	t.Setenv("RL_TEST_PASSWORD", "s3cret")
 	f := func(c RedisConfig, network, addr string) {
 		t.Helper()
-		o, err := c.options()
+		s, err := c.setup()
 		if err != nil {
 			t.Fatal(err)
 		}
-		if o.Network != network || o.Addr != addr || o.ReadTimeout != time.Duration(c.TimeoutMS)*time.Millisecond || o.MaxRetries != -1 {
-			t.Fatalf("options(%+v): network %q addr %q read timeout %v retries %d", c, o.Network, o.Addr, o.ReadTimeout, o.MaxRetries)
+		cl := c.newClient(s)
+		defer cl.Close()
+		o := cl.(*redis.Client).Options()
+		if o.Network != network || o.Addr != addr || o.PoolTimeout != time.Duration(c.TimeoutMS)*time.Millisecond ||
+			o.DialTimeout != DefaultRedisDialTimeoutMS*time.Millisecond || o.MaxRetries > 0 || !o.ContextTimeoutEnabled {
+			t.Fatalf("options(%+v): network %q addr %q pool timeout %v dial timeout %v retries %d", c, o.Network, o.Addr, o.PoolTimeout, o.DialTimeout, o.MaxRetries)
 		}
 	}
 	f(RedisConfig{Address: "10.0.0.1:6379"}, "tcp", "10.0.0.1:6379")
 	f(RedisConfig{Address: "unix:///run/redis.sock", TimeoutMS: 5}, "unix", "/run/redis.sock")
 	f(RedisConfig{Address: "/run/redis.sock"}, "unix", "/run/redis.sock")
 	c := RedisConfig{Address: "h:1", PasswordEnv: "RL_TEST_PASSWORD"}
-	o, err := c.options()
-	if err != nil || o.Password != "s3cret" || c.TimeoutMS != DefaultRedisTimeoutMS || c.KeyPrefix != DefaultRedisKeyPrefix {
+	s, err := c.setup()
+	if err != nil || s.password != "s3cret" || c.TimeoutMS != DefaultRedisTimeoutMS || c.KeyPrefix != DefaultRedisKeyPrefix || c.Mode != RedisSingle {
 		t.Fatalf("defaults and password: %v, %+v", err, c)
 	}
 	// The shared-client key changes with the settings and the password, but never holds it.
-	k1 := c.key(o)
+	k1 := c.key(s)
 	if strings.Contains(k1, "s3cret") {
 		t.Fatal("the shared-client key holds the password")
 	}
 	t.Setenv("RL_TEST_PASSWORD", "other")
-	o2, _ := c.options()
-	if c.key(o2) == k1 {
+	s2, _ := c.setup()
+	if c.key(s2) == k1 {
 		t.Fatal("a new password keeps the old client")
 	}
+	// The other modes make the matching clients.
+	sc := RedisConfig{Mode: "sentinel", MasterName: "m", Addresses: []string{"h:26379", "h2:26379"}, SentinelPassword: "sp"}
+	ss, err := sc.setup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := sc.key(ss); strings.Contains(k, "sp\"") || k == k1 {
+		t.Fatalf("sentinel key %q", k)
+	}
+	cl := sc.newClient(ss)
+	if _, ok := cl.(*redis.Client); !ok {
+		t.Fatalf("sentinel mode made a %T", cl)
+	}
+	_ = cl.Close()
+	cc := RedisConfig{Mode: "cluster", Addresses: []string{"h:7000"}}
+	cs, err := cc.setup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl = cc.newClient(cs)
+	if o := cl.(*redis.ClusterClient).Options(); o.MaxRetries > 0 || !o.DisableRoutingPolicies || o.Addrs[0] != "h:7000" {
+		t.Fatalf("cluster options: %+v", o)
+	}
+	_ = cl.Close()
 }
 
 // TestFactoryShared checks the reload story: a second factory made from the same Shared map
@@ -570,6 +634,151 @@ func BenchmarkExecute(b *testing.B) {
 		run(b, f.(*Factory), map[string]string{"requests_per_second": "1000000", "backend": "redis", "on_backend_error": "deny"})
 	})
 }
+
+// benchRedisFactory starts a real Redis of the topology (single, tls: mutual TLS, cluster: 3
+// masters) and makes a factory for it. It also returns the Redis nodes, for scriptStats.
+func benchRedisFactory(b *testing.B, topo string) (*Factory, []*testenv.RedisNode) {
+	b.Helper()
+	var raw string
+	var nodes []*testenv.RedisNode
+	switch topo {
+	case "single":
+		n := testenv.StartRedisNode(b)
+		nodes = append(nodes, n)
+		raw = fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 1000}}`, n.Addr)
+	case "tls":
+		certs := testenv.NewRedisCerts(b)
+		n := testenv.StartRedisTLS(b, certs, true)
+		nodes = append(nodes, n)
+		raw = fmt.Sprintf(`{"redis": {"address": %q, "timeout_ms": 1000, "tls": {"ca_file": %q, "cert_file": %q, "key_file": %q}}}`,
+			n.Addr, certs.CAFile, certs.ClientCertFile, certs.ClientKeyFile)
+	case "cluster":
+		c := testenv.StartRedisCluster(b, 3)
+		nodes = c.Nodes
+		addrs, _ := json.Marshal(c.Addrs)
+		raw = fmt.Sprintf(`{"redis": {"mode": "cluster", "addresses": %s, "timeout_ms": 1000}}`, addrs)
+	}
+	f, err := New(policy.Config{Raw: json.RawMessage(raw)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = f.(*Factory).Close() })
+	return f.(*Factory), nodes
+}
+
+// scriptStats returns how many times the nodes ran EVALSHA and the microseconds of Redis CPU
+// they spent in it, from INFO commandstats.
+func scriptStats(b *testing.B, nodes []*testenv.RedisNode) (calls, usec int64) {
+	b.Helper()
+	for _, n := range nodes {
+		info, err := n.DoString("INFO", "commandstats")
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, line := range strings.Split(info, "\r\n") {
+			rest, ok := strings.CutPrefix(line, "cmdstat_evalsha:")
+			if !ok {
+				continue
+			}
+			for _, kv := range strings.Split(rest, ",") {
+				k, v, _ := strings.Cut(kv, "=")
+				x, _ := strconv.ParseInt(v, 10, 64)
+				switch k {
+				case "calls":
+					calls += x
+				case "usec":
+					usec += x
+				}
+			}
+		}
+	}
+	return calls, usec
+}
+
+// BenchmarkRedisLatency measures the time one decision takes from one goroutine, one after
+// the other, against a real local Redis (single, mutual TLS, 3-master cluster): what Redis
+// adds to a request. It reports the median and the 99th percentile besides the mean.
+func BenchmarkRedisLatency(b *testing.B) {
+	for _, topo := range []string{"single", "tls", "cluster"} {
+		b.Run(topo, func(b *testing.B) {
+			f, _ := benchRedisFactory(b, topo)
+			p := mustBuildB(b, f, map[string]string{"requests_per_second": "1000000", "backend": "redis", "on_backend_error": "deny"})
+			c := &policy.Context{Phase: agentv1.PolicyPhase_REQUEST, RouteName: "users", Headers: map[string]string{}}
+			ctx := context.Background()
+			// Warm the pool (and, for the cluster, its slot map) before timing.
+			for i := range 100 {
+				c.ClientIP = fmt.Sprintf("10.2.0.%d", i)
+				if _, err := p.Execute(ctx, c); err != nil {
+					b.Fatal(err)
+				}
+			}
+			took := make([]time.Duration, 0, b.N)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				c.ClientIP = benchIPs[i%len(benchIPs)]
+				start := time.Now()
+				res, err := p.Execute(ctx, c)
+				took = append(took, time.Since(start))
+				if err != nil || immediate(res).GetStatusCode() == 503 {
+					b.Fatalf("decision failed: %v %v", res, err)
+				}
+			}
+			b.StopTimer()
+			sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
+			b.ReportMetric(float64(took[len(took)/2].Microseconds()), "p50-µs")
+			b.ReportMetric(float64(took[len(took)*99/100].Microseconds()), "p99-µs")
+		})
+	}
+}
+
+// BenchmarkRedisThroughput measures decisions per second against a real local Redis (single,
+// mutual TLS, 3-master cluster) with 16 decisions in flight per CPU, as an agent serving many
+// concurrent requests has: the pool's connections carry them side by side. It also reports
+// the microseconds Redis itself spent per decision (INFO commandstats).
+func BenchmarkRedisThroughput(b *testing.B) {
+	for _, topo := range []string{"single", "tls", "cluster"} {
+		b.Run(topo, func(b *testing.B) {
+			f, nodes := benchRedisFactory(b, topo)
+			p := mustBuildB(b, f, map[string]string{"requests_per_second": "1000000", "backend": "redis", "on_backend_error": "deny"})
+			var failed atomic.Int64
+			calls0, usec0 := scriptStats(b, nodes)
+			b.SetParallelism(16)
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				c := &policy.Context{Phase: agentv1.PolicyPhase_REQUEST, RouteName: "users", Headers: map[string]string{}}
+				i := rand.IntN(len(benchIPs))
+				for pb.Next() {
+					c.ClientIP = benchIPs[i%len(benchIPs)]
+					i++
+					res, err := p.Execute(context.Background(), c)
+					if err != nil || immediate(res).GetStatusCode() == 503 {
+						failed.Add(1)
+					}
+				}
+			})
+			b.StopTimer()
+			if n := failed.Load(); n > 0 {
+				b.Fatalf("%d decisions failed", n)
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "decisions/s")
+			// Redis's own CPU per decision: what bounds one Redis (or one master).
+			calls, usec := scriptStats(b, nodes)
+			if calls > calls0 {
+				b.ReportMetric(float64(usec-usec0)/float64(calls-calls0), "redis-µs/decision")
+			}
+		})
+	}
+}
+
+var benchIPs = func() []string {
+	ips := make([]string, 10000)
+	for i := range ips {
+		ips[i] = fmt.Sprintf("10.1.%d.%d", i/256, i%256)
+	}
+	return ips
+}()
 
 func mustBuildB(b *testing.B, f *Factory, md map[string]string) policy.Policy {
 	b.Helper()
