@@ -141,9 +141,9 @@ func TestSupervisordRestartsKilledAgent(t *testing.T) {
 		code, _ := testenv.HTTPGet(readyURL)
 		return code == 200
 	})
-	testenv.WaitFor(t, 10*time.Second, "both programs RUNNING", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "both programs and the fatal-exit listener RUNNING", func() bool {
 		status := c.ctl(t, "status")
-		return strings.Contains(status, "policy-agent") && strings.Contains(status, "policy-kernel") && strings.Count(status, "RUNNING") == 2
+		return strings.Contains(status, "policy-agent") && strings.Contains(status, "policy-kernel") && strings.Contains(status, "fatal-exit") && strings.Count(status, "RUNNING") == 3
 	})
 	client, err := envoytest.Dial(c.kernelAddr, envoyConfig)
 	if err != nil {
@@ -203,4 +203,40 @@ func TestSupervisordRestartsKilledAgent(t *testing.T) {
 			t.Errorf("process %d still runs after supervisord stopped", p)
 		}
 	}
+}
+
+// TestSupervisordExitsWhenAProgramGoesFatal starts supervisord with the repository's
+// supervisord.conf and an agent that cannot start (the API key's digest is missing from its
+// environment, so it exits at once): after startretries supervisord marks it FATAL, and the
+// fatal-exit event listener must then stop supervisord, kernel included, so that the container
+// ends and its orchestrator starts a new one, instead of a pod whose kernel stays live but
+// denies every request for good. supervisord, the container's PID 1, ends with status 0 after
+// an orderly stop whatever the cause (only signals it handles reach a PID 1, and it handles
+// them all as an orderly stop); a Deployment's pods (restartPolicy Always) and the compose
+// file's restart policy restart it all the same.
+func TestSupervisordExitsWhenAProgramGoesFatal(t *testing.T) {
+	if _, err := exec.LookPath("supervisord"); err != nil {
+		t.Fatal("supervisord is not installed (Debian package supervisor; .ci/run installs it)")
+	}
+	c := newContainer(t)
+	start := time.Now()
+	sv := testenv.Start(t, "supervisord", nil, "-c", c.conf)
+	// startretries=3 with supervisord's back-off of 1, 2 and 3 s: FATAL after about 6 s;
+	// then the kernel's orderly stop (drain delay and shutdown timeout).
+	const bound = 45 * time.Second
+	if _, ok := sv.Wait(bound); !ok {
+		t.Fatalf("supervisord still runs %v after the agent went FATAL:\n%s", bound, sv.Logs.String())
+	}
+	took := time.Since(start)
+	out := sv.Logs.String()
+	if !strings.Contains(out, "a program went FATAL (processname:policy-agent") {
+		t.Errorf("the listener did not say which program went FATAL:\n%s", out)
+	}
+	log, _ := os.ReadFile(filepath.Join(c.dir, "log", "supervisord.log"))
+	for _, want := range []string{"gave up: policy-agent entered FATAL state", "received SIGTERM indicating exit request", "stopped: policy-kernel"} {
+		if !strings.Contains(string(log), want) && !strings.Contains(out, want) {
+			t.Errorf("supervisord's log lacks %q:\n%s\n%s", want, log, out)
+		}
+	}
+	t.Logf("supervisord ended %v after its start (agent FATAL, kernel stopped in order)", took.Round(100*time.Millisecond))
 }
