@@ -441,6 +441,12 @@ func TestChartRefusesMistakes(t *testing.T) {
 	if err := r.decode([]byte("apiVersion: apps/v1\nkind: Deployment\nspec:\n  replica: 2\n")); err == nil || !strings.Contains(err.Error(), "unknown field") {
 		t.Errorf("unknown field: %v", err)
 	}
+	// Field names are case-sensitive, as for the API server.
+	r = &rendered{}
+	if err := r.decode([]byte("apiVersion: apps/v1\nkind: Deployment\nspec:\n  Replicas: 2\n")); err == nil {
+		t.Error("a field in the wrong case was accepted")
+	}
+	r = &rendered{}
 	if err := r.decode([]byte("apiVersion: v1\nkind: Service\nspec:\n  type: ClusterIP\n  type: NodePort\n")); err == nil {
 		t.Error("a duplicate field was accepted")
 	}
@@ -502,6 +508,38 @@ func TestChartValuesDocumented(t *testing.T) {
 	for _, m := range regexp.MustCompile("(?m)^\\| `([^`]+)` \\|").FindAllStringSubmatch(string(readme), -1) {
 		if !slices.Contains(keys, m[1]) {
 			t.Errorf("README.md documents %s, which values.yaml does not have", m[1])
+		}
+	}
+}
+
+// TestChartValuesCommented: every value of the first two levels of values.yaml has a comment
+// just above it (the configs and the probes' settings are commented as wholes).
+func TestChartValuesCommented(t *testing.T) {
+	b, err := os.ReadFile(chartDir + "/values.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(b), "\n")
+	// A key with its value on the same line; group headings (image:, kernel:) are not values.
+	key := regexp.MustCompile(`^( {0,2})([A-Za-z][A-Za-z0-9]*):(.*)$`)
+	var parent string
+	for i, l := range lines {
+		m := key.FindStringSubmatch(l)
+		if m == nil {
+			continue
+		}
+		if m[1] == "" {
+			parent = m[2]
+		}
+		if strings.TrimSpace(m[3]) == "" || (parent == "probes" && m[2] != "startup") || parent == "resources" {
+			continue
+		}
+		prev := ""
+		if i > 0 {
+			prev = strings.TrimSpace(lines[i-1])
+		}
+		if !strings.HasPrefix(prev, "#") {
+			t.Errorf("values.yaml:%d: %s has no comment above it", i+1, strings.TrimSpace(l))
 		}
 	}
 }

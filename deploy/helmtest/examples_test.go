@@ -146,12 +146,12 @@ func TestEnvoyGatewayExample(t *testing.T) {
 		switch k := kindOf(t, doc); k {
 		case "gateway.envoyproxy.io/v1alpha1 EnvoyExtensionPolicy":
 			policy = &egv1a1.EnvoyExtensionPolicy{}
-			if err := yaml.UnmarshalStrict(doc, policy); err != nil {
+			if err := strictYAML(doc, policy); err != nil {
 				t.Fatalf("EnvoyExtensionPolicy: %v", err)
 			}
 		case "gateway.networking.k8s.io/v1 HTTPRoute":
 			hr := &gwapiv1.HTTPRoute{}
-			if err := yaml.UnmarshalStrict(doc, hr); err != nil {
+			if err := strictYAML(doc, hr); err != nil {
 				t.Fatalf("HTTPRoute: %v", err)
 			}
 			routes[hr.Name] = hr
@@ -232,7 +232,7 @@ func TestIstioExample(t *testing.T) {
 		switch k := kindOf(t, doc); k {
 		case "networking.istio.io/v1alpha3 EnvoyFilter":
 			ef := &istionet.EnvoyFilter{}
-			if err := yaml.UnmarshalStrict(doc, ef); err != nil {
+			if err := strictYAML(doc, ef); err != nil {
 				t.Fatalf("EnvoyFilter: %v", err)
 			}
 			if err := protoStrict(raw.Spec, &ef.Spec); err != nil {
@@ -241,7 +241,7 @@ func TestIstioExample(t *testing.T) {
 			filters = append(filters, ef)
 		case "networking.istio.io/v1alpha3 VirtualService":
 			vs := &istionet.VirtualService{}
-			if err := yaml.UnmarshalStrict(doc, vs); err != nil {
+			if err := strictYAML(doc, vs); err != nil {
 				t.Fatalf("VirtualService: %v", err)
 			}
 			if err := protoStrict(raw.Spec, &vs.Spec); err != nil {
@@ -287,6 +287,40 @@ func TestIstioExample(t *testing.T) {
 	for _, name := range kernelRoutes(t, r) {
 		if !slices.Contains(names, name) {
 			t.Errorf("kernel route %q is no VirtualService route name of the example (%q)", name, names)
+		}
+	}
+}
+
+// TestExamplesRefuseMistakes shows that the decoding above refuses what Envoy Gateway, Istio
+// or Envoy would: a misspelt field of the policy, of the EnvoyFilter's spec, and of the
+// ext_proc filter inside its patch.
+func TestExamplesRefuseMistakes(t *testing.T) {
+	eg := documents(t, repoRoot+"deploy/kubernetes/envoy-gateway.yaml")[0]
+	bad := bytes.Replace(eg, []byte("failOpen:"), []byte("failopen:"), 1)
+	if err := strictYAML(bad, &egv1a1.EnvoyExtensionPolicy{}); err == nil {
+		t.Error("EnvoyExtensionPolicy with failopen accepted")
+	}
+	istio := documents(t, repoRoot+"deploy/kubernetes/istio.yaml")[0]
+	for _, c := range []struct{ from, to string }{
+		{"configPatches:", "configPatch:"},
+		{"allow_mode_override:", "allow_mode_overide:"},
+	} {
+		doc := bytes.Replace(istio, []byte(c.from), []byte(c.to), 1)
+		var raw struct {
+			Spec map[string]any `json:"spec"`
+		}
+		if err := yaml.Unmarshal(doc, &raw); err != nil {
+			t.Fatal(err)
+		}
+		var spec istioapi.EnvoyFilter
+		err := protoStrict(raw.Spec, &spec)
+		if err == nil {
+			var hf hcmv3.HttpFilter
+			j, _ := protojson.Marshal(spec.GetConfigPatches()[0].GetPatch().GetValue())
+			err = protojson.Unmarshal(j, &hf)
+		}
+		if err == nil {
+			t.Errorf("EnvoyFilter with %s accepted", c.to)
 		}
 	}
 }

@@ -5,6 +5,7 @@ package helmtest
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"path"
 	"sort"
@@ -20,6 +21,7 @@ import (
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	sigsjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
 
@@ -111,8 +113,23 @@ func stripComments(doc []byte) []byte {
 	return bytes.Join(out, []byte("\n"))
 }
 
-// decode decodes one object into its API type with UnmarshalStrict: a field the type does not
-// have, or one given twice, is an error, as it is for the API server's strict field validation.
+// strictYAML decodes a YAML document into v as the API server's strict field validation does:
+// field names are case-sensitive, and a field the type does not have, or one given twice, is an
+// error (encoding/json, and so sigs.k8s.io/yaml's UnmarshalStrict, would match "failopen" to
+// failOpen).
+func strictYAML(doc []byte, v any) error {
+	j, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		return err
+	}
+	strict, err := sigsjson.UnmarshalStrict(j, v)
+	if err != nil {
+		return err
+	}
+	return errors.Join(strict...)
+}
+
+// decode decodes one object into its API type with strictYAML.
 func (r *rendered) decode(doc []byte) error {
 	var head struct {
 		APIVersion string `json:"apiVersion"`
@@ -150,7 +167,7 @@ func (r *rendered) decode(doc []byte) error {
 	if into == nil {
 		return fmt.Errorf("a second %s", head.Kind)
 	}
-	return yaml.UnmarshalStrict(doc, into)
+	return strictYAML(doc, into)
 }
 
 // once returns a new T, or nil when there already is one.
