@@ -70,6 +70,9 @@ func supervisord(t *testing.T) map[string]map[string]string {
 	conf := map[string]map[string]string{}
 	var section string
 	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, " ") || strings.HasPrefix(l, "\t") {
+			continue // a continuation line of the value above (the fatal-exit listener's script)
+		}
 		l = strings.TrimSpace(l)
 		switch {
 		case l == "" || strings.HasPrefix(l, ";") || strings.HasPrefix(l, "#"):
