@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"regexp"
 	"slices"
 	"testing"
 	"time"
@@ -184,6 +185,13 @@ func TestEnvoyGatewayExample(t *testing.T) {
 	for _, a := range []string{"xds.route_name", "source.address"} {
 		if !slices.Contains(pm.Request.Attributes, a) {
 			t.Errorf("request attributes %q lack %s", pm.Request.Attributes, a)
+		}
+	}
+	// The CRD's own pattern for attributes (a kubebuilder marker of the Go type, which decoding
+	// does not apply).
+	for _, a := range pm.Request.Attributes {
+		if !regexp.MustCompile(`^(connection\.|source\.|destination\.|request\.|response\.|upstream\.|xds\.route_)[a-z_1-9]*$`).MatchString(a) {
+			t.Errorf("attribute %q: Envoy Gateway's CRD refuses it", a)
 		}
 	}
 	// The Envoy route names Envoy Gateway makes of the targeted HTTPRoutes.
