@@ -19,12 +19,15 @@ run: build
 	./scripts/run.sh
 
 # Every test: unit tests and the end-to-end suite (real binaries, real sockets), with the race
-# detector.
+# detector; then the Helm chart's tests, a module of their own (deploy/helmtest) so that Helm
+# and the Kubernetes API types stay out of the binaries' module.
 test:
 	$(GO) vet $(PKGS)
+	cd deploy/helmtest && $(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) test -race -count=1 -timeout 12m $(PKGS)
+	cd deploy/helmtest && $(GO) test -count=1 -timeout 10m ./...
 
 # The fault suite in its long form: longer traffic and more kill, reload and early-end cycles
 # (make test runs the short form). Every test logs its figures on "reliability:" lines.
@@ -68,6 +71,7 @@ lint: vet
 
 vet:
 	$(GO) vet $(PKGS)
+	cd deploy/helmtest && $(GO) vet ./...
 
 fmt:
 	gofmt -w $$(git ls-files '*.go' | grep -v '\.pb\.go$$')

@@ -241,3 +241,108 @@ func TestEnvoyBootstrapCatchesMistakes(t *testing.T) {
 	f("invalid value", "port_value: 9001", "port_value: 99999", "PortValue")
 	f("misspelt enum value", "headers_with_underscores_action: REJECT_REQUEST", "headers_with_underscores_action: REJECT", "REJECT")
 }
+
+// TestComposeQuickStart decodes deploy/compose/compose.yaml (the parts it uses, strictly) and
+// holds it to the bootstrap TestEnvoyBootstrap checks: Envoy v1.36 runs that very file, in the
+// engine's network namespace, so that the bootstrap's 127.0.0.1 endpoints are the kernel's
+// ext_proc port and the echo upstream's port; the engine runs as the image's user with a
+// read-only root and tmpfs where the processes write, and is restarted when supervisord ends.
+func TestComposeQuickStart(t *testing.T) {
+	type service struct {
+		Build           map[string]any    `yaml:"build"`
+		Image           string            `yaml:"image"`
+		User            string            `yaml:"user"`
+		ReadOnly        bool              `yaml:"read_only"`
+		CapDrop         []string          `yaml:"cap_drop"`
+		SecurityOpt     []string          `yaml:"security_opt"`
+		Tmpfs           []string          `yaml:"tmpfs"`
+		Environment     map[string]string `yaml:"environment"`
+		Secrets         []map[string]any  `yaml:"secrets"`
+		Ports           []string          `yaml:"ports"`
+		Restart         string            `yaml:"restart"`
+		StopGracePeriod string            `yaml:"stop_grace_period"`
+		NetworkMode     string            `yaml:"network_mode"`
+		DependsOn       []string          `yaml:"depends_on"`
+		Volumes         []string          `yaml:"volumes"`
+		Command         []string          `yaml:"command"`
+	}
+	var compose struct {
+		Name     string                    `yaml:"name"`
+		Services map[string]service        `yaml:"services"`
+		Secrets  map[string]map[string]any `yaml:"secrets"`
+	}
+	f, err := os.Open(repoRoot + "deploy/compose/compose.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dec := yaml.NewDecoder(f)
+	dec.KnownFields(true)
+	if err := dec.Decode(&compose); err != nil {
+		t.Fatalf("deploy/compose/compose.yaml: %v", err)
+	}
+	engine, envoy, upstream := compose.Services["policy-engine"], compose.Services["envoy"], compose.Services["upstream"]
+
+	if !strings.HasPrefix(envoy.Image, "envoyproxy/envoy:v1.36.") {
+		t.Errorf("envoy image %q: want envoyproxy/envoy:v1.36.x", envoy.Image)
+	}
+	var bootstrap string
+	for _, v := range envoy.Volumes {
+		src, rest, _ := strings.Cut(v, ":")
+		if dst, _, _ := strings.Cut(rest, ":"); dst == "/etc/envoy/envoy.yaml" {
+			bootstrap = src
+		}
+	}
+	if bootstrap != "../envoy/envoy.yaml" {
+		t.Fatalf("envoy's /etc/envoy/envoy.yaml is %q, want ../envoy/envoy.yaml (the bootstrap the tests decode)", bootstrap)
+	}
+	bs, err := loadBootstrap(repoRoot + "deploy/compose/" + bootstrap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := validateDeep(bs, "bootstrap"); err != nil {
+		t.Fatal(err)
+	}
+	ports := map[string]uint32{}
+	for _, c := range bs.GetStaticResources().GetClusters() {
+		sa := c.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+		if sa.GetAddress() != "127.0.0.1" {
+			t.Errorf("cluster %s at %s: in compose only the shared loopback reaches the other services", c.GetName(), sa.GetAddress())
+		}
+		ports[c.GetName()] = sa.GetPortValue()
+	}
+	listener := bs.GetStaticResources().GetListeners()[0].GetAddress().GetSocketAddress().GetPortValue()
+
+	for name, s := range map[string]service{"envoy": envoy, "upstream": upstream} {
+		if s.NetworkMode != "service:policy-engine" || !slices.Contains(s.DependsOn, "policy-engine") {
+			t.Errorf("%s: network_mode %q, depends_on %q: it must share policy-engine's network namespace", name, s.NetworkMode, s.DependsOn)
+		}
+	}
+	if want := fmt.Sprintf("-listen=:%d", ports["backend"]); !slices.Contains(upstream.Command, want) {
+		t.Errorf("upstream command %q lacks %s (the bootstrap's backend port)", upstream.Command, want)
+	}
+	cfg, _, err := kernel.LoadConfig(repoRoot + "config/kernel-config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ports["policy_kernel"] != uint32(cfg.PolicyKernel.Server.Port) {
+		t.Errorf("the bootstrap sends ext_proc to port %d, the image's kernel listens on %d", ports["policy_kernel"], cfg.PolicyKernel.Server.Port)
+	}
+	if want := fmt.Sprintf("%d:%d", listener, listener); !slices.ContainsFunc(engine.Ports, func(p string) bool { return strings.HasPrefix(p, want) }) {
+		t.Errorf("policy-engine ports %q do not publish Envoy's listener %d", engine.Ports, listener)
+	}
+	if engine.User != "1000:1000" || !engine.ReadOnly || !slices.Equal(engine.CapDrop, []string{"ALL"}) || engine.Restart == "" || engine.Restart == "no" {
+		t.Errorf("policy-engine: user %q, read_only %v, cap_drop %q, restart %q", engine.User, engine.ReadOnly, engine.CapDrop, engine.Restart)
+	}
+	for _, dir := range []string{"/var/run/policy-engine", "/var/log/policy-engine", "/tmp"} {
+		if !slices.ContainsFunc(engine.Tmpfs, func(s string) bool { return s == dir || strings.HasPrefix(s, dir+":") }) {
+			t.Errorf("policy-engine has no tmpfs at %s, where its processes write", dir)
+		}
+	}
+	if _, ok := engine.Environment["POLICY_ENGINE_API_KEY_SHA256"]; !ok {
+		t.Error("policy-engine lacks POLICY_ENGINE_API_KEY_SHA256, which the image's agent config needs")
+	}
+	if len(engine.Secrets) != 1 || engine.Secrets[0]["target"] != "/etc/policy-engine/keys/jwt-public.pem" {
+		t.Errorf("policy-engine secrets %v: want the JWT key at /etc/policy-engine/keys/jwt-public.pem", engine.Secrets)
+	}
+}

@@ -140,9 +140,9 @@ func TestSupervisordRestartsKilledAgent(t *testing.T) {
 		code, _ := testenv.HTTPGet(readyURL)
 		return code == 200
 	})
-	testenv.WaitFor(t, 10*time.Second, "both programs RUNNING", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "both programs and the fatal-exit listener RUNNING", func() bool {
 		status := c.ctl(t, "status")
-		return strings.Contains(status, "policy-agent") && strings.Contains(status, "policy-kernel") && strings.Count(status, "RUNNING") == 2
+		return strings.Contains(status, "policy-agent") && strings.Contains(status, "policy-kernel") && strings.Contains(status, "fatal-exit") && strings.Count(status, "RUNNING") == 3
 	})
 	client, err := envoytest.Dial(c.kernelAddr, envoyConfig)
 	if err != nil {
@@ -202,5 +202,73 @@ func TestSupervisordRestartsKilledAgent(t *testing.T) {
 		if p > 0 && syscall.Kill(p, 0) == nil {
 			t.Errorf("process %d still runs after supervisord stopped", p)
 		}
+	}
+}
+
+// TestSupervisordExitsWhenTheAgentKeepsFailing starts supervisord with the repository's
+// supervisord.conf and an agent that cannot run: the fatal-exit event listener must stop
+// supervisord, kernel included, so that the container ends and its orchestrator starts a new
+// one, instead of a pod whose kernel stays live but denies every chained route for good.
+//   - "exits-at-once": the agent's keys are missing, so it exits at once. supervisord marks it
+//     FATAL after startretries; or, on a busy machine where supervisord looks at startsecs
+//     only after the agent is gone, counts it as started and restarts it for ever, which the
+//     listener's count of unexpected exits (5 within 60 s) catches.
+//   - "exits-after-startsecs": an agent that runs 1.5 s and then exits 1, which supervisord
+//     alone would restart for ever.
+//
+// supervisord, the container's PID 1, ends with status 0 after an orderly stop whatever the
+// cause (only signals it handles reach a PID 1, and it handles them all as an orderly stop);
+// a Deployment's pods (restartPolicy Always) and the compose file's restart policy restart it
+// all the same.
+func TestSupervisordExitsWhenTheAgentKeepsFailing(t *testing.T) {
+	if _, err := exec.LookPath("supervisord"); err != nil {
+		t.Fatal("supervisord is not installed (Debian package supervisor; .ci/run installs it)")
+	}
+	for _, tc := range []struct {
+		name  string
+		agent string // a script in place of the agent binary, or "" for the real one
+	}{
+		{"exits-at-once", ""},
+		{"exits-after-startsecs", "#!/bin/sh\nsleep 1.5\necho 'agent: failing after startsecs' >&2\nexit 1\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newContainer(t)
+			if tc.agent != "" {
+				bin := filepath.Join(c.dir, "bin", "policy-agent")
+				if err := os.Remove(bin); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(bin, []byte(tc.agent), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			start := time.Now()
+			// No API key digest in the environment: the real agent refuses to start.
+			sv := testenv.Start(t, "supervisord", nil, "-c", c.conf)
+			// At most 5 agent runs of a few seconds (the run, supervisord's back-off), then
+			// the kernel's orderly stop.
+			const bound = 60 * time.Second
+			if _, ok := sv.Wait(bound); !ok {
+				t.Fatalf("supervisord still runs %v after its start with an agent that keeps failing:\n%s", bound, sv.Logs.String())
+			}
+			took := time.Since(start)
+			out := sv.Logs.String()
+			log, _ := os.ReadFile(filepath.Join(c.dir, "log", "supervisord.log"))
+			all := out + string(log)
+			fatal := strings.Contains(out, "policy-engine: a program went FATAL (processname:policy-agent")
+			looping := strings.Contains(out, "policy-engine: 5 unexpected exits within 60 s, the last (processname:policy-agent")
+			if !fatal && !looping {
+				t.Errorf("the listener did not say why it stopped supervisord:\n%s", out)
+			}
+			if tc.agent != "" && fatal {
+				t.Error("an agent that outlives startsecs went FATAL: the test does not test the exit count")
+			}
+			for _, want := range []string{"received SIGTERM indicating exit request", "stopped: policy-kernel"} {
+				if !strings.Contains(all, want) {
+					t.Errorf("supervisord's log lacks %q:\n%s", want, all)
+				}
+			}
+			t.Logf("supervisord ended %v after its start (fatal %v, exit count %v)", took.Round(100*time.Millisecond), fatal, looping)
+		})
 	}
 }
