@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
-	"io"
 	"maps"
 	"os"
 	"slices"
@@ -76,21 +75,18 @@ func namedFiles(c *CoreConfig) (all, tracing []string) {
 	return all, tracing
 }
 
-// maxNamedFile caps how much of a named file is read for its digest.
-const maxNamedFile = 16 << 20
-
 // digest reads each file and returns its digest; a file that cannot be read gets the digest of
 // its error, so that its return is a change too.
 func digest(files []string) map[string][sha256.Size]byte {
 	sums := make(map[string][sha256.Size]byte, len(files))
 	for _, p := range files {
 		h := sha256.New()
-		fh, err := os.Open(p)
+		// Read as a secret is: a regular file of bounded size, opened without blocking, so that
+		// a FIFO or a device named by a config can neither hang the load nor fill memory.
+		data, err := secrets.ReadFile(p)
 		if err == nil {
-			_, err = io.Copy(h, io.LimitReader(fh, maxNamedFile))
-			fh.Close()
-		}
-		if err != nil {
+			h.Write(data)
+		} else {
 			h.Reset()
 			fmt.Fprintf(h, "error: %v", err)
 		}
