@@ -129,7 +129,9 @@ func (c *grpcAgentClient) GetAgentConfig(ctx context.Context) (*agentv1.GetAgent
 
 // ValidateChains asks the agent to build chain entries; see chainValidator.
 func (c *grpcAgentClient) ValidateChains(ctx context.Context, entries []*agentv1.ChainEntry) (*agentv1.ValidateChainsResponse, error) {
-	return c.agents[c.pick()].ValidateChains(ctx, &agentv1.ValidateChainsRequest{Entries: entries})
+	// The agent answered GetAgentConfig on some connection; this one may still be waiting out a
+	// dial that failed before the agent was up. Wait for it within ctx rather than fail at once.
+	return c.agents[c.pick()].ValidateChains(ctx, &agentv1.ValidateChainsRequest{Entries: entries}, grpc.WaitForReady(true))
 }
 
 func (c *grpcAgentClient) Check(ctx context.Context) error {

@@ -254,7 +254,8 @@ func TestChartDefaults(t *testing.T) {
 	writes := []string{ac.AgentCore.SocketPath, "/tmp/x"}
 	for _, sec := range sv {
 		for _, k := range []string{"logfile", "pidfile", "file", "stdout_logfile", "stderr_logfile"} {
-			if v := sec[k]; v != "" && !strings.HasPrefix(v, "/dev/") {
+			// NONE: supervisord writes no file (an event listener's stdout is its protocol).
+			if v := sec[k]; v != "" && v != "NONE" && !strings.HasPrefix(v, "/dev/") {
 				writes = append(writes, v)
 			}
 		}
