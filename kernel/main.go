@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -53,6 +54,8 @@ type flags struct {
 	// watch reloads the config when its file changes; watchEvery is how often it looks.
 	watch      bool
 	watchEvery time.Duration
+	// version prints the binary's version and exits.
+	version bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (*flags, error) {
@@ -66,6 +69,7 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.DurationVar(&f.agentWait, "agent-wait", 10*time.Second, "how long to wait at start for the agents to answer GetAgentConfig")
 	fs.BoolVar(&f.watch, "watch-config", true, "reload the config when its file changes, as on SIGHUP")
 	fs.DurationVar(&f.watchEvery, "watch-interval", time.Second, "how often -watch-config looks at the config file")
+	fs.BoolVar(&f.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -108,6 +112,10 @@ type Kernel struct {
 func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	f, err := parseFlags(args, stderr)
 	if err != nil {
+		return err
+	}
+	if f.version {
+		_, err := fmt.Fprintf(Stdout, "policy-kernel %s (%s %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return err
 	}
 	// SIGHUP is registered before the first load, so that a reload asked for during start-up
@@ -715,3 +723,6 @@ func sortedKeys[V any](m map[string]V) []string {
 
 // Version of the kernel binary; set by the linker.
 var Version = "dev"
+
+// Stdout is where --version writes.
+var Stdout io.Writer = os.Stdout
