@@ -425,7 +425,70 @@ func (k *Kernel) reload() {
 	}
 	k.metrics.reloadSuccess.Inc()
 	k.metrics.markReloaded()
-	k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("routes", snap.routes.Len()).Msg("config reloaded")
+	ev := k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("routes", snap.routes.Len())
+	rc := routeChanges(old, kc)
+	for _, l := range []struct {
+		key   string
+		names []string
+	}{{"routes_added", rc.added}, {"routes_removed", rc.removed}, {"routes_changed", rc.changed}} {
+		ev = ev.Strs(l.key, firstNames(l.names))
+		if len(l.names) > maxLoggedRoutes {
+			ev = ev.Int(l.key+"_count", len(l.names))
+		}
+	}
+	if rc.defaultChanged {
+		ev = ev.Bool("default_policy_changed", true)
+	}
+	ev.Msg("config reloaded")
+}
+
+// maxLoggedRoutes bounds each list of route names on the "config reloaded" line; a longer list
+// is cut there, and its full length logged as <key>_count.
+const maxLoggedRoutes = 20
+
+// firstNames returns at most maxLoggedRoutes of names.
+func firstNames(names []string) []string {
+	if len(names) > maxLoggedRoutes {
+		return names[:maxLoggedRoutes]
+	}
+	return names
+}
+
+// routeDiff is what a reload changed in the routes, by route name, each list in sorted order.
+type routeDiff struct {
+	added, removed, changed []string
+	defaultChanged          bool
+}
+
+// routeChanges compares the routes (and the default policy) of two configs: a route whose
+// agent, mode or chains differ in any way, metadata included, is changed.
+func routeChanges(old, cur *KernelConfig) routeDiff {
+	var d routeDiff
+	before := make(map[string]*RoutePolicy, len(old.RoutePolicies))
+	for i := range old.RoutePolicies {
+		before[old.RoutePolicies[i].RouteName] = &old.RoutePolicies[i]
+	}
+	seen := make(map[string]bool, len(cur.RoutePolicies))
+	for i := range cur.RoutePolicies {
+		r := &cur.RoutePolicies[i]
+		seen[r.RouteName] = true
+		switch o, ok := before[r.RouteName]; {
+		case !ok:
+			d.added = append(d.added, r.RouteName)
+		case !reflect.DeepEqual(o, r):
+			d.changed = append(d.changed, r.RouteName)
+		}
+	}
+	for name := range before {
+		if !seen[name] {
+			d.removed = append(d.removed, name)
+		}
+	}
+	slices.Sort(d.added)
+	slices.Sort(d.removed)
+	slices.Sort(d.changed)
+	d.defaultChanged = !reflect.DeepEqual(old.DefaultPolicy, cur.DefaultPolicy)
+	return d
 }
 
 func (k *Kernel) reloadFailed(err error) {
