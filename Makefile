@@ -24,7 +24,7 @@ run: build
 # besides Go (scripts/test-deps.sh: installed as root on Debian, named elsewhere), and go.mod
 # and go.sum of both modules exactly as go mod tidy would write them.
 test:
-	./scripts/test-deps.sh
+	GO=$(GO) ./scripts/test-deps.sh
 	@d=$$($(GO) mod tidy -diff 2>&1) && [ -z "$$d" ] || { echo "$$d"; echo "go.mod or go.sum is not what go mod tidy writes: run go mod tidy"; exit 1; }
 	@d=$$(cd deploy/helmtest && $(GO) mod tidy -diff 2>&1) && [ -z "$$d" ] || { echo "$$d"; echo "deploy/helmtest: go.mod or go.sum is not what go mod tidy writes: run go mod tidy there"; exit 1; }
 	$(GO) vet $(PKGS)

@@ -8,7 +8,7 @@ set -euo pipefail
 
 need=() # Debian packages
 missing=() # what is missing, as a person would look for it
-cc=$(go env CC 2>/dev/null || true)
+cc=$("${GO:-go}" env CC 2>/dev/null || true)
 cc=${cc:-gcc}
 command -v redis-server >/dev/null || { need+=(redis-server); missing+=(redis-server); }
 command -v supervisord >/dev/null || { need+=(supervisor); missing+=("supervisord (Debian: supervisor)"); }
