@@ -25,7 +25,6 @@ EXTPROC_ADDR="${EXTPROC_ADDR:-127.0.0.1:9001}"
 METRICS_ADDR="${METRICS_ADDR:-:9090}"
 AGENT_METRICS_ADDR="${AGENT_METRICS_ADDR:-127.0.0.1:9091}"
 mkdir -p "$RUN_DIR/agents" "$RUN_DIR/log"
-chmod 700 "$RUN_DIR"
 # The example agent config takes its keys from outside; this supplies the demo ones, which are
 # public (anyone can present the API key and mint tokens with the private key of config/demo):
 # the API key "demo-key-123", and the demo public key for JWTs (go run ./scripts/demotoken).
