@@ -92,7 +92,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	if f.version {
-		_, err := fmt.Fprintf(Stdout, "policy-agent %s (%s %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		_, err := fmt.Fprintf(stdout, "policy-agent %s (%s %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return err
 	}
 	// SIGHUP is registered before the first load, so that a reload asked for during start-up
@@ -308,5 +308,5 @@ func reloadAgent(f *flags, current *inputs, watched []string, exec *Executor, lo
 	return in, files
 }
 
-// Stdout is where --version writes.
-var Stdout io.Writer = os.Stdout
+// stdout is where --version writes.
+var stdout io.Writer = os.Stdout

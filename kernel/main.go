@@ -115,7 +115,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	if f.version {
-		_, err := fmt.Fprintf(Stdout, "policy-kernel %s (%s %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		_, err := fmt.Fprintf(stdout, "policy-kernel %s (%s %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return err
 	}
 	// SIGHUP is registered before the first load, so that a reload asked for during start-up
@@ -787,5 +787,5 @@ func sortedKeys[V any](m map[string]V) []string {
 // Version of the kernel binary; set by the linker.
 var Version = "dev"
 
-// Stdout is where --version writes.
-var Stdout io.Writer = os.Stdout
+// stdout is where --version writes.
+var stdout io.Writer = os.Stdout
