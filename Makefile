@@ -20,8 +20,13 @@ run: build
 
 # Every test: unit tests and the end-to-end suite (real binaries, real sockets), with the race
 # detector; then the Helm chart's tests, a module of their own (deploy/helmtest) so that Helm
-# and the Kubernetes API types stay out of the binaries' module.
+# and the Kubernetes API types stay out of the binaries' module. First what the tests need
+# besides Go (scripts/test-deps.sh: installed as root on Debian, named elsewhere), and go.mod
+# and go.sum of both modules exactly as go mod tidy would write them.
 test:
+	GO=$(GO) ./scripts/test-deps.sh
+	@d=$$($(GO) mod tidy -diff 2>&1) && [ -z "$$d" ] || { echo "$$d"; echo "go.mod or go.sum is not what go mod tidy writes: run go mod tidy"; exit 1; }
+	@d=$$(cd deploy/helmtest && $(GO) mod tidy -diff 2>&1) && [ -z "$$d" ] || { echo "$$d"; echo "deploy/helmtest: go.mod or go.sum is not what go mod tidy writes: run go mod tidy there"; exit 1; }
 	$(GO) vet $(PKGS)
 	cd deploy/helmtest && $(GO) vet ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \

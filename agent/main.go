@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
+	"runtime"
 	"slices"
 	"syscall"
 	"time"
@@ -43,6 +44,8 @@ type flags struct {
 	// looks.
 	watch      bool
 	watchEvery time.Duration
+	// version prints the binary's version and exits.
+	version bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (*flags, error) {
@@ -54,6 +57,7 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.BoolVar(&f.validate, "validate", false, "check the config and exit: 0 if valid, 1 if not")
 	fs.BoolVar(&f.watch, "watch-config", true, "reload the config when it or a file it names (secrets, jwks_file) changes, as on SIGHUP")
 	fs.DurationVar(&f.watchEvery, "watch-interval", time.Second, "how often -watch-config looks at the files")
+	fs.BoolVar(&f.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -85,6 +89,10 @@ func configVersion(user string, data []byte) string {
 func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	f, err := parseFlags(args, stderr)
 	if err != nil {
+		return err
+	}
+	if f.version {
+		_, err := fmt.Fprintf(stdout, "policy-agent %s (%s %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return err
 	}
 	// SIGHUP is registered before the first load, so that a reload asked for during start-up
@@ -299,3 +307,6 @@ func reloadAgent(f *flags, current *inputs, watched []string, exec *Executor, lo
 	ev.Msg("config reloaded")
 	return in, files
 }
+
+// stdout is where --version writes.
+var stdout io.Writer = os.Stdout

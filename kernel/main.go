@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -53,6 +54,8 @@ type flags struct {
 	// watch reloads the config when its file changes; watchEvery is how often it looks.
 	watch      bool
 	watchEvery time.Duration
+	// version prints the binary's version and exits.
+	version bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (*flags, error) {
@@ -66,6 +69,7 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.DurationVar(&f.agentWait, "agent-wait", 10*time.Second, "how long to wait at start for the agents to answer GetAgentConfig")
 	fs.BoolVar(&f.watch, "watch-config", true, "reload the config when its file changes, as on SIGHUP")
 	fs.DurationVar(&f.watchEvery, "watch-interval", time.Second, "how often -watch-config looks at the config file")
+	fs.BoolVar(&f.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -108,6 +112,10 @@ type Kernel struct {
 func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	f, err := parseFlags(args, stderr)
 	if err != nil {
+		return err
+	}
+	if f.version {
+		_, err := fmt.Fprintf(stdout, "policy-kernel %s (%s %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return err
 	}
 	// SIGHUP is registered before the first load, so that a reload asked for during start-up
@@ -417,7 +425,70 @@ func (k *Kernel) reload() {
 	}
 	k.metrics.reloadSuccess.Inc()
 	k.metrics.markReloaded()
-	k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("routes", snap.routes.Len()).Msg("config reloaded")
+	ev := k.log.Audit(zerolog.InfoLevel).Str("config_version", snap.Version).Int("routes", snap.routes.Len())
+	rc := routeChanges(old, kc)
+	for _, l := range []struct {
+		key   string
+		names []string
+	}{{"routes_added", rc.added}, {"routes_removed", rc.removed}, {"routes_changed", rc.changed}} {
+		ev = ev.Strs(l.key, firstNames(l.names))
+		if len(l.names) > maxLoggedRoutes {
+			ev = ev.Int(l.key+"_count", len(l.names))
+		}
+	}
+	if rc.defaultChanged {
+		ev = ev.Bool("default_policy_changed", true)
+	}
+	ev.Msg("config reloaded")
+}
+
+// maxLoggedRoutes bounds each list of route names on the "config reloaded" line; a longer list
+// is cut there, and its full length logged as <key>_count.
+const maxLoggedRoutes = 20
+
+// firstNames returns at most maxLoggedRoutes of names.
+func firstNames(names []string) []string {
+	if len(names) > maxLoggedRoutes {
+		return names[:maxLoggedRoutes]
+	}
+	return names
+}
+
+// routeDiff is what a reload changed in the routes, by route name, each list in sorted order.
+type routeDiff struct {
+	added, removed, changed []string
+	defaultChanged          bool
+}
+
+// routeChanges compares the routes (and the default policy) of two configs: a route whose
+// agent, mode or chains differ in any way, metadata included, is changed.
+func routeChanges(old, cur *KernelConfig) routeDiff {
+	var d routeDiff
+	before := make(map[string]*RoutePolicy, len(old.RoutePolicies))
+	for i := range old.RoutePolicies {
+		before[old.RoutePolicies[i].RouteName] = &old.RoutePolicies[i]
+	}
+	seen := make(map[string]bool, len(cur.RoutePolicies))
+	for i := range cur.RoutePolicies {
+		r := &cur.RoutePolicies[i]
+		seen[r.RouteName] = true
+		switch o, ok := before[r.RouteName]; {
+		case !ok:
+			d.added = append(d.added, r.RouteName)
+		case !reflect.DeepEqual(o, r):
+			d.changed = append(d.changed, r.RouteName)
+		}
+	}
+	for name := range before {
+		if !seen[name] {
+			d.removed = append(d.removed, name)
+		}
+	}
+	slices.Sort(d.added)
+	slices.Sort(d.removed)
+	slices.Sort(d.changed)
+	d.defaultChanged = !reflect.DeepEqual(old.DefaultPolicy, cur.DefaultPolicy)
+	return d
 }
 
 func (k *Kernel) reloadFailed(err error) {
@@ -715,3 +786,6 @@ func sortedKeys[V any](m map[string]V) []string {
 
 // Version of the kernel binary; set by the linker.
 var Version = "dev"
+
+// stdout is where --version writes.
+var stdout io.Writer = os.Stdout

@@ -19,6 +19,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent"
 	"github.com/policy-engine/policy-engine/internal/testenv"
+	"github.com/policy-engine/policy-engine/internal/yamlconf"
 	_ "github.com/policy-engine/policy-engine/policies/all"
 )
 
@@ -175,8 +176,20 @@ func TestMainReloadAndAgentLoss(t *testing.T) {
   route_policies:
     - route_name: /api/v1/users
       request_policy_chain: [{policy: allowAll}]
+    - route_name: /new
+      request_policy_chain: [{policy: allowAll}]
 `, e.sock)), 0o600)
 	e.kernel.Reload(t, "config reloaded")
+	// The line says which routes the reload added, removed and changed.
+	var md map[string]any
+	for _, l := range testenv.LogLines(t, e.kernel.Logs.String()) {
+		if l.Message == "config reloaded" {
+			md = l.Metadata
+		}
+	}
+	if fmt.Sprint(md["routes_added"], md["routes_removed"], md["routes_changed"]) != "[/new] [] [/api/v1/users]" {
+		t.Fatalf("config reloaded: %v", md)
+	}
 	if r := e.do(t, "/api/v1/users"); r.GetRequestHeaders() == nil {
 		t.Fatalf("after reload: %v", r)
 	}
@@ -284,5 +297,38 @@ func TestMainDrain(t *testing.T) {
 	}
 	if err, ok := e.kernel.Wait(10 * time.Second); !ok || err != nil {
 		t.Fatalf("kernel did not stop: returned %v (%v)", err, ok)
+	}
+}
+
+func TestRouteChanges(t *testing.T) {
+	chain := func(p string) []ChainEntry { return []ChainEntry{{Policy: p}} }
+	old := &KernelConfig{RoutePolicies: []RoutePolicy{
+		{RouteName: "/same", RequestPolicyChain: chain("allowAll")},
+		{RouteName: "/gone", RequestPolicyChain: chain("allowAll")},
+		{RouteName: "/chain", RequestPolicyChain: chain("allowAll")},
+		{RouteName: "/mode", RequestPolicyChain: chain("allowAll")},
+		{RouteName: "/meta", RequestPolicyChain: []ChainEntry{{Policy: "apiKeyAuth", Metadata: yamlconf.Metadata{"header_name": "X-A"}}}},
+	}}
+	cur := &KernelConfig{RoutePolicies: []RoutePolicy{
+		{RouteName: "/meta", RequestPolicyChain: []ChainEntry{{Policy: "apiKeyAuth", Metadata: yamlconf.Metadata{"header_name": "X-B"}}}},
+		{RouteName: "/new", RequestPolicyChain: chain("allowAll")},
+		{RouteName: "/chain", ResponsePolicyChain: chain("allowAll")},
+		{RouteName: "/mode", Mode: ModeShadow, RequestPolicyChain: chain("allowAll")},
+		{RouteName: "/same", RequestPolicyChain: chain("allowAll")},
+	}, DefaultPolicy: &ChainPair{RequestPolicyChain: chain("allowAll")}}
+	d := routeChanges(old, cur)
+	if fmt.Sprint(d.added, d.removed, d.changed, d.defaultChanged) != "[/new] [/gone] [/chain /meta /mode] true" {
+		t.Fatalf("%+v", d)
+	}
+	if d := routeChanges(cur, cur); len(d.added)+len(d.removed)+len(d.changed) != 0 || d.defaultChanged {
+		t.Fatalf("no change: %+v", d)
+	}
+	many := &KernelConfig{}
+	for i := range maxLoggedRoutes + 5 {
+		many.RoutePolicies = append(many.RoutePolicies, RoutePolicy{RouteName: fmt.Sprintf("/r%02d", i)})
+	}
+	d = routeChanges(&KernelConfig{}, many)
+	if len(d.added) != maxLoggedRoutes+5 || len(firstNames(d.added)) != maxLoggedRoutes || firstNames(d.added)[0] != "/r00" {
+		t.Fatalf("many: %d %v", len(d.added), firstNames(d.added))
 	}
 }

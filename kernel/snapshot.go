@@ -352,7 +352,7 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 		info, ok := adv[e.Policy]
 		if !ok {
 			readsRequest = true
-			problems = append(problems, problem{ekey + ".policy", fmt.Sprintf("policy %q is not supported by agent %q", e.Policy, agentName)})
+			problems = append(problems, problem{ekey + ".policy", unsupportedPolicy(e.Policy, agentName, adv)})
 			continue
 		}
 		before := len(problems)
@@ -442,7 +442,7 @@ func (r *Route) checkAgainst(adv map[string]*agentv1.PolicyInfo) string {
 			info, ok := adv[p.GetName()]
 			switch {
 			case !ok:
-				return fmt.Sprintf("policy %q is not supported by agent %q", p.GetName(), r.agent.cfg.Name)
+				return unsupportedPolicy(p.GetName(), r.agent.cfg.Name, adv)
 			case !phaseSupported(info, ph):
 				return fmt.Sprintf("policy %q does not run in the %s phase", p.GetName(), strings.ToLower(ph.String()))
 			case ph == agentv1.PolicyPhase_REQUEST && info.GetRequiresRequestBody() && !ch.body,
@@ -589,4 +589,62 @@ func (p *agentPool) closeAll() {
 		st.client.Close()
 	}
 	p.byName = nil
+}
+
+// unsupportedPolicy is the problem of a chain that names a policy its agent does not advertise,
+// with the closest advertised name when one is near enough to be a slip of the keyboard.
+func unsupportedPolicy(name, agentName string, adv map[string]*agentv1.PolicyInfo) string {
+	msg := fmt.Sprintf("policy %q is not supported by agent %q", name, agentName)
+	if s := closestPolicy(name, adv); s != "" {
+		msg += fmt.Sprintf(" (did you mean %q?)", s)
+	}
+	return msg
+}
+
+// closestPolicy returns the advertised policy name that name most likely misspells: one that
+// differs only in case first, otherwise the nearest by edit distance (ignoring case) if at most
+// a third of name's letters (at least one) are off; ties go to the first in sorted order. It
+// returns "" when no name is that close.
+func closestPolicy(name string, adv map[string]*agentv1.PolicyInfo) string {
+	names := sortedKeys(adv)
+	for _, n := range names {
+		if strings.EqualFold(n, name) {
+			return n
+		}
+	}
+	a := []rune(strings.ToLower(name))
+	limit := max(1, len(a)/3)
+	best, bestDist := "", limit+1
+	for _, n := range names {
+		b := []rune(strings.ToLower(n))
+		if d := len(a) - len(b); d > limit || -d > limit {
+			continue // the lengths alone put it too far; this also bounds the work on long input
+		}
+		if d := editDistance(a, b); d < bestDist {
+			best, bestDist = n, d
+		}
+	}
+	return best
+}
+
+// editDistance is the Levenshtein distance between a and b: the fewest single-letter
+// insertions, deletions and substitutions that turn one into the other.
+func editDistance(a, b []rune) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }

@@ -209,6 +209,42 @@ func checkBootstrap(t *testing.T, path string, uds bool) {
 	if len(hc) != 1 || hc[0].GetGrpcHealthCheck() == nil || hc[0].GetTimeout().AsDuration() != 100*time.Millisecond {
 		t.Errorf("the kernel's cluster is not health-checked over gRPC with a 100 ms timeout: %v", hc)
 	}
+	if !uds {
+		checkDocsQuoteBootstrap(t, bs, cluster, ep.GetRequestAttributes())
+	}
+}
+
+// checkDocsQuoteBootstrap: the README's Envoy example and docs/operations.md quote the bootstrap
+// as it is: the ext_proc cluster's name, the request attributes, and the upstream's address,
+// which the README says how to provide.
+func checkDocsQuoteBootstrap(t *testing.T, bs *bootstrapv3.Bootstrap, cluster string, attrs []string) {
+	t.Helper()
+	readme, err := os.ReadFile(repoRoot + "README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops, err := os.ReadFile(repoRoot + "docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	quoted := `request_attributes: ["` + strings.Join(attrs, `", "`) + `"]`
+	for _, want := range []string{"cluster_name: " + cluster + " }", "  - name: " + cluster + "\n", "cluster_name: " + cluster + "\n", quoted} {
+		if !strings.Contains(string(readme), want) {
+			t.Errorf("README.md does not quote the bootstrap's %q", want)
+		}
+	}
+	if !strings.Contains(string(ops), quoted) {
+		t.Errorf("docs/operations.md does not quote the bootstrap's %s", quoted)
+	}
+	for _, c := range bs.GetStaticResources().GetClusters() {
+		if c.GetName() == cluster {
+			continue
+		}
+		sa := c.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+		if up := fmt.Sprintf("%s:%d", sa.GetAddress(), sa.GetPortValue()); !strings.Contains(string(readme), "upstream is "+up) {
+			t.Errorf("README.md does not say that the upstream is %s", up)
+		}
+	}
 }
 
 // TestEnvoyBootstrapCatchesMistakes shows that the decoding above fails on the mistakes it is
