@@ -139,7 +139,7 @@ func (r *requestFlags) request(pos []string) (*envoytest.Request, *envoytest.Res
 	if !strings.HasPrefix(path, "/") {
 		return nil, nil, fmt.Errorf("invalid path %q: it must start with /", path)
 	}
-	req := &envoytest.Request{Method: strings.ToUpper(method), Path: path, Attributes: map[string]string{}}
+	req := &envoytest.Request{Method: method, Path: path, Attributes: map[string]string{}}
 	hs, err := parseHeaders("-H", r.headers)
 	if err != nil {
 		return nil, nil, err

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/url"
 	"slices"
 	"strings"
 
@@ -68,7 +69,7 @@ func newReport(req *envoytest.Request, upResp *envoytest.Response, res *envoytes
 	r := &Report{Outcome: "refused", Explain: x, red: red}
 	if f := res.Forwarded; f != nil {
 		r.Outcome = "upstream"
-		r.Upstream = &Upstream{Method: f.Method, Path: f.Path, Authority: f.Authority, Headers: red.headers(f.Headers), Body: string(f.Body),
+		r.Upstream = &Upstream{Method: f.Method, Path: red.path(f.Path), Authority: f.Authority, Headers: red.headers(f.Headers), Body: string(f.Body),
 			Mutations: red.diff(withoutHost(req.Headers), f.Headers)}
 	}
 	r.Response = Answer{Status: res.Status, LocalReply: res.LocalReply, Details: res.Details, Headers: red.headers(res.Headers), Body: string(res.Body)}
@@ -170,6 +171,31 @@ func (r *redactor) sensitive(name string) bool {
 		}
 	}
 	return false
+}
+
+// param reports whether a query parameter carries a credential, as the audit log sees it.
+func (r *redactor) param(name string) bool {
+	n := strings.ReplaceAll(strings.ToLower(name), "-", "_")
+	return slices.Contains(auditlog.DefaultRedactKeys, n) || slices.Contains(auditlog.DefaultRedactParams, n) || r.sensitive(name)
+}
+
+// path hides the values of the credential parameters of a path's query.
+func (r *redactor) path(p string) string {
+	base, query, ok := strings.Cut(p, "?")
+	if !ok {
+		return p
+	}
+	parts := strings.Split(query, "&")
+	for i, kv := range parts {
+		name, _, hasValue := strings.Cut(kv, "=")
+		if dec, err := url.QueryUnescape(name); err == nil {
+			name = dec
+		}
+		if hasValue && r.param(name) {
+			parts[i] = kv[:strings.IndexByte(kv, '=')+1] + redacted
+		}
+	}
+	return base + "?" + strings.Join(parts, "&")
 }
 
 func (r *redactor) value(name, v string) string {
