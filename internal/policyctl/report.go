@@ -218,11 +218,7 @@ func (r *redactor) headers(hs [][2]string) []Header {
 func (r *redactor) diff(before, after [][2]string) []Mutation {
 	b, a := joined(before), joined(after)
 	var out []Mutation
-	for _, h := range after {
-		name := strings.ToLower(h[0])
-		if _, done := a[name]; !done {
-			continue
-		}
+	for _, name := range names(after) {
 		old, had := b[name]
 		switch {
 		case !had:
@@ -230,13 +226,21 @@ func (r *redactor) diff(before, after [][2]string) []Mutation {
 		case old != a[name]:
 			out = append(out, Mutation{Op: "changed", Name: name, Value: r.value(name, a[name])})
 		}
-		delete(a, name)
 	}
-	for _, h := range before {
-		name := strings.ToLower(h[0])
-		if _, ok := joined(after)[name]; !ok && b[name] != "\x00" {
+	for _, name := range names(before) {
+		if _, ok := a[name]; !ok {
 			out = append(out, Mutation{Op: "removed", Name: name})
-			b[name] = "\x00"
+		}
+	}
+	return out
+}
+
+// names lists the header names of hs, lowercase, each once, in order.
+func names(hs [][2]string) []string {
+	var out []string
+	for _, h := range hs {
+		if n := strings.ToLower(h[0]); !slices.Contains(out, n) {
+			out = append(out, n)
 		}
 	}
 	return out
