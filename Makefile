@@ -13,7 +13,7 @@ LDFLAGS   := -s -w -X github.com/policy-engine/policy-engine/agent.Version=$(VER
 all: build
 
 build:
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/policy-kernel ./cmd/policy-agent ./loadtest/cmd/extproc-noop
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/policy-kernel ./cmd/policy-agent ./cmd/policyctl ./loadtest/cmd/extproc-noop
 
 run: build
 	./scripts/run.sh

@@ -44,6 +44,8 @@ type Executor struct {
 	maxChain atomic.Int64
 	// tracer is nil while tracing is off.
 	tracer atomic.Pointer[tracing.Tracer]
+	// entryHook is told each chain entry's outcome (policyctl explain); nil: nothing is told.
+	entryHook func(EntryTrace)
 }
 
 // execSnapshot is one immutable state of the agent's config with the factories made from it.
@@ -501,11 +503,17 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 			// Whatever on_failure says: a chain missing one of its entries never serves.
 			e.metrics.failure(name, "unknown_policy")
 			e.logUnknown(req, name)
+			if e.entryHook != nil {
+				e.traceEntry(req, i, "error", 0, policy.Result{}, fmt.Errorf("unknown policy %q", name))
+			}
 			resp.Instructions = nil
 			return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, fmt.Sprintf("unknown policy %q", name))
 		}
 		enforces := f.module.Enforces
 		if skippedBy != "" && !enforces {
+			if e.entryHook != nil {
+				e.traceEntry(req, i, "skipped", 0, policy.Result{}, nil)
+			}
 			continue
 		}
 		inShadow := entry.GetShadow()
@@ -535,6 +543,9 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 		timedOut := late
 		if inShadow {
 			ok := e.shadowRun(req, name, result, err, late, end.Sub(start), end, shadow)
+			if e.entryHook != nil {
+				e.traceEntry(req, i, "shadow", end.Sub(start), result, err)
+			}
 			endPolicySpan(span, result.Status, err)
 			if ok {
 				continue
@@ -562,6 +573,9 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 			err = fmt.Errorf("policy %q: %w", name, context.DeadlineExceeded)
 		}
 		endPolicySpan(span, result.Status, err)
+		if e.entryHook != nil {
+			e.traceEntry(req, i, "", end.Sub(start), result, err)
+		}
 		if timedOut {
 			resp.Instructions = nil
 			return fail(resp, agentv1.StatusCode_TIMEOUT, name, err.Error())

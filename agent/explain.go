@@ -1,0 +1,53 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+)
+
+// EntryTrace is what one chain entry did in one run, for policyctl explain.
+type EntryTrace struct {
+	Phase agentv1.PolicyPhase
+	// Index is the entry's position in the policies of the call (a chain the kernel splits
+	// around a body reader comes in two calls).
+	Index  int
+	Policy string
+	// Outcome is allow, deny, error, timeout, skipped (after a skip_remaining) or shadow (ran,
+	// nothing enforced).
+	Outcome   string
+	OnFailure string
+	Duration  time.Duration
+	// Instructions are the entry's instructions: header, body and state changes, or its
+	// immediate response. Those of a shadow entry are dropped by the chain.
+	Instructions []*agentv1.Instruction
+	Message      string
+	Err          error
+}
+
+// SetEntryHook makes the executor tell h the outcome of every chain entry it runs, on the
+// goroutine that runs the chain. Call it before the executor runs any chain; nil turns it off.
+// It is for tools that explain one request (policyctl explain), not for a serving agent.
+func (e *Executor) SetEntryHook(h func(EntryTrace)) { e.entryHook = h }
+
+// traceEntry reports one entry to the hook; outcome "" is worked out from the result.
+func (e *Executor) traceEntry(req *agentv1.PolicyRequest, i int, outcome string, d time.Duration, r policy.Result, err error) {
+	entry := req.GetPolicies()[i]
+	if outcome == "" {
+		switch {
+		case errors.Is(err, context.DeadlineExceeded) || r.Status == agentv1.StatusCode_TIMEOUT:
+			outcome = "timeout"
+		case err != nil:
+			outcome = "error"
+		case terminal(r):
+			outcome = "deny"
+		default:
+			outcome = "allow"
+		}
+	}
+	e.entryHook(EntryTrace{Phase: req.GetPhase(), Index: i, Policy: entry.GetName(), Outcome: outcome, OnFailure: entry.GetOnFailure(),
+		Duration: d, Instructions: r.Instructions, Message: r.Message, Err: err})
+}
