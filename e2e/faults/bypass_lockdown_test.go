@@ -638,3 +638,64 @@ func TestLockdownFailureLogLevels(t *testing.T) {
 		t.Errorf("retry line %s", retry[0].Text)
 	}
 }
+
+// TestPodEmptyDirSocketDirectory starts the agent and the kernel with their sockets in a
+// world-writable directory: refused as it is, accepted when it is the mount of a pod's emptyDir
+// volume (a bind mount from a path shaped like the kubelet's, as a pod sees it), the normal
+// socket directory of a pod's containers.
+func TestPodEmptyDirSocketDirectory(t *testing.T) {
+	kbin, abin := testenv.Binaries(t)
+	root := t.TempDir()
+	etc, run := filepath.Join(root, "etc"), filepath.Join(root, "run")
+	src := filepath.Join(root, "node", "pods", "6f1c", "volumes", "kubernetes.io~empty-dir", "run")
+	for _, d := range []string{etc, run, src} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, d := range []string{run, src} {
+		if err := os.Chmod(d, 0o777); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := filepath.Join(run, "agents", "agent.sock")
+	kcfg, acfg := filepath.Join(etc, "kernel.yaml"), filepath.Join(etc, "agent.yaml")
+	writeFile(t, kcfg, []byte(`policy_kernel:
+  agents:
+    - name: default
+      socket_path: "`+sock+`"
+  route_policies:
+    - route_name: /keyed
+      request_policy_chain: [{policy: apiKeyAuth}]
+  observability:
+    metrics_port: -1
+`))
+	writeFile(t, acfg, []byte(strings.NewReplacer("{{SOCK}}", sock, `  observability:
+    metrics_address: "{{AGENT_METRICS}}"
+`, "").Replace(agentYAML)))
+
+	p := testenv.Start(t, abin, nil, "--config", acfg)
+	if _, ok := p.Wait(testenv.StartTimeout); !ok || p.Cmd.ProcessState.ExitCode() != 1 || !strings.Contains(fatalLine(t, p.Output()), "is writable by every user") {
+		t.Fatalf("agent with its socket in a plain world-writable directory: want exit 1, output:\n%s", p.Output())
+	}
+
+	if err := unix.Mount(src, run, "", unix.MS_BIND, ""); err != nil {
+		t.Skipf("no bind mount here (%v): the emptyDir case is covered by internal/fsperm's unit test", err)
+	}
+	t.Cleanup(func() { unix.Unmount(run, unix.MNT_DETACH) })
+	a := testenv.Start(t, abin, nil, "--config", acfg)
+	testenv.WaitDial(t, a, "unix", sock)
+	addr := testenv.FreeAddr(t)
+	k := testenv.Start(t, kbin, nil, "--config", kcfg, "--listen", addr, "--agent-wait", "5s")
+	testenv.WaitDial(t, k, "tcp", addr)
+	c, err := envoytest.Dial(addr, envoyConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	testenv.WaitFor(t, testenv.StartTimeout, "the keyed route to refuse a request without a key", func() bool {
+		return play(c, "/keyed", request("/keyed")).outcome() == "401 unauthorized"
+	})
+	// Stop both before the mount goes, so that it is not busy.
+	t.Cleanup(func() { k.Stop(t); a.Stop(t) })
+}

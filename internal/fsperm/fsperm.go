@@ -6,7 +6,13 @@
 // Both processes make these checks at start-up (and refuse to start) as well as under
 // --validate. A path on a file system mounted read-only is accepted whatever its mode: no one
 // can write to it. That is how Kubernetes mounts ConfigMaps and Secrets (a 0777 or 1777
-// directory behind symlinks, on a read-only mount).
+// directory behind symlinks, on a read-only mount). So is the root of a Kubernetes emptyDir
+// volume: the kubelet makes it mode 0777, but only the containers of the pod mount it, so only
+// they can write there; it is the normal place for the sockets a pod's containers share. It is
+// told apart from an ordinary world-writable directory by /proc/self/mountinfo: the directory
+// is a mount point whose source, on the node, lies under a pod's
+// volumes/kubernetes.io~empty-dir/ (a disk-backed emptyDir; one of medium Memory is a tmpfs
+// that looks like any other and is refused). A directory below it is judged by its own mode.
 package fsperm
 
 import (
@@ -15,6 +21,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -28,10 +35,45 @@ var readOnly = func(path string) bool {
 	return st.Flags&unix.ST_RDONLY != 0
 }
 
+// mountInfo returns the text of /proc/self/mountinfo; a test may replace it.
+var mountInfo = func() ([]byte, error) { return os.ReadFile("/proc/self/mountinfo") }
+
+// emptyDirMark is the part of an emptyDir volume's path on a Kubernetes node.
+const emptyDirMark = "/volumes/kubernetes.io~empty-dir/"
+
+// podVolume reports whether path is the mount point of a pod's emptyDir volume: a line of
+// mountinfo whose mount point (field 5) is path and whose root within its file system (field 4)
+// lies under a pod's emptyDir directory.
+func podVolume(path string) bool {
+	data, err := mountInfo()
+	if err != nil {
+		return false
+	}
+	clean := filepath.Clean(path)
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 || unescapeMount(f[4]) != clean {
+			continue
+		}
+		if strings.Contains(unescapeMount(f[3]), emptyDirMark) {
+			return true
+		}
+	}
+	return false
+}
+
+// unescapeMount undoes mountinfo's octal escapes of space, tab, newline and backslash.
+func unescapeMount(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
+}
+
 // writable reports whether every user may write to path, whose mode fi holds: the mode says
-// so and its file system is not mounted read-only.
+// so, its file system is not mounted read-only, and it is not the root of a pod's emptyDir.
 func writable(path string, fi fs.FileInfo) bool {
-	return fi.Mode().Perm()&0o002 != 0 && !readOnly(path)
+	return fi.Mode().Perm()&0o002 != 0 && !readOnly(path) && !(fi.IsDir() && podVolume(path))
 }
 
 // CheckDir fails when dir is writable by every user (whatever its sticky bit, which stops no one

@@ -155,3 +155,72 @@ func TestReadOnlyMount(t *testing.T) {
 		t.Error("the same directory on its writable mount was accepted")
 	}
 }
+
+// TestPodEmptyDir: the root of a pod's emptyDir volume (mode 0777, made by the kubelet, shared
+// by the pod's containers only) is accepted as a socket directory; an ordinary world-writable
+// directory, a tmpfs mount, a mount of another volume kind, and a directory below the emptyDir's
+// root that is itself world-writable are refused.
+func TestPodEmptyDir(t *testing.T) {
+	root := t.TempDir()
+	run := filepath.Join(root, "run")
+	if err := os.Mkdir(run, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(run, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(run, "agents", "agent.sock")
+	line := func(src, mnt string) string {
+		return "1234 1000 253:1 " + src + " " + mnt + " rw,relatime - ext4 /dev/vda1 rw\n"
+	}
+	f := func(name, mountinfo string, path string, wantErr bool) {
+		t.Helper()
+		saved := mountInfo
+		mountInfo = func() ([]byte, error) { return []byte(mountinfo), nil }
+		defer func() { mountInfo = saved }()
+		err := CheckSocket(path)
+		if (err != nil) != wantErr {
+			t.Errorf("%s: %v, want error %v", name, err, wantErr)
+		}
+	}
+	const kubelet = "/var/lib/kubelet/pods/6f1c/volumes/kubernetes.io~empty-dir/run"
+	f("not a mount", line("/", "/"), sock, true)
+	f("a pod's emptyDir", line("/", "/")+line(kubelet, run), sock, false)
+	f("a pod's emptyDir, escaped path", line("/", "/")+line(kubelet, strings.ReplaceAll(run, " ", `\040`)), sock, false)
+	f("tmpfs (medium Memory or any tmpfs)", "1234 1000 0:55 / "+run+" rw - tmpfs tmpfs rw\n", sock, true)
+	f("another volume kind", line("/var/lib/kubelet/pods/6f1c/volumes/kubernetes.io~nfs/run", run), sock, true)
+	f("the emptyDir mounted elsewhere", line(kubelet, filepath.Join(root, "other")), sock, true)
+
+	// A world-writable directory below the emptyDir's root is judged by its own mode.
+	sub := filepath.Join(run, "agents")
+	if err := os.Mkdir(sub, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(sub, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	f("a world-writable directory inside it", line(kubelet, run), sock, true)
+
+	// A real bind mount from a path shaped like the kubelet's, where the test may make one.
+	if err := os.Remove(sub); err != nil {
+		t.Fatal(err)
+	}
+	src := filepath.Join(root, "node", "pods", "6f1c", "volumes", "kubernetes.io~empty-dir", "run")
+	if err := os.MkdirAll(src, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(src, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(src, run, "", unix.MS_BIND, ""); err != nil {
+		t.Logf("no bind mount here (%v): the real mount is skipped", err)
+		return
+	}
+	defer unix.Unmount(run, unix.MNT_DETACH)
+	if err := CheckSocket(sock); err != nil {
+		t.Errorf("a bind mount of a pod's emptyDir: %v", err)
+	}
+	if err := CheckSocket(filepath.Join(src, "agent.sock")); err == nil {
+		t.Error("the emptyDir's directory on the node, not a mount point, was accepted")
+	}
+}
