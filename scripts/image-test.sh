@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# make image-test: builds the container image from the Dockerfile with Podman, runs it, and
+# tests it from outside (e2e/image, IMAGE_TEST=1). Not part of make test: it needs root (to
+# install Podman and run containers) and takes minutes (docs/operations.md, "The image, built
+# and run").
+#
+# Without BUILDER_IMAGE and RUNTIME_IMAGE it pulls nothing from a registry: the runtime base is
+# Debian trixie made from Debian's packages (mmdebstrap, minbase), and the builder is that base
+# plus the Go toolchain that runs this script. Set both (e.g. golang:1.26-trixie and
+# debian:trixie-slim, the Dockerfile's defaults) to build from registry images instead.
+#
+# Environment: IMAGE (the tag built and tested), ENGINE_RUNTIME (the OCI runtime, runc: crun
+# refuses hosts with a hybrid cgroup layout), IMAGE_TEST_TIMEOUT (seconds for
+# the whole run, default 1200).
+# It removes the containers it started; the images stay cached for the next run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE=${IMAGE:-localhost/policy-engine:image-test}
+ENGINE_RUNTIME=${ENGINE_RUNTIME:-runc}
+SUITE=trixie
+BASE=localhost/policy-engine-base:$SUITE
+GO=${GO:-go}
+start=$(date +%s)
+deadline=$((start + ${IMAGE_TEST_TIMEOUT:-1200}))
+left() { local l=$((deadline - $(date +%s))); [ "$l" -gt 0 ] || { echo "image-test: out of time" >&2; exit 1; }; echo "$l"; }
+step() { echo "== $* ($(($(date +%s) - start)) s)"; }
+
+export DEBIAN_FRONTEND=noninteractive
+need=()
+command -v podman >/dev/null || need+=(podman)
+command -v "$ENGINE_RUNTIME" >/dev/null || need+=("$ENGINE_RUNTIME")
+if [ -z "${RUNTIME_IMAGE:-}" ]; then command -v mmdebstrap >/dev/null || need+=(mmdebstrap); fi
+if [ "${#need[@]}" -gt 0 ]; then
+  step "installing: ${need[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+podman=(podman --runtime "$ENGINE_RUNTIME")
+# Raising RLIMIT_NPROC is not permitted everywhere: set the limits the containers get.
+limits=(--ulimit nproc=1000:1000 --ulimit nofile=20000:20000)
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+if [ -z "${RUNTIME_IMAGE:-}" ]; then
+  if ! "${podman[@]}" image exists "$BASE"; then
+    step "making $BASE from Debian's packages (mmdebstrap)"
+    timeout "$(left)" mmdebstrap --quiet --variant=minbase "$SUITE" "$tmp/base.tar"
+    "${podman[@]}" import --quiet "$tmp/base.tar" "$BASE" >/dev/null
+    rm -f "$tmp/base.tar"
+  fi
+  RUNTIME_IMAGE=$BASE
+fi
+if [ -z "${BUILDER_IMAGE:-}" ]; then
+  goroot=$("$GO" env GOROOT)
+  gover=$("$GO" env GOVERSION)
+  BUILDER_IMAGE=localhost/policy-engine-builder:$gover
+  if ! "${podman[@]}" image exists "$BUILDER_IMAGE"; then
+    step "making $BUILDER_IMAGE: $BASE with $gover"
+    # The builder trusts what this host trusts (its CA bundle), so that go mod download works
+    # behind a proxy that the host's bundle vouches for.
+    cabundle=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+    cat >"$tmp/Containerfile" <<EOF
+FROM $BASE
+RUN mkdir -p /etc/ssl/certs && cp /host-ca.crt /etc/ssl/certs/ca-certificates.crt
+COPY . /usr/local/go/
+ENV PATH=/usr/local/go/bin:/root/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin GOTOOLCHAIN=local
+EOF
+    timeout "$(left)" "${podman[@]}" build --quiet --network=host "${limits[@]}" \
+      -v "$cabundle:/host-ca.crt:ro" -f "$tmp/Containerfile" -t "$BUILDER_IMAGE" "$goroot" >/dev/null
+  fi
+fi
+
+step "building $IMAGE (builder $BUILDER_IMAGE, runtime $RUNTIME_IMAGE)"
+build_start=$(date +%s)
+version=$(git describe --always --dirty 2>/dev/null || echo dev)
+timeout "$(left)" "${podman[@]}" build --network=host "${limits[@]}" \
+  --build-arg BUILDER_IMAGE="$BUILDER_IMAGE" --build-arg RUNTIME_IMAGE="$RUNTIME_IMAGE" \
+  --build-arg VERSION="$version" -t "$IMAGE" . >"$tmp/build.log" 2>&1 || {
+  tail -40 "$tmp/build.log" >&2
+  exit 1
+}
+echo "image-test: build took $(($(date +%s) - build_start)) s"
+size=$("${podman[@]}" image inspect --format '{{.Size}}' "$IMAGE")
+echo "image-test: image $IMAGE: $size bytes ($((size / 1000000)) MB)"
+
+step "testing $IMAGE"
+IMAGE_TEST=1 IMAGE_TEST_IMAGE="$IMAGE" IMAGE_TEST_ENGINE="${podman[*]}" \
+  IMAGE_TEST_RUN_ARGS="${limits[*]}" \
+  timeout "$(left)" "$GO" test -count=1 -v -timeout "$(left)s" ./e2e/image/
+echo "image-test: passed in $(($(date +%s) - start)) s"
