@@ -5,13 +5,14 @@
 # and run").
 #
 # Without BUILDER_IMAGE and RUNTIME_IMAGE it pulls nothing from a registry: the runtime base is
-# Debian trixie made from Debian's packages (mmdebstrap, minbase), and the builder is that base
-# plus the Go toolchain that runs this script. Set both (e.g. golang:1.26-trixie and
-# debian:trixie-slim, the Dockerfile's defaults) to build from registry images instead.
+# Debian trixie made from Debian's packages (mmdebstrap, minbase, trimmed as debian:trixie-slim
+# is), and the builder is that base plus the Go toolchain that runs this script. Set both (e.g.
+# golang:1.26-trixie and debian:trixie-slim, the Dockerfile's defaults) to build from registry
+# images instead.
 #
 # Environment: IMAGE (the tag built and tested), ENGINE_RUNTIME (the OCI runtime, runc: crun
-# refuses hosts with a hybrid cgroup layout), IMAGE_TEST_TIMEOUT (seconds for
-# the whole run, default 1200).
+# refuses hosts with a hybrid cgroup layout), IMAGE_TEST_TIMEOUT (seconds for the whole run,
+# default 1200).
 # It removes the containers it started; the images stay cached for the next run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-localhost/policy-engine:image-test}
 ENGINE_RUNTIME=${ENGINE_RUNTIME:-runc}
 SUITE=trixie
-BASE=localhost/policy-engine-base:$SUITE
+BASE=localhost/policy-engine-base:$SUITE-slim
 GO=${GO:-go}
 start=$(date +%s)
 deadline=$((start + ${IMAGE_TEST_TIMEOUT:-1200}))
@@ -41,13 +42,29 @@ podman=(podman --runtime "$ENGINE_RUNTIME")
 # Raising RLIMIT_NPROC is not permitted everywhere: set the limits the containers get.
 limits=(--ulimit nproc=1000:1000 --ulimit nofile=20000:20000)
 
+# The tests name their containers with this prefix; whatever they leave (a test killed by a
+# timeout) goes when the script ends.
+prefix=policy-engine-image-test-$$
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+cleanup() {
+  "${podman[@]}" ps -a --filter "name=^$prefix-" --format '{{.Names}}' 2>/dev/null |
+    while read -r c; do "${podman[@]}" rm -f -t 0 "$c" >/dev/null 2>&1 || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
 
 if [ -z "${RUNTIME_IMAGE:-}" ]; then
   if ! "${podman[@]}" image exists "$BASE"; then
     step "making $BASE from Debian's packages (mmdebstrap)"
-    timeout "$(left)" mmdebstrap --quiet --variant=minbase "$SUITE" "$tmp/base.tar"
+    # Trimmed as the debian:*-slim images are, for the packages installed later too: no
+    # documentation, manual pages or translations, and apt keeps no package cache.
+    timeout "$(left)" mmdebstrap --quiet --variant=minbase \
+      --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+      --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+      --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+      --aptopt='Dir::Cache::pkgcache ""' --aptopt='Dir::Cache::srcpkgcache ""' \
+      --aptopt='DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb || true"; }' \
+      "$SUITE" "$tmp/base.tar"
     "${podman[@]}" import --quiet "$tmp/base.tar" "$BASE" >/dev/null
     rm -f "$tmp/base.tar"
   fi
@@ -88,6 +105,6 @@ echo "image-test: image $IMAGE: $size bytes ($((size / 1000000)) MB)"
 
 step "testing $IMAGE"
 IMAGE_TEST=1 IMAGE_TEST_IMAGE="$IMAGE" IMAGE_TEST_ENGINE="${podman[*]}" \
-  IMAGE_TEST_RUN_ARGS="${limits[*]}" \
+  IMAGE_TEST_RUN_ARGS="${limits[*]}" IMAGE_TEST_PREFIX="$prefix" \
   timeout "$(left)" "$GO" test -count=1 -v -timeout "$(left)s" ./e2e/image/
 echo "image-test: passed in $(($(date +%s) - start)) s"

@@ -2,8 +2,9 @@
 // scripts/image-test.sh (make image-test) built, with test keys, and checks it the way a
 // platform and Envoy would. It runs only with IMAGE_TEST=1 and IMAGE_TEST_IMAGE set; the
 // container engine comes from IMAGE_TEST_ENGINE (default podman) and extra run flags from
-// IMAGE_TEST_RUN_ARGS. The container uses the host's network, so the image's ports (9001 for
-// ext_proc, 9090 for the kernel's metrics and health, 9091 for the agent's) must be free.
+// IMAGE_TEST_RUN_ARGS; IMAGE_TEST_PREFIX starts the containers' names. The containers use the
+// host's network, so the image's ports (9001 for ext_proc, 9090 for the kernel's metrics and
+// health, 9091 for the agent's) must be free.
 package image
 
 import (
@@ -115,7 +116,11 @@ func run(t *testing.T, image string, args ...string) string {
 		}
 		l.Close()
 	}
-	name := fmt.Sprintf("policy-engine-image-test-%d-%s", os.Getpid(), strings.ToLower(strings.ReplaceAll(t.Name(), "/", "-")))
+	prefix := os.Getenv("IMAGE_TEST_PREFIX")
+	if prefix == "" {
+		prefix = fmt.Sprintf("policy-engine-image-test-%d", os.Getpid())
+	}
+	name := prefix + "-" + strings.ToLower(strings.ReplaceAll(t.Name(), "/", "-"))
 	engine(t, time.Minute, "rm", "-f", "-t", "0", name)
 	full := append([]string{"run", "-d", "--name", name, "--network=host"}, strings.Fields(os.Getenv("IMAGE_TEST_RUN_ARGS"))...)
 	full = append(append(full, args...), image)
