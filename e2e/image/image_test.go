@@ -373,6 +373,10 @@ func TestImage(t *testing.T) {
 		if n := strings.Count(out, "supervisord started with pid 1"); n != 1 {
 			t.Errorf("supervisord's start is logged %d times, want once", n)
 		}
+		// Nothing but the audit log (auditLog's file sink) is written under the log directory.
+		if files := strings.Fields(mustEngine(t, "exec", name, "ls", "-A", "/var/log/policy-engine")); len(files) > 1 || len(files) == 1 && files[0] != "audit.log" {
+			t.Errorf("/var/log/policy-engine holds %q, want at most audit.log", files)
+		}
 		for _, secret := range []string{k.apiKey, k.apiKeySHA256, k.token(t, "admin")[:40]} {
 			if strings.Contains(out, secret) {
 				t.Errorf("the container's log holds a secret (%.12s...)", secret)
