@@ -83,7 +83,7 @@ if [ -z "${BUILDER_IMAGE:-}" ]; then
 FROM $BASE
 RUN mkdir -p /etc/ssl/certs && cp /host-ca.crt /etc/ssl/certs/ca-certificates.crt
 COPY . /usr/local/go/
-ENV PATH=/usr/local/go/bin:/root/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin GOTOOLCHAIN=local
+ENV PATH=/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin GOTOOLCHAIN=local
 EOF
     timeout "$(left)" "${podman[@]}" build --quiet --network=host "${limits[@]}" \
       -v "$cabundle:/host-ca.crt:ro" -f "$tmp/Containerfile" -t "$BUILDER_IMAGE" "$goroot" >/dev/null
