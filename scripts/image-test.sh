@@ -92,6 +92,7 @@ fi
 
 step "building $IMAGE (builder $BUILDER_IMAGE, runtime $RUNTIME_IMAGE)"
 build_start=$(date +%s)
+previous=$("${podman[@]}" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 version=$(git describe --always --dirty 2>/dev/null || echo dev)
 timeout "$(left)" "${podman[@]}" build --network=host "${limits[@]}" \
   --build-arg BUILDER_IMAGE="$BUILDER_IMAGE" --build-arg RUNTIME_IMAGE="$RUNTIME_IMAGE" \
@@ -100,6 +101,10 @@ timeout "$(left)" "${podman[@]}" build --network=host "${limits[@]}" \
   exit 1
 }
 echo "image-test: build took $(($(date +%s) - build_start)) s"
+# The image this run replaced goes; the build stage's layers stay, the next build's cache.
+if [ -n "$previous" ] && [ "$previous" != "$("${podman[@]}" image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+  "${podman[@]}" rmi "$previous" >/dev/null 2>&1 || true
+fi
 size=$("${podman[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 echo "image-test: image $IMAGE: $size bytes ($((size / 1000000)) MB)"
 
