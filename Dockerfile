@@ -1,7 +1,11 @@
 # policy-engine: the policy-kernel and the policy-agent in one image, run by supervisord
 # (specification §9.1). Build: docker build -t policy-engine --build-arg VERSION=$(git describe --always) .
+# BUILDER_IMAGE and RUNTIME_IMAGE choose the base images (a mirror, a pinned digest, or local
+# images: make image-test builds from a Debian base made from Debian's packages).
+ARG BUILDER_IMAGE=golang:1.26-trixie
+ARG RUNTIME_IMAGE=debian:trixie-slim
 
-FROM golang:1.26-trixie AS build
+FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
@@ -11,7 +15,7 @@ RUN CGO_ENABLED=0 go build -tags vtprotobuf -trimpath \
       -ldflags "-s -w -X github.com/policy-engine/policy-engine/kernel.Version=${VERSION} -X github.com/policy-engine/policy-engine/agent.Version=${VERSION}" \
       -o /out/ ./cmd/policy-kernel ./cmd/policy-agent
 
-FROM debian:trixie-slim
+FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends supervisor ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
