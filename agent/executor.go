@@ -30,6 +30,8 @@ type Executor struct {
 	snap    atomic.Pointer[execSnapshot]
 	log     *logging.Logger
 	metrics *agentMetrics
+	// meta are the files compiled chain entries name, followed across reloads.
+	meta *metaFiles
 	// shared outlives snapshots: policies keep clients there that a reload must not drop.
 	shared sync.Map
 	panicT *logging.Throttle
@@ -57,6 +59,8 @@ type execSnapshot struct {
 	seed      maphash.Seed
 	cache     *xsync.Map[uint64, []*instance]
 	cached    atomic.Int64
+	// meta records the files the compiled entries' metadata names (the Executor's, shared).
+	meta *metaFiles
 	// creds holds the credential names of every policy compiled so far (CredentialReader),
 	// replaced under credsMu when a compiled policy adds one.
 	creds   atomic.Pointer[policy.CredentialSet]
@@ -119,7 +123,7 @@ func NewExecutor(log *logging.Logger) *Executor {
 	return &Executor{log: log, metrics: newAgentMetrics(), panicT: logging.NewThrottle(10 * time.Second),
 		unknownT:  logging.NewThrottle(10 * time.Second),
 		failT:     logging.NewThrottle(time.Second),
-		shadowLog: rateLog{perSecond: shadowLogPerSecond}}
+		shadowLog: rateLog{perSecond: shadowLogPerSecond}, meta: newMetaFiles()}
 }
 
 // deadlineOf is the deadline of req's chain under the config in force; see deadlineOf.
@@ -141,6 +145,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 		factories: map[string]*factoryEntry{},
 		seed:      maphash.MakeSeed(),
 		cache:     xsync.NewMap[uint64, []*instance](),
+		meta:      e.meta,
 	}
 	var errs []error
 	for name := range cfg.Policies.Config {
@@ -318,6 +323,9 @@ func (s *execSnapshot) instanceFor(f *factoryEntry, name string, md map[string]s
 				return in.policy, in.err
 			}
 		}
+	}
+	if s.meta != nil {
+		s.meta.record(md)
 	}
 	p, err := f.factory.Build(md)
 	if err != nil {

@@ -188,8 +188,15 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	w := watchFiles(wctx, f, files)
+	// The files chain entries name in their metadata (set by the kernel's config), which no
+	// reload of the agent's own config notices: a change drops the entries that name them.
+	mw := watchFiles(wctx, f, nil)
 	for {
 		select {
+		case <-exec.MetadataFilesGrew():
+			mw.Set(exec.MetadataFiles())
+		case changed := <-mw.C():
+			exec.DropEntriesNaming(changed)
 		case <-hup:
 			w.Sync()
 			in, files = reloadAgent(f, in, files, exec, log)
