@@ -150,13 +150,13 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 	var errs []error
 	for name := range cfg.Policies.Config {
 		if _, ok := policy.Lookup(name); !ok {
-			errs = append(errs, fmt.Errorf("agent_core.policies.config.%s: no such policy is compiled in", name))
+			errs = append(errs, &policyConfigError{policy: name, err: errors.New("no such policy is compiled in")})
 		}
 	}
 	for _, m := range policy.Modules() {
 		f, err := m.New(policy.Config{Raw: []byte(cfg.Policies.Config[m.Name]), Unresolved: []byte(cfg.Policies.written[m.Name]), Shared: &e.shared, Log: e.log})
 		if err != nil {
-			errs = append(errs, fmt.Errorf("agent_core.policies.config.%s: %w", m.Name, err))
+			errs = append(errs, &policyConfigError{policy: m.Name, err: err})
 			continue
 		}
 		s.factories[m.Name] = &factoryEntry{module: m, factory: f}

@@ -120,7 +120,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	exec := NewExecutor(log)
 	version := configVersion(core.Version, data)
 	if err := exec.Load(core, version); err != nil {
-		return fmt.Errorf("%s: %w", f.config, err)
+		return locate(f.config, data, err)
 	}
 	defer exec.Close()
 	if f.validate {
@@ -283,7 +283,7 @@ func reloadAgent(f *flags, current *inputs, watched []string, exec *Executor, lo
 	if err == nil {
 		version = configVersion(cfg.AgentCore.Version, data)
 		if err = exec.Load(cfg.AgentCore, version); err != nil {
-			err = fmt.Errorf("%s: %w", f.config, err)
+			err = locate(f.config, data, err)
 		}
 	}
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"flag"
-	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -29,7 +28,7 @@ func main() {
 		// --validate answers a person, in plain text: file:line: key: message, one a line.
 		// A process that stops logs why as a JSON line, like the rest of its log.
 		if validating(os.Args[1:]) {
-			fmt.Fprintf(os.Stderr, "policy-kernel: %v\n", err)
+			logging.Problems(os.Stderr, "policy-kernel", err)
 		} else {
 			logging.Fatal(os.Stderr, "kernel", "policy-kernel", err)
 		}

@@ -288,3 +288,11 @@ func Fatal(w io.Writer, component, program string, err error) {
 	e.meta().Bool(FatalField, true)
 	e.Msg(program + " exits on an error")
 }
+
+// Problems writes err for a person, as --validate reports: one problem a line, each line
+// starting with prog, so that every line of a report of several problems says who wrote it.
+func Problems(w io.Writer, prog string, err error) {
+	for _, line := range strings.Split(strings.TrimRight(err.Error(), "\n"), "\n") {
+		fmt.Fprintf(w, "%s: %s\n", prog, line)
+	}
+}

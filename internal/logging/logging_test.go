@@ -247,3 +247,11 @@ func TestFatal(t *testing.T) {
 		t.Fatalf("%+v", line)
 	}
 }
+
+func TestProblems(t *testing.T) {
+	var b strings.Builder
+	Problems(&b, "policy-agent", errors.New("a.yaml:3: x: bad\na.yaml:5: y: worse\n"))
+	if got, want := b.String(), "policy-agent: a.yaml:3: x: bad\npolicy-agent: a.yaml:5: y: worse\n"; got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}
