@@ -15,17 +15,7 @@ import (
 func TestValidateRefusesWorldWritable(t *testing.T) {
 	f := func(name string, setup func(cfgDir, sockDir string), want ...string) {
 		t.Helper()
-		root := t.TempDir()
-		cfgDir, sockDir := filepath.Join(root, "etc"), filepath.Join(root, "run")
-		for _, d := range []string{cfgDir, sockDir} {
-			if err := os.Mkdir(d, 0o750); err != nil {
-				t.Fatal(err)
-			}
-		}
-		cfg := filepath.Join(cfgDir, "kernel.yaml")
-		if err := os.WriteFile(cfg, []byte(fmt.Sprintf(mainKernelYAML, filepath.Join(sockDir, "a.sock"), "")), 0o600); err != nil {
-			t.Fatal(err)
-		}
+		cfg, cfgDir, sockDir := permFixture(t)
 		setup(cfgDir, sockDir)
 		var out bytes.Buffer
 		err := Main(context.Background(), []string{"--config", cfg, "--validate", "--agent-wait", "0"}, &out)
@@ -60,4 +50,22 @@ func TestValidateRefusesWorldWritable(t *testing.T) {
 	f("config file", func(cfg, _ string) { chmod(filepath.Join(cfg, "kernel.yaml"), 0o646) }, `config file "{{CFG}}/kernel.yaml" is writable by every user (mode 0646)`)
 	f("socket directory with sticky bit", func(_, sock string) { chmod(sock, os.ModeSticky|0o777) }, `agent "default-agent": socket directory "{{SOCK}}" is writable by every user (mode 1777)`)
 	f("socket directory not made yet", func(_, sock string) { chmod(filepath.Dir(sock), 0o777); os.Remove(sock) }, `nearest existing directory above the socket directory "{{SOCK}}"`)
+}
+
+// permFixture writes a kernel config into a config directory whose agent socket lies in a
+// socket directory, both private, for the permission tests to loosen.
+func permFixture(t *testing.T) (cfg, cfgDir, sockDir string) {
+	t.Helper()
+	root := t.TempDir()
+	cfgDir, sockDir = filepath.Join(root, "etc"), filepath.Join(root, "run")
+	for _, d := range []string{cfgDir, sockDir} {
+		if err := os.Mkdir(d, 0o750); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg = filepath.Join(cfgDir, "kernel.yaml")
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(mainKernelYAML, filepath.Join(sockDir, "a.sock"), "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return cfg, cfgDir, sockDir
 }

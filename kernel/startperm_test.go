@@ -3,9 +3,7 @@ package kernel
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -15,17 +13,7 @@ import (
 func TestStartRefusesWorldWritable(t *testing.T) {
 	f := func(name string, dirOf func(cfgDir, sockDir string) string, want string) {
 		t.Helper()
-		root := t.TempDir()
-		cfgDir, sockDir := filepath.Join(root, "etc"), filepath.Join(root, "run")
-		for _, d := range []string{cfgDir, sockDir} {
-			if err := os.Mkdir(d, 0o750); err != nil {
-				t.Fatal(err)
-			}
-		}
-		cfg := filepath.Join(cfgDir, "kernel.yaml")
-		if err := os.WriteFile(cfg, []byte(fmt.Sprintf(mainKernelYAML, filepath.Join(sockDir, "a.sock"), "")), 0o600); err != nil {
-			t.Fatal(err)
-		}
+		cfg, cfgDir, sockDir := permFixture(t)
 		if err := os.Chmod(dirOf(cfgDir, sockDir), 0o777); err != nil {
 			t.Fatal(err)
 		}

@@ -4,15 +4,7 @@
 package main
 
 import (
-	"context"
-	"errors"
-	"flag"
-	"fmt"
-	"os"
-	"os/signal"
-	"syscall"
-
-	"github.com/policy-engine/policy-engine/agent"
+	"github.com/policy-engine/policy-engine/internal/testpolicies/agentcmd"
 	_ "github.com/policy-engine/policy-engine/policies/allowall"
 	_ "github.com/policy-engine/policy-engine/policies/auditlog"
 	_ "github.com/policy-engine/policy-engine/policies/bodytransform"
@@ -22,15 +14,4 @@ import (
 	_ "github.com/policy-engine/policy-engine/policies/securityheaders"
 )
 
-func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := agent.Main(ctx, os.Args[1:], os.Stderr)
-	stop()
-	if errors.Is(err, flag.ErrHelp) {
-		return
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "policy-agent-nokeyauth: %v\n", err)
-		os.Exit(1)
-	}
-}
+func main() { agentcmd.Run("policy-agent-nokeyauth") }
