@@ -580,13 +580,24 @@ func (k *Kernel) healthLoop(ctx context.Context) {
 				if now.Before(next[name]) {
 					continue
 				}
-				next[name] = now.Add(time.Duration(a.cfg.HealthCheckIntervalMS) * time.Millisecond)
+				interval := time.Duration(a.cfg.HealthCheckIntervalMS) * time.Millisecond
+				if snap.unvalidatedOn(a) || !a.healthy.Load() {
+					// Its routes are refused until it is checked: try again within a second
+					// rather than a whole interval (a start-up on a busy machine, an agent
+					// coming back).
+					interval = min(interval, uncheckedRetry)
+				}
+				next[name] = now.Add(interval)
 				k.checkAgent(ctx, a)
 			}
 			k.syncHealth()
 		}
 	}
 }
+
+// uncheckedRetry is how soon an agent that is down, or whose routes are not checked yet, is
+// checked again when its health_check_interval_ms is longer.
+const uncheckedRetry = time.Second
 
 // healthCheckTimeout bounds an agent health check (specification §3.7).
 const healthCheckTimeout = 100 * time.Millisecond
