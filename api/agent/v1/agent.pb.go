@@ -629,7 +629,15 @@ type Policy struct {
 	// response does not end the chain, its mutations and state are dropped, and its failure
 	// does not fail the chain; the agent counts and logs what it would have done. An agent
 	// built before this field ignores it and enforces the entry: the safe direction.
-	Shadow        bool `protobuf:"varint,4,opt,name=shadow,proto3" json:"shadow,omitempty"`
+	Shadow bool `protobuf:"varint,4,opt,name=shadow,proto3" json:"shadow,omitempty"`
+	// when is a CEL expression over the request (and the state set by earlier entries): the
+	// entry runs only when it evaluates to true, else it is skipped. Empty: always runs. An
+	// agent that does not advertise the "when" feature (agent_metadata "features") is never
+	// sent a chain entry with a condition: the kernel refuses such a route.
+	When string `protobuf:"bytes,5,opt,name=when,proto3" json:"when,omitempty"`
+	// cache reuses the entry's result for requests with the same key until its TTL passes.
+	// Unset: nothing is cached. Same feature rule as when ("cache").
+	Cache         *CacheSpec `protobuf:"bytes,6,opt,name=cache,proto3" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -692,6 +700,92 @@ func (x *Policy) GetShadow() bool {
 	return false
 }
 
+func (x *Policy) GetWhen() string {
+	if x != nil {
+		return x.When
+	}
+	return ""
+}
+
+func (x *Policy) GetCache() *CacheSpec {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
+// CacheSpec is how a chain entry's results are reused.
+type CacheSpec struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// CEL expressions over the request; the key is the tuple of their values.
+	Key   []string `protobuf:"bytes,1,rep,name=key,proto3" json:"key,omitempty"`
+	TtlMs int64    `protobuf:"varint,2,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"`
+	// Bounds of the entry's cache: entries and bytes (keys and results); 0 means the agent's
+	// default.
+	MaxEntries    int64 `protobuf:"varint,3,opt,name=max_entries,json=maxEntries,proto3" json:"max_entries,omitempty"`
+	MaxBytes      int64 `protobuf:"varint,4,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CacheSpec) Reset() {
+	*x = CacheSpec{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CacheSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CacheSpec) ProtoMessage() {}
+
+func (x *CacheSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CacheSpec.ProtoReflect.Descriptor instead.
+func (*CacheSpec) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *CacheSpec) GetKey() []string {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *CacheSpec) GetTtlMs() int64 {
+	if x != nil {
+		return x.TtlMs
+	}
+	return 0
+}
+
+func (x *CacheSpec) GetMaxEntries() int64 {
+	if x != nil {
+		return x.MaxEntries
+	}
+	return 0
+}
+
+func (x *CacheSpec) GetMaxBytes() int64 {
+	if x != nil {
+		return x.MaxBytes
+	}
+	return 0
+}
+
 type RequestContext struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Headers       map[string]string      `protobuf:"bytes,1,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // lowercase names; repeated headers joined with ", "
@@ -708,7 +802,7 @@ type RequestContext struct {
 
 func (x *RequestContext) Reset() {
 	*x = RequestContext{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -720,7 +814,7 @@ func (x *RequestContext) String() string {
 func (*RequestContext) ProtoMessage() {}
 
 func (x *RequestContext) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -733,7 +827,7 @@ func (x *RequestContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestContext.ProtoReflect.Descriptor instead.
 func (*RequestContext) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RequestContext) GetHeaders() map[string]string {
@@ -803,7 +897,7 @@ type ResponseContext struct {
 
 func (x *ResponseContext) Reset() {
 	*x = ResponseContext{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -815,7 +909,7 @@ func (x *ResponseContext) String() string {
 func (*ResponseContext) ProtoMessage() {}
 
 func (x *ResponseContext) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -828,7 +922,7 @@ func (x *ResponseContext) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseContext.ProtoReflect.Descriptor instead.
 func (*ResponseContext) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ResponseContext) GetHeaders() map[string]string {
@@ -866,7 +960,7 @@ type PolicyResponse struct {
 
 func (x *PolicyResponse) Reset() {
 	*x = PolicyResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -878,7 +972,7 @@ func (x *PolicyResponse) String() string {
 func (*PolicyResponse) ProtoMessage() {}
 
 func (x *PolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -891,7 +985,7 @@ func (x *PolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PolicyResponse.ProtoReflect.Descriptor instead.
 func (*PolicyResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PolicyResponse) GetRequestId() string {
@@ -953,7 +1047,7 @@ type Instruction struct {
 
 func (x *Instruction) Reset() {
 	*x = Instruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -965,7 +1059,7 @@ func (x *Instruction) String() string {
 func (*Instruction) ProtoMessage() {}
 
 func (x *Instruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -978,7 +1072,7 @@ func (x *Instruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Instruction.ProtoReflect.Descriptor instead.
 func (*Instruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Instruction) GetType() InstructionType {
@@ -1087,7 +1181,7 @@ type HeaderInstruction struct {
 
 func (x *HeaderInstruction) Reset() {
 	*x = HeaderInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1099,7 +1193,7 @@ func (x *HeaderInstruction) String() string {
 func (*HeaderInstruction) ProtoMessage() {}
 
 func (x *HeaderInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1112,7 +1206,7 @@ func (x *HeaderInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeaderInstruction.ProtoReflect.Descriptor instead.
 func (*HeaderInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *HeaderInstruction) GetKey() string {
@@ -1145,7 +1239,7 @@ type BodyInstruction struct {
 
 func (x *BodyInstruction) Reset() {
 	*x = BodyInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1157,7 +1251,7 @@ func (x *BodyInstruction) String() string {
 func (*BodyInstruction) ProtoMessage() {}
 
 func (x *BodyInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1170,7 +1264,7 @@ func (x *BodyInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BodyInstruction.ProtoReflect.Descriptor instead.
 func (*BodyInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *BodyInstruction) GetBody() []byte {
@@ -1192,7 +1286,7 @@ type ImmediateResponse struct {
 
 func (x *ImmediateResponse) Reset() {
 	*x = ImmediateResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1204,7 +1298,7 @@ func (x *ImmediateResponse) String() string {
 func (*ImmediateResponse) ProtoMessage() {}
 
 func (x *ImmediateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1217,7 +1311,7 @@ func (x *ImmediateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImmediateResponse.ProtoReflect.Descriptor instead.
 func (*ImmediateResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ImmediateResponse) GetStatusCode() int32 {
@@ -1256,7 +1350,7 @@ type ContinueRequest struct {
 
 func (x *ContinueRequest) Reset() {
 	*x = ContinueRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1268,7 +1362,7 @@ func (x *ContinueRequest) String() string {
 func (*ContinueRequest) ProtoMessage() {}
 
 func (x *ContinueRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1281,7 +1375,7 @@ func (x *ContinueRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContinueRequest.ProtoReflect.Descriptor instead.
 func (*ContinueRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 type StateInstruction struct {
@@ -1294,7 +1388,7 @@ type StateInstruction struct {
 
 func (x *StateInstruction) Reset() {
 	*x = StateInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1306,7 +1400,7 @@ func (x *StateInstruction) String() string {
 func (*StateInstruction) ProtoMessage() {}
 
 func (x *StateInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1319,7 +1413,7 @@ func (x *StateInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateInstruction.ProtoReflect.Descriptor instead.
 func (*StateInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StateInstruction) GetKey() string {
@@ -1346,7 +1440,7 @@ type ResponseStatus struct {
 
 func (x *ResponseStatus) Reset() {
 	*x = ResponseStatus{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1358,7 +1452,7 @@ func (x *ResponseStatus) String() string {
 func (*ResponseStatus) ProtoMessage() {}
 
 func (x *ResponseStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1371,7 +1465,7 @@ func (x *ResponseStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseStatus.ProtoReflect.Descriptor instead.
 func (*ResponseStatus) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ResponseStatus) GetCode() StatusCode {
@@ -1397,7 +1491,7 @@ type ValidateChainsRequest struct {
 
 func (x *ValidateChainsRequest) Reset() {
 	*x = ValidateChainsRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1409,7 +1503,7 @@ func (x *ValidateChainsRequest) String() string {
 func (*ValidateChainsRequest) ProtoMessage() {}
 
 func (x *ValidateChainsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1422,7 +1516,7 @@ func (x *ValidateChainsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ValidateChainsRequest.ProtoReflect.Descriptor instead.
 func (*ValidateChainsRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ValidateChainsRequest) GetEntries() []*ChainEntry {
@@ -1443,7 +1537,7 @@ type ChainEntry struct {
 
 func (x *ChainEntry) Reset() {
 	*x = ChainEntry{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1455,7 +1549,7 @@ func (x *ChainEntry) String() string {
 func (*ChainEntry) ProtoMessage() {}
 
 func (x *ChainEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1468,7 +1562,7 @@ func (x *ChainEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChainEntry.ProtoReflect.Descriptor instead.
 func (*ChainEntry) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ChainEntry) GetPolicy() *Policy {
@@ -1499,7 +1593,7 @@ type ValidateChainsResponse struct {
 
 func (x *ValidateChainsResponse) Reset() {
 	*x = ValidateChainsResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1511,7 +1605,7 @@ func (x *ValidateChainsResponse) String() string {
 func (*ValidateChainsResponse) ProtoMessage() {}
 
 func (x *ValidateChainsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1524,7 +1618,7 @@ func (x *ValidateChainsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ValidateChainsResponse.ProtoReflect.Descriptor instead.
 func (*ValidateChainsResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ValidateChainsResponse) GetErrors() []string {
@@ -1555,7 +1649,7 @@ type EntryFacts struct {
 
 func (x *EntryFacts) Reset() {
 	*x = EntryFacts{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1567,7 +1661,7 @@ func (x *EntryFacts) String() string {
 func (*EntryFacts) ProtoMessage() {}
 
 func (x *EntryFacts) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1580,7 +1674,7 @@ func (x *EntryFacts) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntryFacts.ProtoReflect.Descriptor instead.
 func (*EntryFacts) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *EntryFacts) GetOwnedRequestHeaders() []string {
@@ -1642,16 +1736,24 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x12PolicyRequestBatch\x12@\n" +
 	"\brequests\x18\x01 \x03(\v2$.policyengine.agent.v1.PolicyRequestR\brequests\"Z\n" +
 	"\x13PolicyResponseBatch\x12C\n" +
-	"\tresponses\x18\x01 \x03(\v2%.policyengine.agent.v1.PolicyResponseR\tresponses\"\xd9\x01\n" +
+	"\tresponses\x18\x01 \x03(\v2%.policyengine.agent.v1.PolicyResponseR\tresponses\"\xa5\x02\n" +
 	"\x06Policy\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12G\n" +
 	"\bmetadata\x18\x02 \x03(\v2+.policyengine.agent.v1.Policy.MetadataEntryR\bmetadata\x12\x1d\n" +
 	"\n" +
 	"on_failure\x18\x03 \x01(\tR\tonFailure\x12\x16\n" +
-	"\x06shadow\x18\x04 \x01(\bR\x06shadow\x1a;\n" +
+	"\x06shadow\x18\x04 \x01(\bR\x06shadow\x12\x12\n" +
+	"\x04when\x18\x05 \x01(\tR\x04when\x126\n" +
+	"\x05cache\x18\x06 \x01(\v2 .policyengine.agent.v1.CacheSpecR\x05cache\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc8\x03\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"r\n" +
+	"\tCacheSpec\x12\x10\n" +
+	"\x03key\x18\x01 \x03(\tR\x03key\x12\x15\n" +
+	"\x06ttl_ms\x18\x02 \x01(\x03R\x05ttlMs\x12\x1f\n" +
+	"\vmax_entries\x18\x03 \x01(\x03R\n" +
+	"maxEntries\x12\x1b\n" +
+	"\tmax_bytes\x18\x04 \x01(\x03R\bmaxBytes\"\xc8\x03\n" +
 	"\x0eRequestContext\x12L\n" +
 	"\aheaders\x18\x01 \x03(\v22.policyengine.agent.v1.RequestContext.HeadersEntryR\aheaders\x12\x12\n" +
 	"\x04body\x18\x02 \x01(\fR\x04body\x12\x16\n" +
@@ -1765,7 +1867,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(PolicyPhase)(0),               // 0: policyengine.agent.v1.PolicyPhase
 	(InstructionType)(0),           // 1: policyengine.agent.v1.InstructionType
@@ -1777,74 +1879,76 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*PolicyRequestBatch)(nil),     // 7: policyengine.agent.v1.PolicyRequestBatch
 	(*PolicyResponseBatch)(nil),    // 8: policyengine.agent.v1.PolicyResponseBatch
 	(*Policy)(nil),                 // 9: policyengine.agent.v1.Policy
-	(*RequestContext)(nil),         // 10: policyengine.agent.v1.RequestContext
-	(*ResponseContext)(nil),        // 11: policyengine.agent.v1.ResponseContext
-	(*PolicyResponse)(nil),         // 12: policyengine.agent.v1.PolicyResponse
-	(*Instruction)(nil),            // 13: policyengine.agent.v1.Instruction
-	(*HeaderInstruction)(nil),      // 14: policyengine.agent.v1.HeaderInstruction
-	(*BodyInstruction)(nil),        // 15: policyengine.agent.v1.BodyInstruction
-	(*ImmediateResponse)(nil),      // 16: policyengine.agent.v1.ImmediateResponse
-	(*ContinueRequest)(nil),        // 17: policyengine.agent.v1.ContinueRequest
-	(*StateInstruction)(nil),       // 18: policyengine.agent.v1.StateInstruction
-	(*ResponseStatus)(nil),         // 19: policyengine.agent.v1.ResponseStatus
-	(*ValidateChainsRequest)(nil),  // 20: policyengine.agent.v1.ValidateChainsRequest
-	(*ChainEntry)(nil),             // 21: policyengine.agent.v1.ChainEntry
-	(*ValidateChainsResponse)(nil), // 22: policyengine.agent.v1.ValidateChainsResponse
-	(*EntryFacts)(nil),             // 23: policyengine.agent.v1.EntryFacts
-	nil,                            // 24: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
-	nil,                            // 25: policyengine.agent.v1.PolicyRequest.StateEntry
-	nil,                            // 26: policyengine.agent.v1.PolicyRequest.TraceContextEntry
-	nil,                            // 27: policyengine.agent.v1.Policy.MetadataEntry
-	nil,                            // 28: policyengine.agent.v1.RequestContext.HeadersEntry
-	nil,                            // 29: policyengine.agent.v1.RequestContext.QueryParamsEntry
-	nil,                            // 30: policyengine.agent.v1.ResponseContext.HeadersEntry
-	nil,                            // 31: policyengine.agent.v1.PolicyResponse.MetadataEntry
-	nil,                            // 32: policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	(*CacheSpec)(nil),              // 10: policyengine.agent.v1.CacheSpec
+	(*RequestContext)(nil),         // 11: policyengine.agent.v1.RequestContext
+	(*ResponseContext)(nil),        // 12: policyengine.agent.v1.ResponseContext
+	(*PolicyResponse)(nil),         // 13: policyengine.agent.v1.PolicyResponse
+	(*Instruction)(nil),            // 14: policyengine.agent.v1.Instruction
+	(*HeaderInstruction)(nil),      // 15: policyengine.agent.v1.HeaderInstruction
+	(*BodyInstruction)(nil),        // 16: policyengine.agent.v1.BodyInstruction
+	(*ImmediateResponse)(nil),      // 17: policyengine.agent.v1.ImmediateResponse
+	(*ContinueRequest)(nil),        // 18: policyengine.agent.v1.ContinueRequest
+	(*StateInstruction)(nil),       // 19: policyengine.agent.v1.StateInstruction
+	(*ResponseStatus)(nil),         // 20: policyengine.agent.v1.ResponseStatus
+	(*ValidateChainsRequest)(nil),  // 21: policyengine.agent.v1.ValidateChainsRequest
+	(*ChainEntry)(nil),             // 22: policyengine.agent.v1.ChainEntry
+	(*ValidateChainsResponse)(nil), // 23: policyengine.agent.v1.ValidateChainsResponse
+	(*EntryFacts)(nil),             // 24: policyengine.agent.v1.EntryFacts
+	nil,                            // 25: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	nil,                            // 26: policyengine.agent.v1.PolicyRequest.StateEntry
+	nil,                            // 27: policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	nil,                            // 28: policyengine.agent.v1.Policy.MetadataEntry
+	nil,                            // 29: policyengine.agent.v1.RequestContext.HeadersEntry
+	nil,                            // 30: policyengine.agent.v1.RequestContext.QueryParamsEntry
+	nil,                            // 31: policyengine.agent.v1.ResponseContext.HeadersEntry
+	nil,                            // 32: policyengine.agent.v1.PolicyResponse.MetadataEntry
+	nil,                            // 33: policyengine.agent.v1.ImmediateResponse.HeadersEntry
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	5,  // 0: policyengine.agent.v1.GetAgentConfigResponse.supported_policies:type_name -> policyengine.agent.v1.PolicyInfo
-	24, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	25, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
 	0,  // 2: policyengine.agent.v1.PolicyInfo.supported_phases:type_name -> policyengine.agent.v1.PolicyPhase
 	9,  // 3: policyengine.agent.v1.PolicyRequest.policies:type_name -> policyengine.agent.v1.Policy
-	10, // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
+	11, // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
 	0,  // 5: policyengine.agent.v1.PolicyRequest.phase:type_name -> policyengine.agent.v1.PolicyPhase
-	11, // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
-	25, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
-	26, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	12, // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
+	26, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
+	27, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
 	6,  // 9: policyengine.agent.v1.PolicyRequestBatch.requests:type_name -> policyengine.agent.v1.PolicyRequest
-	12, // 10: policyengine.agent.v1.PolicyResponseBatch.responses:type_name -> policyengine.agent.v1.PolicyResponse
-	27, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
-	28, // 12: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
-	29, // 13: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
-	30, // 14: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
-	13, // 15: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
-	19, // 16: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
-	31, // 17: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
-	1,  // 18: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
-	14, // 19: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
-	15, // 20: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
-	16, // 21: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
-	17, // 22: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
-	18, // 23: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
-	32, // 24: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
-	2,  // 25: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
-	21, // 26: policyengine.agent.v1.ValidateChainsRequest.entries:type_name -> policyengine.agent.v1.ChainEntry
-	9,  // 27: policyengine.agent.v1.ChainEntry.policy:type_name -> policyengine.agent.v1.Policy
-	0,  // 28: policyengine.agent.v1.ChainEntry.phase:type_name -> policyengine.agent.v1.PolicyPhase
-	23, // 29: policyengine.agent.v1.ValidateChainsResponse.facts:type_name -> policyengine.agent.v1.EntryFacts
-	3,  // 30: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
-	6,  // 31: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
-	7,  // 32: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
-	20, // 33: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
-	4,  // 34: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
-	12, // 35: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
-	8,  // 36: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
-	22, // 37: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
-	34, // [34:38] is the sub-list for method output_type
-	30, // [30:34] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	13, // 10: policyengine.agent.v1.PolicyResponseBatch.responses:type_name -> policyengine.agent.v1.PolicyResponse
+	28, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
+	10, // 12: policyengine.agent.v1.Policy.cache:type_name -> policyengine.agent.v1.CacheSpec
+	29, // 13: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
+	30, // 14: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
+	31, // 15: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
+	14, // 16: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
+	20, // 17: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
+	32, // 18: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
+	1,  // 19: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
+	15, // 20: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
+	16, // 21: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
+	17, // 22: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
+	18, // 23: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
+	19, // 24: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
+	33, // 25: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	2,  // 26: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
+	22, // 27: policyengine.agent.v1.ValidateChainsRequest.entries:type_name -> policyengine.agent.v1.ChainEntry
+	9,  // 28: policyengine.agent.v1.ChainEntry.policy:type_name -> policyengine.agent.v1.Policy
+	0,  // 29: policyengine.agent.v1.ChainEntry.phase:type_name -> policyengine.agent.v1.PolicyPhase
+	24, // 30: policyengine.agent.v1.ValidateChainsResponse.facts:type_name -> policyengine.agent.v1.EntryFacts
+	3,  // 31: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
+	6,  // 32: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
+	7,  // 33: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
+	21, // 34: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
+	4,  // 35: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
+	13, // 36: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
+	8,  // 37: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
+	23, // 38: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
+	35, // [35:39] is the sub-list for method output_type
+	31, // [31:35] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1852,7 +1956,7 @@ func file_api_agent_v1_agent_proto_init() {
 	if File_api_agent_v1_agent_proto != nil {
 		return
 	}
-	file_api_agent_v1_agent_proto_msgTypes[10].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[11].OneofWrappers = []any{
 		(*Instruction_Header)(nil),
 		(*Instruction_Body)(nil),
 		(*Instruction_ImmediateResponse)(nil),
@@ -1865,7 +1969,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   30,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
