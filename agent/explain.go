@@ -7,6 +7,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // EntryTrace is what one chain entry did in one run, for policyctl explain.
@@ -50,4 +51,22 @@ func (e *Executor) traceEntry(req *agentv1.PolicyRequest, i int, outcome string,
 	}
 	e.entryHook(EntryTrace{Phase: req.GetPhase(), Index: i, Policy: entry.GetName(), Outcome: outcome, OnFailure: entry.GetOnFailure(),
 		Duration: d, Instructions: r.Instructions, Message: r.Message, Err: err})
+}
+
+// LoadOffline loads the agent config at path as the agent does at start (secret references
+// resolved, the policies' settings checked) into an executor that serves nothing, for tools
+// that run the agent's policies in their own process (policyctl explain and validate). It
+// returns the executor and the agent's name (agent_core.name); a problem names its file:line
+// as policy-agent --validate does.
+func LoadOffline(path string, log *logging.Logger) (*Executor, string, error) {
+	cfg, in, _, err := loadInputs(path)
+	if err != nil {
+		return nil, "", err
+	}
+	exec := NewExecutor(log)
+	if err := exec.Load(cfg.AgentCore, configVersion(cfg.AgentCore.Version, in.data)); err != nil {
+		exec.Close()
+		return nil, "", locate(path, in.data, err)
+	}
+	return exec, cfg.AgentCore.Name, nil
 }

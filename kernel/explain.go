@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -42,6 +43,51 @@ func NewOfflineServer(cfg *KernelConfig, clients map[string]AgentClient) (*Serve
 	s := NewServer(logging.New(io.Discard, "kernel", zerolog.Disabled), m)
 	s.Store(buildSnapshot(cfg, "offline", agents, m))
 	return s, nil
+}
+
+// ValidateOffline is policy-kernel --validate with the agents in the caller's process, by
+// agent name (policyctl validate): it loads the kernel config at file, learns each agent's
+// policies, has it build every chain entry the config gives it, and writes "valid" to w or
+// returns every problem as file:line: key: message. It opens no socket and waits for nothing.
+// An agent of the config without a client is a problem; so is a client no agent is named for.
+func ValidateOffline(w io.Writer, file string, clients map[string]AgentClient) error {
+	cfg, data, err := LoadConfig(file)
+	if err != nil {
+		return err
+	}
+	kc := cfg.PolicyKernel
+	m := newKernelMetrics()
+	agents := make(map[string]*agentState, len(kc.Agents))
+	var errs []error
+	for _, ac := range kc.Agents {
+		a := &agentState{cfg: ac, metrics: m.forAgent(ac.Name)}
+		agents[ac.Name] = a
+		c := clients[ac.Name]
+		if c == nil {
+			continue // validateReport names it
+		}
+		a.client = c
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		info, err := c.GetAgentConfig(ctx)
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("agent %q: %w", ac.Name, err))
+			continue
+		}
+		a.info.Store(info)
+		a.healthy.Store(true)
+	}
+	for _, name := range sortedKeys(clients) {
+		if _, ok := agents[name]; !ok {
+			errs = append(errs, fmt.Errorf("%s: an agent config has agent_core.name %q, which no agent of policy_kernel.agents is named", file, name))
+		}
+	}
+	entryErrs := checkEntries(kc, agents, 5*time.Second)
+	snap := buildSnapshot(kc, configVersion(kc.Version, data), agents, m)
+	if err := validateReport(w, file, data, snap, entryErrs, true); err != nil {
+		errs = append([]error{err}, errs...)
+	}
+	return errors.Join(errs...)
 }
 
 // RouteChoice is how the kernel picks the route of a request and what the route runs.

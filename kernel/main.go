@@ -35,6 +35,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/fsperm"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
 	"github.com/policy-engine/policy-engine/internal/tracing"
@@ -56,6 +57,9 @@ type flags struct {
 	watchEvery time.Duration
 	// version prints the binary's version and exits.
 	version bool
+	// agentConfig is refused with a pointer to policyctl validate (the kernel binary does not
+	// carry the agent's policies).
+	agentConfig string
 }
 
 func parseFlags(args []string, stderr io.Writer) (*flags, error) {
@@ -63,7 +67,8 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.SetOutput(stderr)
 	f := &flags{}
 	fs.StringVar(&f.config, "config", DefaultConfigPath, "path of the kernel config file")
-	fs.BoolVar(&f.validate, "validate", false, "check the config (and, when reachable, every chain against its agent) and exit: 0 if valid, 1 if not")
+	fs.BoolVar(&f.validate, "validate", false, "check the config and every chain entry against its running agent (waiting up to -agent-wait for the agents; an agent that does not answer is a problem), print every problem as file:line, and exit: 0 if valid, 1 if not. Without running agents: policyctl validate --config FILE --agent-config AGENT_FILE")
+	fs.StringVar(&f.agentConfig, "agent-config", "", "not supported: the kernel does not carry the agent's policies; validate offline with policyctl validate --config FILE --agent-config AGENT_FILE")
 	fs.StringVar(&f.listen, "listen", "", "ext_proc listen address host:port, or unix:///path for a Unix socket (overrides server.address, server.port and server.socket_path)")
 	fs.StringVar(&f.metrics, "metrics-listen", "", "metrics listen address host:port (overrides observability.metrics_address and metrics_port)")
 	fs.DurationVar(&f.agentWait, "agent-wait", 10*time.Second, "how long to wait at start for the agents to answer GetAgentConfig")
@@ -82,6 +87,9 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	}
 	if f.agentWait < 0 {
 		errs = append(errs, errors.New("-agent-wait must not be negative"))
+	}
+	if f.agentConfig != "" {
+		errs = append(errs, fmt.Errorf("-agent-config: policy-kernel does not carry the agent's policies, so it validates against running agents only; to validate without them run: policyctl validate --config %s --agent-config %s", f.config, f.agentConfig))
 	}
 	if f.watchEvery < 10*time.Millisecond {
 		errs = append(errs, fmt.Errorf("-watch-interval must be at least 10ms, got %v", f.watchEvery))
@@ -160,7 +168,7 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	entryErrs := checkEntries(kc, agents, reloadTimeout)
 	snap := buildSnapshot(kc, configVersion(kc.Version, data), agents, m)
 	if f.validate {
-		return validateReport(stderr, f.config, data, snap, entryErrs)
+		return validateReport(stderr, f.config, data, snap, entryErrs, false)
 	}
 	tr, err := tracing.NewLogged(kc.Observability.Tracing, tracing.Root, "policy-kernel", Version, log)
 	if err != nil {
@@ -763,11 +771,20 @@ func policySetChanged(prev, cur *agentv1.GetAgentConfigResponse) bool {
 // validateReport checks a snapshot built for --validate: every agent must have answered, so
 // that every chain was checked against its agent's policies and metadata schemas. It returns
 // every problem at once, as file:line: key: message.
-func validateReport(w io.Writer, file string, data []byte, snap *Snapshot, entryErrs map[string]error) error {
+//
+// offline is policyctl validate: the agents run in the caller's process (ValidateOffline), so
+// an agent without one is one no agent config was given for, and the agent sockets, which are
+// the deployment's, are not checked.
+func validateReport(w io.Writer, file string, data []byte, snap *Snapshot, entryErrs map[string]error, offline bool) error {
 	problems := slices.Clone(snap.problems)
 	for i, ac := range snap.Config.Agents {
 		key := fmt.Sprintf("policy_kernel.agents[%d].socket_path", i)
-		if snap.agents[ac.Name].info.Load() == nil {
+		if offline && snap.agents[ac.Name].info.Load() == nil {
+			problems = append(problems, problem{
+				key: fmt.Sprintf("policy_kernel.agents[%d].name", i),
+				msg: fmt.Sprintf("no agent config that loads has agent_core.name %q: its chains could not be checked against its policies", ac.Name),
+			})
+		} else if snap.agents[ac.Name].info.Load() == nil {
 			problems = append(problems, problem{
 				key: key,
 				msg: fmt.Sprintf("agent %q did not answer at %q: its chains could not be checked against its policies", ac.Name, ac.SocketPath),
@@ -776,7 +793,14 @@ func validateReport(w io.Writer, file string, data []byte, snap *Snapshot, entry
 			problems = append(problems, problem{key: key, msg: err.Error() + ": its chains could not be checked"})
 		}
 	}
-	errs := permissionProblems(file, snap.Config)
+	var errs []error
+	if offline {
+		if err := fsperm.CheckConfig(file); err != nil {
+			errs = append(errs, err)
+		}
+	} else {
+		errs = permissionProblems(file, snap.Config)
+	}
 	if len(problems) > 0 {
 		errs = append([]error{problemsError(file, data, problems)}, errs...)
 	}

@@ -32,7 +32,7 @@ func TestIgnoredOnFailureWarned(t *testing.T) {
 	fa.info.AgentMetadata = map[string]string{"enforcing_policies": "auth,other"}
 	tk := newTestKernel(t, yaml, fa)
 	var out bytes.Buffer
-	if err := validateReport(&out, "kernel.yaml", []byte(yaml), tk.s.Snapshot(), nil); err != nil {
+	if err := validateReport(&out, "kernel.yaml", []byte(yaml), tk.s.Snapshot(), nil, false); err != nil {
 		t.Fatalf("validateReport: %v", err)
 	}
 	want := []string{
@@ -53,7 +53,7 @@ func TestIgnoredOnFailureWarned(t *testing.T) {
 	fa = &fakeAgent{info: testInfo()}
 	tk = newTestKernel(t, yaml, fa)
 	out.Reset()
-	if err := validateReport(&out, "kernel.yaml", []byte(yaml), tk.s.Snapshot(), nil); err != nil || strings.Contains(out.String(), "warning") {
+	if err := validateReport(&out, "kernel.yaml", []byte(yaml), tk.s.Snapshot(), nil, false); err != nil || strings.Contains(out.String(), "warning") {
 		t.Fatalf("an agent that names no enforcing policy: %v\n%s", err, out.String())
 	}
 }

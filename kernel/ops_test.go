@@ -391,17 +391,17 @@ func TestPolicySetChanged(t *testing.T) {
 func TestValidateReport(t *testing.T) {
 	tk := newTestKernel(t, baseConfig, &fakeAgent{})
 	var out bytes.Buffer
-	err := validateReport(&out, "kernel.yaml", []byte(baseConfig), tk.s.Snapshot(), nil)
+	err := validateReport(&out, "kernel.yaml", []byte(baseConfig), tk.s.Snapshot(), nil, false)
 	if err == nil || !strings.Contains(err.Error(), `kernel.yaml:28: policy_kernel.route_policies[5].request_policy_chain[0].policy: policy "notThere"`) || out.Len() != 0 {
 		t.Fatalf("validateReport: %v %q", err, out.String())
 	}
 	good := strings.Replace(baseConfig, "policy: notThere", "policy: allowAll", 1)
 	tk = newTestKernel(t, good, &fakeAgent{})
-	if err := validateReport(&out, "kernel.yaml", []byte(good), tk.s.Snapshot(), nil); err != nil || !strings.Contains(out.String(), "kernel.yaml: valid (version v1)") {
+	if err := validateReport(&out, "kernel.yaml", []byte(good), tk.s.Snapshot(), nil, false); err != nil || !strings.Contains(out.String(), "kernel.yaml: valid (version v1)") {
 		t.Fatalf("valid: %v %q", err, out.String())
 	}
 	tk.state.info.Store(nil)
-	err = validateReport(&out, "kernel.yaml", []byte(good), tk.s.Snapshot(), nil)
+	err = validateReport(&out, "kernel.yaml", []byte(good), tk.s.Snapshot(), nil, false)
 	if err == nil || !strings.Contains(err.Error(), `kernel.yaml:4: policy_kernel.agents[0].socket_path: agent "a" did not answer at "/unused.sock"`) {
 		t.Fatalf("unreached agent: %v", err)
 	}

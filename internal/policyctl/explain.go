@@ -2,6 +2,7 @@ package policyctl
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -97,19 +98,10 @@ config error.
 		return ExitError, err
 	}
 	tr := &tracer{}
-	clients := map[string]kernel.AgentClient{}
-	for _, path := range agentCfgs {
-		ac, _, err := agent.LoadConfig(path)
-		if err != nil {
-			return ExitError, err
-		}
-		exec := agent.NewExecutor(logging.New(stderr, "agent", zerolog.ErrorLevel))
-		if err := exec.Load(ac.AgentCore, "offline"); err != nil {
-			return ExitError, fmt.Errorf("%s: %w", path, err)
-		}
-		defer exec.Close()
-		exec.SetEntryHook(tr.add)
-		clients[ac.AgentCore.Name] = localAgent{exec}
+	clients, closeAll, err := loadAgents(agentCfgs, tr.add, stderr)
+	defer closeAll()
+	if err != nil {
+		return ExitError, err
 	}
 	srv, err := kernel.NewOfflineServer(kc.PolicyKernel, clients)
 	if err != nil {
@@ -144,6 +136,39 @@ config error.
 		return ExitError, err
 	}
 	return rep.exitCode(), nil
+}
+
+// loadAgents loads every agent config into an executor of this process, by agent name; hook,
+// when not nil, is told every chain entry's outcome. closeAll closes the executors.
+func loadAgents(paths []string, hook func(agent.EntryTrace), stderr io.Writer) (clients map[string]kernel.AgentClient, closeAll func(), err error) {
+	// On error too, closeAll closes the executors that were loaded.
+	clients = map[string]kernel.AgentClient{}
+	var execs []*agent.Executor
+	closeAll = func() {
+		for _, e := range execs {
+			e.Close()
+		}
+	}
+	var errs []error
+	for _, path := range paths {
+		exec, name, err := agent.LoadOffline(path, logging.New(stderr, "agent", zerolog.ErrorLevel))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		execs = append(execs, exec)
+		if _, dup := clients[name]; dup {
+			errs = append(errs, fmt.Errorf("%s: agent_core.name %q: another agent config has this name", path, name))
+			continue
+		}
+		if hook != nil {
+			exec.SetEntryHook(hook)
+		}
+		clients[name] = localAgent{exec}
+	}
+	// The agents that loaded are returned with the others' problems: validate checks the
+	// kernel config with them all the same.
+	return clients, closeAll, errors.Join(errs...)
 }
 
 // localAgent is a kernel.AgentClient that runs chains on an executor in this process.

@@ -5,6 +5,8 @@
 //	policyctl explain runs it offline on the kernel and agent configs, in its own process, and
 //	                  prints why: the route and the rule that picked it, every chain entry's
 //	                  outcome, duration and changes, and the answer.
+//	policyctl validate checks the kernel config as policy-kernel --validate does, with the
+//	                  agents' policies in its own process: no socket, no wait.
 //
 // Exit codes: 0 the request reached the upstream, 1 it was refused (Envoy answered it
 // locally), 2 a usage, config or connection error.
@@ -35,9 +37,12 @@ const (
 const usage = `usage:
   policyctl check   [flags] [METHOD] PATH    send one request through a running kernel
   policyctl explain [flags] [METHOD] PATH    run it offline on the configs and say why
+  policyctl validate --config K --agent-config A
+                                             check the configs offline, as policy-kernel --validate
 
 Exit status: 0 the request reached the upstream, 1 it was refused, 2 a usage, config or
-connection error. "policyctl check -h" and "policyctl explain -h" list the flags.
+connection error; validate: 0 valid, 1 invalid, 2 usage error. "policyctl COMMAND -h" lists
+a command's flags.
 `
 
 // Main runs policyctl with args (without the program name) and returns the exit code.
@@ -53,6 +58,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		code, err = check(ctx, args[1:], stdout, stderr)
 	case "explain":
 		code, err = explain(ctx, args[1:], stdout, stderr)
+	case "validate":
+		code, err = validate(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
