@@ -58,10 +58,13 @@ type ObservabilityConfig struct {
 	LogLevel string `yaml:"log_level"`
 	// MetricsEnabled serves /metrics on MetricsAddress; nil means true.
 	MetricsEnabled *bool `yaml:"metrics_enabled"`
-	// MetricsAddress is where /metrics, /health/* and /debug/pprof/ are served; empty turns
-	// the HTTP listener off.
+	// MetricsAddress is where /metrics and /health/* are served; empty turns the HTTP
+	// listener off.
 	MetricsAddress string `yaml:"metrics_address"`
-	// PprofEnabled serves /debug/pprof/ on MetricsAddress; nil means false.
+	// AdminAddress is where /config and /debug/pprof/ are served; empty turns it off. The
+	// shipped configs bind it to loopback: it is for the host or the pod, not the network.
+	AdminAddress string `yaml:"admin_address"`
+	// PprofEnabled serves /debug/pprof/ on AdminAddress; nil means false.
 	PprofEnabled *bool          `yaml:"pprof_enabled"`
 	Tracing      tracing.Config `yaml:"tracing"`
 }

@@ -79,7 +79,7 @@ func (e *Executor) configDump() any {
 	}
 	o := c.Observability
 	d.Observability = map[string]any{
-		"log_level": logLevelName(o.LogLevel), "metrics_address": o.MetricsAddress,
+		"log_level": logLevelName(o.LogLevel), "metrics_address": o.MetricsAddress, "admin_address": o.AdminAddress,
 		"metrics_enabled": o.MetricsEnabled == nil || *o.MetricsEnabled,
 		"pprof_enabled":   o.PprofEnabled != nil && *o.PprofEnabled,
 		"tracing":         o.Tracing.Redacted(),

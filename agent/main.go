@@ -165,12 +165,10 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		o := core.Observability
 		h := obs.Handler(obs.Options{
 			Sets:           func() []*metrics.Set { return []*metrics.Set{exec.metrics.Set()} },
-			Pprof:          o.PprofEnabled != nil && *o.PprofEnabled,
 			ProcessMetrics: true,
 			Families:       Families,
 			NoMetrics:      o.MetricsEnabled != nil && !*o.MetricsEnabled,
 			Ready:          exec.readiness,
-			Config:         exec.configDump,
 		})
 		httpSrv, err := obs.Listen(o.MetricsAddress, h)
 		if err != nil {
@@ -178,6 +176,19 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 			return fmt.Errorf("listen on metrics address %q: %w", o.MetricsAddress, err)
 		}
 		defer httpSrv.Close()
+	}
+	// The admin listener (the config, profiles) is a listener of its own, so that the metrics
+	// listener can face Prometheus and the kubelet while this one stays on loopback.
+	if o := core.Observability; o.AdminAddress != "" {
+		adminSrv, err := obs.Listen(o.AdminAddress, obs.AdminHandler(obs.AdminOptions{
+			Config: exec.configDump,
+			Pprof:  o.PprofEnabled != nil && *o.PprofEnabled,
+		}))
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("listen on admin address %q: %w", o.AdminAddress, err)
+		}
+		defer adminSrv.Close()
 	}
 
 	serveErr := make(chan error, 1)
@@ -298,9 +309,9 @@ func reloadAgent(f *flags, current *inputs, watched []string, exec *Executor, lo
 	if tracingChanged {
 		go exec.SetTracer(tr).Close()
 	}
-	if o := cfg.AgentCore.Observability; o.MetricsAddress != old.Observability.MetricsAddress ||
+	if o := cfg.AgentCore.Observability; o.MetricsAddress != old.Observability.MetricsAddress || o.AdminAddress != old.Observability.AdminAddress ||
 		!reflect.DeepEqual(o.PprofEnabled, old.Observability.PprofEnabled) || !reflect.DeepEqual(o.MetricsEnabled, old.Observability.MetricsEnabled) {
-		log.Audit(zerolog.WarnLevel).Msg("observability.metrics_address, metrics_enabled and pprof_enabled take effect on restart only")
+		log.Audit(zerolog.WarnLevel).Msg("observability.metrics_address, admin_address, metrics_enabled and pprof_enabled take effect on restart only")
 	}
 	if lvl, lerr := logging.ParseLevel(cfg.AgentCore.Observability.LogLevel); lerr == nil {
 		log.SetLevel(lvl)

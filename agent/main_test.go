@@ -204,7 +204,7 @@ func TestMainAuditAtErrorLevel(t *testing.T) {
 		"policy-agent serving":                              "info",
 		"config unchanged; reload skipped":                  "info",
 		"config reload failed; keeping the previous config": "error",
-		"observability.metrics_address, metrics_enabled and pprof_enabled take effect on restart only": "warn",
+		"observability.metrics_address, admin_address, metrics_enabled and pprof_enabled take effect on restart only": "warn",
 		"config reloaded": "info",
 	})
 	if v, _ := seen["config reloaded"].Metadata["config_version"].(string); !strings.HasPrefix(v, "v2-") {

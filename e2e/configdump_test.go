@@ -53,13 +53,20 @@ func TestConfigDumpRedacted(t *testing.T) {
 	pemLine := strings.Split(strings.TrimSpace(string(pem)), "\n")[1]
 	forbidden := []string{literalKey, tracingToken, kernelTracing, demoKeySHA, "env-otlp-token-31c2", pemLine}
 
-	code, kbody := e.Get(t, "/config")
+	code, kbody := e.GetAdmin(t, "/config")
 	if code != 200 {
 		t.Fatalf("kernel /config: %d %s", code, kbody)
 	}
-	code, abody := e.GetAgent(t, "/config")
+	code, abody := e.GetAgentAdmin(t, "/config")
 	if code != 200 {
 		t.Fatalf("agent /config: %d %s", code, abody)
+	}
+	// Not on the metrics listeners, which Prometheus and the kubelet reach.
+	if code, _ := e.Get(t, "/config"); code != 404 {
+		t.Errorf("kernel /config on the metrics listener: %d", code)
+	}
+	if code, _ := e.GetAgent(t, "/config"); code != 404 {
+		t.Errorf("agent /config on the metrics listener: %d", code)
 	}
 	for _, s := range forbidden {
 		for name, body := range map[string]string{"kernel": kbody, "agent": abody} {

@@ -36,6 +36,7 @@ func exampleConfig(t *testing.T, name string) string {
 		"/var/log/policy-engine", "{{DIR}}",
 		"/etc/policy-engine/keys/jwt-public.pem", demoKey,
 		`metrics_address: "127.0.0.1:9091"`, `metrics_address: "{{AGENT_METRICS}}"`,
+		`admin_address: "127.0.0.1:9191"`, `admin_address: "{{AGENT_ADMIN}}"`,
 	).Replace(string(data))
 }
 

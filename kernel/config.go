@@ -143,8 +143,15 @@ type ObservabilityConfig struct {
 	MetricsPort int `yaml:"metrics_port"`
 	// MetricsAddress is the address the metrics port binds to; default 0.0.0.0.
 	MetricsAddress string `yaml:"metrics_address"`
-	LogLevel       string `yaml:"log_level"`
-	// PprofEnabled serves /debug/pprof/ on the metrics port; nil means false.
+	// AdminPort serves /config, /debug/explain and /debug/pprof/; -1 turns it off.
+	AdminPort int `yaml:"admin_port"`
+	// AdminAddress is the address the admin port binds to; default 127.0.0.1: what it tells
+	// (the config, every request's trace, profiles) is for the host or the pod, not the
+	// network. It is bound, not filtered by peer address: under a service mesh, traffic
+	// from outside reaches the pod from a loopback address too.
+	AdminAddress string `yaml:"admin_address"`
+	LogLevel     string `yaml:"log_level"`
+	// PprofEnabled serves /debug/pprof/ on the admin port; nil means false.
 	PprofEnabled *bool         `yaml:"pprof_enabled"`
 	Tracing      TracingConfig `yaml:"tracing"`
 }
@@ -170,6 +177,8 @@ const (
 	DefaultConnections           = 2
 	DefaultStatusOnError         = 500
 	DefaultMetricsPort           = 9090
+	DefaultAdminPort             = 9190
+	DefaultAdminAddress          = "127.0.0.1"
 	DefaultShutdownTimeoutMS     = 10000
 	DefaultSocketMode            = "0600"
 )
@@ -385,6 +394,18 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	}
 	if o.MetricsAddress == "" {
 		o.MetricsAddress = "0.0.0.0"
+	}
+	if o.AdminPort == 0 {
+		o.AdminPort = DefaultAdminPort
+	}
+	if o.AdminPort < -1 || o.AdminPort > 65535 {
+		bad("observability.admin_port", "must be from 0 to 65535, or -1 to turn it off, got %d", o.AdminPort)
+	}
+	if o.AdminAddress == "" {
+		o.AdminAddress = DefaultAdminAddress
+	}
+	if o.AdminPort > 0 && o.MetricsPort > 0 && o.AdminPort == o.MetricsPort {
+		bad("observability.admin_port", "must differ from metrics_port (%d): the admin listener is a listener of its own", o.MetricsPort)
 	}
 	if _, err := logging.ParseLevel(o.LogLevel); err != nil {
 		bad("observability.log_level", "%v", err)

@@ -51,6 +51,7 @@ type flags struct {
 	validate  bool
 	listen    string
 	metrics   string
+	admin     string
 	agentWait time.Duration
 	// watch reloads the config when its file changes; watchEvery is how often it looks.
 	watch      bool
@@ -71,6 +72,7 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.agentConfig, "agent-config", "", "not supported: the kernel does not carry the agent's policies; validate offline with policyctl validate --config FILE --agent-config AGENT_FILE")
 	fs.StringVar(&f.listen, "listen", "", "ext_proc listen address host:port, or unix:///path for a Unix socket (overrides server.address, server.port and server.socket_path)")
 	fs.StringVar(&f.metrics, "metrics-listen", "", "metrics listen address host:port (overrides observability.metrics_address and metrics_port)")
+	fs.StringVar(&f.admin, "admin-listen", "", "admin listen address host:port: /config, /debug/explain, /debug/pprof/ (overrides observability.admin_address and admin_port)")
 	fs.DurationVar(&f.agentWait, "agent-wait", 10*time.Second, "how long to wait at start for the agents to answer GetAgentConfig")
 	fs.BoolVar(&f.watch, "watch-config", true, "reload the config when its file changes, as on SIGHUP")
 	fs.DurationVar(&f.watchEvery, "watch-interval", time.Second, "how often -watch-config looks at the config file")
@@ -216,20 +218,31 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	k.syncHealth()
 
 	if maddr := metricsAddr(f, kc); maddr != "" {
-		pprofOn := kc.Observability.PprofEnabled != nil && *kc.Observability.PprofEnabled
 		httpSrv, err := obs.Listen(maddr, obs.Handler(obs.Options{
 			Sets:           func() []*metrics.Set { return []*metrics.Set{m.set} },
 			Ready:          k.readiness,
-			Pprof:          pprofOn,
 			ProcessMetrics: true,
 			Families:       Families,
-			Config:         k.configDump,
 		}))
 		if err != nil {
 			ln.Close()
 			return fmt.Errorf("listen on metrics address %q: %w", maddr, err)
 		}
 		defer httpSrv.Close()
+	}
+	// The admin listener: what tells more than the probes and the metrics, bound to loopback
+	// unless the operator says otherwise.
+	if aaddr := adminAddr(f, kc); aaddr != "" {
+		adminSrv, err := obs.Listen(aaddr, obs.AdminHandler(obs.AdminOptions{
+			Config: k.configDump,
+			Pprof:  kc.Observability.PprofEnabled != nil && *kc.Observability.PprofEnabled,
+			Routes: k.adminRoutes(),
+		}))
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("listen on admin address %q: %w", aaddr, err)
+		}
+		defer adminSrv.Close()
 	}
 
 	hctx, stopHealth := context.WithCancel(ctx)
@@ -288,6 +301,16 @@ func metricsAddr(f *flags, kc *KernelConfig) string {
 		return ""
 	}
 	return net.JoinHostPort(kc.Observability.MetricsAddress, strconv.Itoa(kc.Observability.MetricsPort))
+}
+
+func adminAddr(f *flags, kc *KernelConfig) string {
+	if f.admin != "" {
+		return f.admin
+	}
+	if kc.Observability.AdminPort < 0 {
+		return ""
+	}
+	return net.JoinHostPort(kc.Observability.AdminAddress, strconv.Itoa(kc.Observability.AdminPort))
 }
 
 // install makes snap current and drops the metric series its predecessor alone used.
@@ -526,6 +549,8 @@ func restartOnly(old, cur *KernelConfig) []string {
 	o, c := old.Observability, cur.Observability
 	add(o.MetricsPort != c.MetricsPort, "observability.metrics_port")
 	add(o.MetricsAddress != c.MetricsAddress, "observability.metrics_address")
+	add(o.AdminPort != c.AdminPort, "observability.admin_port")
+	add(o.AdminAddress != c.AdminAddress, "observability.admin_address")
 	add(!reflect.DeepEqual(o.PprofEnabled, c.PprofEnabled), "observability.pprof_enabled")
 	return out
 }

@@ -64,7 +64,7 @@ func startEnv(t *testing.T, extraKernel string) *env {
 	os.WriteFile(e.kernelCfg, []byte(fmt.Sprintf(mainKernelYAML, e.sock, extraKernel)), 0o600)
 	e.agent = testenv.RunMain(t, agent.Main, "--config", agentCfg)
 	testenv.WaitDial(t, e.agent, "unix", e.sock)
-	e.kernel = testenv.RunMain(t, Main, "--config", e.kernelCfg, "--listen", e.addr, "--metrics-listen", e.metrics)
+	e.kernel = testenv.RunMain(t, Main, "--config", e.kernelCfg, "--listen", e.addr, "--metrics-listen", e.metrics, "--admin-listen", "127.0.0.1:0")
 	testenv.WaitDial(t, e.kernel, "tcp", e.addr)
 	conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -266,7 +266,8 @@ func TestMainValidateAndErrors(t *testing.T) {
 	f([]string{"--config", cfg, "--agent-wait", "0", "--listen", "256.0.0.1:1"}, "listen on")
 	busy, _ := net.Listen("tcp", "127.0.0.1:0")
 	defer busy.Close()
-	f([]string{"--config", cfg, "--agent-wait", "0", "--listen", "127.0.0.1:0", "--metrics-listen", busy.Addr().String()}, "listen on metrics address")
+	f([]string{"--config", cfg, "--agent-wait", "0", "--listen", "127.0.0.1:0", "--metrics-listen", busy.Addr().String(), "--admin-listen", "127.0.0.1:0"}, "listen on metrics address")
+	f([]string{"--config", cfg, "--agent-wait", "0", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--admin-listen", busy.Addr().String()}, "listen on admin address")
 
 	// With the agent up, validation checks every chain against its policies.
 	asock := filepath.Join(dir, "a.sock")

@@ -18,7 +18,7 @@ func TestStartRefusesWorldWritable(t *testing.T) {
 			t.Fatal(err)
 		}
 		var out bytes.Buffer
-		err := Main(context.Background(), []string{"--config", cfg, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--agent-wait", "0"}, &out)
+		err := Main(context.Background(), []string{"--config", cfg, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--agent-wait", "0"}, &out)
 		if err == nil || !strings.Contains(err.Error(), strings.NewReplacer("{{CFG}}", cfgDir, "{{SOCK}}", sockDir).Replace(want)) {
 			t.Errorf("%s: %v, want %q", name, err, want)
 		}

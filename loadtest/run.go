@@ -402,13 +402,22 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 		if err != nil {
 			return nil, err
 		}
+		// The admin listeners serve the profiles.
+		kadmin, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		aadmin, err := freePort()
+		if err != nil {
+			return nil, err
+		}
 		sock := filepath.Join(dir, "agent.sock")
 		acfg := filepath.Join(dir, "agent-config.yaml")
 		kcfg := filepath.Join(dir, "kernel-config.yaml")
-		if err := os.WriteFile(acfg, []byte(agentConfig(sock, aport)), 0o600); err != nil {
+		if err := os.WriteFile(acfg, []byte(agentConfig(sock, aport, aadmin)), 0o600); err != nil {
 			return nil, fmt.Errorf("write agent config: %w", err)
 		}
-		kc := kernelConfig(port, mport, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)
+		kc := kernelConfig(port, mport, kadmin, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)
 		kc = strings.Replace(kc, kernelServerLine, kernelServerLine+socket, 1)
 		if err := os.WriteFile(kcfg, []byte(kc), 0o600); err != nil {
 			return nil, fmt.Errorf("write kernel config: %w", err)
@@ -426,7 +435,7 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 		t.procs = []*process{kernel, agent}
 		base := fmt.Sprintf("http://127.0.0.1:%d", mport)
 		t.metricsURL = base + "/metrics"
-		t.pprof = map[string]string{"kernel": base + "/debug/pprof/", "agent": fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/", aport)}
+		t.pprof = map[string]string{"kernel": fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/", kadmin), "agent": fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/", aadmin)}
 		if err := waitReady(ctx, base+"/health/ready", kernel, o.StartTimeout); err != nil {
 			return nil, err
 		}
@@ -434,7 +443,7 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 	return t, nil
 }
 
-func agentConfig(sock string, mport int) string {
+func agentConfig(sock string, mport, adminPort int) string {
 	return fmt.Sprintf(`agent_core:
   name: "loadtest-agent"
   socket_path: %q
@@ -449,14 +458,15 @@ func agentConfig(sock string, mport int) string {
   observability:
     log_level: "warn"
     metrics_address: "127.0.0.1:%d"
-    pprof_enabled: true  # the profiles of make profile
-`, sock, APIKey, mport)
+    admin_address: "127.0.0.1:%d"
+    pprof_enabled: true  # the profiles of make profile, on admin_address
+`, sock, APIKey, mport, adminPort)
 }
 
 // kernelServerLine is a line of kernelConfig's server section, after which a setting is added.
 const kernelServerLine = "    max_concurrent_streams: 1024\n"
 
-func kernelConfig(port, mport int, sock, reqChain string, messageTimeout time.Duration, extra string) string {
+func kernelConfig(port, mport, adminPort int, sock, reqChain string, messageTimeout time.Duration, extra string) string {
 	second := `        - policy: "allowAll"`
 	if strings.Contains(reqChain, "rateLimit") {
 		second = `        - policy: "rateLimit"
@@ -487,9 +497,10 @@ func kernelConfig(port, mport int, sock, reqChain string, messageTimeout time.Du
   observability:
     metrics_address: "127.0.0.1"
     metrics_port: %d
+    admin_port: %d
     log_level: "warn"
-    pprof_enabled: true  # the profiles of make profile
-`, port, messageTimeout.Milliseconds(), sock, messageTimeout.Milliseconds()*3/4, RouteName, second, mport)
+    pprof_enabled: true  # the profiles of make profile, on admin_port
+`, port, messageTimeout.Milliseconds(), sock, messageTimeout.Milliseconds()*3/4, RouteName, second, mport, adminPort)
 	if extra != "" {
 		cfg += extra + "\n"
 	}

@@ -49,7 +49,7 @@ func TestParseOptions(t *testing.T) {
 // The configs the load test writes must be valid for the real binaries.
 func TestConfigsAreValid(t *testing.T) {
 	for _, chain := range []string{"apiKeyAuth + allowAll", "apiKeyAuth + rateLimit"} {
-		kc := kernelConfig(9001, 9090, "/tmp/a.sock", chain, 200*time.Millisecond, "  version: \"x\"")
+		kc := kernelConfig(9001, 9090, 9190, "/tmp/a.sock", chain, 200*time.Millisecond, "  version: \"x\"")
 		cfg, err := kernel.ParseConfig("kernel.yaml", []byte(kc))
 		if err != nil {
 			t.Fatalf("%s: kernel config: %v\n%s", chain, err, kc)
@@ -68,7 +68,7 @@ func TestConfigsAreValid(t *testing.T) {
 			t.Errorf("timeouts: message %d ms, agent %d ms; want 200 and 150", cfg.PolicyKernel.Server.MessageTimeoutMS, cfg.PolicyKernel.Agents[0].TimeoutMS)
 		}
 	}
-	ac, err := agent.ParseConfig("agent.yaml", []byte(agentConfig("/tmp/a.sock", 9091)))
+	ac, err := agent.ParseConfig("agent.yaml", []byte(agentConfig("/tmp/a.sock", 9091, 9191)))
 	if err != nil {
 		t.Fatal(err)
 	}

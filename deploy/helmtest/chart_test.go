@@ -33,6 +33,8 @@ type kernelConfig struct {
 		Observability struct {
 			MetricsAddress string `json:"metrics_address"`
 			MetricsPort    int32  `json:"metrics_port"`
+			AdminAddress   string `json:"admin_address"`
+			AdminPort      int32  `json:"admin_port"`
 		} `json:"observability"`
 	} `json:"policy_kernel"`
 }
@@ -43,6 +45,7 @@ type agentConfig struct {
 		SocketPath    string `json:"socket_path"`
 		Observability struct {
 			MetricsAddress string `json:"metrics_address"`
+			AdminAddress   string `json:"admin_address"`
 		} `json:"observability"`
 	} `json:"agent_core"`
 }
@@ -200,6 +203,24 @@ func TestChartDefaults(t *testing.T) {
 	}
 	if h, p := hostPort(t, ac.AgentCore.Observability.MetricsAddress); h != "0.0.0.0" || p != port(t, c, "agent-metrics") {
 		t.Errorf("agent metrics on %s, port agent-metrics is %d", ac.AgentCore.Observability.MetricsAddress, port(t, c, "agent-metrics"))
+	}
+	// The admin listeners (config, explain, pprof) on the pod's loopback, in no Service and no
+	// containerPort: kubectl port-forward reaches them, the pod network does not.
+	if obs.AdminAddress != "127.0.0.1" || obs.AdminPort != 9190 {
+		t.Errorf("kernel admin on %s:%d, want 127.0.0.1:9190", obs.AdminAddress, obs.AdminPort)
+	}
+	if h, p := hostPort(t, ac.AgentCore.Observability.AdminAddress); h != "127.0.0.1" || p != 9191 {
+		t.Errorf("agent admin on %s, want 127.0.0.1:9191", ac.AgentCore.Observability.AdminAddress)
+	}
+	for _, cp := range c.Ports {
+		if cp.ContainerPort == obs.AdminPort || cp.ContainerPort == 9191 {
+			t.Errorf("container port %s exposes an admin listener", cp.Name)
+		}
+	}
+	for _, sp := range r.Service.Spec.Ports {
+		if sp.Port == obs.AdminPort || sp.Port == 9191 {
+			t.Errorf("service port %s is an admin listener's", sp.Name)
+		}
 	}
 	for _, sp := range r.Service.Spec.Ports {
 		if sp.TargetPort.StrVal == "" {

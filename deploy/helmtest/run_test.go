@@ -189,6 +189,7 @@ func runChartConfigs(t *testing.T, r *rendered, refused string) {
 
 	agentMetrics := freeAddr(t)
 	agentCfg := setIn(t, paths.Replace(r.Agent), agentMetrics, "agent_core", "observability", "metrics_address")
+	agentCfg = setIn(t, agentCfg, freeAddr(t), "agent_core", "observability", "admin_address")
 	kernelCfg := paths.Replace(r.Kernel)
 	kfile, afile := filepath.Join(cfgDir, "kernel-config.yaml"), filepath.Join(cfgDir, "agent-config.yaml")
 	for f, s := range map[string]string{kfile: kernelCfg, afile: agentCfg} {
@@ -243,8 +244,8 @@ func runChartConfigs(t *testing.T, r *rendered, refused string) {
 		t.Errorf("policy-kernel --validate: %s", out)
 	}
 
-	extProc, metrics := freeAddr(t), freeAddr(t)
-	start("policy-kernel", kbin, "--config="+kfile, "--listen="+extProc, "--metrics-listen="+metrics)
+	extProc, metrics, admin := freeAddr(t), freeAddr(t), freeAddr(t)
+	start("policy-kernel", kbin, "--config="+kfile, "--listen="+extProc, "--metrics-listen="+metrics, "--admin-listen="+admin)
 	// The Deployment's probes, on the kernel's metrics listener.
 	for _, p := range []struct {
 		what string
@@ -259,6 +260,14 @@ func runChartConfigs(t *testing.T, r *rendered, refused string) {
 		if code := get("http://" + addr + ep.Path); code != 200 {
 			t.Errorf("scrape of %s %s: %d", ep.Port, ep.Path, code)
 		}
+	}
+	// The admin listener serves the config; the metrics listener, which the Service exposes,
+	// does not.
+	if code := get("http://" + admin + "/config"); code != 200 {
+		t.Errorf("admin /config: %d", code)
+	}
+	if code := get("http://" + metrics + "/config"); code != 404 {
+		t.Errorf("/config on the metrics listener: %d", code)
 	}
 	if conn, err := net.DialTimeout("tcp", extProc, time.Second); err != nil {
 		t.Errorf("ext_proc listener: %v", err)

@@ -407,6 +407,7 @@ func TestLockdownDefaultAddress(t *testing.T) {
       socket_path: "`+filepath.Join(dir, "agent.sock")+`"
   observability:
     metrics_port: -1
+    admin_port: -1
 `))
 	k := testenv.Start(t, kbin, nil, "--config", cfg, "--agent-wait", "0s")
 	testenv.WaitFor(t, testenv.StartTimeout, "the kernel to serve", func() bool {
@@ -448,6 +449,7 @@ func TestLockdownPermissionsAtStartup(t *testing.T) {
       socket_path: "`+sock+`"
   observability:
     metrics_port: -1
+    admin_port: -1
 `))
 	writeFile(t, acfg, []byte(strings.NewReplacer("{{SOCK}}", sock, `  observability:
     metrics_address: "{{AGENT_METRICS}}"
@@ -669,6 +671,7 @@ func TestPodEmptyDirSocketDirectory(t *testing.T) {
       request_policy_chain: [{policy: apiKeyAuth}]
   observability:
     metrics_port: -1
+    admin_port: -1
 `))
 	writeFile(t, acfg, []byte(strings.NewReplacer("{{SOCK}}", sock, `  observability:
     metrics_address: "{{AGENT_METRICS}}"

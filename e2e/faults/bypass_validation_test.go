@@ -44,7 +44,7 @@ func startKernel(t *testing.T, e *testenv.Env, yaml string, wait time.Duration) 
 	k := &kernelProc{addr: testenv.FreeAddr(t), metrics: testenv.FreeAddr(t),
 		config: filepath.Join(e.Dir, fmt.Sprintf("kernel-%d.yaml", kernelN.Add(1)))}
 	e.WriteConfig(t, k.config, yaml)
-	k.Proc = testenv.Start(t, kbin, nil, "--config", k.config, "--listen", k.addr, "--metrics-listen", k.metrics, "--agent-wait", wait.String())
+	k.Proc = testenv.Start(t, kbin, nil, "--config", k.config, "--listen", k.addr, "--metrics-listen", k.metrics, "--admin-listen", "127.0.0.1:0", "--agent-wait", wait.String())
 	testenv.WaitDial(t, k.Proc, "tcp", k.addr)
 	return k
 }

@@ -51,7 +51,7 @@ func settles(t *testing.T, get func(testing.TB, string) (int, string), want int)
 // they had before, that no stream is still counted open, and that every agent call ended.
 func TestEnvoyGoesAwayNoLeak(t *testing.T) {
 	// pprof (off by default) counts the goroutines.
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML + "    pprof_enabled: true\n", KernelYAML: leakKernelYAML + "  observability: {pprof_enabled: true}\n",
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML + "    pprof_enabled: true\n    admin_address: \"{{AGENT_ADMIN}}\"\n", KernelYAML: leakKernelYAML + "  observability: {pprof_enabled: true}\n",
 		AgentBin: testenv.Build(t, testenv.TestAgentPackage)})
 	// Warm up: one full exchange on each route, on a client that is then closed.
 	c, err := envoytest.Dial(e.KernelAddr, envoyConfig)
@@ -65,8 +65,8 @@ func TestEnvoyGoesAwayNoLeak(t *testing.T) {
 	}
 	c.Close()
 	time.Sleep(200 * time.Millisecond)
-	kernelBefore := goroutines(t, e.Get)
-	agentBefore := goroutines(t, e.GetAgent)
+	kernelBefore := goroutines(t, e.GetAdmin)
+	agentBefore := goroutines(t, e.GetAgentAdmin)
 	protoBefore := metric(t, e, "policy_kernel_protocol_errors_total")
 
 	rounds := scale(15, 150)
@@ -78,16 +78,16 @@ func TestEnvoyGoesAwayNoLeak(t *testing.T) {
 
 	testenv.WaitFor(t, 5*time.Second, "no stream counted open", func() bool { return metric(t, e, "policy_kernel_streams_active") == 0 })
 	// Two goroutines of slack: an HTTP keep-alive connection of the metrics client may come or go.
-	kernelAfter := settles(t, e.Get, kernelBefore+2)
-	agentAfter := settles(t, e.GetAgent, agentBefore+2)
+	kernelAfter := settles(t, e.GetAdmin, kernelBefore+2)
+	agentAfter := settles(t, e.GetAgentAdmin, agentBefore+2)
 	t.Logf("reliability: Envoy goes away mid-stream: %d streams ended early at every phase, %d connections dropped; kernel goroutines %d → %d, agent goroutines %d → %d",
 		streams, rounds, kernelBefore, kernelAfter, agentBefore, agentAfter)
 	if kernelAfter > kernelBefore+2 {
-		_, dump := e.Get(t, "/debug/pprof/goroutine?debug=1")
+		_, dump := e.GetAdmin(t, "/debug/pprof/goroutine?debug=1")
 		t.Errorf("kernel goroutines %d → %d:\n%s", kernelBefore, kernelAfter, dump)
 	}
 	if agentAfter > agentBefore+2 {
-		_, dump := e.GetAgent(t, "/debug/pprof/goroutine?debug=1")
+		_, dump := e.GetAgentAdmin(t, "/debug/pprof/goroutine?debug=1")
 		t.Errorf("agent goroutines %d → %d:\n%s", agentBefore, agentAfter, dump)
 	}
 	// Every agent call that started has ended: run to its end or cancelled with its stream.
@@ -154,7 +154,7 @@ func TestNoGoroutineLeakInProcess(t *testing.T) {
 		}
 	}
 	stopAgent := run(agent.Main, "--config", agentCfg)
-	stopKernel := run(kernel.Main, "--config", kernelCfg, "--listen", addr, "--metrics-listen", metrics)
+	stopKernel := run(kernel.Main, "--config", kernelCfg, "--listen", addr, "--metrics-listen", metrics, "--admin-listen", "127.0.0.1:0")
 	c, err := envoytest.Dial(addr, envoyConfig)
 	if err != nil {
 		t.Fatal(err)

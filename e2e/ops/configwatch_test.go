@@ -55,7 +55,7 @@ func TestConfigFollowsKubeletSwap(t *testing.T) {
 	e.Agent = testenv.Start(t, abin, nil, "--config", e.AgentConfig, "--watch-interval", every)
 	testenv.WaitDial(t, e.Agent, "unix", e.AgentSock)
 	e.Kernel = testenv.Start(t, kbin, nil, "--config", e.KernelConfig, "--listen", e.KernelAddr,
-		"--metrics-listen", e.MetricsAddr, "--agent-wait", "5s", "--watch-interval", every)
+		"--metrics-listen", e.MetricsAddr, "--admin-listen", "127.0.0.1:0", "--agent-wait", "5s", "--watch-interval", every)
 	testenv.WaitFor(t, testenv.StartTimeout, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
 
 	c := e.Dial(t, envoyConfig)

@@ -169,15 +169,15 @@ func TestLogsQuietOnHotPath(t *testing.T) {
 
 // TestPprof shows that /debug/pprof/ (profiles, goroutine dumps, the command line) is off by
 // default on both processes while the probes and metrics stay, and that pprof_enabled: true
-// serves it.
+// serves it on the admin listener, never on the metrics listener.
 func TestPprof(t *testing.T) {
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: fmt.Sprintf(kernelYAML, "p1")})
+	adminYAML := agentYAML + "    admin_address: \"{{AGENT_ADMIN}}\"\n"
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: adminYAML, KernelYAML: fmt.Sprintf(kernelYAML, "p1")})
 	for _, p := range []string{"/debug/pprof/", "/debug/pprof/cmdline", "/debug/pprof/goroutine?debug=2"} {
-		if code, _ := e.Get(t, p); code != 404 {
-			t.Fatalf("kernel %s by default: %d, want 404", p, code)
-		}
-		if code, _ := e.GetAgent(t, p); code != 404 {
-			t.Fatalf("agent %s by default: %d, want 404", p, code)
+		for _, get := range []func(testing.TB, string) (int, string){e.Get, e.GetAdmin, e.GetAgent, e.GetAgentAdmin} {
+			if code, _ := get(t, p); code != 404 {
+				t.Fatalf("%s by default: %d, want 404", p, code)
+			}
 		}
 	}
 	for _, p := range []string{"/metrics", "/health/live", "/health/ready"} {
@@ -189,11 +189,17 @@ func TestPprof(t *testing.T) {
 		}
 	}
 	on := fmt.Sprintf(kernelYAML, "p2") + "  observability:\n    pprof_enabled: true\n"
-	e2 := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML + "    pprof_enabled: true\n", KernelYAML: on})
-	if code, body := e2.Get(t, "/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
+	e2 := testenv.StartEnv(t, testenv.Options{AgentYAML: adminYAML + "    pprof_enabled: true\n", KernelYAML: on})
+	if code, body := e2.GetAdmin(t, "/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
 		t.Fatalf("pprof on: %d", code)
 	}
-	if code, _ := e2.GetAgent(t, "/debug/pprof/cmdline"); code != 200 {
+	if code, _ := e2.GetAgentAdmin(t, "/debug/pprof/cmdline"); code != 200 {
 		t.Fatalf("agent pprof on: %d", code)
+	}
+	if code, _ := e2.Get(t, "/debug/pprof/"); code != 404 {
+		t.Fatalf("kernel pprof on the metrics listener: %d", code)
+	}
+	if code, _ := e2.GetAgent(t, "/debug/pprof/cmdline"); code != 404 {
+		t.Fatalf("agent pprof on the metrics listener: %d", code)
 	}
 }

@@ -60,6 +60,7 @@ func newContainer(t *testing.T) *container {
 	)
 	_, kport, _ := strings.Cut(c.kernelAddr, ":")
 	_, mport, _ := strings.Cut(c.metricsAddr, ":")
+	_, aport, _ := strings.Cut(testenv.FreeAddr(t), ":")
 	write := func(src, dst string, more ...string) {
 		t.Helper()
 		b, err := os.ReadFile(repoRoot + src)
@@ -80,7 +81,7 @@ func newContainer(t *testing.T) *container {
 	// The test does not run as the container's user; supervisord ignores user= unless it runs
 	// as root, and then it would need that user to exist.
 	write("supervisord.conf", "etc/supervisord.conf", "user=policy-engine\n", "")
-	write("config/agent-config.yaml", "etc/agent-config.yaml", "127.0.0.1:9091", testenv.FreeAddr(t))
+	write("config/agent-config.yaml", "etc/agent-config.yaml", "127.0.0.1:9091", testenv.FreeAddr(t), "127.0.0.1:9191", testenv.FreeAddr(t))
 	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -97,6 +98,7 @@ func newContainer(t *testing.T) *container {
 	write("config/kernel-config.yaml", "etc/kernel-config.yaml",
 		"port: 9001", "port: "+kport,
 		"metrics_port: 9090", "metrics_port: "+mport+"\n    metrics_address: 127.0.0.1",
+		"admin_port: 9190", "admin_port: "+aport,
 		"health_check_interval_ms: 5000", "health_check_interval_ms: 200",
 		"timeout_ms: 150", "timeout_ms: 1500",
 		"message_timeout_ms: 200", "message_timeout_ms: 2000",

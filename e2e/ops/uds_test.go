@@ -45,7 +45,7 @@ func TestKernelOnUnixSocket(t *testing.T) {
 
 	e.Agent = testenv.Start(t, abin, nil, "--config", e.AgentConfig)
 	testenv.WaitDial(t, e.Agent, "unix", e.AgentSock)
-	e.Kernel = testenv.Start(t, kbin, nil, "--config", e.KernelConfig, "--metrics-listen", e.MetricsAddr, "--agent-wait", "5s")
+	e.Kernel = testenv.Start(t, kbin, nil, "--config", e.KernelConfig, "--metrics-listen", e.MetricsAddr, "--admin-listen", "127.0.0.1:0", "--agent-wait", "5s")
 	testenv.WaitDial(t, e.Kernel, "unix", sock)
 	testenv.WaitFor(t, testenv.StartTimeout, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
 
@@ -73,7 +73,7 @@ func TestKernelOnUnixSocket(t *testing.T) {
 
 	// A second kernel, given the socket with --listen, does not take it from the first.
 	second := testenv.Start(t, kbin, nil, "--config", e.KernelConfig, "--listen", "unix://"+sock,
-		"--metrics-listen", testenv.FreeAddr(t), "--agent-wait", "1s", "--watch-config=false")
+		"--metrics-listen", testenv.FreeAddr(t), "--admin-listen", "127.0.0.1:0", "--agent-wait", "1s", "--watch-config=false")
 	if err, ok := second.Wait(testenv.StartTimeout); !ok || err == nil {
 		t.Fatalf("a second kernel on a live socket did not fail (%v):\n%s", err, second.Output())
 	}

@@ -1,5 +1,6 @@
 // Package obs serves what both processes expose over HTTP: Prometheus metrics, liveness and
-// readiness probes, and pprof.
+// readiness probes on the metrics listener; the config, pprof and the kernel's explain on the
+// admin listener.
 package obs
 
 import (
@@ -41,24 +42,21 @@ func Label(s string) string {
 // written as the JSON body of /health/ready.
 type Readiness func() (ready bool, detail any)
 
-// Options configure the HTTP listener.
+// Options configure the metrics listener: what Prometheus and the kubelet's probes read.
 type Options struct {
 	Sets  func() []*metrics.Set // the process's metric sets, read at every scrape
 	Ready Readiness
-	Pprof bool
 	// ProcessMetrics adds the default set, Go runtime and process metrics.
 	ProcessMetrics bool
 	// Families describe the process's own metric families, for the HELP and TYPE lines.
 	Families []Family
-	// NoMetrics leaves /metrics out (the health probes and pprof stay).
+	// NoMetrics leaves /metrics out (the health probes stay).
 	NoMetrics bool
-	// Config returns the config in force, secrets redacted, for /config (JSON); nil leaves
-	// /config out.
-	Config func() any
 }
 
-// Handler returns the HTTP handler for /metrics, /health/live, /health/ready, /config and,
-// when enabled, /debug/pprof/.
+// Handler returns the HTTP handler of the metrics listener: /metrics, /health/live and
+// /health/ready. What tells more than a probe needs (the config, profiles, explain) is on the
+// admin listener (AdminHandler), bound to loopback by default.
 func Handler(o Options) http.Handler {
 	mux := http.NewServeMux()
 	if !o.NoMetrics {
@@ -82,6 +80,23 @@ func Handler(o Options) http.Handler {
 		}
 		writeJSON(w, code, detail)
 	})
+	return mux
+}
+
+// AdminOptions configure the admin listener.
+type AdminOptions struct {
+	// Config returns the config in force, secrets redacted, for /config (JSON); nil leaves
+	// /config out.
+	Config func() any
+	Pprof  bool
+	// Routes are more handlers by path (the kernel's /debug/explain).
+	Routes map[string]http.Handler
+}
+
+// AdminHandler returns the HTTP handler of the admin listener: /config, /debug/pprof/ when
+// enabled, and o.Routes.
+func AdminHandler(o AdminOptions) http.Handler {
+	mux := http.NewServeMux()
 	if o.Config != nil {
 		mux.HandleFunc("/config", func(w http.ResponseWriter, r *http.Request) {
 			if r.Method != http.MethodGet && r.Method != http.MethodHead {
@@ -99,6 +114,9 @@ func Handler(o Options) http.Handler {
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
+	for path, h := range o.Routes {
+		mux.Handle(path, h)
 	}
 	return mux
 }

@@ -35,7 +35,6 @@ func TestHandler(t *testing.T) {
 	s, err := Listen("127.0.0.1:0", Handler(Options{
 		Sets:           func() []*metrics.Set { return []*metrics.Set{set} },
 		Ready:          func() (bool, any) { return ready, map[string]bool{"ready": ready} },
-		Pprof:          true,
 		ProcessMetrics: true,
 	}))
 	if err != nil {
@@ -55,8 +54,22 @@ func TestHandler(t *testing.T) {
 	if code, body := get(t, s, "/health/live"); code != 200 || !strings.Contains(body, "live") {
 		t.Fatal(code, body)
 	}
-	if code, _ := get(t, s, "/debug/pprof/cmdline"); code != 200 {
+	// The metrics listener serves neither the config nor profiles: they are the admin's.
+	for _, p := range []string{"/debug/pprof/cmdline", "/config"} {
+		if code, _ := get(t, s, p); code != 404 {
+			t.Fatalf("%s on the metrics listener: %d", p, code)
+		}
+	}
+	a, err := Listen("127.0.0.1:0", AdminHandler(AdminOptions{Pprof: true}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if code, _ := get(t, a, "/debug/pprof/cmdline"); code != 200 {
 		t.Fatal(code)
+	}
+	if code, _ := get(t, a, "/metrics"); code != 404 {
+		t.Fatalf("/metrics on the admin listener: %d", code)
 	}
 }
 
@@ -70,6 +83,14 @@ func TestHandlerDefaults(t *testing.T) {
 		t.Fatal("no readiness function means ready")
 	}
 	if code, _ := get(t, s, "/debug/pprof/"); code != 404 {
+		t.Fatal("pprof is not on the metrics listener")
+	}
+	admin, err := Listen("127.0.0.1:0", AdminHandler(AdminOptions{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if code, _ := get(t, admin, "/debug/pprof/"); code != 404 {
 		t.Fatal("pprof must be off unless asked for")
 	}
 	if code, body := get(t, s, "/metrics"); code != 200 || body != "" {
@@ -81,7 +102,7 @@ func TestHandlerDefaults(t *testing.T) {
 }
 
 func TestConfigEndpoint(t *testing.T) {
-	s, err := Listen("127.0.0.1:0", Handler(Options{Config: func() any { return map[string]string{"version": "v1"} }}))
+	s, err := Listen("127.0.0.1:0", AdminHandler(AdminOptions{Config: func() any { return map[string]string{"version": "v1"} }}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +118,7 @@ func TestConfigEndpoint(t *testing.T) {
 	if r.StatusCode != http.StatusMethodNotAllowed {
 		t.Fatalf("POST /config: %d, want 405", r.StatusCode)
 	}
-	none, err := Listen("127.0.0.1:0", Handler(Options{}))
+	none, err := Listen("127.0.0.1:0", AdminHandler(AdminOptions{}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -299,10 +299,16 @@ type Env struct {
 	KernelConfig string
 	KernelAddr   string
 	MetricsAddr  string
+	// AdminAddr is the kernel's admin listener (--admin-listen): /config, /debug/explain,
+	// /debug/pprof/.
+	AdminAddr    string
 	AgentMetrics string
-	Agent        *Proc
-	Kernel       *Proc
-	AgentEnv     []string
+	// AgentAdmin is a free address for the agent's admin listener, "{{AGENT_ADMIN}}" in its
+	// config (observability.admin_address).
+	AgentAdmin string
+	Agent      *Proc
+	Kernel     *Proc
+	AgentEnv   []string
 	// watchArgs are the -watch-config flags both binaries get.
 	watchArgs []string
 	kernelBin string
@@ -313,8 +319,8 @@ type Env struct {
 func (e *Env) AgentBin() string { return e.agentBin }
 
 // Options configure StartEnv. The configs may use the placeholders {{SOCK}} (the agent's
-// socket), {{DIR}} (a temporary directory) and {{AGENT_METRICS}} (a free address for the
-// agent's metrics listener).
+// socket), {{DIR}} (a temporary directory), {{AGENT_METRICS}} and {{AGENT_ADMIN}} (free
+// addresses for the agent's metrics and admin listeners).
 type Options struct {
 	AgentYAML  string
 	KernelYAML string
@@ -344,7 +350,7 @@ func StartEnv(t testing.TB, o Options) *Env {
 	e := &Env{
 		Dir: dir, AgentSock: filepath.Join(dir, "agent.sock"),
 		AgentConfig: filepath.Join(dir, "agent.yaml"), KernelConfig: filepath.Join(dir, "kernel.yaml"),
-		KernelAddr: FreeAddr(t), MetricsAddr: FreeAddr(t), AgentMetrics: FreeAddr(t),
+		KernelAddr: FreeAddr(t), MetricsAddr: FreeAddr(t), AdminAddr: FreeAddr(t), AgentMetrics: FreeAddr(t), AgentAdmin: FreeAddr(t),
 		AgentEnv: o.AgentEnv, kernelBin: kbin, agentBin: abin,
 	}
 	if o.AgentBin != "" {
@@ -358,7 +364,7 @@ func StartEnv(t testing.TB, o Options) *Env {
 	if !o.NoAgent {
 		e.StartAgent(t)
 	}
-	e.Kernel = Start(t, kbin, nil, append([]string{"--config", e.KernelConfig, "--listen", e.KernelAddr, "--metrics-listen", e.MetricsAddr, "--agent-wait", "5s"}, e.watchArgs...)...)
+	e.Kernel = Start(t, kbin, nil, append([]string{"--config", e.KernelConfig, "--listen", e.KernelAddr, "--metrics-listen", e.MetricsAddr, "--admin-listen", e.AdminAddr, "--agent-wait", "5s"}, e.watchArgs...)...)
 	WaitDial(t, e.Kernel, "tcp", e.KernelAddr)
 	if !o.NoAgent && !o.NotReady {
 		WaitFor(t, StartTimeout, "the kernel to be ready", func() bool { code, _ := e.Get(t, "/health/ready"); return code == 200 })
@@ -368,7 +374,7 @@ func StartEnv(t testing.TB, o Options) *Env {
 
 // Expand fills in the placeholders of a config.
 func (e *Env) Expand(s string) string {
-	return strings.NewReplacer("{{SOCK}}", e.AgentSock, "{{DIR}}", e.Dir, "{{AGENT_METRICS}}", e.AgentMetrics).Replace(s)
+	return strings.NewReplacer("{{SOCK}}", e.AgentSock, "{{DIR}}", e.Dir, "{{AGENT_METRICS}}", e.AgentMetrics, "{{AGENT_ADMIN}}", e.AgentAdmin).Replace(s)
 }
 
 // WriteConfig writes a config with its placeholders filled in.
@@ -409,6 +415,19 @@ func (e *Env) Dial(t testing.TB, cfg envoytest.FilterConfig) *envoytest.Client {
 func (e *Env) Get(t testing.TB, path string) (int, string) {
 	t.Helper()
 	return HTTPGet("http://" + e.MetricsAddr + path)
+}
+
+// GetAdmin fetches a path from the kernel's admin listener.
+func (e *Env) GetAdmin(t testing.TB, path string) (int, string) {
+	t.Helper()
+	return HTTPGet("http://" + e.AdminAddr + path)
+}
+
+// GetAgentAdmin fetches a path from the agent's admin listener (observability.admin_address,
+// "{{AGENT_ADMIN}}" in the agent's config).
+func (e *Env) GetAgentAdmin(t testing.TB, path string) (int, string) {
+	t.Helper()
+	return HTTPGet("http://" + e.AgentAdmin + path)
 }
 
 // GetAgent fetches a path from the agent's metrics listener (observability.metrics_address,

@@ -49,17 +49,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $obs := get $pk "observability" | default dict }}
 {{- $_ := set $obs "metrics_address" .Values.kernel.metrics.address }}
 {{- $_ := set $obs "metrics_port" .Values.kernel.metrics.port }}
+{{- $_ := set $obs "admin_address" .Values.kernel.admin.address }}
+{{- $_ := set $obs "admin_port" .Values.kernel.admin.port }}
 {{- $_ := set $pk "observability" $obs }}
 {{- $_ := set $cfg "policy_kernel" $pk }}
 {{- toYaml $cfg }}
 {{- end }}
 
-{{/* The agent config with the chart's metrics address. */}}
+{{/* The agent config with the chart's metrics and admin addresses. */}}
 {{- define "policy-engine.agentConfig" -}}
 {{- $cfg := deepCopy .Values.agent.config }}
 {{- $ac := get $cfg "agent_core" | default dict }}
 {{- $obs := get $ac "observability" | default dict }}
 {{- $_ := set $obs "metrics_address" (printf "%s:%v" .Values.agent.metrics.address .Values.agent.metrics.port) }}
+{{- $_ := set $obs "admin_address" (printf "%s:%v" .Values.agent.admin.address .Values.agent.admin.port) }}
 {{- $_ := set $ac "observability" $obs }}
 {{- $_ := set $cfg "agent_core" $ac }}
 {{- toYaml $cfg }}
