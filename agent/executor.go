@@ -47,6 +47,9 @@ type Executor struct {
 	// tracer is nil while tracing is off.
 	tracer atomic.Pointer[tracing.Tracer]
 	// entryHook is told each chain entry's outcome (policyctl explain); nil: nothing is told.
+	// runChain traces an entry when the hook is set or the request asks for its entries
+	// (PolicyRequest.explain, the kernel's /debug/explain): off, each entry pays that nil
+	// check and one bool check, and allocates nothing.
 	entryHook func(EntryTrace)
 }
 
@@ -511,16 +514,16 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 			// Whatever on_failure says: a chain missing one of its entries never serves.
 			e.metrics.failure(name, "unknown_policy")
 			e.logUnknown(req, name)
-			if e.entryHook != nil {
-				e.traceEntry(req, i, "error", 0, policy.Result{}, fmt.Errorf("unknown policy %q", name))
+			if e.entryHook != nil || req.GetExplain() {
+				e.traceEntry(req, resp, i, "error", 0, policy.Result{}, fmt.Errorf("unknown policy %q", name))
 			}
 			resp.Instructions = nil
 			return fail(resp, agentv1.StatusCode_POLICY_ERROR, name, fmt.Sprintf("unknown policy %q", name))
 		}
 		enforces := f.module.Enforces
 		if skippedBy != "" && !enforces {
-			if e.entryHook != nil {
-				e.traceEntry(req, i, "skipped", 0, policy.Result{}, nil)
+			if e.entryHook != nil || req.GetExplain() {
+				e.traceEntry(req, resp, i, "skipped", 0, policy.Result{}, nil)
 			}
 			continue
 		}
@@ -551,8 +554,8 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 		timedOut := late
 		if inShadow {
 			ok := e.shadowRun(req, name, result, err, late, end.Sub(start), end, shadow)
-			if e.entryHook != nil {
-				e.traceEntry(req, i, "shadow", end.Sub(start), result, err)
+			if e.entryHook != nil || req.GetExplain() {
+				e.traceEntry(req, resp, i, "shadow", end.Sub(start), result, err)
 			}
 			endPolicySpan(span, result.Status, err)
 			if ok {
@@ -581,8 +584,8 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 			err = fmt.Errorf("policy %q: %w", name, context.DeadlineExceeded)
 		}
 		endPolicySpan(span, result.Status, err)
-		if e.entryHook != nil {
-			e.traceEntry(req, i, "", end.Sub(start), result, err)
+		if e.entryHook != nil || req.GetExplain() {
+			e.traceEntry(req, resp, i, "", end.Sub(start), result, err)
 		}
 		if timedOut {
 			resp.Instructions = nil

@@ -34,8 +34,9 @@ type EntryTrace struct {
 // It is for tools that explain one request (policyctl explain), not for a serving agent.
 func (e *Executor) SetEntryHook(h func(EntryTrace)) { e.entryHook = h }
 
-// traceEntry reports one entry to the hook; outcome "" is worked out from the result.
-func (e *Executor) traceEntry(req *agentv1.PolicyRequest, i int, outcome string, d time.Duration, r policy.Result, err error) {
+// traceEntry reports one entry to the hook, and appends it to resp.Entries when the request
+// asks for its entries (PolicyRequest.explain); outcome "" is worked out from the result.
+func (e *Executor) traceEntry(req *agentv1.PolicyRequest, resp *agentv1.PolicyResponse, i int, outcome string, d time.Duration, r policy.Result, err error) {
 	entry := req.GetPolicies()[i]
 	if outcome == "" {
 		switch {
@@ -49,8 +50,28 @@ func (e *Executor) traceEntry(req *agentv1.PolicyRequest, i int, outcome string,
 			outcome = "allow"
 		}
 	}
-	e.entryHook(EntryTrace{Phase: req.GetPhase(), Index: i, Policy: entry.GetName(), Outcome: outcome, OnFailure: entry.GetOnFailure(),
-		Duration: d, Instructions: r.Instructions, Message: r.Message, Err: err})
+	if req.GetExplain() {
+		t := &agentv1.EntryTrace{Index: uint32(i), Policy: entry.GetName(), Outcome: outcome, OnFailure: entry.GetOnFailure(),
+			DurationNs: d.Nanoseconds(), Instructions: r.Instructions, Message: r.Message}
+		if err != nil {
+			t.Error = err.Error()
+		}
+		resp.Entries = append(resp.Entries, t)
+	}
+	if e.entryHook != nil {
+		e.entryHook(EntryTrace{Phase: req.GetPhase(), Index: i, Policy: entry.GetName(), Outcome: outcome, OnFailure: entry.GetOnFailure(),
+			Duration: d, Instructions: r.Instructions, Message: r.Message, Err: err})
+	}
+}
+
+// TraceOf turns an entry trace of a PolicyResponse back into the hook's form.
+func TraceOf(phase agentv1.PolicyPhase, t *agentv1.EntryTrace) EntryTrace {
+	out := EntryTrace{Phase: phase, Index: int(t.GetIndex()), Policy: t.GetPolicy(), Outcome: t.GetOutcome(), OnFailure: t.GetOnFailure(),
+		Duration: time.Duration(t.GetDurationNs()), Instructions: t.GetInstructions(), Message: t.GetMessage()}
+	if t.GetError() != "" {
+		out.Err = errors.New(t.GetError())
+	}
+	return out
 }
 
 // LoadOffline loads the agent config at path as the agent does at start (secret references

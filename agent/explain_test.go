@@ -61,3 +61,42 @@ func TestEntryHook(t *testing.T) {
 		t.Fatalf("hook off: %s", s)
 	}
 }
+
+// TestExplainEntries: a request with explain gets every entry's trace in its response, in
+// order, with the entry's own instructions; one without gets none, and allocates nothing more
+// than before (the off path is one bool check per entry).
+func TestExplainEntries(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	chain := []*agentv1.Policy{
+		p("t.setHeader", "key", "x-a", "value", "1"),
+		shadowed(p("t.denyBare")),
+		onFailure(p("t.fail"), "continue"),
+		p("t.requireHeader", "key", "x-a", "want", "never"),
+		p("t.setHeader", "key", "x-after", "value", "1"),
+	}
+	rq := req(chain...)
+	rq.Explain = true
+	resp := e.Execute(context.Background(), rq)
+	var got []string
+	for _, tr := range resp.GetEntries() {
+		s := fmt.Sprintf("%d:%s:%s:%d", tr.GetIndex(), tr.GetPolicy(), tr.GetOutcome(), len(tr.GetInstructions()))
+		if tr.GetError() != "" {
+			s += ":err"
+		}
+		if tr.GetDurationNs() < 0 {
+			t.Errorf("trace %+v", tr)
+		}
+		got = append(got, s)
+	}
+	if s := strings.Join(got, " "); s != "0:t.setHeader:allow:1 1:t.denyBare:shadow:0 2:t.fail:continue:0:err 3:t.requireHeader:deny:1" &&
+		s != "0:t.setHeader:allow:1 1:t.denyBare:shadow:0 2:t.fail:error:0:err 3:t.requireHeader:deny:1" {
+		t.Fatalf("entries: %s", s)
+	}
+	if tr := TraceOf(agentv1.PolicyPhase_REQUEST, resp.GetEntries()[2]); tr.Err == nil || tr.Index != 2 || tr.Policy != "t.fail" {
+		t.Fatalf("TraceOf: %+v", tr)
+	}
+	rq = req(chain...)
+	if resp := e.Execute(context.Background(), rq); len(resp.GetEntries()) != 0 {
+		t.Fatalf("entries without explain: %v", resp.GetEntries())
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -205,7 +206,7 @@ func TestPolicyctlExplain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	lines := readmeCommands(t, "bin/policyctl explain")
+	lines := slices.DeleteFunc(readmeCommands(t, "bin/policyctl explain"), func(l string) bool { return strings.Contains(l, "--kernel-admin") })
 	if len(lines) != 1 {
 		t.Fatalf("README explain commands: %q", lines)
 	}
@@ -265,7 +266,8 @@ func TestPolicyctlExplain(t *testing.T) {
 	}
 
 	// --kernel without configs: explain says what it needs.
-	if _, errOut, code := runCtl(t, ctl, nil, "explain", "--kernel", "127.0.0.1:9001", "/api/v1/users"); code != 2 || !strings.Contains(errOut, "needs the kernel's config (--config)") {
+	if _, errOut, code := runCtl(t, ctl, nil, "explain", "--kernel", "127.0.0.1:9001", "/api/v1/users"); code != 2 || !strings.Contains(errOut, "needs the kernel's config (--config)") ||
+		!strings.Contains(errOut, "--kernel-admin") {
 		t.Fatalf("explain --kernel: exit %d: %s", code, errOut)
 	}
 }

@@ -112,6 +112,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		Phase:     phase,
 		State:     st.state,
 		RouteName: route.Name,
+		Explain:   st.explain != nil,
 	}
 	if phase == agentv1.PolicyPhase_RESPONSE {
 		st.call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
@@ -124,6 +125,9 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	span := st.traceCall(req, agent.cfg.Name)
 	resp, err := s.callAgent(ctx, agent, req, start, cfg.Server.MessageTimeoutMS)
 	s.logCall(st, agent, phase, resp, err, start)
+	if st.explain != nil {
+		st.explain.add(phase, resp)
+	}
 	// The request went out encoded: let go of what it points to (the request context, the
 	// received message its strings point into) while the stream waits for its next message.
 	callID := req.GetCallId()

@@ -462,3 +462,31 @@ func FuzzAgentReplyBatch(f *testing.F) {
 		}
 	})
 }
+
+// FuzzExplainInput: whatever an admin POSTs to /debug/explain is refused with an error or
+// parsed into a request the Envoy client can play: a path that starts with /, header names
+// and values Envoy would accept, an HTTP status for the upstream.
+func FuzzExplainInput(f *testing.F) {
+	f.Add([]byte(`{"method":"GET","path":"/api/v1/users","headers":[["x-api-key","k"]],"attributes":{"xds.route_name":"/r"}}`))
+	f.Add([]byte(`{"path":"/","upstream":{"status":404,"headers":[["content-type","text/plain"]],"body":"x"},"message_timeout_ms":50}`))
+	f.Add([]byte(`{"path":"/","headers":[[":authority","x"]]}`))
+	f.Add([]byte(`{"path":"/"} {}`))
+	f.Add([]byte(`{"path":"/\u0000"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		in, err := ParseExplainInput(data)
+		if err != nil {
+			if in != nil {
+				t.Fatal("an error with a request")
+			}
+			return
+		}
+		if !strings.HasPrefix(in.Path, "/") || in.Method == "" || in.Upstream.Status < 100 || in.Upstream.Status > 599 {
+			t.Fatalf("accepted %+v", in)
+		}
+		for _, h := range append(in.Headers, in.Upstream.Headers...) {
+			if headers.ValidName(strings.ToLower(h[0])) != nil || headers.ValidValue(h[1]) != nil || strings.HasPrefix(h[0], ":") {
+				t.Fatalf("accepted header %q", h)
+			}
+		}
+	})
+}

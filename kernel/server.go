@@ -127,6 +127,10 @@ type stream struct {
 
 	// respBuf outlives a pooled stream's reset, so that its map is reused.
 	respBuf map[string]string
+
+	// explain collects the agent's entry traces of a request played through /debug/explain;
+	// nil for Envoy's streams, which pay one nil check per agent call for it.
+	explain *explainTrace
 }
 
 // agentCall is a stream's agent request, allocated once per pooled stream.
@@ -231,6 +235,12 @@ func (st *stream) responseHeaders(n int) map[string]string {
 
 // Process serves one ext_proc stream: one HTTP request's exchange.
 func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
+	return s.process(ps, nil)
+}
+
+// process serves one stream; x, when not nil, collects the agent's entry traces of an
+// explained request (the admin listener's /debug/explain).
+func (s *Server) process(ps extprocv3.ExternalProcessor_ProcessServer, x *explainTrace) error {
 	snap := s.snap.Load()
 	if snap == nil || s.draining.Load() {
 		return status.Error(codes.Unavailable, "policy-kernel is not serving")
@@ -239,6 +249,7 @@ func (s *Server) Process(ps extprocv3.ExternalProcessor_ProcessServer) error {
 	defer s.streams.Add(-1)
 	ctx := ps.Context()
 	st := getStream(snap)
+	st.explain = x
 	defer putStream(st)
 	defer endStreamSpan(st)
 	defer s.streamEnded(st)

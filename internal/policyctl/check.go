@@ -111,4 +111,4 @@ func (f *tlsFlags) config(target string) (*tls.Config, error) {
 }
 
 // errNeedConfigs is explain's answer to --kernel without configs.
-var errNeedConfigs = errors.New("explain runs the request offline, in policyctl's own process: it needs the kernel's config (--config) and the agent's (--agent-config); a running kernel does not explain requests")
+var errNeedConfigs = errors.New("explain needs the kernel's config (--config) and the agent's (--agent-config) to run offline, or a running kernel's admin listener (--kernel-admin http://127.0.0.1:9190); the ext_proc port (--kernel) does not explain requests")

@@ -35,6 +35,8 @@ type Explanation struct {
 	// Request and Response are the route's chains, entry by entry.
 	Request  []Entry `json:"request_chain"`
 	Response []Entry `json:"response_chain"`
+	// Note says what the explanation lacks (an agent that gave no traces).
+	Note string `json:"note,omitempty"`
 
 	red *redactor
 }
@@ -61,16 +63,24 @@ func explain(ctx context.Context, args []string, stdout, stderr io.Writer) (int,
 	kernelCfg := fs.String("config", "", "the kernel's config `file`")
 	var agentCfgs listFlag
 	fs.Var(&agentCfgs, "agent-config", "an agent's config `file` (repeatable: one for every agent the kernel config names)")
-	kernelAddr := fs.String("kernel", "", "not used: a running kernel does not explain requests (see --config)")
+	kernelAddr := fs.String("kernel", "", "not used: the ext_proc port does not explain requests (see --kernel-admin)")
+	kernelAdmin := fs.String("kernel-admin", "", "explain on a running kernel: the `URL` of its admin listener (e.g. http://127.0.0.1:9190), instead of the configs")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `usage: policyctl explain --config kernel.yaml --agent-config agent.yaml [flags] [METHOD] PATH
+       policyctl explain --kernel-admin http://127.0.0.1:9190 [flags] [METHOD] PATH
 
-Runs the request offline, in policyctl's own process: the kernel's route selection and chains
-on the kernel config, the agent's policies on the agent config (secret references resolved as
-the agent does; policies with side effects have them: auditLog writes its record). Prints the
-route and the rule that picked it, every entry's outcome, duration and changes (credentials
-redacted), and the answer. Exit status: 0 it reached the upstream, 1 refused, 2 usage or
-config error.
+Offline (--config, --agent-config): runs the request in policyctl's own process: the kernel's
+route selection and chains on the kernel config, the agent's policies on the agent config
+(secret references resolved as the agent does).
+
+On a running kernel (--kernel-admin): POSTs the request to the kernel's admin listener
+(/debug/explain, loopback by default: kubectl port-forward reaches it in a pod), which plays it
+through its live config and agents as an Envoy stream.
+
+Either way the policies with side effects have them (auditLog writes its record, rateLimit
+takes a token). Prints the route and the rule that picked it, every entry's outcome, duration
+and changes (credentials redacted), and the answer. Exit status: 0 it reached the upstream,
+1 refused, 2 usage, config or connection error.
 
 `)
 		fs.PrintDefaults()
@@ -78,6 +88,16 @@ config error.
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return ExitError, err
+	}
+	if *kernelAdmin != "" {
+		if *kernelCfg != "" || len(agentCfgs) > 0 {
+			return ExitError, errors.New("--kernel-admin explains on the running kernel: leave out --config and --agent-config")
+		}
+		req, resp, err := rf.request(pos)
+		if err != nil {
+			return ExitError, err
+		}
+		return explainRemote(ctx, *kernelAdmin, &rf, req, resp, stdout, stderr)
 	}
 	if *kernelCfg == "" || len(agentCfgs) == 0 {
 		if *kernelAddr != "" {
@@ -310,6 +330,9 @@ func (x *Explanation) text(b *strings.Builder) {
 	if x.Invalid != "" {
 		fmt.Fprintf(b, "the route is refused: %s\n", x.Invalid)
 	}
+	if x.Note != "" {
+		fmt.Fprintf(b, "note: %s\n", x.Note)
+	}
 	for _, ph := range []struct {
 		name    string
 		entries []Entry
@@ -328,7 +351,7 @@ func (x *Explanation) text(b *strings.Builder) {
 				name += " (on_failure " + e.OnFailure + ")"
 			}
 			fmt.Fprintf(b, "  %d. %-28s %s", i+1, name, e.Outcome)
-			if e.Outcome != "not run" && e.Outcome != "skipped" {
+			if e.Outcome != "not run" && e.Outcome != "skipped" && e.Outcome != noTraces {
 				fmt.Fprintf(b, " (%.0fµs)", e.DurationUS)
 			}
 			b.WriteString("\n")

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/policy-engine/policy-engine/internal/headers"
+	"github.com/policy-engine/policy-engine/internal/redact"
 	_ "github.com/policy-engine/policy-engine/policies/all"
 )
 
@@ -73,7 +74,7 @@ func TestRedactor(t *testing.T) {
 		"authorization": true, "X-API-Key": true, "cookie": true, "set-cookie": true, "x-session-id": true,
 		"x-auth-token": true, "x-tenant-key": true, "x-user-id": false, "content-type": false, "x-request-id": false,
 	} {
-		if r.sensitive(name) != want {
+		if r.Sensitive(name) != want {
 			t.Errorf("%s: sensitive %v, want %v", name, !want, want)
 		}
 	}
@@ -82,7 +83,7 @@ func TestRedactor(t *testing.T) {
 	}
 	d := r.diff([][2]string{{"a", "1"}, {"b", "2"}, {"x-api-key", "k"}, {"v", "1"}, {"v", "2"}},
 		[][2]string{{"a", "1"}, {"b", "3"}, {"c", "4"}, {"authorization", "Bearer t"}, {"v", "1"}, {"v", "2"}})
-	want := []Mutation{{"changed", "b", "3"}, {"added", "c", "4"}, {"added", "authorization", redacted}, {"removed", "x-api-key", ""}}
+	want := []Mutation{{"changed", "b", "3"}, {"added", "c", "4"}, {"added", "authorization", redact.Redacted}, {"removed", "x-api-key", ""}}
 	if !slices.Equal(d, want) {
 		t.Errorf("diff %+v", d)
 	}
@@ -100,7 +101,7 @@ func TestMainUsage(t *testing.T) {
 		{[]string{"check", "-h"}, 0, "policyctl check"},
 		{[]string{"check", "--nope", "/"}, ExitError, "flag provided but not defined"},
 		{[]string{"explain", "/"}, ExitError, "--config kernel.yaml --agent-config agent.yaml"},
-		{[]string{"explain", "--kernel", "127.0.0.1:9001", "/"}, ExitError, "a running kernel does not explain requests"},
+		{[]string{"explain", "--kernel", "127.0.0.1:9001", "/"}, ExitError, "the ext_proc port (--kernel) does not explain requests"},
 		{[]string{"explain", "--config", "/nonexistent/k.yaml", "--agent-config", "/nonexistent/a.yaml", "/"}, ExitError, "k.yaml"},
 		{[]string{"check", "--body", "@/nonexistent/body", "/"}, ExitError, "--body"},
 	} {

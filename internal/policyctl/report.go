@@ -4,16 +4,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/url"
 	"slices"
 	"strings"
 
 	"github.com/policy-engine/policy-engine/internal/envoytest"
-	"github.com/policy-engine/policy-engine/policies/auditlog"
+	"github.com/policy-engine/policy-engine/internal/redact"
 )
-
-// redacted replaces the value of every credential header in the output.
-const redacted = "[redacted]"
 
 // Header is one header as printed.
 type Header struct {
@@ -144,66 +140,14 @@ func writeMutations(b *strings.Builder, title string, ms []Mutation) {
 	}
 }
 
-// redactor hides the values of credential headers: those the audit log redacts
-// (auditlog.DefaultRedactHeaders, and names holding one of auditlog.CredentialWords), and
-// the headers the configured policies read credentials from.
-type redactor struct {
-	extra map[string]bool
-}
+// redactor hides the values of credential headers (internal/redact: those the audit log
+// redacts, and the headers the configured policies read credentials from).
+type redactor struct{ *redact.Redactor }
 
-func newRedactor(extra []string) *redactor {
-	r := &redactor{extra: map[string]bool{}}
-	for _, h := range extra {
-		r.extra[strings.ToLower(h)] = true
-	}
-	return r
-}
+func newRedactor(extra []string) *redactor { return &redactor{redact.New(extra)} }
 
-func (r *redactor) sensitive(name string) bool {
-	name = strings.ToLower(name)
-	if r.extra[name] || slices.Contains(auditlog.DefaultRedactHeaders, name) {
-		return true
-	}
-	squeezed := strings.NewReplacer("-", "", "_", "").Replace(name)
-	for _, w := range auditlog.CredentialWords {
-		if strings.Contains(squeezed, strings.ReplaceAll(w, "_", "")) {
-			return true
-		}
-	}
-	return false
-}
-
-// param reports whether a query parameter carries a credential, as the audit log sees it.
-func (r *redactor) param(name string) bool {
-	n := strings.ReplaceAll(strings.ToLower(name), "-", "_")
-	return slices.Contains(auditlog.DefaultRedactKeys, n) || slices.Contains(auditlog.DefaultRedactParams, n) || r.sensitive(name)
-}
-
-// path hides the values of the credential parameters of a path's query.
-func (r *redactor) path(p string) string {
-	base, query, ok := strings.Cut(p, "?")
-	if !ok {
-		return p
-	}
-	parts := strings.Split(query, "&")
-	for i, kv := range parts {
-		name, _, hasValue := strings.Cut(kv, "=")
-		if dec, err := url.QueryUnescape(name); err == nil {
-			name = dec
-		}
-		if hasValue && r.param(name) {
-			parts[i] = kv[:strings.IndexByte(kv, '=')+1] + redacted
-		}
-	}
-	return base + "?" + strings.Join(parts, "&")
-}
-
-func (r *redactor) value(name, v string) string {
-	if r.sensitive(name) {
-		return redacted
-	}
-	return v
-}
+func (r *redactor) path(p string) string        { return r.Path(p) }
+func (r *redactor) value(name, v string) string { return r.Value(name, v) }
 
 func (r *redactor) headers(hs [][2]string) []Header {
 	out := make([]Header, 0, len(hs))

@@ -7,6 +7,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/policy-engine/policy-engine/internal/redact"
 	"github.com/policy-engine/policy-engine/policies/bodytransform/jsonedit"
 )
 
@@ -16,30 +17,25 @@ const Redacted = "[REDACTED]"
 var redactedJSON = []byte(`"` + Redacted + `"`)
 
 // DefaultRedactHeaders are the headers whose values are always redacted, besides those whose
-// names hold a CredentialWords entry.
-var DefaultRedactHeaders = []string{
-	"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
-	"x-csrf-token", "x-xsrf-token", "x-session-token", "x-amz-security-token", "x-auth-token",
-}
+// names hold a CredentialWords entry (internal/redact, shared with policyctl and the kernel's
+// /debug/explain).
+var DefaultRedactHeaders = redact.Headers
 
 // CredentialWords redact every header, query parameter and form field whose name holds one of
 // them (compared as keys are: case-insensitive, '-' and '_' equal): x-session-id,
 // x-client-secret, private-token. JSON body keys are not matched by them (a body's "tokens"
 // or "session_count" is data): only whole keys are, see DefaultRedactKeys.
-var CredentialWords = []string{"token", "secret", "password", "passwd", "apikey", "api_key", "session", "credential", "signature"}
+var CredentialWords = redact.Words
 
 // DefaultRedactParams are the query parameters and form fields whose values are always
 // redacted besides the keys: short names that signed URLs and OAuth redirects use for
 // credentials, too common in JSON bodies to redact there.
-var DefaultRedactParams = []string{"key", "code", "sig", "auth", "pwd"}
+var DefaultRedactParams = redact.Params
 
 // DefaultRedactKeys are the JSON keys, query parameters and form fields whose values are always
 // redacted. Names are compared case-insensitively with '-' and '_' taken as equal, so
 // "Access-Token" matches access_token.
-var DefaultRedactKeys = []string{
-	"password", "passwd", "token", "access_token", "refresh_token", "id_token", "secret",
-	"client_secret", "api_key", "apikey", "x_api_key", "authorization", "private_key",
-}
+var DefaultRedactKeys = redact.Keys
 
 // redactDepth bounds the nesting of a body that is redacted; a deeper body is not logged.
 const redactDepth = 256

@@ -418,7 +418,12 @@ type PolicyRequest struct {
 	CallId uint64 `protobuf:"varint,10,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
 	// On ExecuteStream only: stop the running call with this call_id (its caller is gone). Such
 	// a message carries nothing else and gets no answer.
-	Cancel        bool `protobuf:"varint,11,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	Cancel bool `protobuf:"varint,11,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	// explain asks for PolicyResponse.entries: what each chain entry did. The kernel sets it
+	// only on the calls of a request an operator plays through its admin endpoint
+	// (/debug/explain), never on Envoy's. An agent that predates the field ignores it and
+	// answers without entries.
+	Explain       bool `protobuf:"varint,20,opt,name=explain,proto3" json:"explain,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -526,6 +531,13 @@ func (x *PolicyRequest) GetCallId() uint64 {
 func (x *PolicyRequest) GetCancel() bool {
 	if x != nil {
 		return x.Cancel
+	}
+	return false
+}
+
+func (x *PolicyRequest) GetExplain() bool {
+	if x != nil {
+		return x.Explain
 	}
 	return false
 }
@@ -947,13 +959,16 @@ func (x *ResponseContext) GetStatusCode() int32 {
 }
 
 type PolicyResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RequestId     string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Instructions  []*Instruction         `protobuf:"bytes,2,rep,name=instructions,proto3" json:"instructions,omitempty"`
-	Status        *ResponseStatus        `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
-	Message       string                 `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
-	Metadata      map[string]string      `protobuf:"bytes,5,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	CallId        uint64                 `protobuf:"varint,6,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	RequestId    string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Instructions []*Instruction         `protobuf:"bytes,2,rep,name=instructions,proto3" json:"instructions,omitempty"`
+	Status       *ResponseStatus        `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
+	Message      string                 `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	Metadata     map[string]string      `protobuf:"bytes,5,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	CallId       uint64                 `protobuf:"varint,6,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	// entries is what each chain entry did, in the order they ran; only when the request had
+	// explain set.
+	Entries       []*EntryTrace `protobuf:"bytes,20,rep,name=entries,proto3" json:"entries,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1030,6 +1045,119 @@ func (x *PolicyResponse) GetCallId() uint64 {
 	return 0
 }
 
+func (x *PolicyResponse) GetEntries() []*EntryTrace {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+// EntryTrace is what one chain entry did in one call, for an explained request.
+type EntryTrace struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// index is the entry's position in the call's policies.
+	Index  uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Policy string `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	// outcome is allow, deny, error, timeout, skipped (after a skip_remaining, or its when
+	// condition was false) or shadow (ran, nothing enforced).
+	Outcome    string `protobuf:"bytes,3,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	OnFailure  string `protobuf:"bytes,4,opt,name=on_failure,json=onFailure,proto3" json:"on_failure,omitempty"`
+	DurationNs int64  `protobuf:"varint,5,opt,name=duration_ns,json=durationNs,proto3" json:"duration_ns,omitempty"`
+	// instructions are the entry's own instructions (those of a shadow entry are what it would
+	// have done), unredacted: the kernel redacts credentials before anything leaves it.
+	Instructions  []*Instruction `protobuf:"bytes,6,rep,name=instructions,proto3" json:"instructions,omitempty"`
+	Message       string         `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
+	Error         string         `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EntryTrace) Reset() {
+	*x = EntryTrace{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EntryTrace) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EntryTrace) ProtoMessage() {}
+
+func (x *EntryTrace) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EntryTrace.ProtoReflect.Descriptor instead.
+func (*EntryTrace) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *EntryTrace) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *EntryTrace) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
+}
+
+func (x *EntryTrace) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *EntryTrace) GetOnFailure() string {
+	if x != nil {
+		return x.OnFailure
+	}
+	return ""
+}
+
+func (x *EntryTrace) GetDurationNs() int64 {
+	if x != nil {
+		return x.DurationNs
+	}
+	return 0
+}
+
+func (x *EntryTrace) GetInstructions() []*Instruction {
+	if x != nil {
+		return x.Instructions
+	}
+	return nil
+}
+
+func (x *EntryTrace) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *EntryTrace) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 type Instruction struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Type  InstructionType        `protobuf:"varint,1,opt,name=type,proto3,enum=policyengine.agent.v1.InstructionType" json:"type,omitempty"`
@@ -1047,7 +1175,7 @@ type Instruction struct {
 
 func (x *Instruction) Reset() {
 	*x = Instruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1059,7 +1187,7 @@ func (x *Instruction) String() string {
 func (*Instruction) ProtoMessage() {}
 
 func (x *Instruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1072,7 +1200,7 @@ func (x *Instruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Instruction.ProtoReflect.Descriptor instead.
 func (*Instruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Instruction) GetType() InstructionType {
@@ -1181,7 +1309,7 @@ type HeaderInstruction struct {
 
 func (x *HeaderInstruction) Reset() {
 	*x = HeaderInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1193,7 +1321,7 @@ func (x *HeaderInstruction) String() string {
 func (*HeaderInstruction) ProtoMessage() {}
 
 func (x *HeaderInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1206,7 +1334,7 @@ func (x *HeaderInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeaderInstruction.ProtoReflect.Descriptor instead.
 func (*HeaderInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *HeaderInstruction) GetKey() string {
@@ -1239,7 +1367,7 @@ type BodyInstruction struct {
 
 func (x *BodyInstruction) Reset() {
 	*x = BodyInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1251,7 +1379,7 @@ func (x *BodyInstruction) String() string {
 func (*BodyInstruction) ProtoMessage() {}
 
 func (x *BodyInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1264,7 +1392,7 @@ func (x *BodyInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BodyInstruction.ProtoReflect.Descriptor instead.
 func (*BodyInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *BodyInstruction) GetBody() []byte {
@@ -1286,7 +1414,7 @@ type ImmediateResponse struct {
 
 func (x *ImmediateResponse) Reset() {
 	*x = ImmediateResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1298,7 +1426,7 @@ func (x *ImmediateResponse) String() string {
 func (*ImmediateResponse) ProtoMessage() {}
 
 func (x *ImmediateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1311,7 +1439,7 @@ func (x *ImmediateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImmediateResponse.ProtoReflect.Descriptor instead.
 func (*ImmediateResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ImmediateResponse) GetStatusCode() int32 {
@@ -1350,7 +1478,7 @@ type ContinueRequest struct {
 
 func (x *ContinueRequest) Reset() {
 	*x = ContinueRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1362,7 +1490,7 @@ func (x *ContinueRequest) String() string {
 func (*ContinueRequest) ProtoMessage() {}
 
 func (x *ContinueRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1375,7 +1503,7 @@ func (x *ContinueRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContinueRequest.ProtoReflect.Descriptor instead.
 func (*ContinueRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 type StateInstruction struct {
@@ -1388,7 +1516,7 @@ type StateInstruction struct {
 
 func (x *StateInstruction) Reset() {
 	*x = StateInstruction{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1400,7 +1528,7 @@ func (x *StateInstruction) String() string {
 func (*StateInstruction) ProtoMessage() {}
 
 func (x *StateInstruction) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1413,7 +1541,7 @@ func (x *StateInstruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateInstruction.ProtoReflect.Descriptor instead.
 func (*StateInstruction) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StateInstruction) GetKey() string {
@@ -1440,7 +1568,7 @@ type ResponseStatus struct {
 
 func (x *ResponseStatus) Reset() {
 	*x = ResponseStatus{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1452,7 +1580,7 @@ func (x *ResponseStatus) String() string {
 func (*ResponseStatus) ProtoMessage() {}
 
 func (x *ResponseStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1465,7 +1593,7 @@ func (x *ResponseStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseStatus.ProtoReflect.Descriptor instead.
 func (*ResponseStatus) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ResponseStatus) GetCode() StatusCode {
@@ -1491,7 +1619,7 @@ type ValidateChainsRequest struct {
 
 func (x *ValidateChainsRequest) Reset() {
 	*x = ValidateChainsRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1503,7 +1631,7 @@ func (x *ValidateChainsRequest) String() string {
 func (*ValidateChainsRequest) ProtoMessage() {}
 
 func (x *ValidateChainsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1516,7 +1644,7 @@ func (x *ValidateChainsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ValidateChainsRequest.ProtoReflect.Descriptor instead.
 func (*ValidateChainsRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ValidateChainsRequest) GetEntries() []*ChainEntry {
@@ -1537,7 +1665,7 @@ type ChainEntry struct {
 
 func (x *ChainEntry) Reset() {
 	*x = ChainEntry{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1549,7 +1677,7 @@ func (x *ChainEntry) String() string {
 func (*ChainEntry) ProtoMessage() {}
 
 func (x *ChainEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1562,7 +1690,7 @@ func (x *ChainEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChainEntry.ProtoReflect.Descriptor instead.
 func (*ChainEntry) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ChainEntry) GetPolicy() *Policy {
@@ -1593,7 +1721,7 @@ type ValidateChainsResponse struct {
 
 func (x *ValidateChainsResponse) Reset() {
 	*x = ValidateChainsResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1733,7 @@ func (x *ValidateChainsResponse) String() string {
 func (*ValidateChainsResponse) ProtoMessage() {}
 
 func (x *ValidateChainsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1746,7 @@ func (x *ValidateChainsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ValidateChainsResponse.ProtoReflect.Descriptor instead.
 func (*ValidateChainsResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ValidateChainsResponse) GetErrors() []string {
@@ -1649,7 +1777,7 @@ type EntryFacts struct {
 
 func (x *EntryFacts) Reset() {
 	*x = EntryFacts{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1661,7 +1789,7 @@ func (x *EntryFacts) String() string {
 func (*EntryFacts) ProtoMessage() {}
 
 func (x *EntryFacts) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1674,7 +1802,7 @@ func (x *EntryFacts) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntryFacts.ProtoReflect.Descriptor instead.
 func (*EntryFacts) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *EntryFacts) GetOwnedRequestHeaders() []string {
@@ -1709,7 +1837,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x10supported_phases\x18\x05 \x03(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x0fsupportedPhases\x122\n" +
 	"\x15requires_request_body\x18\x06 \x01(\bR\x13requiresRequestBody\x124\n" +
 	"\x16requires_response_body\x18\a \x01(\bR\x14requiresResponseBody\x128\n" +
-	"\x18response_ignores_request\x18\b \x01(\bR\x16responseIgnoresRequest\"\xb8\x05\n" +
+	"\x18response_ignores_request\x18\b \x01(\bR\x16responseIgnoresRequest\"\xd2\x05\n" +
 	"\rPolicyRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x129\n" +
@@ -1725,7 +1853,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\rtrace_context\x18\t \x03(\v26.policyengine.agent.v1.PolicyRequest.TraceContextEntryR\ftraceContext\x12\x17\n" +
 	"\acall_id\x18\n" +
 	" \x01(\x04R\x06callId\x12\x16\n" +
-	"\x06cancel\x18\v \x01(\bR\x06cancel\x1a8\n" +
+	"\x06cancel\x18\v \x01(\bR\x06cancel\x12\x18\n" +
+	"\aexplain\x18\x14 \x01(\bR\aexplain\x1a8\n" +
 	"\n" +
 	"StateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -1776,7 +1905,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"statusCode\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf7\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb4\x03\n" +
 	"\x0ePolicyResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12F\n" +
@@ -1784,10 +1913,23 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x06status\x18\x03 \x01(\v2%.policyengine.agent.v1.ResponseStatusR\x06status\x12\x18\n" +
 	"\amessage\x18\x04 \x01(\tR\amessage\x12O\n" +
 	"\bmetadata\x18\x05 \x03(\v23.policyengine.agent.v1.PolicyResponse.MetadataEntryR\bmetadata\x12\x17\n" +
-	"\acall_id\x18\x06 \x01(\x04R\x06callId\x1a;\n" +
+	"\acall_id\x18\x06 \x01(\x04R\x06callId\x12;\n" +
+	"\aentries\x18\x14 \x03(\v2!.policyengine.agent.v1.EntryTraceR\aentries\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc7\x03\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8c\x02\n" +
+	"\n" +
+	"EntryTrace\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
+	"\x06policy\x18\x02 \x01(\tR\x06policy\x12\x18\n" +
+	"\aoutcome\x18\x03 \x01(\tR\aoutcome\x12\x1d\n" +
+	"\n" +
+	"on_failure\x18\x04 \x01(\tR\tonFailure\x12\x1f\n" +
+	"\vduration_ns\x18\x05 \x01(\x03R\n" +
+	"durationNs\x12F\n" +
+	"\finstructions\x18\x06 \x03(\v2\".policyengine.agent.v1.InstructionR\finstructions\x12\x18\n" +
+	"\amessage\x18\a \x01(\tR\amessage\x12\x14\n" +
+	"\x05error\x18\b \x01(\tR\x05error\"\xc7\x03\n" +
 	"\vInstruction\x12:\n" +
 	"\x04type\x18\x01 \x01(\x0e2&.policyengine.agent.v1.InstructionTypeR\x04type\x12B\n" +
 	"\x06header\x18\x02 \x01(\v2(.policyengine.agent.v1.HeaderInstructionH\x00R\x06header\x12<\n" +
@@ -1867,7 +2009,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(PolicyPhase)(0),               // 0: policyengine.agent.v1.PolicyPhase
 	(InstructionType)(0),           // 1: policyengine.agent.v1.InstructionType
@@ -1883,72 +2025,75 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*RequestContext)(nil),         // 11: policyengine.agent.v1.RequestContext
 	(*ResponseContext)(nil),        // 12: policyengine.agent.v1.ResponseContext
 	(*PolicyResponse)(nil),         // 13: policyengine.agent.v1.PolicyResponse
-	(*Instruction)(nil),            // 14: policyengine.agent.v1.Instruction
-	(*HeaderInstruction)(nil),      // 15: policyengine.agent.v1.HeaderInstruction
-	(*BodyInstruction)(nil),        // 16: policyengine.agent.v1.BodyInstruction
-	(*ImmediateResponse)(nil),      // 17: policyengine.agent.v1.ImmediateResponse
-	(*ContinueRequest)(nil),        // 18: policyengine.agent.v1.ContinueRequest
-	(*StateInstruction)(nil),       // 19: policyengine.agent.v1.StateInstruction
-	(*ResponseStatus)(nil),         // 20: policyengine.agent.v1.ResponseStatus
-	(*ValidateChainsRequest)(nil),  // 21: policyengine.agent.v1.ValidateChainsRequest
-	(*ChainEntry)(nil),             // 22: policyengine.agent.v1.ChainEntry
-	(*ValidateChainsResponse)(nil), // 23: policyengine.agent.v1.ValidateChainsResponse
-	(*EntryFacts)(nil),             // 24: policyengine.agent.v1.EntryFacts
-	nil,                            // 25: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
-	nil,                            // 26: policyengine.agent.v1.PolicyRequest.StateEntry
-	nil,                            // 27: policyengine.agent.v1.PolicyRequest.TraceContextEntry
-	nil,                            // 28: policyengine.agent.v1.Policy.MetadataEntry
-	nil,                            // 29: policyengine.agent.v1.RequestContext.HeadersEntry
-	nil,                            // 30: policyengine.agent.v1.RequestContext.QueryParamsEntry
-	nil,                            // 31: policyengine.agent.v1.ResponseContext.HeadersEntry
-	nil,                            // 32: policyengine.agent.v1.PolicyResponse.MetadataEntry
-	nil,                            // 33: policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	(*EntryTrace)(nil),             // 14: policyengine.agent.v1.EntryTrace
+	(*Instruction)(nil),            // 15: policyengine.agent.v1.Instruction
+	(*HeaderInstruction)(nil),      // 16: policyengine.agent.v1.HeaderInstruction
+	(*BodyInstruction)(nil),        // 17: policyengine.agent.v1.BodyInstruction
+	(*ImmediateResponse)(nil),      // 18: policyengine.agent.v1.ImmediateResponse
+	(*ContinueRequest)(nil),        // 19: policyengine.agent.v1.ContinueRequest
+	(*StateInstruction)(nil),       // 20: policyengine.agent.v1.StateInstruction
+	(*ResponseStatus)(nil),         // 21: policyengine.agent.v1.ResponseStatus
+	(*ValidateChainsRequest)(nil),  // 22: policyengine.agent.v1.ValidateChainsRequest
+	(*ChainEntry)(nil),             // 23: policyengine.agent.v1.ChainEntry
+	(*ValidateChainsResponse)(nil), // 24: policyengine.agent.v1.ValidateChainsResponse
+	(*EntryFacts)(nil),             // 25: policyengine.agent.v1.EntryFacts
+	nil,                            // 26: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	nil,                            // 27: policyengine.agent.v1.PolicyRequest.StateEntry
+	nil,                            // 28: policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	nil,                            // 29: policyengine.agent.v1.Policy.MetadataEntry
+	nil,                            // 30: policyengine.agent.v1.RequestContext.HeadersEntry
+	nil,                            // 31: policyengine.agent.v1.RequestContext.QueryParamsEntry
+	nil,                            // 32: policyengine.agent.v1.ResponseContext.HeadersEntry
+	nil,                            // 33: policyengine.agent.v1.PolicyResponse.MetadataEntry
+	nil,                            // 34: policyengine.agent.v1.ImmediateResponse.HeadersEntry
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	5,  // 0: policyengine.agent.v1.GetAgentConfigResponse.supported_policies:type_name -> policyengine.agent.v1.PolicyInfo
-	25, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	26, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
 	0,  // 2: policyengine.agent.v1.PolicyInfo.supported_phases:type_name -> policyengine.agent.v1.PolicyPhase
 	9,  // 3: policyengine.agent.v1.PolicyRequest.policies:type_name -> policyengine.agent.v1.Policy
 	11, // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
 	0,  // 5: policyengine.agent.v1.PolicyRequest.phase:type_name -> policyengine.agent.v1.PolicyPhase
 	12, // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
-	26, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
-	27, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	27, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
+	28, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
 	6,  // 9: policyengine.agent.v1.PolicyRequestBatch.requests:type_name -> policyengine.agent.v1.PolicyRequest
 	13, // 10: policyengine.agent.v1.PolicyResponseBatch.responses:type_name -> policyengine.agent.v1.PolicyResponse
-	28, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
+	29, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
 	10, // 12: policyengine.agent.v1.Policy.cache:type_name -> policyengine.agent.v1.CacheSpec
-	29, // 13: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
-	30, // 14: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
-	31, // 15: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
-	14, // 16: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
-	20, // 17: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
-	32, // 18: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
-	1,  // 19: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
-	15, // 20: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
-	16, // 21: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
-	17, // 22: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
-	18, // 23: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
-	19, // 24: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
-	33, // 25: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
-	2,  // 26: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
-	22, // 27: policyengine.agent.v1.ValidateChainsRequest.entries:type_name -> policyengine.agent.v1.ChainEntry
-	9,  // 28: policyengine.agent.v1.ChainEntry.policy:type_name -> policyengine.agent.v1.Policy
-	0,  // 29: policyengine.agent.v1.ChainEntry.phase:type_name -> policyengine.agent.v1.PolicyPhase
-	24, // 30: policyengine.agent.v1.ValidateChainsResponse.facts:type_name -> policyengine.agent.v1.EntryFacts
-	3,  // 31: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
-	6,  // 32: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
-	7,  // 33: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
-	21, // 34: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
-	4,  // 35: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
-	13, // 36: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
-	8,  // 37: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
-	23, // 38: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
-	35, // [35:39] is the sub-list for method output_type
-	31, // [31:35] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	30, // 13: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
+	31, // 14: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
+	32, // 15: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
+	15, // 16: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
+	21, // 17: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
+	33, // 18: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
+	14, // 19: policyengine.agent.v1.PolicyResponse.entries:type_name -> policyengine.agent.v1.EntryTrace
+	15, // 20: policyengine.agent.v1.EntryTrace.instructions:type_name -> policyengine.agent.v1.Instruction
+	1,  // 21: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
+	16, // 22: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
+	17, // 23: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
+	18, // 24: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
+	19, // 25: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
+	20, // 26: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
+	34, // 27: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	2,  // 28: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
+	23, // 29: policyengine.agent.v1.ValidateChainsRequest.entries:type_name -> policyengine.agent.v1.ChainEntry
+	9,  // 30: policyengine.agent.v1.ChainEntry.policy:type_name -> policyengine.agent.v1.Policy
+	0,  // 31: policyengine.agent.v1.ChainEntry.phase:type_name -> policyengine.agent.v1.PolicyPhase
+	25, // 32: policyengine.agent.v1.ValidateChainsResponse.facts:type_name -> policyengine.agent.v1.EntryFacts
+	3,  // 33: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
+	6,  // 34: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
+	7,  // 35: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
+	22, // 36: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
+	4,  // 37: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
+	13, // 38: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
+	8,  // 39: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
+	24, // 40: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
+	37, // [37:41] is the sub-list for method output_type
+	33, // [33:37] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1956,7 +2101,7 @@ func file_api_agent_v1_agent_proto_init() {
 	if File_api_agent_v1_agent_proto != nil {
 		return
 	}
-	file_api_agent_v1_agent_proto_msgTypes[11].OneofWrappers = []any{
+	file_api_agent_v1_agent_proto_msgTypes[12].OneofWrappers = []any{
 		(*Instruction_Header)(nil),
 		(*Instruction_Body)(nil),
 		(*Instruction_ImmediateResponse)(nil),
@@ -1969,7 +2114,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
