@@ -35,8 +35,9 @@ COPY supervisord.conf /etc/supervisord.conf
 COPY --from=build /out/policy-kernel /out/policy-agent /usr/local/bin/
 USER policy-engine
 # 9001: ext_proc (gRPC, with the gRPC health service), on 127.0.0.1 in the shipped config
-# (Envoy in the same pod); 9090: the kernel's /metrics, /health/live, /health/ready (pprof is
-# off unless observability.pprof_enabled).
+# (Envoy in the same pod); 9090: the kernel's /metrics, /health/live, /health/ready. Not
+# exposed: the admin listeners (/config, /debug/explain, pprof when enabled) on 127.0.0.1:9190
+# (kernel) and 127.0.0.1:9191 (agent), reachable from inside the container or pod only.
 EXPOSE 9001 9090
 STOPSIGNAL SIGTERM
 CMD ["/usr/bin/supervisord", "-c", "/etc/supervisord.conf"]

@@ -75,6 +75,19 @@ func TestConfigDefaultsAndExample(t *testing.T) {
 	if o := minimal.PolicyKernel.Observability; o.PprofEnabled != nil {
 		t.Fatalf("pprof_enabled default: %v", *o.PprofEnabled)
 	}
+	if o := minimal.PolicyKernel.Observability; o.AdminAddress != "127.0.0.1" || o.AdminPort != DefaultAdminPort {
+		t.Fatalf("admin listener default %s:%d: it binds loopback unless told otherwise", o.AdminAddress, o.AdminPort)
+	}
+	for yaml, want := range map[string]string{
+		"  observability: {admin_port: 9090}\n":                   "observability.admin_port: must differ from metrics_port",
+		"  observability: {admin_port: -2}\n":                     "observability.admin_port: must be from 0 to 65535, or -1",
+		"  observability: {admin_port: -1, metrics_port: 9190}\n": "",
+	} {
+		_, err := ParseConfig("a.yaml", []byte("policy_kernel:\n  agents: [{name: a, socket_path: /s}]\n"+yaml))
+		if (want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), want)) {
+			t.Errorf("%q: %v, want %q", yaml, err, want)
+		}
+	}
 	a := minimal.PolicyKernel.Agents[0]
 	if a.TimeoutMS != DefaultAgentTimeoutMS || a.Retry.MaxAttempts != 1 || a.Retry.BackoffMS != DefaultBackoffMS || a.HealthCheckIntervalMS != DefaultHealthCheckIntervalMS || a.Connections != DefaultConnections || a.FailOpen {
 		t.Fatalf("agent defaults %+v", a)
