@@ -3,11 +3,15 @@ package agent
 import (
 	"context"
 	"errors"
+	"os"
+	"regexp"
+	"strings"
 	"time"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/yamlconf"
 )
 
 // EntryTrace is what one chain entry did in one run, for policyctl explain.
@@ -82,7 +86,7 @@ func TraceOf(phase agentv1.PolicyPhase, t *agentv1.EntryTrace) EntryTrace {
 func LoadOffline(path string, log *logging.Logger) (*Executor, string, error) {
 	cfg, in, _, err := loadInputs(path)
 	if err != nil {
-		return nil, "", err
+		return nil, "", placeSettingErrors(path, err)
 	}
 	exec := NewExecutor(log)
 	if err := exec.Load(cfg.AgentCore, configVersion(cfg.AgentCore.Version, in.data)); err != nil {
@@ -90,4 +94,35 @@ func LoadOffline(path string, log *logging.Logger) (*Executor, string, error) {
 		return nil, "", locate(path, in.data, err)
 	}
 	return exec, cfg.AgentCore.Name, nil
+}
+
+// settingErr is a problem of a policy's settings found before the policy saw them (a secret
+// reference that cannot be resolved), as resolveSecrets words it after the file's name.
+var settingErr = regexp.MustCompile(`^(agent_core\.policies\.config\.[A-Za-z0-9_]+): (.*)$`)
+
+// placeSettingErrors gives such problems the line of the setting they name, as locate does
+// for the policies' own refusals; others are left as they are.
+func placeSettingErrors(path string, err error) error {
+	data, rerr := os.ReadFile(path)
+	if rerr != nil {
+		return err
+	}
+	doc, derr := yamlconf.ParseDoc(path, data)
+	if derr != nil {
+		return err
+	}
+	var out []error
+	for _, e := range unjoin(err) {
+		m := settingErr.FindStringSubmatch(strings.TrimPrefix(e.Error(), path+": "))
+		if m == nil {
+			out = append(out, e)
+			continue
+		}
+		where := m[1]
+		if k := leadingKey.FindStringSubmatch(m[2]); k != nil {
+			where += "." + k[1]
+		}
+		out = append(out, &yamlconf.Error{File: path, Line: doc.Line(where), Key: m[1], Msg: m[2]})
+	}
+	return errors.Join(out...)
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -90,7 +91,7 @@ func TestPolicyctlValidate(t *testing.T) {
 		t.Fatalf("agent name mismatch: exit %d\n%s", code, errOut)
 	}
 	_, errOut, code = runCtl(t, ctl, nil, "validate", "--config", kcfg, "--agent-config", acfg)
-	if code != 1 || !strings.Contains(errOut, acfg+": ") || !strings.Contains(errOut, "POLICY_ENGINE_API_KEY_SHA256") {
+	if code != 1 || !regexp.MustCompile(regexp.QuoteMeta(acfg)+`:\d+: agent_core.policies.config.apiKeyAuth: keys\[0\].key_sha256: secret \$\{env:POLICY_ENGINE_API_KEY_SHA256\}`).MatchString(errOut) {
 		t.Fatalf("agent config without its secret: exit %d\n%s", code, errOut)
 	}
 
