@@ -11,7 +11,8 @@
 //	request.host      string              ":authority"
 //	request.scheme    string              ":scheme"
 //	request.headers   map(string, string) lower-case names; repeated headers joined with ", "
-//	request.query     map(string, string) the query's parameters (the first of a repeated one)
+//	request.query     map(string, string) the query's parameters (the first of a repeated one),
+//	                                      parsed from request.path when the expression reads it
 //	source.address    string              the client's address as the kernel sees it
 //	route.name        string              the route the request took
 //	state             map(string, string) state set by earlier entries of the chain
@@ -24,6 +25,7 @@ package cond
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -57,6 +59,9 @@ const (
 	varRoute   = "route.name"
 	varState   = "state"
 )
+
+// variables lists the variables for the message of an expression that names another.
+var variables = []string{varMethod, varPath, varURLPath, varHost, varScheme, varHeaders, varQuery, varSource, varRoute, varState}
 
 var env = sync.OnceValues(func() (*cel.Env, error) {
 	str := cel.StringType
@@ -123,7 +128,11 @@ func compile(src string, check func(*cel.Type) error) (*Expr, error) {
 	}
 	ast, iss := e.Compile(src)
 	if iss.Err() != nil {
-		return nil, errors.New(strings.TrimSpace(iss.Err().Error()))
+		msg := strings.TrimSpace(iss.Err().Error())
+		if strings.Contains(msg, "undeclared reference") {
+			msg += "\n(the variables are " + strings.Join(variables, ", ") + ")"
+		}
+		return nil, errors.New(msg)
 	}
 	if err := check(ast.OutputType()); err != nil {
 		return nil, err
@@ -142,7 +151,9 @@ func compile(src string, check func(*cel.Type) error) (*Expr, error) {
 }
 
 // Input is what an expression reads. The kernel and the agent each fill one from the request
-// they hold; maps may be nil (read as empty).
+// they hold; maps may be nil (read as empty). A nil Query is parsed from Path the first time
+// an expression reads request.query, and kept in the Input: an Input is one request's, never
+// shared between goroutines.
 type Input struct {
 	Method, Path, Host, Scheme, SourceAddress, Route string
 	Headers, Query, State                            map[string]string
@@ -180,6 +191,9 @@ func (a input) ResolveName(name string) (any, bool) {
 	case varHeaders:
 		return orEmpty(in.Headers), true
 	case varQuery:
+		if in.Query == nil {
+			in.Query = parseQuery(in.Path)
+		}
 		return orEmpty(in.Query), true
 	case varSource:
 		return types.String(in.SourceAddress), true
@@ -192,6 +206,24 @@ func (a input) ResolveName(name string) (any, bool) {
 }
 
 func (input) Parent() interpreter.Activation { return nil }
+
+// parseQuery returns the query parameters of a path, the first value of each; nil when it has
+// none. A malformed pair is left out, as url.ParseQuery leaves it.
+func parseQuery(path string) map[string]string {
+	_, q, ok := strings.Cut(path, "?")
+	if !ok || q == "" {
+		return nil
+	}
+	vals, _ := url.ParseQuery(q)
+	if len(vals) == 0 {
+		return nil
+	}
+	m := make(map[string]string, len(vals))
+	for k, v := range vals {
+		m[k] = v[0]
+	}
+	return m
+}
 
 func (e *Expr) eval(in *Input) (ref.Val, error) {
 	out, _, err := e.prg.Eval(input{in})

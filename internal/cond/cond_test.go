@@ -57,6 +57,26 @@ func TestConditionNilMaps(t *testing.T) {
 	}
 }
 
+func TestQueryFromPath(t *testing.T) {
+	e, err := CompileCondition(`request.query["page"] == "2" && !("x" in request.query)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := &Input{Path: "/items?page=2&page=3&q=a%20b"}
+	if got, err := e.Condition(in); err != nil || !got {
+		t.Fatalf("got %v, %v; want true", got, err)
+	}
+	if in.Query["q"] != "a b" {
+		t.Errorf("query parsed as %v", in.Query)
+	}
+	for _, p := range []string{"/items", "/items?", "/items?%zz"} {
+		got, err := e.Condition(&Input{Path: p})
+		if err == nil || got {
+			t.Errorf("%s: got %v, %v; want a missing key error", p, got, err)
+		}
+	}
+}
+
 func TestCompileErrors(t *testing.T) {
 	f := func(src, want string) {
 		t.Helper()
@@ -67,6 +87,7 @@ func TestCompileErrors(t *testing.T) {
 	}
 	f(``, "empty expression")
 	f(`request.methd == "GET"`, "undeclared reference")
+	f(`request.methd == "GET"`, "the variables are request.method, request.path")
 	f(`request.method == 1`, "no matching overload")
 	f(`request.method`, "must be a bool, got string")
 	f(`request.method ==`, "Syntax error")
