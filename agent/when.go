@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 
@@ -24,6 +25,12 @@ const (
 	featuresKey = "features"
 	featureWhen = "when"
 )
+
+// WithoutFeature stops the agent from advertising (and so from being sent) a chain-entry
+// feature. It is for test agents that stand in for an older build; call it before Main.
+func WithoutFeature(name string) {
+	features = slices.DeleteFunc(slices.Clone(features), func(f string) bool { return f == name })
+}
 
 // advertiseFeatures adds the features to GetAgentConfig's agent_metadata.
 func advertiseFeatures(md map[string]string) {
