@@ -100,7 +100,7 @@ func (e *Executor) entryCondition(r *resolved, entry *agentv1.Policy, pc *policy
 func (e *Executor) skipEntry(req *agentv1.PolicyRequest, i int, name string) {
 	e.metrics.skipped(name, req.GetRouteName())
 	if e.entryHook != nil {
-		e.traceEntry(req, i, "skipped", 0, policy.Result{}, nil)
+		e.traceEntry(req, i, "skipped", 0, policy.Result{Message: "when condition is false"}, nil)
 	}
 	if ev := e.log.Debug(); ev != nil {
 		ev.Str("request_id", req.GetRequestId()).Str("route", req.GetRouteName()).Str("phase", strings.ToLower(req.GetPhase().String())).

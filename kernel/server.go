@@ -49,6 +49,9 @@ type Server struct {
 	// wake asks the health loop to check the agents now: a request met a route that is not
 	// checked against its agent yet.
 	wake chan time.Time
+	// skipHook is told of each chain the kernel skipped by its when conditions (policyctl
+	// explain); nil: nothing is told.
+	skipHook func(route string, phase agentv1.PolicyPhase)
 }
 
 // NewServer returns a server with no snapshot; Store gives it one.

@@ -117,8 +117,21 @@ func (s *Server) skipByConditions(st *stream, c *chain) bool {
 		i = 1
 	}
 	st.route.metrics.skipped[i].Inc()
+	if ev := s.log.Debug(); ev != nil {
+		ev.Str("request_id", st.requestID).Str("route", st.route.Name).Str("phase", strings.ToLower(st.phase.String())).
+			Int("policies", len(c.policies)).Msg("chain skipped: every entry's when condition is false; the agent was not called")
+	}
+	if s.skipHook != nil {
+		s.skipHook(st.route.Name, st.phase)
+	}
 	return true
 }
+
+// SetSkipHook makes the server tell h of each chain it lets go without calling the agent
+// because the when condition of every entry is false, on the goroutine that serves the stream.
+// Call it before the server serves; nil turns it off. It is for tools that explain one request
+// (policyctl explain).
+func (s *Server) SetSkipHook(h func(route string, phase agentv1.PolicyPhase)) { s.skipHook = h }
 
 // ownedPresent reports whether a request carries a header a policy of its chain owns, in any
 // spelling that folds to its name; it allocates nothing.
