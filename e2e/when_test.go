@@ -277,39 +277,3 @@ func TestWhenBadExpressionRefused(t *testing.T) {
 		t.Fatalf("--validate: %v\n%s", err, out)
 	}
 }
-
-// noWhenAgent is policy-agent that does not advertise the when feature.
-const noWhenAgent = "github.com/policy-engine/policy-engine/internal/testpolicies/cmd/policy-agent-nowhen"
-
-// TestWhenRefusedOnOldAgent: an agent that does not advertise the when feature would run
-// every entry whatever its condition: the routes with conditions are refused (the kernel is
-// not ready, says why, and answers invalid_route); the others serve.
-func TestWhenRefusedOnOldAgent(t *testing.T) {
-	bin := testenv.Build(t, noWhenAgent)
-	kernel := `policy_kernel:
-  agents:
-    - name: default-agent
-      socket_path: "{{SOCK}}"
-  route_policies:
-    - route_name: /writes
-      request_policy_chain:
-        - policy: apiKeyAuth
-          when: 'request.method != "GET"'
-    - route_name: /plain
-      request_policy_chain:
-        - policy: allowAll
-`
-	e := testenv.StartEnv(t, testenv.Options{AgentYAML: agentYAML, KernelYAML: kernel, AgentBin: bin, NotReady: true,
-		AgentEnv: []string{"E2E_ADMIN_KEY=admin-secret"}})
-	testenv.WaitFor(t, testenv.StartTimeout, "the route to be refused", func() bool {
-		code, body := e.Get(t, "/health/ready")
-		return code == 503 && strings.Contains(body, `does not evaluate when conditions`)
-	})
-	c := e.Dial(t, envoyConfig)
-	if r := doMethod(t, c, "GET", "/writes"); r.Status != 500 || errorCode(t, r.Body) != "invalid_route" {
-		t.Fatalf("route with a condition: %d %s", r.Status, r.Body)
-	}
-	if r := doMethod(t, c, "GET", "/plain"); r.Forwarded == nil || r.LocalReply {
-		t.Fatalf("plain route: %d %s", r.Status, r.Body)
-	}
-}
