@@ -2,12 +2,18 @@ package kernel
 
 import (
 	"bytes"
+	"context"
+	"io"
 	"strings"
 	"testing"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	"github.com/rs/zerolog"
 
+	"github.com/policy-engine/policy-engine/agent"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/cond"
+	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // whenInfo is testInfo from an agent that evaluates when conditions.
@@ -223,4 +229,60 @@ func TestWhenEntryKey(t *testing.T) {
 	if entryKey(a, agentv1.PolicyPhase_REQUEST) == entryKey(b, agentv1.PolicyPhase_REQUEST) {
 		t.Fatal("same key")
 	}
+}
+
+// FuzzWhenKernelAgrees checks the kernel's skip against the agent's on arbitrary requests: when
+// the kernel lets a chain go without the agent, the agent, given the same request, skips every
+// entry too.
+func FuzzWhenKernelAgrees(f *testing.F) {
+	conds := []string{
+		`request.method != "GET"`,
+		`"x-api-key" in request.headers`,
+		`request.query["a"] == "1"`,
+		`"a" in request.query && request.url_path.startsWith("/admin")`,
+		`request.headers.exists(k, k.startsWith("x-d")) || request.host == "h"`,
+		`source.address.startsWith("10.") && request.scheme == "https"`,
+		`route.name == "other" || request.path.contains("%2F")`,
+		`size(request.headers) > 3`,
+	}
+	f.Add("GET", "/admin?a=1", "x-api-key", "k", "10.0.0.1", uint8(0), uint8(1))
+	f.Add("POST", "/x?a=2&a=1", "x-d", "", "192.0.2.1", uint8(2), uint8(3))
+	f.Add("GET", "/%2F?a", "host", "h", "", uint8(4), uint8(7))
+	cfg, err := agent.ParseConfig("agent.yaml", []byte("agent_core:\n  name: a\n  socket_path: /unused.sock\n"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	exec := agent.NewExecutor(logging.New(io.Discard, "agent", zerolog.ErrorLevel))
+	if err := exec.Load(cfg.AgentCore, "v"); err != nil {
+		f.Fatal(err)
+	}
+	var outcomes []string
+	exec.SetEntryHook(func(tr agent.EntryTrace) { outcomes = append(outcomes, tr.Outcome) })
+	m := newKernelMetrics()
+	s := NewServer(logging.New(io.Discard, "kernel", zerolog.ErrorLevel), m)
+	f.Fuzz(func(t *testing.T, method, path, hk, hv, src string, i, j uint8) {
+		var ch chain
+		for _, c := range []string{conds[int(i)%len(conds)], conds[int(j)%len(conds)]} {
+			x, err := cond.CompileCondition(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ch.policies = append(ch.policies, &agentv1.Policy{Name: "allowAll", When: c})
+			ch.conds = append(ch.conds, x)
+		}
+		ch.kernelConds = true
+		rc := func() *agentv1.RequestContext {
+			return &agentv1.RequestContext{Method: method, Path: path, Scheme: "https", Authority: "api", ClientIp: src,
+				Headers: map[string]string{strings.ToLower(hk): hv, "accept": "*/*"}}
+		}
+		st := &stream{route: &Route{Name: "r", request: ch, metrics: m.forRoute("r", "a")}, reqCtx: rc(), phase: agentv1.PolicyPhase_REQUEST}
+		if !s.skipByConditions(st, &ch) {
+			return
+		}
+		outcomes = outcomes[:0]
+		resp := exec.Execute(context.Background(), &agentv1.PolicyRequest{Phase: agentv1.PolicyPhase_REQUEST, RouteName: "r", Policies: ch.policies, Context: rc(), DeadlineMs: 1000})
+		if resp.GetStatus().GetCode() != agentv1.StatusCode_OK || len(resp.GetInstructions()) != 0 || len(outcomes) != 2 || outcomes[0] != "skipped" || outcomes[1] != "skipped" {
+			t.Fatalf("the kernel skipped the chain, the agent: %v %v", resp, outcomes)
+		}
+	})
 }
