@@ -98,6 +98,9 @@ func (s *Server) skipByConditions(st *stream, c *chain) bool {
 	if !c.kernelConds || st.reqCtx == nil {
 		return false
 	}
+	if st.route.stale() != "" {
+		return false // the agent changed under the route: the call refuses it (staleRoute)
+	}
 	if st.phase == agentv1.PolicyPhase_REQUEST && ownedPresent(st.reqCtx.Headers, c.owned) {
 		return false
 	}
