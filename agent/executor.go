@@ -281,8 +281,10 @@ func (e *Executor) ValidateChains(entries []*agentv1.ChainEntry) []string {
 			if _, err := s.instanceFor(f, name, ce.GetPolicy().GetMetadata()); err != nil {
 				out[i] = err.Error()
 			} else if w := ce.GetPolicy().GetWhen(); w != "" {
-				if _, err := s.conditionFor(w); err != nil {
+				if x, err := s.conditionFor(w); err != nil {
 					out[i] = err.Error()
+				} else if ce.GetPhase() == agentv1.PolicyPhase_REQUEST && x.ReadsResponse() {
+					out[i] = "invalid when condition: it reads the response in the request phase"
 				}
 			}
 		}

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -87,6 +88,11 @@ func (e *Executor) entryCondition(r *resolved, entry *agentv1.Policy, pc *policy
 	query := in.Query // parsed by an earlier condition of the run, if any
 	*in = cond.Input{Method: pc.Method, Path: pc.Path, Host: pc.Authority, Scheme: pc.Scheme,
 		SourceAddress: pc.ClientIP, Route: pc.RouteName, Headers: pc.Headers, State: pc.State, Query: query}
+	if pc.Response != nil {
+		in.ResponseCode, in.ResponseHeaders = pc.Response.Status, pc.Response.Headers
+	} else if r.when.ReadsResponse() {
+		return true, errors.New("when condition reads the response in the request phase")
+	}
 	ok, err := r.when.Condition(in)
 	if err != nil {
 		return true, fmt.Errorf("when condition: %w", err)

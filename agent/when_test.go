@@ -189,3 +189,36 @@ func TestWhenAdvertisedAndValidated(t *testing.T) {
 		t.Fatalf("verdicts %q", msgs)
 	}
 }
+
+// TestWhenResponse: a response chain's condition reads the response's status and headers; one
+// that reads the response in the request phase fails its entry, and the agent refuses to build
+// it.
+func TestWhenResponse(t *testing.T) {
+	e, _ := newTestExecutor(t, testCore())
+	resp := func(status int, h map[string]string) *agentv1.PolicyRequest {
+		r := req(when(p("t.setHeader", "key", "x-alert", "value", "1"), `response.code >= 500 || "x-debug" in response.headers`))
+		r.Phase = agentv1.PolicyPhase_RESPONSE
+		r.Response = &agentv1.ResponseContext{StatusCode: int32(status), Headers: h}
+		return r
+	}
+	for _, c := range []struct {
+		status int
+		h      map[string]string
+		want   string
+	}{{502, nil, "1"}, {200, map[string]string{"x-debug": "y"}, "1"}, {200, nil, ""}} {
+		if got := headersOf(e.Execute(context.Background(), resp(c.status, c.h)))["x-alert"]; got != c.want {
+			t.Errorf("%d %v: x-alert %q, want %q", c.status, c.h, got, c.want)
+		}
+	}
+	r := e.Execute(context.Background(), req(when(p("t.setHeader", "key", "x", "value", "1"), `response.code == 200`)))
+	if r.GetStatus().GetCode() != agentv1.StatusCode_POLICY_ERROR || !strings.Contains(r.GetMessage(), "reads the response in the request phase") {
+		t.Errorf("request phase: %v", r)
+	}
+	msgs := e.ValidateChains([]*agentv1.ChainEntry{
+		{Policy: when(p("t.setHeader", "key", "x", "value", "1"), `response.code == 200`), Phase: agentv1.PolicyPhase_REQUEST},
+		{Policy: when(p("t.setHeader", "key", "x", "value", "1"), `response.code == 200`), Phase: agentv1.PolicyPhase_RESPONSE},
+	})
+	if !strings.Contains(msgs[0], "reads the response in the request phase") || msgs[1] != "" {
+		t.Errorf("verdicts %q", msgs)
+	}
+}

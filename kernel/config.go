@@ -373,8 +373,8 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 		checkMode(bad, key+".mode", r.Mode)
 		checkChain(bad, key+".request_policy_chain", r.RequestPolicyChain)
 		checkChain(bad, key+".response_policy_chain", r.ResponsePolicyChain)
-		k.compileConditions(bad, key+".request_policy_chain", r.RequestPolicyChain)
-		k.compileConditions(bad, key+".response_policy_chain", r.ResponsePolicyChain)
+		k.compileConditions(bad, key+".request_policy_chain", r.RequestPolicyChain, false)
+		k.compileConditions(bad, key+".response_policy_chain", r.ResponsePolicyChain, true)
 	}
 	if d := k.DefaultPolicy; d != nil {
 		if d.Agent != "" && !agents[d.Agent] {
@@ -383,8 +383,8 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 		checkMode(bad, "default_policy.mode", d.Mode)
 		checkChain(bad, "default_policy.request_policy_chain", d.RequestPolicyChain)
 		checkChain(bad, "default_policy.response_policy_chain", d.ResponsePolicyChain)
-		k.compileConditions(bad, "default_policy.request_policy_chain", d.RequestPolicyChain)
-		k.compileConditions(bad, "default_policy.response_policy_chain", d.ResponsePolicyChain)
+		k.compileConditions(bad, "default_policy.request_policy_chain", d.RequestPolicyChain, false)
+		k.compileConditions(bad, "default_policy.response_policy_chain", d.ResponsePolicyChain, true)
 	}
 
 	o := &k.Observability
@@ -429,18 +429,25 @@ func checkChain(bad func(key, format string, args ...any), key string, chain []C
 
 // compileConditions compiles the when conditions of a chain's entries, each distinct source
 // once per config: a condition that does not compile is a problem at its entry's when key,
-// with the compiler's message.
-func (k *KernelConfig) compileConditions(bad func(key, format string, args ...any), key string, chain []ChainEntry) {
+// with the compiler's message, and so is one of a request chain that reads the response.
+func (k *KernelConfig) compileConditions(bad func(key, format string, args ...any), key string, chain []ChainEntry, response bool) {
 	for i, e := range chain {
 		if e.When == "" {
 			continue
 		}
-		if _, done := k.conds[e.When]; done {
+		x, done := k.conds[e.When]
+		if !done {
+			var err error
+			if x, err = cond.CompileCondition(e.When); err != nil {
+				bad(fmt.Sprintf("%s[%d].when", key, i), "invalid condition: %v", err)
+				continue
+			}
+		}
+		if !response && x.ReadsResponse() {
+			bad(fmt.Sprintf("%s[%d].when", key, i), "invalid condition: response.code and response.headers are only known in a response_policy_chain")
 			continue
 		}
-		x, err := cond.CompileCondition(e.When)
-		if err != nil {
-			bad(fmt.Sprintf("%s[%d].when", key, i), "invalid condition: %v", err)
+		if done {
 			continue
 		}
 		if k.conds == nil {

@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
@@ -48,6 +49,9 @@ func attachConditions(c *chain, cfg *KernelConfig, entries []ChainEntry, phase a
 			continue
 		}
 		x, err := cfg.condition(e.When)
+		if err == nil && phase == agentv1.PolicyPhase_REQUEST && x.ReadsResponse() {
+			err = errors.New("response.code and response.headers are only known in a response_policy_chain")
+		}
 		if err != nil {
 			// ParseConfig refused it already; a config made otherwise is refused here.
 			problems = append(problems, problem{fmt.Sprintf("%s[%d].when", key, i), "invalid condition: " + err.Error()})
@@ -108,6 +112,9 @@ func (s *Server) skipByConditions(st *stream, c *chain) bool {
 	in := &st.condIn
 	*in = cond.Input{Method: rc.Method, Path: rc.Path, Host: rc.Authority, Scheme: rc.Scheme,
 		SourceAddress: rc.ClientIp, Route: st.route.Name, Headers: rc.Headers}
+	if st.phase == agentv1.PolicyPhase_RESPONSE {
+		in.ResponseCode, in.ResponseHeaders = int(st.respStatus), st.respHeaders
+	}
 	defer func() { *in = cond.Input{} }()
 	for _, x := range c.conds {
 		ok, err := x.Condition(in)

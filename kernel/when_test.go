@@ -45,6 +45,8 @@ const whenConfig = `policy_kernel:
       response_policy_chain:
         - policy: lean
           when: 'request.url_path.endsWith("/audit")'
+        - policy: hdr
+          when: 'response.code >= 500 || "x-debug" in response.headers'
 `
 
 func skippedCount(t *testing.T, k *testKernel, route, phase string) int {
@@ -74,6 +76,12 @@ func TestWhenConfigErrors(t *testing.T) {
       response_policy_chain:
         - policy: hdr
           when: 'request.method'
+        - policy: hdr
+          when: 'response.code >= 500'
+    - route_name: /b
+      request_policy_chain:
+        - policy: auth
+          when: 'response.code >= 500'
   default_policy:
     request_policy_chain:
       - policy: allowAll
@@ -86,7 +94,8 @@ func TestWhenConfigErrors(t *testing.T) {
 		"kernel.yaml:7: policy_kernel.route_policies[0].request_policy_chain[0].when: invalid condition: ",
 		"undeclared reference to 'request'",
 		"kernel.yaml:10: policy_kernel.route_policies[0].response_policy_chain[0].when: invalid condition: a condition must be a bool, got string",
-		"kernel.yaml:14: policy_kernel.default_policy.request_policy_chain[0].when: invalid condition: ",
+		"kernel.yaml:16: policy_kernel.route_policies[1].request_policy_chain[0].when: invalid condition: response.code and response.headers are only known in a response_policy_chain",
+		"kernel.yaml:20: policy_kernel.default_policy.request_policy_chain[0].when: invalid condition: ",
 		"Syntax error",
 	} {
 		if !strings.Contains(err.Error(), want) {
@@ -219,6 +228,15 @@ func TestWhenKernelSkipResponse(t *testing.T) {
 	st.send(t, respHeaders("200", true))
 	if fa.ncalls() != 1 || fa.call(0).GetContext().GetPath() != "/resp/audit" {
 		t.Fatalf("%d calls", fa.ncalls())
+	}
+	// The response's status and headers.
+	for i, resp := range [][]string{{"502"}, {"200", "x-debug", "1"}} {
+		st = k.open(t)
+		st.send(t, reqHeaders("/resp/items", true, ""))
+		st.send(t, respHeaders(resp[0], true, resp[1:]...))
+		if fa.ncalls() != 2+i {
+			t.Fatalf("response %v: not sent to the agent", resp)
+		}
 	}
 }
 

@@ -17,6 +17,11 @@
 //	route.name        string              the route the request took
 //	state             map(string, string) state set by earlier entries of the chain
 //
+// and a condition (not a cache key) of a response chain's entry reads the upstream's response:
+//
+//	response.code     int                 the response's status
+//	response.headers  map(string, string) lower-case names, as request.headers
+//
 // Only `state` depends on the chain: an expression that does not read it can be evaluated
 // before the chain runs (ReadsState). Evaluation is bounded by a cost limit, so that no
 // expression can stall a request; exceeding it is an evaluation error.
@@ -58,10 +63,28 @@ const (
 	varSource  = "source.address"
 	varRoute   = "route.name"
 	varState   = "state"
+	// Condition-only variables: the response, in the response phase.
+	varRespCode    = "response.code"
+	varRespHeaders = "response.headers"
 )
 
 // variables lists the variables for the message of an expression that names another.
-var variables = []string{varMethod, varPath, varURLPath, varHost, varScheme, varHeaders, varQuery, varSource, varRoute, varState}
+var (
+	variables     = []string{varMethod, varPath, varURLPath, varHost, varScheme, varHeaders, varQuery, varSource, varRoute, varState}
+	condVariables = append(variables[:len(variables):len(variables)], varRespCode+" and "+varRespHeaders+" in a response chain")
+)
+
+// condEnv is env with the response, which only conditions read.
+var condEnv = sync.OnceValues(func() (*cel.Env, error) {
+	e, err := env()
+	if err != nil {
+		return nil, err
+	}
+	return e.Extend(
+		cel.Variable(varRespCode, cel.IntType),
+		cel.Variable(varRespHeaders, cel.MapType(cel.StringType, cel.StringType)),
+	)
+})
 
 var env = sync.OnceValues(func() (*cel.Env, error) {
 	str := cel.StringType
@@ -82,9 +105,10 @@ var env = sync.OnceValues(func() (*cel.Env, error) {
 
 // Expr is a compiled expression, safe for concurrent use.
 type Expr struct {
-	src        string
-	prg        cel.Program
-	readsState bool
+	src           string
+	prg           cel.Program
+	readsState    bool
+	readsResponse bool
 }
 
 // Source returns the expression as written.
@@ -93,9 +117,13 @@ func (e *Expr) Source() string { return e.src }
 // ReadsState reports whether the expression reads `state`, which only the chain's run knows.
 func (e *Expr) ReadsState() bool { return e.readsState }
 
+// ReadsResponse reports whether a condition reads response.code or response.headers, which
+// only a response chain has.
+func (e *Expr) ReadsResponse() bool { return e.readsResponse }
+
 // CompileCondition compiles a `when` condition, which must be of type bool.
 func CompileCondition(src string) (*Expr, error) {
-	return compile(src, func(t *cel.Type) error {
+	return compile(condEnv, condVariables, src, func(t *cel.Type) error {
 		if !t.IsExactType(cel.BoolType) {
 			return fmt.Errorf("a condition must be a bool, got %s", t)
 		}
@@ -105,7 +133,7 @@ func CompileCondition(src string) (*Expr, error) {
 
 // CompileKey compiles one part of a cache key: a string, an int, a uint, a bool or a double.
 func CompileKey(src string) (*Expr, error) {
-	return compile(src, func(t *cel.Type) error {
+	return compile(env, variables, src, func(t *cel.Type) error {
 		for _, ok := range []*cel.Type{cel.StringType, cel.IntType, cel.UintType, cel.BoolType, cel.DoubleType, cel.DynType} {
 			if t.IsExactType(ok) {
 				return nil
@@ -115,14 +143,14 @@ func CompileKey(src string) (*Expr, error) {
 	})
 }
 
-func compile(src string, check func(*cel.Type) error) (*Expr, error) {
+func compile(envOf func() (*cel.Env, error), vars []string, src string, check func(*cel.Type) error) (*Expr, error) {
 	if strings.TrimSpace(src) == "" {
 		return nil, errors.New("empty expression")
 	}
 	if len(src) > MaxExpressionLength {
 		return nil, fmt.Errorf("expression of %d bytes is longer than %d", len(src), MaxExpressionLength)
 	}
-	e, err := env()
+	e, err := envOf()
 	if err != nil {
 		return nil, err
 	}
@@ -130,7 +158,7 @@ func compile(src string, check func(*cel.Type) error) (*Expr, error) {
 	if iss.Err() != nil {
 		msg := strings.TrimSpace(iss.Err().Error())
 		if strings.Contains(msg, "undeclared reference") {
-			msg += "\n(the variables are " + strings.Join(variables, ", ") + ")"
+			msg += "\n(the variables are " + strings.Join(vars, ", ") + ")"
 		}
 		return nil, errors.New(msg)
 	}
@@ -143,8 +171,11 @@ func compile(src string, check func(*cel.Type) error) (*Expr, error) {
 	}
 	x := &Expr{src: src, prg: prg}
 	for _, r := range ast.NativeRep().ReferenceMap() {
-		if r.Name == varState {
+		switch r.Name {
+		case varState:
 			x.readsState = true
+		case varRespCode, varRespHeaders:
+			x.readsResponse = true
 		}
 	}
 	return x, nil
@@ -157,6 +188,9 @@ func compile(src string, check func(*cel.Type) error) (*Expr, error) {
 type Input struct {
 	Method, Path, Host, Scheme, SourceAddress, Route string
 	Headers, Query, State                            map[string]string
+	// ResponseCode and ResponseHeaders are the upstream's response, in the response phase.
+	ResponseCode    int
+	ResponseHeaders map[string]string
 }
 
 // input is an Input as a CEL activation, without copying it into a map.
@@ -201,6 +235,10 @@ func (a input) ResolveName(name string) (any, bool) {
 		return types.String(in.Route), true
 	case varState:
 		return orEmpty(in.State), true
+	case varRespCode:
+		return types.Int(in.ResponseCode), true
+	case varRespHeaders:
+		return orEmpty(in.ResponseHeaders), true
 	}
 	return nil, false
 }
