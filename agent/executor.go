@@ -548,7 +548,10 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 			continue
 		}
 		// The entry's when condition (when.go): false skips it; an error fails it.
-		runs, condErr := e.entryCondition(&chain[i], entry, pc, &ci)
+		runs, condErr := true, error(nil)
+		if entry.GetWhen() != "" {
+			runs, condErr = e.entryCondition(&chain[i], entry, pc, &ci)
+		}
 		if !runs {
 			chain[i].skipped = true
 			e.skipEntry(req, i, name)
