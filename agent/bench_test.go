@@ -80,6 +80,26 @@ func BenchmarkExecuteChain(b *testing.B) {
 			},
 			DeadlineMs: 150,
 		}, -1},
+		// The request chain with a when condition on apiKeyAuth: true (the entry runs; the
+		// difference with "request" is the condition's cost), and false (the entry is skipped).
+		{"request_when_true", &agentv1.PolicyRequest{
+			Phase:   agentv1.PolicyPhase_REQUEST,
+			Context: rc,
+			Policies: []*agentv1.Policy{
+				{Name: "apiKeyAuth", Metadata: map[string]string{"header_name": "X-API-Key", "required": "true"}, When: `request.method == "GET" && request.url_path.startsWith("/api/")`},
+				{Name: "allowAll"},
+			},
+			DeadlineMs: 150,
+		}, 3},
+		{"request_when_false", &agentv1.PolicyRequest{
+			Phase:   agentv1.PolicyPhase_REQUEST,
+			Context: rc,
+			Policies: []*agentv1.Policy{
+				{Name: "apiKeyAuth", Metadata: map[string]string{"header_name": "X-API-Key", "required": "true"}, When: `request.method != "GET"`},
+				{Name: "allowAll"},
+			},
+			DeadlineMs: 150,
+		}, -1},
 		{"response", &agentv1.PolicyRequest{
 			Phase:      agentv1.PolicyPhase_RESPONSE,
 			Context:    rc,

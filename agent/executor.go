@@ -17,6 +17,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/cond"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/tracing"
 )
@@ -62,6 +63,9 @@ type execSnapshot struct {
 	seed      maphash.Seed
 	cache     *xsync.Map[uint64, []*instance]
 	cached    atomic.Int64
+	// conds are the chain entries' when conditions, compiled once each (see when.go).
+	conds     *xsync.Map[string, compiledCond]
+	condCount atomic.Int64
 	// meta records the files the compiled entries' metadata names (the Executor's, shared).
 	meta *metaFiles
 	// creds holds the credential names of every policy compiled so far (CredentialReader),
@@ -148,6 +152,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 		factories: map[string]*factoryEntry{},
 		seed:      maphash.MakeSeed(),
 		cache:     xsync.NewMap[uint64, []*instance](),
+		conds:     xsync.NewMap[string, compiledCond](),
 		meta:      e.meta,
 	}
 	var errs []error
@@ -249,6 +254,7 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 	// The policies whose failures deny whatever on_failure says, comma-separated: the kernel
 	// warns of chain entries that set continue or skip_remaining on one of them.
 	resp.AgentMetadata[enforcingPoliciesKey] = strings.Join(enforcing, ",")
+	advertiseFeatures(resp.AgentMetadata)
 	return resp
 }
 
@@ -277,6 +283,12 @@ func (e *Executor) ValidateChains(entries []*agentv1.ChainEntry) []string {
 		default:
 			if _, err := s.instanceFor(f, name, ce.GetPolicy().GetMetadata()); err != nil {
 				out[i] = err.Error()
+			} else if w := ce.GetPolicy().GetWhen(); w != "" {
+				if x, err := s.conditionFor(w); err != nil {
+					out[i] = err.Error()
+				} else if ce.GetPhase() == agentv1.PolicyPhase_REQUEST && x.ReadsResponse() {
+					out[i] = "invalid when condition: it reads the response in the request phase"
+				}
 			}
 		}
 	}
@@ -435,8 +447,8 @@ func (e *Executor) execute(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Po
 	}
 	// Every policy of the chain that observes outcomes sees this one, also when an earlier
 	// policy ended the chain before it ran.
-	for _, r := range chain {
-		if o, ok := r.policy.(policy.ChainObserver); ok {
+	for i, r := range chain {
+		if o, ok := r.policy.(policy.ChainObserver); ok && e.observes(&chain[i], req.GetPolicies()[i], pc) {
 			out := outcomeOf(resp)
 			out.Shadow = shadow
 			o.ObserveChain(pc, out)
@@ -450,6 +462,13 @@ type resolved struct {
 	factory *factoryEntry
 	policy  policy.Policy
 	err     error
+	// when is the entry's compiled condition (nil: none, or whenErr says why it does not
+	// compile).
+	when    *cond.Expr
+	whenErr error
+	// skipped says that the run skipped the entry by its condition; reached that it came to
+	// the entry and did not skip it.
+	skipped, reached bool
 }
 
 // resolve looks up the compiled policy of every chain entry once, appending to out.
@@ -459,6 +478,9 @@ func (s *execSnapshot) resolve(entries []*agentv1.Policy, out []resolved) []reso
 		if f, ok := s.factories[entry.GetName()]; ok {
 			r.factory = f
 			r.policy, r.err = s.instanceFor(f, entry.GetName(), entry.GetMetadata())
+		}
+		if w := entry.GetWhen(); w != "" {
+			r.when, r.whenErr = s.conditionFor(w)
 		}
 		out = append(out, r)
 	}
@@ -501,6 +523,7 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 	// skippedBy is the entry that failed with skip_remaining; later entries run only if
 	// they enforce.
 	skippedBy := ""
+	var ci condInput
 	for i, entry := range req.GetPolicies() {
 		// The context is checked before the first policy and after every policy that ran
 		// (below), so that a chain whose deadline passed runs nothing more.
@@ -527,6 +550,17 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 			}
 			continue
 		}
+		// The entry's when condition (when.go): false skips it; an error fails it.
+		runs, condErr := true, error(nil)
+		if entry.GetWhen() != "" {
+			runs, condErr = e.entryCondition(&chain[i], entry, pc, &ci)
+		}
+		if !runs {
+			chain[i].skipped = true
+			e.skipEntry(req, resp, i, name)
+			continue
+		}
+		chain[i].reached = true
 		inShadow := entry.GetShadow()
 		onFailure := entry.GetOnFailure()
 		if enforces && !inShadow && (onFailure == "continue" || onFailure == "skip_remaining") {
@@ -538,7 +572,9 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 		)
 		start := time.Now()
 		span := trace.policy(name)
-		if !f.module.Phases.Has(req.GetPhase()) {
+		if condErr != nil {
+			err = condErr
+		} else if !f.module.Phases.Has(req.GetPhase()) {
 			err = fmt.Errorf("policy %q does not run in the %s phase", name, strings.ToLower(req.GetPhase().String()))
 		} else {
 			err = chain[i].err

@@ -54,6 +54,8 @@ func FuzzExecute(f *testing.F) {
 		req(onFailure(p("t.fail"), "continue"), onFailure(p("t.panic"), "skip_remaining"), p("t.denyBare")),
 		req(p("t.badInstruction"), p("nope"), p("t.sleep", "sleep", "1h")),
 		req(shadowed(p("t.guard", "key", "x-k", "want", "v")), shadowed(p("t.setHeader", "key", "x-a", "value", "1")), shadowed(p("t.status", "value", "POLICY_ERROR")), shadowed(p("t.badInstruction"))),
+		req(when(p("t.setHeader", "key", "x-a", "value", "1"), `request.method == "GET"`), when(p("t.guard", "key", "x-k", "want", "v"), `"user" in state`),
+			onFailure(when(p("t.state", "key", "user", "value", "u"), `request.headers["x-none"] == ""`), "continue"), when(p("t.denyBare"), `bad ==`)),
 		{RequestId: "r", CallId: 7, Phase: agentv1.PolicyPhase_RESPONSE, Policies: []*agentv1.Policy{p("t.responseOnly"), p("t.removeHeader", "key", "a")},
 			Response: &agentv1.ResponseContext{StatusCode: 200, Headers: map[string]string{"a": "1"}, Body: []byte("x")}, State: map[string]string{"k": "v"}},
 	}

@@ -34,6 +34,8 @@ type agentMetrics struct {
 	shadowBy     *xsync.Map[shadowKey, *shadowCounters]
 	shadowMu     sync.Mutex
 	shadowRoutes map[string]bool
+	// skips holds policy_agent_entries_skipped_total (when.go).
+	skips skipCounters
 
 	reloadSuccess, reloadFailure *metrics.Counter
 	infoMu                       sync.Mutex
@@ -61,6 +63,7 @@ var Families = []obs.Family{
 	{Name: "policy_agent_policy_failures_total", Type: "counter", Help: "Policy failures by policy and reason: error, timeout (the policy returned TIMEOUT, or returned after the chain's deadline), unknown_policy."},
 	{Name: "policy_agent_fail_closed_total", Type: "counter", Help: "Failures of policies that enforce (authentication, authorization, rate limits), denied although the chain entry's on_failure said continue or skip_remaining, by policy."},
 	{Name: "policy_agent_shadow_decisions_total", Type: "counter", Help: "What chain entries in shadow mode would have decided had they enforced, by policy, route and decision: allow, deny, error. Nothing they decide is enforced."},
+	{Name: "policy_agent_entries_skipped_total", Type: "counter", Help: "Chain entries not run because their when condition was false, by policy and route (past 1000 routes, \"other\")."},
 	{Name: "policy_agent_context_size_bytes", Type: "histogram", Help: "Size of the context a chain runs on, by type: request_headers, request_body, response_headers, response_body, state (headers: one chain in 8 after the first 64)."},
 	{Name: "policy_agent_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
 	{Name: "policy_agent_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
@@ -77,7 +80,8 @@ var Families = []obs.Family{
 
 func newAgentMetrics() *agentMetrics {
 	m := &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}, failClosedBy: map[string]*metrics.Counter{},
-		shadowBy: xsync.NewMap[shadowKey, *shadowCounters](), shadowRoutes: map[string]bool{}}
+		shadowBy: xsync.NewMap[shadowKey, *shadowCounters](), shadowRoutes: map[string]bool{},
+		skips: skipCounters{by: xsync.NewMap[shadowKey, *metrics.Counter](), routes: map[string]bool{}}}
 	size := func(typ string) *metrics.PrometheusHistogram {
 		return m.set.NewPrometheusHistogramExt(`policy_agent_context_size_bytes{type="`+typ+`"}`, sizeBuckets)
 	}

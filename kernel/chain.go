@@ -48,13 +48,18 @@ func (r *Route) modeFor(reqBody, respBody filterv3.ProcessingMode_BodySendMode) 
 // computeMode computes a mode of modeFor: reqStreamed and respStreamed say that Envoy's filter
 // config streams that body.
 func computeMode(r *Route, reqStreamed, respStreamed bool) *filterv3.ProcessingMode {
+	return computeModeBody(r, r.request.body, reqStreamed, respStreamed)
+}
+
+// computeModeBody is computeMode with reqBody saying whether the request body is asked for.
+func computeModeBody(r *Route, reqBody, reqStreamed, respStreamed bool) *filterv3.ProcessingMode {
 	if r.invalid != "" {
 		return nil
 	}
-	if r.response.empty() && !r.request.body {
+	if r.response.empty() && !reqBody {
 		return skipResponseMode
 	}
-	if !r.request.body && !r.response.body {
+	if !reqBody && !r.response.body {
 		return nil
 	}
 	m := &filterv3.ProcessingMode{
@@ -71,7 +76,7 @@ func computeMode(r *Route, reqStreamed, respStreamed bool) *filterv3.ProcessingM
 		}
 		return filterv3.ProcessingMode_BUFFERED
 	}
-	if r.request.body {
+	if reqBody {
 		m.RequestBodyMode = bodyMode(reqStreamed)
 		m.RequestTrailerMode = filterv3.ProcessingMode_SEND
 	}

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/policy-engine/policy-engine/config"
+	"github.com/policy-engine/policy-engine/internal/cond"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/tracing"
 	"github.com/policy-engine/policy-engine/internal/yamlconf"
@@ -29,6 +30,9 @@ type KernelConfig struct {
 	RoutePolicies []RoutePolicy       `yaml:"route_policies"`
 	DefaultPolicy *ChainPair          `yaml:"default_policy"`
 	Observability ObservabilityConfig `yaml:"observability"`
+
+	// conds are the chain entries' when conditions compiled by ParseConfig, by source.
+	conds map[string]*cond.Expr
 }
 
 // ServerConfig is the ext_proc listener.
@@ -130,6 +134,9 @@ type ChainEntry struct {
 	// Mode is "enforce" (the default) or "shadow": the entry runs, and what it would have
 	// refused is counted and logged by the agent, but nothing it decides is enforced.
 	Mode string `yaml:"mode"`
+	// When is a CEL condition over the request and the state of earlier entries
+	// (internal/cond): the entry runs only when it is true. Empty: always.
+	When string `yaml:"when"`
 }
 
 // Chain entry modes.
@@ -375,6 +382,8 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 		checkMode(bad, key+".mode", r.Mode)
 		checkChain(bad, key+".request_policy_chain", r.RequestPolicyChain)
 		checkChain(bad, key+".response_policy_chain", r.ResponsePolicyChain)
+		k.compileConditions(bad, key+".request_policy_chain", r.RequestPolicyChain, false)
+		k.compileConditions(bad, key+".response_policy_chain", r.ResponsePolicyChain, true)
 	}
 	if d := k.DefaultPolicy; d != nil {
 		if d.Agent != "" && !agents[d.Agent] {
@@ -383,6 +392,8 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 		checkMode(bad, "default_policy.mode", d.Mode)
 		checkChain(bad, "default_policy.request_policy_chain", d.RequestPolicyChain)
 		checkChain(bad, "default_policy.response_policy_chain", d.ResponsePolicyChain)
+		k.compileConditions(bad, "default_policy.request_policy_chain", d.RequestPolicyChain, false)
+		k.compileConditions(bad, "default_policy.response_policy_chain", d.ResponsePolicyChain, true)
 	}
 
 	o := &k.Observability
@@ -435,6 +446,45 @@ func checkChain(bad func(key, format string, args ...any), key string, chain []C
 		}
 		checkMode(bad, k+".mode", e.Mode)
 	}
+}
+
+// compileConditions compiles the when conditions of a chain's entries, each distinct source
+// once per config: a condition that does not compile is a problem at its entry's when key,
+// with the compiler's message, and so is one of a request chain that reads the response.
+func (k *KernelConfig) compileConditions(bad func(key, format string, args ...any), key string, chain []ChainEntry, response bool) {
+	for i, e := range chain {
+		if e.When == "" {
+			continue
+		}
+		x, done := k.conds[e.When]
+		if !done {
+			var err error
+			if x, err = cond.CompileCondition(e.When); err != nil {
+				bad(fmt.Sprintf("%s[%d].when", key, i), "invalid condition: %v", err)
+				continue
+			}
+		}
+		if !response && x.ReadsResponse() {
+			bad(fmt.Sprintf("%s[%d].when", key, i), "invalid condition: response.code and response.headers are only known in a response_policy_chain")
+			continue
+		}
+		if done {
+			continue
+		}
+		if k.conds == nil {
+			k.conds = map[string]*cond.Expr{}
+		}
+		k.conds[e.When] = x
+	}
+}
+
+// condition returns the compiled when condition src; one compiled now when the config was not
+// made by ParseConfig (nil and the error when it does not compile).
+func (k *KernelConfig) condition(src string) (*cond.Expr, error) {
+	if x, ok := k.conds[src]; ok {
+		return x, nil
+	}
+	return cond.CompileCondition(src)
 }
 
 func checkMode(bad func(key, format string, args ...any), key, mode string) {

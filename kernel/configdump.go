@@ -48,9 +48,11 @@ type RouteDump struct {
 type EntryDump struct {
 	Policy string `json:"policy"`
 	// Mode is "shadow" or "enforce", after the route's and the kernel's modes are applied.
-	Mode      string         `json:"mode"`
-	OnFailure string         `json:"on_failure"`
-	Metadata  map[string]any `json:"metadata,omitempty"`
+	Mode      string `json:"mode"`
+	OnFailure string `json:"on_failure"`
+	// When is the entry's condition; empty: it always runs.
+	When     string         `json:"when,omitempty"`
+	Metadata map[string]any `json:"metadata,omitempty"`
 }
 
 // AgentDump is one agent: its settings, its health and what it advertised.
@@ -144,7 +146,7 @@ func dumpRoute(r *Route, mode, agent string) RouteDump {
 func dumpChain(ps []*agentv1.Policy) []EntryDump {
 	out := make([]EntryDump, 0, len(ps))
 	for _, p := range ps {
-		e := EntryDump{Policy: p.GetName(), Mode: ModeEnforce, OnFailure: p.GetOnFailure(), Metadata: obs.RedactMap(false, p.GetMetadata())}
+		e := EntryDump{Policy: p.GetName(), Mode: ModeEnforce, OnFailure: p.GetOnFailure(), When: p.GetWhen(), Metadata: obs.RedactMap(false, p.GetMetadata())}
 		if e.OnFailure == "" {
 			e.OnFailure = "deny"
 		}

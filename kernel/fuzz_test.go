@@ -309,6 +309,7 @@ func FuzzAgentResponse(f *testing.F) {
 // compiles into a snapshot.
 func FuzzKernelConfig(f *testing.F) {
 	f.Add([]byte(baseConfig))
+	f.Add([]byte(whenConfig))
 	for _, dir := range []string{"testdata/config", "../config"} {
 		files, _ := filepath.Glob(filepath.Join(dir, "*.yaml"))
 		for _, p := range files {

@@ -57,6 +57,9 @@ type routeMetrics struct {
 	rejected  *metrics.Counter
 	// bodyMissing counts, by phase (0 request, 1 response), bodies a chain needed and did not get.
 	bodyMissing [2]*metrics.Counter
+	// skipped counts, by phase, chains whose every entry the kernel found skipped by its when
+	// condition: the agent was not called.
+	skipped [2]*metrics.Counter
 }
 
 // durationBuckets are the upper bounds of policy_kernel_request_duration_seconds: fine below
@@ -77,6 +80,7 @@ var Families = []obs.Family{
 	{Name: "policy_kernel_protocol_errors_total", Type: "counter", Help: "ext_proc streams ended because Envoy's messages broke the protocol."},
 	{Name: "policy_kernel_mutations_rejected_total", Type: "counter", Help: "Header mutations dropped because Envoy's mutation rules would reject them, by route and agent."},
 	{Name: "policy_kernel_body_missing_total", Type: "counter", Help: "Bodies a chain reads that Envoy did not send (allow_mode_override off, a body mode of NONE, trailers without a body, or an exchange that ended first), by route, agent and phase; a request is refused when a message still arrives to answer."},
+	{Name: "policy_kernel_chains_skipped_total", Type: "counter", Help: "Chains the kernel did not send to the agent because the when condition of every entry was false on the request, by route, agent and phase (counted as allowed in the phase's outcome too)."},
 	{Name: "policy_kernel_streams_active", Type: "gauge", Help: "ext_proc streams open now."},
 	{Name: "policy_kernel_default_route_requests_total", Type: "counter", Help: "Requests that matched no route by name or path and got default_policy (or, without one, went through unchanged), by the xds.route_name attribute (\"\" when absent); past 100 names, \"other\"."},
 	{Name: "policy_kernel_invalid_routes", Type: "gauge", Help: "Routes of the config in force whose requests are refused: invalid (a policy its agent lacks or refuses) or not checked against their agent yet. The kernel is not ready while it is above 0."},
@@ -147,6 +151,9 @@ func (m *kernelMetrics) forRoute(route, agent string) *routeMetrics {
 	for i, phase := range []string{"request", "response"} {
 		name := `policy_kernel_body_missing_total{` + labels + `,phase="` + phase + `"}`
 		rm.bodyMissing[i] = m.set.GetOrCreateCounter(name)
+		rm.names = append(rm.names, name)
+		name = `policy_kernel_chains_skipped_total{` + labels + `,phase="` + phase + `"}`
+		rm.skipped[i] = m.set.GetOrCreateCounter(name)
 		rm.names = append(rm.names, name)
 	}
 	m.routes[key] = rm

@@ -22,6 +22,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/cond"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/tracing"
 )
@@ -48,6 +49,9 @@ type Server struct {
 	// wake asks the health loop to check the agents now: a request met a route that is not
 	// checked against its agent yet.
 	wake chan time.Time
+	// skipHook is told of each chain the kernel skipped by its when conditions (policyctl
+	// explain); nil: nothing is told.
+	skipHook func(route string, phase agentv1.PolicyPhase)
 }
 
 // NewServer returns a server with no snapshot; Store gives it one.
@@ -124,6 +128,9 @@ type stream struct {
 
 	// call holds the agent request of the phase being run.
 	call *agentCall
+	// condIn is what the kernel evaluates when conditions on (skipByConditions), emptied
+	// after each use.
+	condIn cond.Input
 
 	// respBuf outlives a pooled stream's reset, so that its map is reused.
 	respBuf map[string]string
@@ -553,6 +560,14 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 		route.metrics.requests[statusAllow].Inc()
 		return requestHeadersReply(nil, mode), nil
 	}
+	if route.request.kernelConds {
+		st.phase = agentv1.PolicyPhase_REQUEST
+		if s.skipByConditions(st, &route.request) {
+			// No entry runs: the body the chain would read is not asked for either.
+			st.outcome(statusAllow)
+			return requestHeadersReply(nil, route.skipMode(st.cfgReqBody, st.cfgRespBody)), nil
+		}
+	}
 	if route.request.body && !h.GetEndOfStream() {
 		st.awaitReqBody = true
 		if st.cfgReqBody != filterv3.ProcessingMode_STREAMED || len(route.request.early) == 0 {
@@ -651,6 +666,15 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 		addHeader(st.respHeaders, &rep, hv.GetKey(), v)
 	}
 	joinRepeated(st.respHeaders, rep)
+	if route.response.kernelConds {
+		st.phase = agentv1.PolicyPhase_RESPONSE
+		if s.skipByConditions(st, &route.response) {
+			// The response body the chain would read is not awaited: one that Envoy sends
+			// anyway (a mode override it did not honour) gets an empty reply.
+			st.outcome(statusAllow)
+			return responseHeadersReply(nil), nil
+		}
+	}
 	if route.response.body && !h.GetEndOfStream() {
 		st.awaitRespBody = true
 		st.respStreamed = st.cfgRespBody == filterv3.ProcessingMode_STREAMED

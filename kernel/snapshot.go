@@ -14,6 +14,7 @@ import (
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/cond"
 	"github.com/policy-engine/policy-engine/internal/routetable"
 )
 
@@ -84,6 +85,9 @@ type Route struct {
 	// procModes are the mode overrides the route needs, by whether Envoy streams the request
 	// body (bit 0) and the response body (bit 1) of a chain that reads it; see modeFor.
 	procModes [4]*filterv3.ProcessingMode
+	// skipModes are procModes for a request whose request chain the kernel found wholly
+	// skipped by its when conditions: its body is not asked for (see skipMode).
+	skipModes [4]*filterv3.ProcessingMode
 	// droppedLogged makes the first dropped mutation of a route the only one logged.
 	droppedLogged atomic.Bool
 }
@@ -104,6 +108,11 @@ type chain struct {
 	// that reads the body, runs when the headers arrive; late, the rest, on the whole body. The
 	// entries run in the chain's order, each seeing what the ones before it did, as in one run.
 	early, late []*agentv1.Policy
+	// conds are the entries' when conditions, by entry (nil: no entry has one); kernelConds
+	// says that every entry has one that does not read state, so that the kernel can tell
+	// that the whole chain would be skipped (see skipByConditions in when.go).
+	conds       []*cond.Expr
+	kernelConds bool
 }
 
 // chain parts: which of a chain's policies a run sends.
@@ -205,6 +214,11 @@ func entryKey(p *agentv1.Policy, phase agentv1.PolicyPhase) string {
 		b.WriteByte(0)
 		b.WriteString(p.GetMetadata()[k])
 	}
+	if p.GetWhen() != "" {
+		// The agent compiles the condition too: an entry is checked with its condition.
+		b.WriteString("\x00\x00when\x00")
+		b.WriteString(p.GetWhen())
+	}
 	return b.String()
 }
 
@@ -254,6 +268,8 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		var unchecked int
 		r.request, problems, unchecked = compileChecked(reqChain, agentv1.PolicyPhase_REQUEST, agentName, view.adv, view.verdicts, shadowAll, key+".request_policy_chain", problems, unchecked)
 		r.response, problems, unchecked = compileChecked(respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.adv, view.verdicts, shadowAll, key+".response_policy_chain", problems, unchecked)
+		problems = attachConditions(&r.request, cfg, reqChain, agentv1.PolicyPhase_REQUEST, agentName, view.src, key+".request_policy_chain", problems)
+		problems = attachConditions(&r.response, cfg, respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.src, key+".response_policy_chain", problems)
 		if a := agents[agentName]; a != nil {
 			s.warnings = ignoredOnFailure(reqChain, a.enforcing(), key+".request_policy_chain", s.warnings)
 			s.warnings = ignoredOnFailure(respChain, a.enforcing(), key+".response_policy_chain", s.warnings)
@@ -282,6 +298,11 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		r.metrics = m.forRoute(name, agentName)
 		for i := range r.procModes {
 			r.procModes[i] = computeMode(r, i&1 != 0, i&2 != 0)
+		}
+		if r.request.kernelConds {
+			for i := range r.skipModes {
+				r.skipModes[i] = computeModeBody(r, false, i&1 != 0, i&2 != 0)
+			}
 		}
 		keepRoutes[name+"\x00"+agentName] = true
 		return r
@@ -341,7 +362,7 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 	readsRequest := false
 	var readsBody []bool
 	for i, e := range entries {
-		pol := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure, Shadow: shadowAll || e.Mode == ModeShadow}
+		pol := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure, Shadow: shadowAll || e.Mode == ModeShadow, When: e.When}
 		c.policies = append(c.policies, pol)
 		readsBody = append(readsBody, false)
 		if adv == nil {
@@ -426,6 +447,9 @@ func (r *Route) stale() string {
 	rc := r.recheck.Load()
 	if rc == nil || rc.src != src {
 		rc = &recheck{src: src, msg: r.checkAgainst(policiesOf(src))}
+		if rc.msg == "" {
+			rc.msg = r.checkFeatures(src)
+		}
 		r.recheck.Store(rc)
 	}
 	return rc.msg

@@ -44,7 +44,7 @@ func entriesByAgent(cfg *KernelConfig) map[string][]*agentv1.ChainEntry {
 			agent = first
 		}
 		for _, e := range chain {
-			p := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure}
+			p := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure, When: e.When}
 			k := agent + "\x00" + entryKey(p, phase)
 			if seen[k] {
 				continue

@@ -11,10 +11,16 @@
 //	request.host      string              ":authority"
 //	request.scheme    string              ":scheme"
 //	request.headers   map(string, string) lower-case names; repeated headers joined with ", "
-//	request.query     map(string, string) the query's parameters (the first of a repeated one)
+//	request.query     map(string, string) the query's parameters (the first of a repeated one),
+//	                                      parsed from request.path when the expression reads it
 //	source.address    string              the client's address as the kernel sees it
 //	route.name        string              the route the request took
 //	state             map(string, string) state set by earlier entries of the chain
+//
+// and a condition (not a cache key) of a response chain's entry reads the upstream's response:
+//
+//	response.code     int                 the response's status
+//	response.headers  map(string, string) lower-case names, as request.headers
 //
 // Only `state` depends on the chain: an expression that does not read it can be evaluated
 // before the chain runs (ReadsState). Evaluation is bounded by a cost limit, so that no
@@ -24,6 +30,7 @@ package cond
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -56,7 +63,28 @@ const (
 	varSource  = "source.address"
 	varRoute   = "route.name"
 	varState   = "state"
+	// Condition-only variables: the response, in the response phase.
+	varRespCode    = "response.code"
+	varRespHeaders = "response.headers"
 )
+
+// variables lists the variables for the message of an expression that names another.
+var (
+	variables     = []string{varMethod, varPath, varURLPath, varHost, varScheme, varHeaders, varQuery, varSource, varRoute, varState}
+	condVariables = append(variables[:len(variables):len(variables)], varRespCode+" and "+varRespHeaders+" in a response chain")
+)
+
+// condEnv is env with the response, which only conditions read.
+var condEnv = sync.OnceValues(func() (*cel.Env, error) {
+	e, err := env()
+	if err != nil {
+		return nil, err
+	}
+	return e.Extend(
+		cel.Variable(varRespCode, cel.IntType),
+		cel.Variable(varRespHeaders, cel.MapType(cel.StringType, cel.StringType)),
+	)
+})
 
 var env = sync.OnceValues(func() (*cel.Env, error) {
 	str := cel.StringType
@@ -77,9 +105,10 @@ var env = sync.OnceValues(func() (*cel.Env, error) {
 
 // Expr is a compiled expression, safe for concurrent use.
 type Expr struct {
-	src        string
-	prg        cel.Program
-	readsState bool
+	src           string
+	prg           cel.Program
+	readsState    bool
+	readsResponse bool
 }
 
 // Source returns the expression as written.
@@ -88,9 +117,13 @@ func (e *Expr) Source() string { return e.src }
 // ReadsState reports whether the expression reads `state`, which only the chain's run knows.
 func (e *Expr) ReadsState() bool { return e.readsState }
 
+// ReadsResponse reports whether a condition reads response.code or response.headers, which
+// only a response chain has.
+func (e *Expr) ReadsResponse() bool { return e.readsResponse }
+
 // CompileCondition compiles a `when` condition, which must be of type bool.
 func CompileCondition(src string) (*Expr, error) {
-	return compile(src, func(t *cel.Type) error {
+	return compile(condEnv, condVariables, src, func(t *cel.Type) error {
 		if !t.IsExactType(cel.BoolType) {
 			return fmt.Errorf("a condition must be a bool, got %s", t)
 		}
@@ -100,7 +133,7 @@ func CompileCondition(src string) (*Expr, error) {
 
 // CompileKey compiles one part of a cache key: a string, an int, a uint, a bool or a double.
 func CompileKey(src string) (*Expr, error) {
-	return compile(src, func(t *cel.Type) error {
+	return compile(env, variables, src, func(t *cel.Type) error {
 		for _, ok := range []*cel.Type{cel.StringType, cel.IntType, cel.UintType, cel.BoolType, cel.DoubleType, cel.DynType} {
 			if t.IsExactType(ok) {
 				return nil
@@ -110,20 +143,24 @@ func CompileKey(src string) (*Expr, error) {
 	})
 }
 
-func compile(src string, check func(*cel.Type) error) (*Expr, error) {
+func compile(envOf func() (*cel.Env, error), vars []string, src string, check func(*cel.Type) error) (*Expr, error) {
 	if strings.TrimSpace(src) == "" {
 		return nil, errors.New("empty expression")
 	}
 	if len(src) > MaxExpressionLength {
 		return nil, fmt.Errorf("expression of %d bytes is longer than %d", len(src), MaxExpressionLength)
 	}
-	e, err := env()
+	e, err := envOf()
 	if err != nil {
 		return nil, err
 	}
 	ast, iss := e.Compile(src)
 	if iss.Err() != nil {
-		return nil, errors.New(strings.TrimSpace(iss.Err().Error()))
+		msg := strings.TrimSpace(iss.Err().Error())
+		if strings.Contains(msg, "undeclared reference") {
+			msg += "\n(the variables are " + strings.Join(vars, ", ") + ")"
+		}
+		return nil, errors.New(msg)
 	}
 	if err := check(ast.OutputType()); err != nil {
 		return nil, err
@@ -134,18 +171,26 @@ func compile(src string, check func(*cel.Type) error) (*Expr, error) {
 	}
 	x := &Expr{src: src, prg: prg}
 	for _, r := range ast.NativeRep().ReferenceMap() {
-		if r.Name == varState {
+		switch r.Name {
+		case varState:
 			x.readsState = true
+		case varRespCode, varRespHeaders:
+			x.readsResponse = true
 		}
 	}
 	return x, nil
 }
 
 // Input is what an expression reads. The kernel and the agent each fill one from the request
-// they hold; maps may be nil (read as empty).
+// they hold; maps may be nil (read as empty). A nil Query is parsed from Path the first time
+// an expression reads request.query, and kept in the Input: an Input is one request's, never
+// shared between goroutines.
 type Input struct {
 	Method, Path, Host, Scheme, SourceAddress, Route string
 	Headers, Query, State                            map[string]string
+	// ResponseCode and ResponseHeaders are the upstream's response, in the response phase.
+	ResponseCode    int
+	ResponseHeaders map[string]string
 }
 
 // input is an Input as a CEL activation, without copying it into a map.
@@ -180,6 +225,9 @@ func (a input) ResolveName(name string) (any, bool) {
 	case varHeaders:
 		return orEmpty(in.Headers), true
 	case varQuery:
+		if in.Query == nil {
+			in.Query = parseQuery(in.Path)
+		}
 		return orEmpty(in.Query), true
 	case varSource:
 		return types.String(in.SourceAddress), true
@@ -187,11 +235,33 @@ func (a input) ResolveName(name string) (any, bool) {
 		return types.String(in.Route), true
 	case varState:
 		return orEmpty(in.State), true
+	case varRespCode:
+		return types.Int(in.ResponseCode), true
+	case varRespHeaders:
+		return orEmpty(in.ResponseHeaders), true
 	}
 	return nil, false
 }
 
 func (input) Parent() interpreter.Activation { return nil }
+
+// parseQuery returns the query parameters of a path, the first value of each; nil when it has
+// none. A malformed pair is left out, as url.ParseQuery leaves it.
+func parseQuery(path string) map[string]string {
+	_, q, ok := strings.Cut(path, "?")
+	if !ok || q == "" {
+		return nil
+	}
+	vals, _ := url.ParseQuery(q)
+	if len(vals) == 0 {
+		return nil
+	}
+	m := make(map[string]string, len(vals))
+	for k, v := range vals {
+		m[k] = v[0]
+	}
+	return m
+}
 
 func (e *Expr) eval(in *Input) (ref.Val, error) {
 	out, _, err := e.prg.Eval(input{in})

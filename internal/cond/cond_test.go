@@ -57,6 +57,56 @@ func TestConditionNilMaps(t *testing.T) {
 	}
 }
 
+func TestResponseVariables(t *testing.T) {
+	in := sample()
+	in.ResponseCode = 503
+	in.ResponseHeaders = map[string]string{"retry-after": "5"}
+	for src, want := range map[string]bool{
+		`response.code >= 500`:                                 true,
+		`response.code == 200`:                                 false,
+		`"retry-after" in response.headers`:                    true,
+		`request.method == "POST" && response.code / 100 == 5`: true,
+	} {
+		e, err := CompileCondition(src)
+		if err != nil {
+			t.Fatalf("%s: %v", src, err)
+		}
+		if !e.ReadsResponse() {
+			t.Errorf("%s: ReadsResponse false", src)
+		}
+		if got, err := e.Condition(in); err != nil || got != want {
+			t.Errorf("%s = %v, %v; want %v", src, got, err, want)
+		}
+	}
+	if e, _ := CompileCondition(`request.method == "GET"`); e.ReadsResponse() {
+		t.Error("a request condition reads the response")
+	}
+	// A cache key is computed before the entry runs: it cannot read the response.
+	if _, err := CompileKey(`response.code`); err == nil || !strings.Contains(err.Error(), "undeclared reference") {
+		t.Errorf("a key on the response compiled: %v", err)
+	}
+}
+
+func TestQueryFromPath(t *testing.T) {
+	e, err := CompileCondition(`request.query["page"] == "2" && !("x" in request.query)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := &Input{Path: "/items?page=2&page=3&q=a%20b"}
+	if got, err := e.Condition(in); err != nil || !got {
+		t.Fatalf("got %v, %v; want true", got, err)
+	}
+	if in.Query["q"] != "a b" {
+		t.Errorf("query parsed as %v", in.Query)
+	}
+	for _, p := range []string{"/items", "/items?", "/items?%zz"} {
+		got, err := e.Condition(&Input{Path: p})
+		if err == nil || got {
+			t.Errorf("%s: got %v, %v; want a missing key error", p, got, err)
+		}
+	}
+}
+
 func TestCompileErrors(t *testing.T) {
 	f := func(src, want string) {
 		t.Helper()
@@ -67,6 +117,7 @@ func TestCompileErrors(t *testing.T) {
 	}
 	f(``, "empty expression")
 	f(`request.methd == "GET"`, "undeclared reference")
+	f(`request.methd == "GET"`, "the variables are request.method, request.path")
 	f(`request.method == 1`, "no matching overload")
 	f(`request.method`, "must be a bool, got string")
 	f(`request.method ==`, "Syntax error")

@@ -46,6 +46,8 @@ type Entry struct {
 	Policy    string `json:"policy"`
 	Shadow    bool   `json:"shadow,omitempty"`
 	OnFailure string `json:"on_failure,omitempty"`
+	// When is the entry's condition; empty: it always runs.
+	When string `json:"when,omitempty"`
 	// Outcome is allow, deny, error, timeout, skipped, shadow, or "not run" (an earlier entry
 	// ended the chain, the request was refused before the phase, or the phase never came).
 	Outcome    string   `json:"outcome"`
@@ -127,6 +129,7 @@ and changes (credentials redacted), and the answer. Exit status: 0 it reached th
 	if err != nil {
 		return ExitError, fmt.Errorf("%s: %w", *kernelCfg, err)
 	}
+	srv.SetSkipHook(tr.kernelSkipped)
 
 	// The kernel serves ext_proc on an in-memory connection, and the Envoy-faithful client
 	// plays the request through it.
@@ -150,7 +153,7 @@ and changes (credentials redacted), and the answer. Exit status: 0 it reached th
 	if err != nil {
 		return ExitError, fmt.Errorf("the request could not be played: %w", err)
 	}
-	x := newExplanation(choice, tr.take())
+	x := newExplanation(choice, tr.withKernelSkips(choice))
 	rep := newReport(req, resp, res, x)
 	if err := rep.write(stdout, rf.json); err != nil {
 		return ExitError, err
@@ -214,6 +217,8 @@ func (l localAgent) ValidateChains(_ context.Context, entries []*agentv1.ChainEn
 type tracer struct {
 	mu     sync.Mutex
 	traces []agent.EntryTrace
+	// skipped are the phases whose chain the kernel skipped by its when conditions (when.go).
+	skipped []agentv1.PolicyPhase
 }
 
 func (t *tracer) add(e agent.EntryTrace) {
@@ -242,7 +247,7 @@ func newExplanation(c kernel.RouteChoice, traces []agent.EntryTrace) *Explanatio
 func (x *Explanation) lay(chain []*agentv1.Policy, traces []agent.EntryTrace, phase agentv1.PolicyPhase) []Entry {
 	out := make([]Entry, len(chain))
 	for i, p := range chain {
-		out[i] = Entry{Policy: p.GetName(), Shadow: p.GetShadow(), OnFailure: p.GetOnFailure(), Outcome: "not run"}
+		out[i] = Entry{Policy: p.GetName(), Shadow: p.GetShadow(), OnFailure: p.GetOnFailure(), When: p.GetWhen(), Outcome: "not run"}
 	}
 	base, last, lastPos := 0, -1, -1
 	for _, t := range traces {
@@ -355,6 +360,9 @@ func (x *Explanation) text(b *strings.Builder) {
 				fmt.Fprintf(b, " (%.0fµs)", e.DurationUS)
 			}
 			b.WriteString("\n")
+			if e.When != "" {
+				fmt.Fprintf(b, "       when: %s\n", e.When)
+			}
 			for _, ch := range e.Changes {
 				fmt.Fprintf(b, "       %s\n", ch)
 			}
