@@ -130,6 +130,8 @@ type ChainEntry struct {
 	// Mode is "enforce" (the default) or "shadow": the entry runs, and what it would have
 	// refused is counted and logged by the agent, but nothing it decides is enforced.
 	Mode string `yaml:"mode"`
+	// Cache reuses the entry's result for requests with the same key (cachecfg.go).
+	Cache *CacheConfig `yaml:"cache"`
 }
 
 // Chain entry modes.
@@ -413,6 +415,7 @@ func checkChain(bad func(key, format string, args ...any), key string, chain []C
 			bad(k+".on_failure", "must be deny, continue or skip_remaining, got %q", e.OnFailure)
 		}
 		checkMode(bad, k+".mode", e.Mode)
+		checkCache(bad, k+".cache", e.Cache)
 	}
 }
 

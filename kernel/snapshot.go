@@ -205,6 +205,7 @@ func entryKey(p *agentv1.Policy, phase agentv1.PolicyPhase) string {
 		b.WriteByte(0)
 		b.WriteString(p.GetMetadata()[k])
 	}
+	b.WriteString(cacheEntryKey(p.GetCache()))
 	return b.String()
 }
 
@@ -254,6 +255,10 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		var unchecked int
 		r.request, problems, unchecked = compileChecked(reqChain, agentv1.PolicyPhase_REQUEST, agentName, view.adv, view.verdicts, shadowAll, key+".request_policy_chain", problems, unchecked)
 		r.response, problems, unchecked = compileChecked(respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.adv, view.verdicts, shadowAll, key+".response_policy_chain", problems, unchecked)
+		problems = cacheProblems(reqChain, view.src, agentName, key+".request_policy_chain", problems)
+		problems = cacheProblems(respChain, view.src, agentName, key+".response_policy_chain", problems)
+		scopeCaches(name, agentv1.PolicyPhase_REQUEST, r.request.policies)
+		scopeCaches(name, agentv1.PolicyPhase_RESPONSE, r.response.policies)
 		if a := agents[agentName]; a != nil {
 			s.warnings = ignoredOnFailure(reqChain, a.enforcing(), key+".request_policy_chain", s.warnings)
 			s.warnings = ignoredOnFailure(respChain, a.enforcing(), key+".response_policy_chain", s.warnings)
@@ -342,6 +347,7 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 	var readsBody []bool
 	for i, e := range entries {
 		pol := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure, Shadow: shadowAll || e.Mode == ModeShadow}
+		pol.Cache = e.Cache.spec()
 		c.policies = append(c.policies, pol)
 		readsBody = append(readsBody, false)
 		if adv == nil {

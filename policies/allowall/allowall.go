@@ -14,7 +14,9 @@ const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type"
 
 func init() {
 	policy.Register(policy.Module{
-		Name:        Name,
+		Name: Name,
+		// Its result is the same for every request.
+		Cacheable:   true,
 		Version:     "1.0.0",
 		Description: "Allows every request unchanged.",
 		Phases:      policy.Both,

@@ -69,7 +69,10 @@ type Factory struct {
 
 func init() {
 	policy.Register(policy.Module{
-		Name:           Name,
+		Name: Name,
+		// Its result depends only on the key header and the configured keys (a reload of the
+		// agent config drops every cached result).
+		Cacheable:      true,
 		Version:        "1.0.0",
 		Description:    "Authenticates requests by API key.",
 		Phases:         policy.Request,

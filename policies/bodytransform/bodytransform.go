@@ -88,10 +88,11 @@ func init() {
 		refused[r] = metrics.GetOrCreateCounter(`policy_agent_body_transform_refused_total{reason="` + r + `"}`)
 	}
 	policy.Register(policy.Module{
-		Name:        Name,
-		Version:     "1.1.0",
-		Description: "Removes and renames fields of JSON response bodies; refuses a JSON body it cannot edit.",
-		Phases:      policy.Response,
+		Name:         Name,
+		NotCacheable: "it transforms the body, which a key cannot read",
+		Version:      "1.1.0",
+		Description:  "Removes and renames fields of JSON response bodies; refuses a JSON body it cannot edit.",
+		Phases:       policy.Response,
 		// In the response phase it reads only the response and the state.
 		ResponseIgnoresRequest: true,
 		ResponseBody:           true,

@@ -33,7 +33,10 @@ const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type"
 
 func init() {
 	policy.Register(policy.Module{
-		Name:           Name,
+		Name: Name,
+		// Its result depends only on the claims an earlier jwtValidation put in the state: a
+		// key must read them (state["jwt.claims"]) or the token.
+		Cacheable:      true,
 		Version:        "1.0.0",
 		Description:    "Requires roles from the claims of a validated JWT.",
 		Phases:         policy.Request,
