@@ -80,6 +80,7 @@ var Families = []obs.Family{
 	{Name: "policy_agent_audit_log_sink_failing_requests_total", Type: "counter", Help: "Exchanges that met a failing audit sink, by the on_sink_error action: deny (refused with 503) or continue (let through unrecorded)."},
 	{Name: "policy_agent_ratelimit_backend_errors_total", Type: "counter", Help: "Rate-limit decisions whose Redis backend failed, by the on_backend_error action: local, allow, deny."},
 	{Name: "policy_agent_ratelimit_local_overflow_total", Type: "counter", Help: "Rate-limit requests decided by a shared overflow bucket because the local key store was full."},
+	{Name: "policy_agent_ratelimit_local_over_limit_total", Type: "counter", Help: "Rate-limit requests refused without a Redis call: the key was refused by Redis before and its bucket does not allow again yet (redis.over_limit_cache_entries)."},
 	{Name: "policy_agent_ratelimit_local_buckets", Type: "gauge", Help: "Buckets in the local rate-limit key store."},
 }
 
