@@ -47,6 +47,9 @@ const (
 	cacheItemOverhead = 160
 	// maxCacheRoutes bounds the route label of the cache metrics, as maxShadowRoutes.
 	maxCacheRoutes = 1000
+	// maxCacheScopes bounds the entry caches of one config: the kernel sends one scope per
+	// cached entry of its config, far fewer; past it, entries of new scopes run uncached.
+	maxCacheScopes = 10000
 )
 
 // cacheFeature is what the agent advertises in agent_metadata "features" for Policy.cache.
@@ -100,7 +103,8 @@ type cacheItem struct {
 // keyPool holds the buffers keys are built in.
 var keyPool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
 
-// forEntry returns the entry cache of spec's scope, made on first use.
+// forEntry returns the entry cache of spec's scope, made on first use; nil past
+// maxCacheScopes.
 func (rc *resultCaches) forEntry(spec *agentv1.CacheSpec, route, policyName string) *entryCache {
 	if c, ok := rc.byScope.Load(spec.GetScope()); ok {
 		return c
@@ -109,6 +113,9 @@ func (rc *resultCaches) forEntry(spec *agentv1.CacheSpec, route, policyName stri
 	defer rc.buildMu.Unlock()
 	if c, ok := rc.byScope.Load(spec.GetScope()); ok {
 		return c
+	}
+	if rc.byScope.Size() >= maxCacheScopes {
+		return nil
 	}
 	c := &entryCache{caches: rc, scope: spec.GetScope(), ttl: time.Duration(spec.GetTtlMs()) * time.Millisecond,
 		maxEntries: int(spec.GetMaxEntries()), maxBytes: spec.GetMaxBytes(), items: map[[sha256.Size]byte]*cacheItem{}}
@@ -183,6 +190,9 @@ func (e *Executor) runCached(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyR
 		return e.run(cc, p, pc, name)
 	}
 	c := s.caches.forEntry(spec, req.GetRouteName(), name)
+	if c == nil {
+		return e.run(cc, p, pc, name)
+	}
 	if c.keyErr != nil || !f.module.Cacheable {
 		c.counters.uncached.Inc()
 		return e.run(cc, p, pc, name)
