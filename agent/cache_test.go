@@ -5,12 +5,18 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
+	"github.com/rs/zerolog"
+	"google.golang.org/protobuf/proto"
+
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 )
 
 // Runs of the cacheable test policies.
@@ -290,4 +296,32 @@ func TestValidateChainsRefusesUncacheable(t *testing.T) {
 	if f := e.Describe().GetAgentMetadata()["features"]; !strings.Contains(","+f+",", ",cache,") {
 		t.Errorf("features = %q", f)
 	}
+}
+
+// TestCacheConcurrent runs many chains on a few keys at once (go test -race): hits share the
+// stored result read-only while misses store.
+func TestCacheConcurrent(t *testing.T) {
+	e := NewExecutor(logging.New(&testenv.SyncBuffer{}, "agent", zerolog.DebugLevel))
+	if err := e.Load(testCore(), "v1"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	pol := cached(p("t.cached"), "conc", time.Minute)
+	pol.Cache.MaxEntries = 3
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 200 {
+				k := fmt.Sprint((w + i) % 5)
+				resp := e.Execute(context.Background(), keyed(req(pol, p("t.setHeader", "key", "after", "value", k)), k))
+				if _, err := proto.Marshal(resp); err != nil || resp.GetInstructions()[0].GetHeader().GetValue() != k {
+					t.Errorf("key %s: %v %v", k, resp, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }
