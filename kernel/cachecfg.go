@@ -194,3 +194,19 @@ func cacheProblems(entries []ChainEntry, src *agentv1.GetAgentConfigResponse, ag
 	}
 	return problems
 }
+
+// CacheDump is a chain entry's cache in /config.
+type CacheDump struct {
+	Key        []string `json:"key"`
+	TTL        string   `json:"ttl"`
+	MaxEntries int64    `json:"max_entries,omitempty"`
+	MaxBytes   int64    `json:"max_bytes,omitempty"`
+	Scope      string   `json:"scope"`
+}
+
+func dumpCache(c *agentv1.CacheSpec) *CacheDump {
+	if c == nil {
+		return nil
+	}
+	return &CacheDump{Key: c.GetKey(), TTL: (time.Duration(c.GetTtlMs()) * time.Millisecond).String(), MaxEntries: c.GetMaxEntries(), MaxBytes: c.GetMaxBytes(), Scope: c.GetScope()}
+}

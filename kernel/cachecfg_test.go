@@ -103,3 +103,12 @@ func TestCacheEntryKey(t *testing.T) {
 		t.Fatal("the scope is in the entry key")
 	}
 }
+
+// TestCacheInConfigDump checks that /config shows an entry's cache with its scope.
+func TestCacheInConfigDump(t *testing.T) {
+	k := newTestKernel(t, cacheConfig, &fakeAgent{info: cacheInfo("cache")})
+	d := dumpChain(k.s.Snapshot().route("one", "/x").request.policies)
+	if c := d[0].Cache; c == nil || c.TTL != "30s" || c.Scope == "" || c.MaxEntries != 100 || d[1].Cache != nil {
+		t.Fatalf("dump %+v", d)
+	}
+}

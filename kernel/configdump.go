@@ -51,6 +51,8 @@ type EntryDump struct {
 	Mode      string         `json:"mode"`
 	OnFailure string         `json:"on_failure"`
 	Metadata  map[string]any `json:"metadata,omitempty"`
+	// Cache is the entry's cache setting with its scope (cachecfg.go).
+	Cache *CacheDump `json:"cache,omitempty"`
 }
 
 // AgentDump is one agent: its settings, its health and what it advertised.
@@ -151,6 +153,7 @@ func dumpChain(ps []*agentv1.Policy) []EntryDump {
 		if p.GetShadow() {
 			e.Mode = ModeShadow
 		}
+		e.Cache = dumpCache(p.GetCache())
 		out = append(out, e)
 	}
 	return out
