@@ -277,6 +277,9 @@ func (c *entryCache) put(key [sha256.Size]byte, r policy.Result, expires int64, 
 		return
 	}
 	rc := c.caches
+	if rc.bytes.Load()+size > rc.maxBytes {
+		rc.reclaim(c, size)
+	}
 	c.mu.Lock()
 	if old, ok := c.items[key]; ok {
 		c.remove(old)
@@ -285,8 +288,9 @@ func (c *entryCache) put(key [sha256.Size]byte, r policy.Result, expires int64, 
 		c.remove(c.lru.prev)
 		c.counters.evicted.Inc()
 	}
-	// The agent's bound over every entry: this entry gives up its own oldest results first;
-	// when that is not enough, the result is not kept.
+	// The agent's bound over every entry, when the staler entries gave up what they could
+	// (reclaim): this entry gives up its own oldest results; when that is not enough, the
+	// result is not kept.
 	for rc.bytes.Load()+size > rc.maxBytes && len(c.items) > 0 {
 		c.remove(c.lru.prev)
 		c.counters.evicted.Inc()
@@ -304,6 +308,39 @@ func (c *entryCache) put(key [sha256.Size]byte, r policy.Result, expires int64, 
 	c.mu.Unlock()
 	c.lastUsed.Store(now.UnixNano())
 	rc.scheduleSweep()
+}
+
+// reclaim makes room for need bytes under the agent's bound by evicting the oldest results
+// of the entry caches used less recently than c (the scopes of a replaced kernel config
+// first: they are no longer used at all), stalest first. It holds one cache's lock at a time,
+// never c's.
+func (rc *resultCaches) reclaim(c *entryCache, need int64) {
+	for range 8 {
+		if rc.bytes.Load()+need <= rc.maxBytes {
+			return
+		}
+		var stalest *entryCache
+		rc.byScope.Range(func(_ string, o *entryCache) bool {
+			if o != c && o.lastUsed.Load() < c.lastUsed.Load() && (stalest == nil || o.lastUsed.Load() < stalest.lastUsed.Load()) {
+				o.mu.Lock()
+				n := len(o.items)
+				o.mu.Unlock()
+				if n > 0 {
+					stalest = o
+				}
+			}
+			return true
+		})
+		if stalest == nil {
+			return
+		}
+		stalest.mu.Lock()
+		for rc.bytes.Load()+need > rc.maxBytes && stalest.lru.prev != &stalest.lru {
+			stalest.remove(stalest.lru.prev)
+			stalest.counters.evicted.Inc()
+		}
+		stalest.mu.Unlock()
+	}
 }
 
 func (c *entryCache) pushFront(it *cacheItem) {

@@ -325,3 +325,27 @@ func TestCacheConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// TestCacheGlobalBoundReclaimsStaleScopes checks that when the agent's bound is reached, the
+// results of scopes no longer used (a replaced kernel config) make room for the ones in use.
+func TestCacheGlobalBoundReclaimsStaleScopes(t *testing.T) {
+	core := testCore()
+	one := resultSize(policy.Allow(policy.SetHeader("x-seen", "10"), policy.SetState("seen", "10")))
+	core.ResourceLimits.MaxCacheBytes = 10 * one
+	e, _ := newTestExecutor(t, core)
+	old := cached(p("t.cached"), "old", time.Minute)
+	for i := range 10 {
+		e.Execute(context.Background(), keyed(req(old), fmt.Sprint(10+i)))
+	}
+	time.Sleep(5 * time.Millisecond)
+	cur := cached(p("t.cached"), "new", time.Minute)
+	for i := range 10 {
+		e.Execute(context.Background(), keyed(req(cur), fmt.Sprint(10+i)))
+	}
+	caches := e.snap.Load().caches
+	n, _ := caches.byScope.Load("new")
+	o, _ := caches.byScope.Load("old")
+	if len(n.items) != 10 || len(o.items) != 0 || caches.bytes.Load() > core.ResourceLimits.MaxCacheBytes {
+		t.Fatalf("new scope holds %d, old %d, %d bytes of %d", len(n.items), len(o.items), caches.bytes.Load(), core.ResourceLimits.MaxCacheBytes)
+	}
+}
