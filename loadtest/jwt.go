@@ -73,6 +73,16 @@ func jwtEntry(cached bool) string {
 	return e
 }
 
+// configs turns the apikey scenario's agent and kernel configs into the JWT scenario's; a nil
+// setup leaves them as they are.
+func (j *jwtSetup) configs(agentCfg, kernelCfg string, cached bool) (string, string) {
+	if j == nil {
+		return agentCfg, kernelCfg
+	}
+	agentCfg = strings.Replace(agentCfg, "      apiKeyAuth:\n", j.agentSection()+"      apiKeyAuth:\n", 1)
+	return agentCfg, strings.Replace(kernelCfg, kernelAPIKeyEntry, jwtEntry(cached), 1)
+}
+
 // traffic is the default traffic with the token instead of the API key.
 func (j *jwtSetup) traffic(tr *Traffic) *Traffic {
 	for i, h := range tr.RequestHeaders {

@@ -424,10 +424,7 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 		kcfg := filepath.Join(dir, "kernel-config.yaml")
 		ac := agentConfig(sock, aport)
 		kc := kernelConfig(port, mport, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)
-		if jwtSet != nil {
-			ac = strings.Replace(ac, "      apiKeyAuth:\n", jwtSet.agentSection()+"      apiKeyAuth:\n", 1)
-			kc = strings.Replace(kc, kernelAPIKeyEntry, jwtEntry(o.Scenario == scenarioJWTCached), 1)
-		}
+		ac, kc = jwtSet.configs(ac, kc, o.Scenario == scenarioJWTCached)
 		if err := os.WriteFile(acfg, []byte(ac), 0o600); err != nil {
 			return nil, fmt.Errorf("write agent config: %w", err)
 		}
