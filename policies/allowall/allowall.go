@@ -14,9 +14,7 @@ const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type"
 
 func init() {
 	policy.Register(policy.Module{
-		Name: Name,
-		// Its result is the same for every request.
-		Cacheable:   true,
+		Name:        Name,
 		Version:     "1.0.0",
 		Description: "Allows every request unchanged.",
 		Phases:      policy.Both,
@@ -32,6 +30,9 @@ func init() {
 				return AllowAll{}, nil
 			}), nil
 		},
+
+		// Cacheable: its result is the same for every request.
+		Cacheable: true,
 	})
 }
 

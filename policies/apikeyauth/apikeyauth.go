@@ -69,16 +69,17 @@ type Factory struct {
 
 func init() {
 	policy.Register(policy.Module{
-		Name: Name,
-		// Its result depends only on the key header and the configured keys (a reload of the
-		// agent config drops every cached result).
-		Cacheable:      true,
+		Name:           Name,
 		Version:        "1.0.0",
 		Description:    "Authenticates requests by API key.",
 		Phases:         policy.Request,
 		Enforces:       true,
 		MetadataSchema: schema,
 		New:            New,
+
+		// Cacheable: its result depends only on the key header and the configured keys (a
+		// reload of the agent config drops every cached result).
+		Cacheable: true,
 	})
 }
 

@@ -105,17 +105,18 @@ type Settings struct {
 
 func init() {
 	policy.Register(policy.Module{
-		Name:         Name,
-		NotCacheable: "it records every exchange",
-		Version:      "1.0.0",
-		Description:  "Writes one JSON audit record per request, credentials redacted.",
-		Phases:       policy.Both,
+		Name:        Name,
+		Version:     "1.0.0",
+		Description: "Writes one JSON audit record per request, credentials redacted.",
+		Phases:      policy.Both,
 		// Not true: a module's body needs are static, and asking for the body would make Envoy
 		// buffer every response of every audited route. The body is logged when another
 		// policy of the chain has the kernel send it.
 		ResponseBody:   false,
 		MetadataSchema: schema,
 		New:            New,
+
+		NotCacheable: "it records every exchange",
 	})
 }
 

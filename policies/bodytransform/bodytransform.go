@@ -88,11 +88,10 @@ func init() {
 		refused[r] = metrics.GetOrCreateCounter(`policy_agent_body_transform_refused_total{reason="` + r + `"}`)
 	}
 	policy.Register(policy.Module{
-		Name:         Name,
-		NotCacheable: "it transforms the body, which a key cannot read",
-		Version:      "1.1.0",
-		Description:  "Removes and renames fields of JSON response bodies; refuses a JSON body it cannot edit.",
-		Phases:       policy.Response,
+		Name:        Name,
+		Version:     "1.1.0",
+		Description: "Removes and renames fields of JSON response bodies; refuses a JSON body it cannot edit.",
+		Phases:      policy.Response,
 		// In the response phase it reads only the response and the state.
 		ResponseIgnoresRequest: true,
 		ResponseBody:           true,
@@ -100,6 +99,8 @@ func init() {
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(Build), nil
 		},
+
+		NotCacheable: "it transforms the body, which a key cannot read",
 	})
 }
 

@@ -81,17 +81,18 @@ const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type"
 
 func init() {
 	policy.Register(policy.Module{
-		Name: Name,
-		// Its result depends on the token and the signing keys; an allow holds until the
-		// token's exp (Result.Expires), and answers about a passing condition (keys
-		// unavailable, unknown kid, a token not valid yet) are never reused.
-		Cacheable:      true,
+		Name:           Name,
 		Version:        "1.0.0",
 		Description:    "Validates JSON Web Tokens and passes their claims on.",
 		Phases:         policy.Request,
 		Enforces:       true,
 		MetadataSchema: schema,
 		New:            New,
+
+		// Cacheable: its result depends on the token and the signing keys; an allow holds
+		// until the token's exp (Result.Expires), and answers about a passing condition (keys
+		// unavailable, unknown kid, a token not valid yet) are never reused.
+		Cacheable: true,
 	})
 }
 

@@ -59,16 +59,17 @@ const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type"
 
 func init() {
 	policy.Register(policy.Module{
-		Name:         Name,
-		NotCacheable: "it counts every request",
-		Version:      "1.0.0",
-		Description:  "Limits request rates with a token bucket per client, header, state value or route, in memory or in Redis.",
-		Phases:       policy.Both,
-		Enforces:     true,
+		Name:        Name,
+		Version:     "1.0.0",
+		Description: "Limits request rates with a token bucket per client, header, state value or route, in memory or in Redis.",
+		Phases:      policy.Both,
+		Enforces:    true,
 		// In the response phase it reads only the response and the state.
 		ResponseIgnoresRequest: true,
 		MetadataSchema:         schema,
 		New:                    New,
+
+		NotCacheable: "it counts every request",
 	})
 }
 

@@ -33,10 +33,7 @@ const schema = `{"$schema":"https://json-schema.org/draft/2020-12/schema","type"
 
 func init() {
 	policy.Register(policy.Module{
-		Name: Name,
-		// Its result depends only on the claims an earlier jwtValidation put in the state: a
-		// key must read them (state["jwt.claims"]) or the token.
-		Cacheable:      true,
+		Name:           Name,
 		Version:        "1.0.0",
 		Description:    "Requires roles from the claims of a validated JWT.",
 		Phases:         policy.Request,
@@ -45,6 +42,10 @@ func init() {
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(build), nil
 		},
+
+		// Cacheable: its result depends only on the claims an earlier jwtValidation put in
+		// the state, which a key must read (state["jwt.claims"]), or the token.
+		Cacheable: true,
 	})
 }
 

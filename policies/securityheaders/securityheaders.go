@@ -36,17 +36,18 @@ type Settings struct {
 
 func init() {
 	policy.Register(policy.Module{
-		Name:         Name,
-		NotCacheable: "its result depends on the response headers, which a key cannot read, and it costs nothing to run",
-		Version:      "1.0.0",
-		Description:  "Adds security headers to responses.",
-		Phases:       policy.Response,
+		Name:        Name,
+		Version:     "1.0.0",
+		Description: "Adds security headers to responses.",
+		Phases:      policy.Response,
 		// In the response phase it reads only the response and the state.
 		ResponseIgnoresRequest: true,
 		MetadataSchema:         schema,
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(build), nil
 		},
+
+		NotCacheable: "its result depends on the response headers, which a key cannot read, and it costs nothing to run",
 	})
 }
 
