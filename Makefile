@@ -62,8 +62,10 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./internal/... ./kernel/... ./agent/... ./bench/... ./policies/...
 
 # A measurement, not a test: kernel + agent against the no-op baseline (docs/performance.md).
+# LOADTEST_ARGS passes flags, e.g. LOADTEST_ARGS='-scenario jwt-cached' for a cached JWT route.
+LOADTEST_ARGS ?=
 loadtest: build
-	$(GO) run ./loadtest/cmd/loadtest
+	$(GO) run ./loadtest/cmd/loadtest $(LOADTEST_ARGS)
 
 profile: build
 	./scripts/profile.sh

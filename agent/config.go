@@ -73,6 +73,9 @@ type ObservabilityConfig struct {
 type ResourceLimits struct {
 	MaxBodySizeBytes  int `yaml:"max_body_size_bytes"`
 	MaxStateSizeBytes int `yaml:"max_state_size_bytes"`
+	// MaxCacheBytes bounds the results all chain entries' caches keep together (cache.go);
+	// a result that does not fit is not kept.
+	MaxCacheBytes int64 `yaml:"max_cache_bytes"`
 }
 
 // Defaults of the agent config.
@@ -82,6 +85,7 @@ const (
 	DefaultMaxChainDurationMS    = 1000
 	DefaultMaxBodySizeBytes      = 1 << 20
 	DefaultMaxStateSizeBytes     = 64 << 10
+	DefaultMaxCacheBytes         = 64 << 20
 )
 
 // agentSchema is the JSON schema every agent config is checked against.
@@ -155,6 +159,9 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	if c.ResourceLimits.MaxStateSizeBytes < 0 {
 		bad("resource_limits.max_state_size_bytes", "must not be negative, got %d", c.ResourceLimits.MaxStateSizeBytes)
 	}
+	if c.ResourceLimits.MaxCacheBytes < 0 {
+		bad("resource_limits.max_cache_bytes", "must not be negative, got %d", c.ResourceLimits.MaxCacheBytes)
+	}
 	if _, err := logging.ParseLevel(c.Observability.LogLevel); err != nil {
 		bad("observability.log_level", "%v", err)
 	}
@@ -178,6 +185,9 @@ func ParseConfig(file string, data []byte) (*Config, error) {
 	}
 	if c.ResourceLimits.MaxStateSizeBytes == 0 {
 		c.ResourceLimits.MaxStateSizeBytes = DefaultMaxStateSizeBytes
+	}
+	if c.ResourceLimits.MaxCacheBytes == 0 {
+		c.ResourceLimits.MaxCacheBytes = DefaultMaxCacheBytes
 	}
 	return &cfg, nil
 }

@@ -68,6 +68,8 @@ type execSnapshot struct {
 	condCount atomic.Int64
 	// meta records the files the compiled entries' metadata names (the Executor's, shared).
 	meta *metaFiles
+	// caches are the chain entries' cached results (cache.go); a reload starts with none.
+	caches *resultCaches
 	// creds holds the credential names of every policy compiled so far (CredentialReader),
 	// replaced under credsMu when a compiled policy adds one.
 	creds   atomic.Pointer[policy.CredentialSet]
@@ -84,6 +86,9 @@ type execSnapshot struct {
 // retire marks a replaced snapshot and closes it when no chain runs on it.
 func (s *execSnapshot) retire() {
 	s.retired.Store(true)
+	if s.caches != nil {
+		s.caches.retire()
+	}
 	if s.refs.Load() == 0 {
 		s.closeOnce.Do(func() { closeFactories(s) })
 	}
@@ -127,10 +132,12 @@ type instance struct {
 
 // NewExecutor returns an executor with no config; Load gives it one.
 func NewExecutor(log *logging.Logger) *Executor {
-	return &Executor{log: log, metrics: newAgentMetrics(), panicT: logging.NewThrottle(10 * time.Second),
+	e := &Executor{log: log, metrics: newAgentMetrics(), panicT: logging.NewThrottle(10 * time.Second),
 		unknownT:  logging.NewThrottle(10 * time.Second),
 		failT:     logging.NewThrottle(time.Second),
 		shadowLog: rateLog{perSecond: shadowLogPerSecond}, meta: newMetaFiles()}
+	e.cacheGauges()
+	return e
 }
 
 // deadlineOf is the deadline of req's chain under the config in force; see deadlineOf.
@@ -154,6 +161,7 @@ func (e *Executor) Load(cfg *CoreConfig, version string) error {
 		cache:     xsync.NewMap[uint64, []*instance](),
 		conds:     xsync.NewMap[string, compiledCond](),
 		meta:      e.meta,
+		caches:    newResultCaches(cfg.ResourceLimits.MaxCacheBytes, e.metrics),
 	}
 	var errs []error
 	for name := range cfg.Policies.Config {
@@ -254,6 +262,8 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 	// The policies whose failures deny whatever on_failure says, comma-separated: the kernel
 	// warns of chain entries that set continue or skip_remaining on one of them.
 	resp.AgentMetadata[enforcingPoliciesKey] = strings.Join(enforcing, ",")
+	// The chain-entry features this agent implements: the kernel refuses a route whose
+	// entries use one the agent does not list.
 	advertiseFeatures(resp.AgentMetadata)
 	return resp
 }
@@ -289,6 +299,9 @@ func (e *Executor) ValidateChains(entries []*agentv1.ChainEntry) []string {
 				} else if ce.GetPhase() == agentv1.PolicyPhase_REQUEST && x.ReadsResponse() {
 					out[i] = "invalid when condition: it reads the response in the request phase"
 				}
+			}
+			if c := ce.GetPolicy().GetCache(); c != nil && out[i] == "" {
+				out[i] = checkCacheEntry(f.module, c)
 			}
 		}
 	}
@@ -579,7 +592,7 @@ func (e *Executor) runChain(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyRe
 		} else {
 			err = chain[i].err
 			if err == nil {
-				result, err = e.run(ctx, chain[i].policy, pc, name)
+				result, err = e.runCached(cc, s, req, entry, f, chain[i].policy, pc, name)
 			}
 		}
 		// Checked after the policy returned, whatever it returned: a policy that ignores its

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/proto"
@@ -53,6 +54,8 @@ func FuzzExecute(f *testing.F) {
 		req(p("t.state", "key", "k", "value", "v"), p("t.body", "value", "b"), p("t.query", "key", "q")),
 		req(onFailure(p("t.fail"), "continue"), onFailure(p("t.panic"), "skip_remaining"), p("t.denyBare")),
 		req(p("t.badInstruction"), p("nope"), p("t.sleep", "sleep", "1h")),
+		req(cached(p("t.cached"), "s1", time.Minute), cached(p("t.cached", "want", "deny"), "s2", time.Second, `request.method`, `state["seen"]`)),
+		req(cached(p("t.counter"), "s3", time.Minute, `request.query["q"]`), cached(p("t.cached"), "", 0, `1 +`)),
 		req(shadowed(p("t.guard", "key", "x-k", "want", "v")), shadowed(p("t.setHeader", "key", "x-a", "value", "1")), shadowed(p("t.status", "value", "POLICY_ERROR")), shadowed(p("t.badInstruction"))),
 		req(when(p("t.setHeader", "key", "x-a", "value", "1"), `request.method == "GET"`), when(p("t.guard", "key", "x-k", "want", "v"), `"user" in state`),
 			onFailure(when(p("t.state", "key", "user", "value", "u"), `request.headers["x-none"] == ""`), "continue"), when(p("t.denyBare"), `bad ==`)),

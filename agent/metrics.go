@@ -37,6 +37,10 @@ type agentMetrics struct {
 	// skips holds policy_agent_entries_skipped_total (when.go).
 	skips skipCounters
 
+	// cacheRoutes are the route labels of the cache series (cache.go), at most maxCacheRoutes.
+	cacheMu     sync.Mutex
+	cacheRoutes map[string]bool
+
 	reloadSuccess, reloadFailure *metrics.Counter
 	infoMu                       sync.Mutex
 	infoVersion                  string
@@ -68,6 +72,10 @@ var Families = []obs.Family{
 	{Name: "policy_agent_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
 	{Name: "policy_agent_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
 	{Name: "policy_agent_config_info", Type: "gauge", Help: "Always 1; the version label is the config in force (user version and content hash)."},
+	{Name: "policy_agent_cache_requests_total", Type: "counter", Help: "Runs of chain entries with a cache, by policy, route and result: hit (the stored result was replayed), miss (the policy ran), uncached (the key could not be computed for the request, or the entry cannot be cached: the policy ran)."},
+	{Name: "policy_agent_cache_evictions_total", Type: "counter", Help: "Cached results removed before use, by policy, route and reason: bound (the entry's max_entries or max_bytes, or the agent's resource_limits.max_cache_bytes), expired (TTL or the result's own expiry passed)."},
+	{Name: "policy_agent_cache_bytes", Type: "gauge", Help: "Estimated bytes of the results all chain entries' caches keep (bounded by resource_limits.max_cache_bytes)."},
+	{Name: "policy_agent_cache_entries", Type: "gauge", Help: "Results all chain entries' caches keep."},
 	// Families of compiled-in policies, in the default set.
 	{Name: "policy_agent_audit_log_records_total", Type: "counter", Help: "Audit records written to the sink's buffer."},
 	{Name: "policy_agent_audit_log_dropped_total", Type: "counter", Help: "Audit records dropped, by reason: queue_full, closed."},
@@ -75,6 +83,7 @@ var Families = []obs.Family{
 	{Name: "policy_agent_audit_log_sink_failing_requests_total", Type: "counter", Help: "Exchanges that met a failing audit sink, by the on_sink_error action: deny (refused with 503) or continue (let through unrecorded)."},
 	{Name: "policy_agent_ratelimit_backend_errors_total", Type: "counter", Help: "Rate-limit decisions whose Redis backend failed, by the on_backend_error action: local, allow, deny."},
 	{Name: "policy_agent_ratelimit_local_overflow_total", Type: "counter", Help: "Rate-limit requests decided by a shared overflow bucket because the local key store was full."},
+	{Name: "policy_agent_ratelimit_local_over_limit_total", Type: "counter", Help: "Rate-limit requests refused without a Redis call: the key was refused by Redis before and its bucket does not allow again yet (redis.over_limit_cache_entries)."},
 	{Name: "policy_agent_ratelimit_local_buckets", Type: "gauge", Help: "Buckets in the local rate-limit key store."},
 }
 

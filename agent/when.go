@@ -20,7 +20,7 @@ import (
 // GetAgentConfig's agent_metadata under featuresKey: the kernel refuses a route whose entries
 // use a feature its agent does not list, since an agent that does not know a Policy field
 // ignores it (for when: it would run the entry on every request).
-var features = []string{featureWhen}
+var features = []string{featureWhen, cacheFeature}
 
 const (
 	featuresKey = "features"

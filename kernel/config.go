@@ -137,6 +137,8 @@ type ChainEntry struct {
 	// When is a CEL condition over the request and the state of earlier entries
 	// (internal/cond): the entry runs only when it is true. Empty: always.
 	When string `yaml:"when"`
+	// Cache reuses the entry's result for requests with the same key (cachecfg.go).
+	Cache *CacheConfig `yaml:"cache"`
 }
 
 // Chain entry modes.
@@ -445,6 +447,7 @@ func checkChain(bad func(key, format string, args ...any), key string, chain []C
 			bad(k+".on_failure", "must be deny, continue or skip_remaining, got %q", e.OnFailure)
 		}
 		checkMode(bad, k+".mode", e.Mode)
+		checkCache(bad, k+".cache", e.Cache)
 	}
 }
 

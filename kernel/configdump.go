@@ -53,6 +53,8 @@ type EntryDump struct {
 	// When is the entry's condition; empty: it always runs.
 	When     string         `json:"when,omitempty"`
 	Metadata map[string]any `json:"metadata,omitempty"`
+	// Cache is the entry's cache setting with its scope (cachecfg.go).
+	Cache *CacheDump `json:"cache,omitempty"`
 }
 
 // AgentDump is one agent: its settings, its health and what it advertised.
@@ -153,6 +155,7 @@ func dumpChain(ps []*agentv1.Policy) []EntryDump {
 		if p.GetShadow() {
 			e.Mode = ModeShadow
 		}
+		e.Cache = dumpCache(p.GetCache())
 		out = append(out, e)
 	}
 	return out

@@ -310,6 +310,7 @@ func FuzzAgentResponse(f *testing.F) {
 func FuzzKernelConfig(f *testing.F) {
 	f.Add([]byte(baseConfig))
 	f.Add([]byte(whenConfig))
+	f.Add([]byte(cacheConfig))
 	for _, dir := range []string{"testdata/config", "../config"} {
 		files, _ := filepath.Glob(filepath.Join(dir, "*.yaml"))
 		for _, p := range files {
@@ -343,6 +344,13 @@ func FuzzKernelConfig(f *testing.F) {
 			st := &agentState{cfg: a, client: &fuzzAgent{tb: t}, metrics: m.forAgent(a.Name)}
 			st.info.Store(testInfo())
 			agents[a.Name] = st
+		}
+		for _, rp := range kc.RoutePolicies {
+			for _, e := range append(rp.RequestPolicyChain, rp.ResponsePolicyChain...) {
+				if c := e.Cache; c != nil && (c.TTL < MinCacheTTL || c.TTL > MaxCacheTTL || len(c.Key) == 0 || len(c.Key) > MaxCacheKeyParts || c.MaxEntries < 0 || c.MaxBytes < 0) {
+					t.Fatalf("cache settings out of bounds: %+v", c)
+				}
+			}
 		}
 		snap := buildSnapshot(kc, "v", agents, m)
 		for _, rp := range kc.RoutePolicies {

@@ -219,6 +219,7 @@ func entryKey(p *agentv1.Policy, phase agentv1.PolicyPhase) string {
 		b.WriteString("\x00\x00when\x00")
 		b.WriteString(p.GetWhen())
 	}
+	b.WriteString(cacheEntryKey(p.GetCache()))
 	return b.String()
 }
 
@@ -270,6 +271,10 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		r.response, problems, unchecked = compileChecked(respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.adv, view.verdicts, shadowAll, key+".response_policy_chain", problems, unchecked)
 		problems = attachConditions(&r.request, cfg, reqChain, agentv1.PolicyPhase_REQUEST, agentName, view.src, key+".request_policy_chain", problems)
 		problems = attachConditions(&r.response, cfg, respChain, agentv1.PolicyPhase_RESPONSE, agentName, view.src, key+".response_policy_chain", problems)
+		problems = cacheProblems(reqChain, view.src, agentName, key+".request_policy_chain", problems)
+		problems = cacheProblems(respChain, view.src, agentName, key+".response_policy_chain", problems)
+		scopeCaches(name, agentv1.PolicyPhase_REQUEST, r.request.policies)
+		scopeCaches(name, agentv1.PolicyPhase_RESPONSE, r.response.policies)
 		if a := agents[agentName]; a != nil {
 			s.warnings = ignoredOnFailure(reqChain, a.enforcing(), key+".request_policy_chain", s.warnings)
 			s.warnings = ignoredOnFailure(respChain, a.enforcing(), key+".response_policy_chain", s.warnings)
@@ -363,6 +368,7 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 	var readsBody []bool
 	for i, e := range entries {
 		pol := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure, Shadow: shadowAll || e.Mode == ModeShadow, When: e.When}
+		pol.Cache = e.Cache.spec()
 		c.policies = append(c.policies, pol)
 		readsBody = append(readsBody, false)
 		if adv == nil {

@@ -45,6 +45,7 @@ func entriesByAgent(cfg *KernelConfig) map[string][]*agentv1.ChainEntry {
 		}
 		for _, e := range chain {
 			p := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure, When: e.When}
+			p.Cache = e.Cache.spec()
 			k := agent + "\x00" + entryKey(p, phase)
 			if seen[k] {
 				continue

@@ -68,6 +68,8 @@ type Options struct {
 	// MessageTimeout is Envoy's message_timeout that the kernel is configured with; the agent
 	// timeout is three quarters of it, as in the example config.
 	MessageTimeout time.Duration
+	// Scenario is the request chain: apikey, jwt or jwt-cached (jwt.go).
+	Scenario string
 }
 
 func parseOptions(args []string, stderr io.Writer) (*Options, error) {
@@ -93,6 +95,7 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	fs.DurationVar(&o.StartTimeout, "start-timeout", 30*time.Second, "how long to wait for the servers to be ready")
 	fs.StringVar(&o.ExtraKernelYA, "kernel-yaml", "", "extra YAML lines for the kernel config's policy_kernel section")
 	fs.DurationVar(&o.MessageTimeout, "message-timeout", 200*time.Millisecond, "Envoy's message_timeout for the kernel config (the agent timeout is 3/4 of it)")
+	fs.StringVar(&o.Scenario, "scenario", scenarioAPIKey, "request chain of kernel+agent: apikey (apiKeyAuth), jwt (jwtValidation, RS256 verified per request) or jwt-cached (jwtValidation with a cache keyed by the token)")
 	var env string
 	fs.StringVar(&env, "server-env", "", "comma-separated KEY=VALUE pairs added to the kernel's and agent's environment, e.g. GOGC=200")
 	if err := fs.Parse(args); err != nil {
@@ -122,6 +125,11 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	}
 	if o.Streams < 0 {
 		errs = append(errs, fmt.Errorf("-streams must not be negative, got %d", o.Streams))
+	}
+	switch o.Scenario {
+	case scenarioAPIKey, scenarioJWT, scenarioJWTCached:
+	default:
+		errs = append(errs, fmt.Errorf("-scenario: unknown scenario %q (want apikey, jwt or jwt-cached)", o.Scenario))
 	}
 	for t := range strings.SplitSeq(targets, ",") {
 		switch t = strings.TrimSpace(t); t {
@@ -193,14 +201,20 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		}
 	}()
 	reqChain, respChain := chains()
+	var jwtSet *jwtSetup
+	if o.Scenario == scenarioJWT || o.Scenario == scenarioJWTCached {
+		if jwtSet, err = newJWTSetup(); err != nil {
+			return nil, err
+		}
+	}
 	rep = &Report{Machine: machine(), Settings: Settings{
 		Rate: o.Rate, OpenSeconds: o.OpenFor.Seconds(), ClosedSeconds: o.ClosedFor.Seconds(), Concurrency: o.Concurrency,
-		Connections: o.Conns, Streams: o.Streams, Repeat: o.Repeat, RequestChain: reqChain, ResponseChain: respChain,
+		Connections: o.Conns, Streams: o.Streams, Repeat: o.Repeat, RequestChain: scenarioChain(o.Scenario, reqChain), ResponseChain: respChain,
 	}}
 
 	var targets []*target
 	for _, name := range o.Targets {
-		t, err := startTarget(ctx, name, o, dir, reqChain, respChain, &started)
+		t, err := startTarget(ctx, name, o, dir, reqChain, respChain, jwtSet, &started)
 		if err != nil {
 			return nil, err
 		}
@@ -213,6 +227,9 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		defer t.conns.Close()
 	}
 	tr := DefaultTraffic(RouteName, APIKey)
+	if jwtSet != nil {
+		tr = jwtSet.traffic(tr)
+	}
 	for _, t := range targets {
 		fmt.Fprintf(log, "loadtest: warming up %s for %s\n", t.name, o.Warmup)
 		res := ClosedLoop(ctx, t.conns, tr, o.Concurrency, o.Warmup)
@@ -365,7 +382,7 @@ func chains() (request, response string) {
 	return "apiKeyAuth + allowAll", "addSecurityHeaders"
 }
 
-func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, respChain string, started *[]*process) (*target, error) {
+func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, respChain string, jwtSet *jwtSetup, started *[]*process) (*target, error) {
 	port, err := freePort()
 	if err != nil {
 		return nil, err
@@ -414,10 +431,12 @@ func startTarget(ctx context.Context, name string, o *Options, dir, reqChain, re
 		sock := filepath.Join(dir, "agent.sock")
 		acfg := filepath.Join(dir, "agent-config.yaml")
 		kcfg := filepath.Join(dir, "kernel-config.yaml")
-		if err := os.WriteFile(acfg, []byte(agentConfig(sock, aport, aadmin)), 0o600); err != nil {
+		ac := agentConfig(sock, aport, aadmin)
+		kc := kernelConfig(port, mport, kadmin, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)
+		ac, kc = jwtSet.configs(ac, kc, o.Scenario == scenarioJWTCached)
+		if err := os.WriteFile(acfg, []byte(ac), 0o600); err != nil {
 			return nil, fmt.Errorf("write agent config: %w", err)
 		}
-		kc := kernelConfig(port, mport, kadmin, sock, reqChain, o.MessageTimeout, o.ExtraKernelYA)
 		kc = strings.Replace(kc, kernelServerLine, kernelServerLine+socket, 1)
 		if err := os.WriteFile(kcfg, []byte(kc), 0o600); err != nil {
 			return nil, fmt.Errorf("write kernel config: %w", err)
@@ -463,6 +482,13 @@ func agentConfig(sock string, mport, adminPort int) string {
 `, sock, APIKey, mport, adminPort)
 }
 
+// kernelAPIKeyEntry is the first entry of the request chain in the apikey scenario.
+const kernelAPIKeyEntry = `        - policy: "apiKeyAuth"
+          metadata:
+            header_name: "X-API-Key"
+            required: true
+`
+
 // kernelServerLine is a line of kernelConfig's server section, after which a setting is added.
 const kernelServerLine = "    max_concurrent_streams: 1024\n"
 
@@ -487,11 +513,7 @@ func kernelConfig(port, mport, adminPort int, sock, reqChain string, messageTime
   route_policies:
     - route_name: %q
       request_policy_chain:
-        - policy: "apiKeyAuth"
-          metadata:
-            header_name: "X-API-Key"
-            required: true
-%s
+%s%s
       response_policy_chain:
         - policy: "addSecurityHeaders"
   observability:
@@ -500,7 +522,7 @@ func kernelConfig(port, mport, adminPort int, sock, reqChain string, messageTime
     admin_port: %d
     log_level: "warn"
     pprof_enabled: true  # the profiles of make profile, on admin_port
-`, port, messageTimeout.Milliseconds(), sock, messageTimeout.Milliseconds()*3/4, RouteName, second, mport, adminPort)
+`, port, messageTimeout.Milliseconds(), sock, messageTimeout.Milliseconds()*3/4, RouteName, kernelAPIKeyEntry, second, mport, adminPort)
 	if extra != "" {
 		cfg += extra + "\n"
 	}

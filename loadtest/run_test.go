@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,7 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
 	"github.com/policy-engine/policy-engine/agent"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/kernel"
 )
 
@@ -229,5 +234,52 @@ func TestMachine(t *testing.T) {
 	m := machine()
 	if m.CPUs <= 0 || !strings.HasPrefix(m.GoVersion, "go") || !strings.HasPrefix(m.Kernel, "Linux ") || m.LoadAverage == "" {
 		t.Errorf("machine() = %+v", m)
+	}
+}
+
+// TestJWTScenarioConfigs checks the configs of the JWT scenarios: valid for both binaries,
+// jwtValidation first, cached only in jwt-cached, and the agent builds the entry with the
+// generated key.
+func TestJWTScenarioConfigs(t *testing.T) {
+	j, err := newJWTSetup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cached := range []bool{false, true} {
+		ac, kc := j.configs(agentConfig("/tmp/a.sock", 9091, 9191), kernelConfig(9001, 9090, 9190, "/tmp/a.sock", "apiKeyAuth + rateLimit", 200*time.Millisecond, ""), cached)
+		cfg, err := kernel.ParseConfig("kernel.yaml", []byte(kc))
+		if err != nil {
+			t.Fatalf("kernel config: %v\n%s", err, kc)
+		}
+		first := cfg.PolicyKernel.RoutePolicies[0].RequestPolicyChain[0]
+		if first.Policy != "jwtValidation" || (first.Cache != nil) != cached {
+			t.Fatalf("cached=%v: first entry %+v", cached, first)
+		}
+		a, err := agent.ParseConfig("agent.yaml", []byte(ac))
+		if err != nil {
+			t.Fatalf("agent config: %v\n%s", err, ac)
+		}
+		e := agent.NewExecutor(logging.New(io.Discard, "agent", zerolog.ErrorLevel))
+		if err := e.Load(a.AgentCore, "v"); err != nil {
+			t.Fatal(err)
+		}
+		if msgs := e.ValidateChains([]*agentv1.ChainEntry{{Phase: agentv1.PolicyPhase_REQUEST, Policy: &agentv1.Policy{Name: "jwtValidation", Metadata: first.Metadata}}}); msgs[0] != "" {
+			t.Fatalf("agent refuses the entry: %s", msgs[0])
+		}
+		e.Close()
+	}
+	tr := j.traffic(DefaultTraffic(RouteName, APIKey))
+	found := false
+	for _, h := range tr.RequestHeaders {
+		found = found || h[0] == "authorization" && strings.HasPrefix(h[1], "Bearer ey")
+	}
+	if !found {
+		t.Fatalf("no token in %v", tr.RequestHeaders)
+	}
+	if _, err := parseOptions([]string{"-scenario", "jwt-cached"}, &bytes.Buffer{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := parseOptions([]string{"-scenario", "oauth"}, &bytes.Buffer{}); err == nil || !strings.Contains(err.Error(), "unknown scenario") {
+		t.Fatalf("bad scenario: %v", err)
 	}
 }

@@ -64,6 +64,17 @@ type Module struct {
 	Enforces bool
 	// MetadataSchema is a JSON schema of the policy's metadata, published to the kernel.
 	MetadataSchema string
+	// Cacheable says that a chain entry may reuse the policy's results (the entry's `cache`
+	// setting; docs/policies/caching.md): the result depends only on the entry's config, the
+	// agent's config and the request's parts that a cache key can read (request line,
+	// headers, query, client address, state). A result that depends on time, a counter, a
+	// remote store or chance is not cacheable; a policy whose result stops holding at a known
+	// time sets Result.Expires. False, the default, refuses every entry that caches the
+	// policy: a policy nobody thought about is never cached.
+	Cacheable bool
+	// NotCacheable says why the policy is not cacheable, for the error an entry that caches it
+	// gets ("it counts every request").
+	NotCacheable string
 	// New makes a factory from the policy's section of agent_core.policies.config.
 	// It has no side effects beyond the returned value; a factory that holds resources
 	// implements io.Closer and is closed when a newer config replaces it.
@@ -228,12 +239,28 @@ func (c *Context) QueryParams() map[string]string {
 // SetQueryParams sets the query parameters when the kernel sent them parsed.
 func (c *Context) SetQueryParams(q map[string]string) { c.query = q }
 
-// Result is a policy's outcome.
+// Result is a policy's outcome. The agent may keep it for a chain entry with a cache: its
+// Instructions and Metadata must then never be changed after Execute returns (results built
+// once and shared are fine).
 type Result struct {
 	Status       agentv1.StatusCode
 	Message      string
 	Instructions []*agentv1.Instruction
 	Metadata     map[string]string
+	// Expires, when set, is when the result stops holding (a token's exp): a cached result is
+	// never reused from then on. A time in the past (NotReusable) keeps the result from being
+	// cached at all: an answer about a passing condition (keys unavailable, a token not valid
+	// yet). Zero: the entry's TTL alone bounds it.
+	Expires time.Time
+}
+
+// notReusable is the Expires of results that must not be cached.
+var notReusable = time.Unix(1, 0)
+
+// NotReusable returns r marked as not cacheable (Result.Expires in the past).
+func NotReusable(r Result) Result {
+	r.Expires = notReusable
+	return r
 }
 
 // Registry holds the compiled-in policies.

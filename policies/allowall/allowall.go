@@ -30,6 +30,9 @@ func init() {
 				return AllowAll{}, nil
 			}), nil
 		},
+
+		// Cacheable: its result is the same for every request.
+		Cacheable: true,
 	})
 }
 

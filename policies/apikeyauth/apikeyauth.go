@@ -76,6 +76,10 @@ func init() {
 		Enforces:       true,
 		MetadataSchema: schema,
 		New:            New,
+
+		// Cacheable: its result depends only on the key header and the configured keys (a
+		// reload of the agent config drops every cached result).
+		Cacheable: true,
 	})
 }
 

@@ -115,6 +115,8 @@ func init() {
 		ResponseBody:   false,
 		MetadataSchema: schema,
 		New:            New,
+
+		NotCacheable: "it records every exchange",
 	})
 }
 

@@ -99,6 +99,8 @@ func init() {
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(Build), nil
 		},
+
+		NotCacheable: "it transforms the body, which a key cannot read",
 	})
 }
 

@@ -88,6 +88,11 @@ func init() {
 		Enforces:       true,
 		MetadataSchema: schema,
 		New:            New,
+
+		// Cacheable: its result depends on the token and the signing keys; an allow holds
+		// until the token's exp (Result.Expires), and answers about a passing condition (keys
+		// unavailable, unknown kid, a token not valid yet) are never reused.
+		Cacheable: true,
 	})
 }
 
@@ -546,12 +551,19 @@ func (f *Factory) Build(md map[string]string) (policy.Policy, error) {
 	}
 	p.parser = jwt.NewParser(opts...)
 	p.missing = policy.Deny(401, "unauthorized", "bearer token required", map[string]string{"www-authenticate": "Bearer"})
-	p.unavailable = policy.Deny(503, "jwks_unavailable", "signing keys unavailable", map[string]string{"retry-after": "1"})
+	// Answers about a passing condition are never cached (policy.NotReusable): keys that
+	// are unavailable or do not know the kid yet may be fetched a moment later, and a token
+	// not valid yet becomes valid.
+	p.unavailable = policy.NotReusable(policy.Deny(503, "jwks_unavailable", "signing keys unavailable", map[string]string{"retry-after": "1"}))
 	for r := range p.invalid {
 		phrase := phrases[r]
 		p.invalid[r] = policy.Deny(401, "invalid_token", phrase, map[string]string{
 			"www-authenticate": `Bearer error="invalid_token", error_description="` + phrase + `"`,
 		})
+		switch reason(r) {
+		case reasonUnknownKey, reasonNotYetValid, reasonIssuedInFuture:
+			p.invalid[r] = policy.NotReusable(p.invalid[r])
+		}
 	}
 	return p, nil
 }
@@ -766,6 +778,12 @@ func (p *JWTValidation) Execute(ctx context.Context, c *policy.Context) (policy.
 	ins = append(ins, policy.SetState(StateAuthMethod, "jwt"), policy.SetState(StateClaims, enc))
 	r := policy.Allow(ins...)
 	r.Metadata = map[string]string{StateAuthMethod: "jwt"}
+	// A cached allow never outlives the token (exp is required by the parser).
+	if exp, err := claims.GetExpirationTime(); err == nil && exp != nil {
+		r.Expires = exp.Time
+	} else {
+		r = policy.NotReusable(r)
+	}
 	return r, nil
 }
 

@@ -15,6 +15,8 @@ var (
 		errorDeny:  metrics.GetOrCreateCounter(`policy_agent_ratelimit_backend_errors_total{policy="rateLimit",action="deny"}`),
 	}
 	localOverflow = metrics.GetOrCreateCounter(`policy_agent_ratelimit_local_overflow_total{policy="rateLimit"}`)
+	// localOverLimit counts requests refused by the local over-limit cache, without Redis.
+	localOverLimit = metrics.GetOrCreateCounter(`policy_agent_ratelimit_local_over_limit_total{policy="rateLimit"}`)
 
 	// localBuckets counts the buckets of every local store, for the gauge.
 	localBuckets atomic.Int64

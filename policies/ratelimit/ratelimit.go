@@ -68,6 +68,8 @@ func init() {
 		ResponseIgnoresRequest: true,
 		MetadataSchema:         schema,
 		New:                    New,
+
+		NotCacheable: "it counts every request",
 	})
 }
 
@@ -136,6 +138,11 @@ func New(c policy.Config) (policy.Factory, error) {
 			log:     c.Log,
 			errLog:  logging.NewThrottle(10 * time.Second),
 		}
+		n := DefaultOverLimitCacheEntries
+		if cfg.Redis.OverLimitCacheEntries != nil {
+			n = *cfg.Redis.OverLimitCacheEntries
+		}
+		f.redis.overLimit = newOverLimitCache(n)
 	}
 	return f, nil
 }
@@ -354,9 +361,18 @@ func (p *RateLimit) Execute(ctx context.Context, c *policy.Context) (policy.Resu
 // on_backend_error is deny; an error with allow returns an allowed decision without fields.
 func (p *RateLimit) decide(ctx context.Context, scope string, kind byte, value string) (d decision, failed bool) {
 	if p.redis != nil {
-		d, err := p.redis.take(ctx, p.limit, p.rlimit, p.redis.key(scope, p.ident, kind, value))
+		key := p.redis.key(scope, p.ident, kind, value)
+		var start int64
+		if ol := p.redis.overLimit; ol != nil {
+			start = ol.now().UnixNano()
+			if d, ok := ol.refused(key, p.limit, start); ok {
+				return d, false
+			}
+		}
+		d, err := p.redis.take(ctx, p.limit, p.rlimit, key)
 		if err == nil {
 			p.redis.succeeded()
+			p.redis.overLimit.remember(key, d, start)
 			return d, false
 		}
 		p.redis.failed(err, p.onError)

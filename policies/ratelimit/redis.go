@@ -67,6 +67,10 @@ type RedisConfig struct {
 	PoolSize int `json:"pool_size"`
 	// KeyPrefix starts every key the policy writes.
 	KeyPrefix string `json:"key_prefix"`
+	// OverLimitCacheEntries bounds the keys refused by Redis that the agent remembers until
+	// they would be allowed again, refusing them without a Redis call (overlimit.go); nil
+	// means DefaultOverLimitCacheEntries, 0 turns the cache off.
+	OverLimitCacheEntries *int `json:"over_limit_cache_entries"`
 }
 
 // RedisTLSConfig is redis.tls.
@@ -193,6 +197,9 @@ func (c *RedisConfig) setup() (*redisSetup, error) {
 		if strings.ContainsAny(c.KeyPrefix, "{}") {
 			bad("key_prefix: must not contain { or } with mode cluster (they would put every bucket in one hash slot), got %q", c.KeyPrefix)
 		}
+	}
+	if n := c.OverLimitCacheEntries; n != nil && (*n < 0 || *n > maxOverLimitCacheEntries) {
+		bad("over_limit_cache_entries: must be from 0 (off) to %d, got %d", maxOverLimitCacheEntries, *n)
 	}
 	if c.TimeoutMS == 0 {
 		c.TimeoutMS = DefaultRedisTimeoutMS
@@ -450,6 +457,8 @@ type redisStore struct {
 	// the end of an outage are logged once each; errLog throttles the reports in between.
 	failing atomic.Bool
 	errLog  *logging.Throttle
+	// overLimit remembers the keys Redis refused; nil when off.
+	overLimit *overLimitCache
 }
 
 // failed reports a failed decision: counted always, logged when an outage starts and then

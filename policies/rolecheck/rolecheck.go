@@ -42,6 +42,10 @@ func init() {
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(build), nil
 		},
+
+		// Cacheable: its result depends only on the claims an earlier jwtValidation put in
+		// the state, which a key must read (state["jwt.claims"]), or the token.
+		Cacheable: true,
 	})
 }
 

@@ -46,6 +46,8 @@ func init() {
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(build), nil
 		},
+
+		NotCacheable: "its result depends on the response headers, which a key cannot read, and it costs nothing to run",
 	})
 }
 

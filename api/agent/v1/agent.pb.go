@@ -734,8 +734,14 @@ type CacheSpec struct {
 	TtlMs int64    `protobuf:"varint,2,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"`
 	// Bounds of the entry's cache: entries and bytes (keys and results); 0 means the agent's
 	// default.
-	MaxEntries    int64 `protobuf:"varint,3,opt,name=max_entries,json=maxEntries,proto3" json:"max_entries,omitempty"`
-	MaxBytes      int64 `protobuf:"varint,4,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	MaxEntries int64 `protobuf:"varint,3,opt,name=max_entries,json=maxEntries,proto3" json:"max_entries,omitempty"`
+	MaxBytes   int64 `protobuf:"varint,4,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	// scope names the chain entry's cache: results are reused only between requests of the same
+	// scope. The kernel sets it to a fingerprint of the route, the phase, the entry's position
+	// and every entry of the chain as sent, computed once per config, so that a result never
+	// crosses routes or configs and the agent needs no hashing of the chain per request. A
+	// config change gives new scopes; the agent drops the caches of scopes no longer used.
+	Scope         string `protobuf:"bytes,5,opt,name=scope,proto3" json:"scope,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -796,6 +802,13 @@ func (x *CacheSpec) GetMaxBytes() int64 {
 		return x.MaxBytes
 	}
 	return 0
+}
+
+func (x *CacheSpec) GetScope() string {
+	if x != nil {
+		return x.Scope
+	}
+	return ""
 }
 
 type RequestContext struct {
@@ -1876,13 +1889,14 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x05cache\x18\x06 \x01(\v2 .policyengine.agent.v1.CacheSpecR\x05cache\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"r\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x88\x01\n" +
 	"\tCacheSpec\x12\x10\n" +
 	"\x03key\x18\x01 \x03(\tR\x03key\x12\x15\n" +
 	"\x06ttl_ms\x18\x02 \x01(\x03R\x05ttlMs\x12\x1f\n" +
 	"\vmax_entries\x18\x03 \x01(\x03R\n" +
 	"maxEntries\x12\x1b\n" +
-	"\tmax_bytes\x18\x04 \x01(\x03R\bmaxBytes\"\xc8\x03\n" +
+	"\tmax_bytes\x18\x04 \x01(\x03R\bmaxBytes\x12\x14\n" +
+	"\x05scope\x18\x05 \x01(\tR\x05scope\"\xc8\x03\n" +
 	"\x0eRequestContext\x12L\n" +
 	"\aheaders\x18\x01 \x03(\v22.policyengine.agent.v1.RequestContext.HeadersEntryR\aheaders\x12\x12\n" +
 	"\x04body\x18\x02 \x01(\fR\x04body\x12\x16\n" +
