@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -27,7 +28,12 @@ const (
 	phaseOpen    = "open"
 	phaseClosed  = "closed"
 	phaseStreams = "streams"
+	// phaseIdle is the memory of each process once it is ready, before any traffic.
+	phaseIdle = "idle"
 )
+
+// openPhase names the open-loop phase at a rate.
+func openPhase(rate float64) string { return fmt.Sprintf("%s %g", phaseOpen, rate) }
 
 // Target names.
 const (
@@ -46,8 +52,9 @@ const RouteName = "/api/v1/users"
 
 // Options are the load test's settings.
 type Options struct {
-	BinDir        string
-	Rate          float64
+	BinDir string
+	// Rates are the open-loop rates, requests per second: one open-loop phase each.
+	Rates         []float64
 	OpenFor       time.Duration
 	ClosedFor     time.Duration
 	Warmup        time.Duration
@@ -76,7 +83,8 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	o := &Options{}
 	var targets string
 	fs.StringVar(&o.BinDir, "bin", "bin", "folder with policy-kernel, policy-agent and extproc-noop")
-	fs.Float64Var(&o.Rate, "rate", 5000, "open-loop rate, requests per second")
+	var rates string
+	fs.StringVar(&rates, "rate", "2500,5000", "open-loop rates, requests per second, comma-separated: one open-loop phase each")
 	fs.DurationVar(&o.OpenFor, "open", 10*time.Second, "open-loop phase length")
 	fs.DurationVar(&o.ClosedFor, "closed", 10*time.Second, "closed-loop phase length")
 	fs.DurationVar(&o.Warmup, "warmup", 2*time.Second, "closed-loop warm-up of each target before measuring")
@@ -111,8 +119,16 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	if fs.NArg() > 0 {
 		errs = append(errs, fmt.Errorf("unexpected arguments: %q", fs.Args()))
 	}
-	if o.Rate <= 0 {
-		errs = append(errs, fmt.Errorf("-rate must be positive, got %g", o.Rate))
+	for r := range strings.SplitSeq(rates, ",") {
+		v, err := strconv.ParseFloat(strings.TrimSpace(r), 64)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("-rate: invalid value %q", r))
+		case v <= 0 || math.IsNaN(v) || math.IsInf(v, 0):
+			errs = append(errs, fmt.Errorf("-rate must be positive, got %g", v))
+		default:
+			o.Rates = append(o.Rates, v)
+		}
 	}
 	if o.Concurrency <= 0 || o.Conns <= 0 || o.Repeat <= 0 || o.MaxInFlight <= 0 {
 		errs = append(errs, errors.New("-concurrency, -conns, -repeat and -max-in-flight must be positive"))
@@ -194,7 +210,7 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 	}()
 	reqChain, respChain := chains()
 	rep = &Report{Machine: machine(), Settings: Settings{
-		Rate: o.Rate, OpenSeconds: o.OpenFor.Seconds(), ClosedSeconds: o.ClosedFor.Seconds(), Concurrency: o.Concurrency,
+		Rates: o.Rates, OpenSeconds: o.OpenFor.Seconds(), ClosedSeconds: o.ClosedFor.Seconds(), Concurrency: o.Concurrency,
 		Connections: o.Conns, Streams: o.Streams, Repeat: o.Repeat, RequestChain: reqChain, ResponseChain: respChain,
 	}}
 
@@ -212,6 +228,18 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		}
 		defer t.conns.Close()
 	}
+	for _, t := range targets {
+		// What each process holds before any traffic: its binary, runtime and config.
+		row := Row{Run: 1, Target: t.name, Phase: phaseIdle}
+		for _, p := range t.procs {
+			rss, err := RSS(p.pid())
+			if err != nil {
+				return nil, err
+			}
+			row.Procs = append(row.Procs, ProcUsage{Name: p.name, PeakRSS: rss})
+		}
+		rep.Rows = append(rep.Rows, row)
+	}
 	tr := DefaultTraffic(RouteName, APIKey)
 	for _, t := range targets {
 		fmt.Fprintf(log, "loadtest: warming up %s for %s\n", t.name, o.Warmup)
@@ -221,15 +249,17 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		}
 	}
 	for run := 1; run <= o.Repeat; run++ {
-		for _, t := range targets {
-			row, err := measure(ctx, t, run, phaseOpen, func() *Result {
-				return OpenLoop(ctx, t.conns, tr, o.Rate, o.OpenFor, o.MaxInFlight)
-			})
-			if err != nil {
-				return nil, err
+		for _, rate := range o.Rates {
+			for _, t := range targets {
+				row, err := measure(ctx, t, run, openPhase(rate), func() *Result {
+					return OpenLoop(ctx, t.conns, tr, rate, o.OpenFor, o.MaxInFlight)
+				})
+				if err != nil {
+					return nil, err
+				}
+				rep.Rows = append(rep.Rows, row)
+				fmt.Fprintf(log, "loadtest: run %d %s open loop at %g/s: %.0f req/s, p50 %d µs, p99 %d µs, %d errors\n", run, t.name, rate, row.RPS, row.P50us, row.P99us, row.Errors)
 			}
-			rep.Rows = append(rep.Rows, row)
-			fmt.Fprintf(log, "loadtest: run %d %s open loop: %.0f req/s, p99 %d µs, %d errors\n", run, t.name, row.RPS, row.P99us, row.Errors)
 		}
 		for _, t := range targets {
 			stopProfile := func() error { return nil }
