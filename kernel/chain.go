@@ -102,6 +102,9 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	if phase == agentv1.PolicyPhase_RESPONSE {
 		ch = &route.response
 	}
+	if ch.static != nil && st.part == partAll && !inBody && route.agent.healthy.Load() {
+		return s.runStatic(st, ch.static, start)
+	}
 	cfg := st.snap.Config
 	// The request is the stream's, reused by both phases: it is only read while it is sent.
 	req := &st.call.req
@@ -187,6 +190,28 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		}
 	}
 	return res
+}
+
+// runStatic answers for a chain whose entries answer every request alike (chain.static): what
+// the agent would have answered, without calling it. It serves while the agent's health check
+// passes: an agent found down is called as before, so that its requests get the answer of an
+// agent that is down (deny, or fail_open), as on any other route. A route whose agent has since
+// been replaced by one that cannot run the chain is refused as on a call.
+func (s *Server) runStatic(st *stream, sc *staticChain, start time.Time) chainResult {
+	route := st.route
+	defer route.metrics.duration.UpdateDuration(start)
+	if msg := route.stale(); msg != "" {
+		return s.staleRoute(st, msg)
+	}
+	st.outcome(statusAllow)
+	if len(sc.dropped) > 0 {
+		route.metrics.rejected.Add(len(sc.dropped))
+		if route.droppedLogged.CompareAndSwap(false, true) {
+			s.log.Warn().Str("route", route.Name).Strs("dropped", sc.dropped).
+				Msg("dropped mutations that Envoy would reject (logged once per route)")
+		}
+	}
+	return chainResult{common: sc.common}
 }
 
 // outcome counts the result of the phase being run: policy_kernel_requests_total counts HTTP

@@ -213,7 +213,7 @@ func putRequestContext(rc *agentv1.RequestContext) {
 // the header map nor the received message its values point into.
 func (st *stream) requestDone() {
 	r := st.route
-	if st.reqCtx == nil || r == nil || !(r.response.empty() || r.response.noRequest) {
+	if st.reqCtx == nil || r == nil || !(r.response.empty() || r.response.noRequest || r.response.static != nil) {
 		return
 	}
 	st.requestID = strings.Clone(st.requestID)
@@ -628,6 +628,14 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 		return responseHeadersReply(nil), nil
 	}
 	start := time.Now()
+	if route.response.static != nil && route.agent.healthy.Load() {
+		// The chain's answer does not depend on the response: its headers are not read.
+		resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, false)
+		if resp.immediate != nil {
+			return immediateReply(resp.immediate), nil
+		}
+		return responseHeadersReply(resp.common), nil
+	}
 	st.respHeaders = st.responseHeaders(len(h.GetHeaders().GetHeaders()))
 	var rep map[string][]string
 	for _, hv := range h.GetHeaders().GetHeaders() {

@@ -309,8 +309,12 @@ type PolicyInfo struct {
 	// The policy does not read the request (headers, path, body...) in the RESPONSE phase: when
 	// no policy of a response chain reads it, the kernel does not send it again there.
 	ResponseIgnoresRequest bool `protobuf:"varint,8,opt,name=response_ignores_request,json=responseIgnoresRequest,proto3" json:"response_ignores_request,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// Some entries of the policy do the same in a phase whatever the request: the agent reports
+	// such an entry's instructions when it validates chains (EntryFacts.static_outcome), so that
+	// the kernel can apply them without a call. Informational: the per-entry fact decides.
+	StaticEntries bool `protobuf:"varint,9,opt,name=static_entries,json=staticEntries,proto3" json:"static_entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PolicyInfo) Reset() {
@@ -395,6 +399,13 @@ func (x *PolicyInfo) GetRequiresResponseBody() bool {
 func (x *PolicyInfo) GetResponseIgnoresRequest() bool {
 	if x != nil {
 		return x.ResponseIgnoresRequest
+	}
+	return false
+}
+
+func (x *PolicyInfo) GetStaticEntries() bool {
+	if x != nil {
+		return x.StaticEntries
 	}
 	return false
 }
@@ -1643,8 +1654,15 @@ type EntryFacts struct {
 	// a request chain runs; the kernel removes them itself when it lets a request through without
 	// the agent (fail_open).
 	OwnedRequestHeaders []string `protobuf:"bytes,1,rep,name=owned_request_headers,json=ownedRequestHeaders,proto3" json:"owned_request_headers,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Set when the entry, in its phase, answers every request alike: OK with exactly these
+	// instructions (header changes only), whatever the request, the response and the state. The
+	// kernel may apply them itself and call the agent for no chain made only of such entries. It
+	// is given for the agent's config version at the time; an entry in shadow mode, with a
+	// condition (when) or a cache, or a chain with an observer is never applied this way. An
+	// older agent sends none: every chain is called as before.
+	StaticOutcome *StaticOutcome `protobuf:"bytes,2,opt,name=static_outcome,json=staticOutcome,proto3" json:"static_outcome,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EntryFacts) Reset() {
@@ -1684,6 +1702,58 @@ func (x *EntryFacts) GetOwnedRequestHeaders() []string {
 	return nil
 }
 
+func (x *EntryFacts) GetStaticOutcome() *StaticOutcome {
+	if x != nil {
+		return x.StaticOutcome
+	}
+	return nil
+}
+
+// StaticOutcome is what a chain entry does on every request of its phase.
+type StaticOutcome struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Instructions  []*Instruction         `protobuf:"bytes,1,rep,name=instructions,proto3" json:"instructions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StaticOutcome) Reset() {
+	*x = StaticOutcome{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StaticOutcome) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StaticOutcome) ProtoMessage() {}
+
+func (x *StaticOutcome) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StaticOutcome.ProtoReflect.Descriptor instead.
+func (*StaticOutcome) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *StaticOutcome) GetInstructions() []*Instruction {
+	if x != nil {
+		return x.Instructions
+	}
+	return nil
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
@@ -1699,7 +1769,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x0econfig_version\x18\x05 \x01(\tR\rconfigVersion\x1a@\n" +
 	"\x12AgentMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf8\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9f\x03\n" +
 	"\n" +
 	"PolicyInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
@@ -1709,7 +1779,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x10supported_phases\x18\x05 \x03(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x0fsupportedPhases\x122\n" +
 	"\x15requires_request_body\x18\x06 \x01(\bR\x13requiresRequestBody\x124\n" +
 	"\x16requires_response_body\x18\a \x01(\bR\x14requiresResponseBody\x128\n" +
-	"\x18response_ignores_request\x18\b \x01(\bR\x16responseIgnoresRequest\"\xb8\x05\n" +
+	"\x18response_ignores_request\x18\b \x01(\bR\x16responseIgnoresRequest\x12%\n" +
+	"\x0estatic_entries\x18\t \x01(\bR\rstaticEntries\"\xb8\x05\n" +
 	"\rPolicyRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x129\n" +
@@ -1827,10 +1898,13 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x05phase\x18\x02 \x01(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x05phase\"i\n" +
 	"\x16ValidateChainsResponse\x12\x16\n" +
 	"\x06errors\x18\x01 \x03(\tR\x06errors\x127\n" +
-	"\x05facts\x18\x02 \x03(\v2!.policyengine.agent.v1.EntryFactsR\x05facts\"@\n" +
+	"\x05facts\x18\x02 \x03(\v2!.policyengine.agent.v1.EntryFactsR\x05facts\"\x8d\x01\n" +
 	"\n" +
 	"EntryFacts\x122\n" +
-	"\x15owned_request_headers\x18\x01 \x03(\tR\x13ownedRequestHeaders*(\n" +
+	"\x15owned_request_headers\x18\x01 \x03(\tR\x13ownedRequestHeaders\x12K\n" +
+	"\x0estatic_outcome\x18\x02 \x01(\v2$.policyengine.agent.v1.StaticOutcomeR\rstaticOutcome\"W\n" +
+	"\rStaticOutcome\x12F\n" +
+	"\finstructions\x18\x01 \x03(\v2\".policyengine.agent.v1.InstructionR\finstructions*(\n" +
 	"\vPolicyPhase\x12\v\n" +
 	"\aREQUEST\x10\x00\x12\f\n" +
 	"\bRESPONSE\x10\x01*w\n" +
@@ -1867,7 +1941,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(PolicyPhase)(0),               // 0: policyengine.agent.v1.PolicyPhase
 	(InstructionType)(0),           // 1: policyengine.agent.v1.InstructionType
@@ -1894,61 +1968,64 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*ChainEntry)(nil),             // 22: policyengine.agent.v1.ChainEntry
 	(*ValidateChainsResponse)(nil), // 23: policyengine.agent.v1.ValidateChainsResponse
 	(*EntryFacts)(nil),             // 24: policyengine.agent.v1.EntryFacts
-	nil,                            // 25: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
-	nil,                            // 26: policyengine.agent.v1.PolicyRequest.StateEntry
-	nil,                            // 27: policyengine.agent.v1.PolicyRequest.TraceContextEntry
-	nil,                            // 28: policyengine.agent.v1.Policy.MetadataEntry
-	nil,                            // 29: policyengine.agent.v1.RequestContext.HeadersEntry
-	nil,                            // 30: policyengine.agent.v1.RequestContext.QueryParamsEntry
-	nil,                            // 31: policyengine.agent.v1.ResponseContext.HeadersEntry
-	nil,                            // 32: policyengine.agent.v1.PolicyResponse.MetadataEntry
-	nil,                            // 33: policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	(*StaticOutcome)(nil),          // 25: policyengine.agent.v1.StaticOutcome
+	nil,                            // 26: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	nil,                            // 27: policyengine.agent.v1.PolicyRequest.StateEntry
+	nil,                            // 28: policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	nil,                            // 29: policyengine.agent.v1.Policy.MetadataEntry
+	nil,                            // 30: policyengine.agent.v1.RequestContext.HeadersEntry
+	nil,                            // 31: policyengine.agent.v1.RequestContext.QueryParamsEntry
+	nil,                            // 32: policyengine.agent.v1.ResponseContext.HeadersEntry
+	nil,                            // 33: policyengine.agent.v1.PolicyResponse.MetadataEntry
+	nil,                            // 34: policyengine.agent.v1.ImmediateResponse.HeadersEntry
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	5,  // 0: policyengine.agent.v1.GetAgentConfigResponse.supported_policies:type_name -> policyengine.agent.v1.PolicyInfo
-	25, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	26, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
 	0,  // 2: policyengine.agent.v1.PolicyInfo.supported_phases:type_name -> policyengine.agent.v1.PolicyPhase
 	9,  // 3: policyengine.agent.v1.PolicyRequest.policies:type_name -> policyengine.agent.v1.Policy
 	11, // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
 	0,  // 5: policyengine.agent.v1.PolicyRequest.phase:type_name -> policyengine.agent.v1.PolicyPhase
 	12, // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
-	26, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
-	27, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	27, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
+	28, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
 	6,  // 9: policyengine.agent.v1.PolicyRequestBatch.requests:type_name -> policyengine.agent.v1.PolicyRequest
 	13, // 10: policyengine.agent.v1.PolicyResponseBatch.responses:type_name -> policyengine.agent.v1.PolicyResponse
-	28, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
+	29, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
 	10, // 12: policyengine.agent.v1.Policy.cache:type_name -> policyengine.agent.v1.CacheSpec
-	29, // 13: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
-	30, // 14: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
-	31, // 15: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
+	30, // 13: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
+	31, // 14: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
+	32, // 15: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
 	14, // 16: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
 	20, // 17: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
-	32, // 18: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
+	33, // 18: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
 	1,  // 19: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
 	15, // 20: policyengine.agent.v1.Instruction.header:type_name -> policyengine.agent.v1.HeaderInstruction
 	16, // 21: policyengine.agent.v1.Instruction.body:type_name -> policyengine.agent.v1.BodyInstruction
 	17, // 22: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
 	18, // 23: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
 	19, // 24: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
-	33, // 25: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	34, // 25: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
 	2,  // 26: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
 	22, // 27: policyengine.agent.v1.ValidateChainsRequest.entries:type_name -> policyengine.agent.v1.ChainEntry
 	9,  // 28: policyengine.agent.v1.ChainEntry.policy:type_name -> policyengine.agent.v1.Policy
 	0,  // 29: policyengine.agent.v1.ChainEntry.phase:type_name -> policyengine.agent.v1.PolicyPhase
 	24, // 30: policyengine.agent.v1.ValidateChainsResponse.facts:type_name -> policyengine.agent.v1.EntryFacts
-	3,  // 31: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
-	6,  // 32: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
-	7,  // 33: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
-	21, // 34: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
-	4,  // 35: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
-	13, // 36: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
-	8,  // 37: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
-	23, // 38: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
-	35, // [35:39] is the sub-list for method output_type
-	31, // [31:35] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	25, // 31: policyengine.agent.v1.EntryFacts.static_outcome:type_name -> policyengine.agent.v1.StaticOutcome
+	14, // 32: policyengine.agent.v1.StaticOutcome.instructions:type_name -> policyengine.agent.v1.Instruction
+	3,  // 33: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
+	6,  // 34: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
+	7,  // 35: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
+	21, // 36: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
+	4,  // 37: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
+	13, // 38: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
+	8,  // 39: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
+	23, // 40: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
+	37, // [37:41] is the sub-list for method output_type
+	33, // [33:37] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -1969,7 +2046,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
