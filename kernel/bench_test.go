@@ -273,15 +273,22 @@ func BenchmarkHTTPRequestFakeAgent(b *testing.B) {
 // flight (8 per CPU), so that calls batch as they do under load; cpu-ns/op is the process's
 // CPU time (user + system) per HTTP request, which unlike ns/op does not depend on how many
 // cores the run got.
+//
+// static: the response chain is answered by the kernel (a static chain), and calls carry chain
+// ids; static-full: the same with every call carrying its policies (an agent without chain
+// ids); agent: every chain called, with chain ids.
 func BenchmarkHTTPRequestAgentUDS(b *testing.B) {
-	for _, static := range []bool{true, false} {
-		b.Run(map[bool]string{true: "static", false: "agent"}[static], func(b *testing.B) {
-			benchHTTPRequestAgentUDS(b, static)
+	for _, c := range []struct {
+		name        string
+		static, ids bool
+	}{{"static", true, true}, {"static-full", true, false}, {"agent", false, true}} {
+		b.Run(c.name, func(b *testing.B) {
+			benchHTTPRequestAgentUDS(b, c.static, c.ids)
 		})
 	}
 }
 
-func benchHTTPRequestAgentUDS(b *testing.B, static bool) {
+func benchHTTPRequestAgentUDS(b *testing.B, static, ids bool) {
 	dir := b.TempDir()
 	socket := filepath.Join(dir, "agent.sock")
 	cfgPath := filepath.Join(dir, "agent.yaml")
@@ -314,6 +321,8 @@ func benchHTTPRequestAgentUDS(b *testing.B, static bool) {
 		b.Fatal(err)
 	}
 	client := newStreamAgentClient(u, time.Second)
+	// Each stream learns the agent's config, and so whether it keeps chain ids.
+	client.verify = ids
 	defer client.Close()
 	// Calls go round-robin over the connections: wait until each one has answered, since a
 	// connection that tried before the socket existed backs off for a moment.

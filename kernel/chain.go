@@ -115,6 +115,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		Phase:     phase,
 		State:     st.state,
 		RouteName: route.Name,
+		ChainId:   ch.ids[st.part],
 	}
 	if phase == agentv1.PolicyPhase_RESPONSE {
 		st.call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
@@ -165,6 +166,10 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 				Str("policy", resp.GetStatus().GetPolicyName()).Str("error", resp.GetMessage()).Msg("policy failed; request denied")
 		}
 		return chainResult{immediate: denial(cfg.Server.StatusOnError, "policy_error", "a policy failed")}
+	case agentv1.StatusCode_CHAIN_UNKNOWN:
+		// Sent again with the policies by the client; an agent that still does not know the
+		// chain cannot be trusted with it.
+		return s.invalidReply(st, errors.New("the agent does not keep the chain it was sent"))
 	default:
 		return s.invalidReply(st, errors.New("unknown status code"))
 	}

@@ -105,6 +105,8 @@ type chain struct {
 	// that reads the body, runs when the headers arrive; late, the rest, on the whole body. The
 	// entries run in the chain's order, each seeing what the ones before it did, as in one run.
 	early, late []*agentv1.Policy
+	// ids are the chain ids of the parts (partAll, partEarly, partLate); 0: sent in full.
+	ids [3]uint64
 	// static is the chain's answer when every entry answers every request alike (the agent
 	// reported its static_outcome, and the entry is not in shadow and has no condition or
 	// cache): the kernel answers with it and does not call the agent. nil: the agent runs it.
@@ -418,6 +420,7 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 		}
 	}
 	c.noRequest = phase == agentv1.PolicyPhase_RESPONSE && len(c.policies) > 0 && !readsRequest
+	c.ids = [3]uint64{chainIDOf(c.policies), chainIDOf(c.early), chainIDOf(c.late)}
 	if allStatic && len(problems) == 0 && len(c.policies) > 0 && !c.body && len(c.owned) == 0 {
 		c.static = newStaticChain(phase, static)
 	}

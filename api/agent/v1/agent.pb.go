@@ -139,6 +139,9 @@ const (
 	StatusCode_POLICY_DENIED StatusCode = 1
 	StatusCode_POLICY_ERROR  StatusCode = 2
 	StatusCode_TIMEOUT       StatusCode = 3
+	// The request named a chain_id the agent does not keep on this stream and carried no
+	// policies: nothing ran. The kernel sends the request again with the policies.
+	StatusCode_CHAIN_UNKNOWN StatusCode = 4
 )
 
 // Enum value maps for StatusCode.
@@ -148,12 +151,14 @@ var (
 		1: "POLICY_DENIED",
 		2: "POLICY_ERROR",
 		3: "TIMEOUT",
+		4: "CHAIN_UNKNOWN",
 	}
 	StatusCode_value = map[string]int32{
 		"OK":            0,
 		"POLICY_DENIED": 1,
 		"POLICY_ERROR":  2,
 		"TIMEOUT":       3,
+		"CHAIN_UNKNOWN": 4,
 	}
 )
 
@@ -227,8 +232,13 @@ type GetAgentConfigResponse struct {
 	SupportedPolicies []*PolicyInfo          `protobuf:"bytes,3,rep,name=supported_policies,json=supportedPolicies,proto3" json:"supported_policies,omitempty"`
 	AgentMetadata     map[string]string      `protobuf:"bytes,4,rep,name=agent_metadata,json=agentMetadata,proto3" json:"agent_metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // additional agent information
 	ConfigVersion     string                 `protobuf:"bytes,5,opt,name=config_version,json=configVersion,proto3" json:"config_version,omitempty"`                                                                           // version of the agent's own config snapshot
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The agent keeps, for each ExecuteStream, the chains the kernel sent on it with a chain_id,
+	// and runs a later request of that stream that carries the chain_id and no policies with that
+	// chain; a chain_id it does not know gets CHAIN_UNKNOWN. An agent without it ignores chain_id:
+	// the kernel then always sends the policies.
+	ChainIds      bool `protobuf:"varint,6,opt,name=chain_ids,json=chainIds,proto3" json:"chain_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetAgentConfigResponse) Reset() {
@@ -294,6 +304,13 @@ func (x *GetAgentConfigResponse) GetConfigVersion() string {
 		return x.ConfigVersion
 	}
 	return ""
+}
+
+func (x *GetAgentConfigResponse) GetChainIds() bool {
+	if x != nil {
+		return x.ChainIds
+	}
+	return false
 }
 
 type PolicyInfo struct {
@@ -429,7 +446,12 @@ type PolicyRequest struct {
 	CallId uint64 `protobuf:"varint,10,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
 	// On ExecuteStream only: stop the running call with this call_id (its caller is gone). Such
 	// a message carries nothing else and gets no answer.
-	Cancel        bool `protobuf:"varint,11,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	Cancel bool `protobuf:"varint,11,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	// On ExecuteStream to an agent that advertises chain_ids only: names the chain. With policies,
+	// the agent keeps them under this id for the rest of the stream; without, it runs the chain it
+	// kept, or answers CHAIN_UNKNOWN (nothing ran) when it has none, and the kernel sends the
+	// policies again. Ids are the kernel's, unique within one kernel process.
+	ChainId       uint64 `protobuf:"varint,12,opt,name=chain_id,json=chainId,proto3" json:"chain_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -539,6 +561,13 @@ func (x *PolicyRequest) GetCancel() bool {
 		return x.Cancel
 	}
 	return false
+}
+
+func (x *PolicyRequest) GetChainId() uint64 {
+	if x != nil {
+		return x.ChainId
+	}
+	return 0
 }
 
 // PolicyRequestBatch is one message of ExecuteStream from the kernel: requests and cancels.
@@ -1759,14 +1788,15 @@ var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x18api/agent/v1/agent.proto\x12\x15policyengine.agent.v1\"\x17\n" +
-	"\x15GetAgentConfigRequest\"\x80\x03\n" +
+	"\x15GetAgentConfigRequest\"\x9d\x03\n" +
 	"\x16GetAgentConfigResponse\x12\x1d\n" +
 	"\n" +
 	"agent_name\x18\x01 \x01(\tR\tagentName\x12#\n" +
 	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\x12P\n" +
 	"\x12supported_policies\x18\x03 \x03(\v2!.policyengine.agent.v1.PolicyInfoR\x11supportedPolicies\x12g\n" +
 	"\x0eagent_metadata\x18\x04 \x03(\v2@.policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntryR\ragentMetadata\x12%\n" +
-	"\x0econfig_version\x18\x05 \x01(\tR\rconfigVersion\x1a@\n" +
+	"\x0econfig_version\x18\x05 \x01(\tR\rconfigVersion\x12\x1b\n" +
+	"\tchain_ids\x18\x06 \x01(\bR\bchainIds\x1a@\n" +
 	"\x12AgentMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9f\x03\n" +
@@ -1780,7 +1810,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x15requires_request_body\x18\x06 \x01(\bR\x13requiresRequestBody\x124\n" +
 	"\x16requires_response_body\x18\a \x01(\bR\x14requiresResponseBody\x128\n" +
 	"\x18response_ignores_request\x18\b \x01(\bR\x16responseIgnoresRequest\x12%\n" +
-	"\x0estatic_entries\x18\t \x01(\bR\rstaticEntries\"\xb8\x05\n" +
+	"\x0estatic_entries\x18\t \x01(\bR\rstaticEntries\"\xd3\x05\n" +
 	"\rPolicyRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x129\n" +
@@ -1796,7 +1826,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\rtrace_context\x18\t \x03(\v26.policyengine.agent.v1.PolicyRequest.TraceContextEntryR\ftraceContext\x12\x17\n" +
 	"\acall_id\x18\n" +
 	" \x01(\x04R\x06callId\x12\x16\n" +
-	"\x06cancel\x18\v \x01(\bR\x06cancel\x1a8\n" +
+	"\x06cancel\x18\v \x01(\bR\x06cancel\x12\x19\n" +
+	"\bchain_id\x18\f \x01(\x04R\achainId\x1a8\n" +
 	"\n" +
 	"StateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -1915,13 +1946,14 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\bSET_BODY\x10\x02\x12\x16\n" +
 	"\x12IMMEDIATE_RESPONSE\x10\x03\x12\f\n" +
 	"\bCONTINUE\x10\x04\x12\r\n" +
-	"\tSET_STATE\x10\x05*F\n" +
+	"\tSET_STATE\x10\x05*Y\n" +
 	"\n" +
 	"StatusCode\x12\x06\n" +
 	"\x02OK\x10\x00\x12\x11\n" +
 	"\rPOLICY_DENIED\x10\x01\x12\x10\n" +
 	"\fPOLICY_ERROR\x10\x02\x12\v\n" +
-	"\aTIMEOUT\x10\x032\xaf\x03\n" +
+	"\aTIMEOUT\x10\x03\x12\x11\n" +
+	"\rCHAIN_UNKNOWN\x10\x042\xaf\x03\n" +
 	"\vPolicyAgent\x12m\n" +
 	"\x0eGetAgentConfig\x12,.policyengine.agent.v1.GetAgentConfigRequest\x1a-.policyengine.agent.v1.GetAgentConfigResponse\x12V\n" +
 	"\aExecute\x12$.policyengine.agent.v1.PolicyRequest\x1a%.policyengine.agent.v1.PolicyResponse\x12j\n" +

@@ -82,6 +82,16 @@ func (m *GetAgentConfigResponse) MarshalToSizedBufferVT(dAtA []byte) (int, error
 		i -= len(m.unknownFields)
 		copy(dAtA[i:], m.unknownFields)
 	}
+	if m.ChainIds {
+		i--
+		if m.ChainIds {
+			dAtA[i] = 1
+		} else {
+			dAtA[i] = 0
+		}
+		i--
+		dAtA[i] = 0x30
+	}
 	if len(m.ConfigVersion) > 0 {
 		i -= len(m.ConfigVersion)
 		copy(dAtA[i:], m.ConfigVersion)
@@ -288,6 +298,11 @@ func (m *PolicyRequest) MarshalToSizedBufferVT(dAtA []byte) (int, error) {
 	if m.unknownFields != nil {
 		i -= len(m.unknownFields)
 		copy(dAtA[i:], m.unknownFields)
+	}
+	if m.ChainId != 0 {
+		i = protohelpers.EncodeVarint(dAtA, i, uint64(m.ChainId))
+		i--
+		dAtA[i] = 0x60
 	}
 	if m.Cancel {
 		i--
@@ -1652,6 +1667,9 @@ func (m *GetAgentConfigResponse) SizeVT() (n int) {
 	if l > 0 {
 		n += 1 + l + protohelpers.SizeOfVarint(uint64(l))
 	}
+	if m.ChainIds {
+		n += 2
+	}
 	n += len(m.unknownFields)
 	return n
 }
@@ -1756,6 +1774,9 @@ func (m *PolicyRequest) SizeVT() (n int) {
 	}
 	if m.Cancel {
 		n += 2
+	}
+	if m.ChainId != 0 {
+		n += 1 + protohelpers.SizeOfVarint(uint64(m.ChainId))
 	}
 	n += len(m.unknownFields)
 	return n
@@ -2592,6 +2613,26 @@ func (m *GetAgentConfigResponse) UnmarshalVT(dAtA []byte) error {
 			}
 			m.ConfigVersion = string(dAtA[iNdEx:postIndex])
 			iNdEx = postIndex
+		case 6:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field ChainIds", wireType)
+			}
+			var v int
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				v |= int(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
+			m.ChainIds = bool(v != 0)
 		default:
 			iNdEx = preIndex
 			skippy, err := protohelpers.Skip(dAtA[iNdEx:])
@@ -3472,6 +3513,25 @@ func (m *PolicyRequest) UnmarshalVT(dAtA []byte) error {
 				}
 			}
 			m.Cancel = bool(v != 0)
+		case 12:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field ChainId", wireType)
+			}
+			m.ChainId = 0
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				m.ChainId |= uint64(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
 		default:
 			iNdEx = preIndex
 			skippy, err := protohelpers.Skip(dAtA[iNdEx:])
@@ -7090,6 +7150,26 @@ func (m *GetAgentConfigResponse) UnmarshalVTUnsafe(dAtA []byte) error {
 			}
 			m.ConfigVersion = stringValue
 			iNdEx = postIndex
+		case 6:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field ChainIds", wireType)
+			}
+			var v int
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				v |= int(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
+			m.ChainIds = bool(v != 0)
 		default:
 			iNdEx = preIndex
 			skippy, err := protohelpers.Skip(dAtA[iNdEx:])
@@ -8010,6 +8090,25 @@ func (m *PolicyRequest) UnmarshalVTUnsafe(dAtA []byte) error {
 				}
 			}
 			m.Cancel = bool(v != 0)
+		case 12:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field ChainId", wireType)
+			}
+			m.ChainId = 0
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				m.ChainId |= uint64(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
 		default:
 			iNdEx = preIndex
 			skippy, err := protohelpers.Skip(dAtA[iNdEx:])
