@@ -276,19 +276,21 @@ func BenchmarkHTTPRequestFakeAgent(b *testing.B) {
 //
 // static: the response chain is answered by the kernel (a static chain), and calls carry chain
 // ids; static-full: the same with every call carrying its policies (an agent without chain
-// ids); agent: every chain called, with chain ids.
+// ids); agent: every chain called, with chain ids. serial: one request at a time, as at a low
+// rate, where nothing batches and every message wakes the other side: ns/op is then the
+// latency the kernel and agent add to an HTTP request.
 func BenchmarkHTTPRequestAgentUDS(b *testing.B) {
 	for _, c := range []struct {
-		name        string
-		static, ids bool
-	}{{"static", true, true}, {"static-full", true, false}, {"agent", false, true}} {
+		name                string
+		static, ids, serial bool
+	}{{"static", true, true, false}, {"static-full", true, false, false}, {"agent", false, true, false}, {"serial", true, true, true}} {
 		b.Run(c.name, func(b *testing.B) {
-			benchHTTPRequestAgentUDS(b, c.static, c.ids)
+			benchHTTPRequestAgentUDS(b, c.static, c.ids, c.serial)
 		})
 	}
 }
 
-func benchHTTPRequestAgentUDS(b *testing.B, static, ids bool) {
+func benchHTTPRequestAgentUDS(b *testing.B, static, ids, serial bool) {
 	dir := b.TempDir()
 	socket := filepath.Join(dir, "agent.sock")
 	cfgPath := filepath.Join(dir, "agent.yaml")
@@ -341,14 +343,20 @@ func benchHTTPRequestAgentUDS(b *testing.B, static, ids bool) {
 	reqMsg, respMsg := envoyRequest(), envoyResponse()
 	httpRequest(b, s, reqMsg, respMsg) // opens the streams
 	b.ReportAllocs()
-	b.SetParallelism(8)
 	cpu0 := processCPU()
 	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
+	if serial {
+		for range b.N {
 			httpRequest(b, s, reqMsg, respMsg)
 		}
-	})
+	} else {
+		b.SetParallelism(8)
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				httpRequest(b, s, reqMsg, respMsg)
+			}
+		})
+	}
 	b.StopTimer()
 	b.ReportMetric(float64(processCPU()-cpu0)/float64(b.N), "cpu-ns/op")
 }
