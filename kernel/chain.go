@@ -106,8 +106,10 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		return s.runStatic(st, ch.static, start)
 	}
 	cfg := st.snap.Config
-	// The request is the stream's, reused by both phases: it is only read while it is sent.
-	req := &st.call.req
+	// The request is pooled apart from the stream: it is only read while it is sent, and a
+	// stream waiting for its upstream's response does not hold one.
+	call := agentCalls.Get().(*agentCall)
+	req := &call.req
 	*req = agentv1.PolicyRequest{
 		RequestId: st.requestID,
 		Policies:  ch.part(st.part),
@@ -118,8 +120,8 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		ChainId:   ch.ids[st.part],
 	}
 	if phase == agentv1.PolicyPhase_RESPONSE {
-		st.call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
-		req.Response = &st.call.resp
+		call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
+		req.Response = &call.resp
 		if ch.noRequest {
 			req.Context = nil
 		}
@@ -132,7 +134,8 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	// received message its strings point into) while the stream waits for its next message.
 	callID := req.GetCallId()
 	*req = agentv1.PolicyRequest{}
-	st.call.resp = agentv1.ResponseContext{}
+	call.resp = agentv1.ResponseContext{}
+	agentCalls.Put(call)
 	endCallSpan(span, resp, err)
 	defer route.metrics.duration.UpdateDuration(start)
 	if err != nil {

@@ -142,3 +142,20 @@ func TestStaticChains(t *testing.T) {
 		t.Fatalf("the dropped mutation was not logged:\n%s", tk.logs.String())
 	}
 }
+
+// TestRequestDoneStatic: a stream whose response chain is static keeps neither the request
+// context nor the state for its response phase; one whose response chain reads the state
+// keeps it.
+func TestRequestDoneStatic(t *testing.T) {
+	for _, static := range []bool{true, false} {
+		r := &Route{response: chain{policies: []*agentv1.Policy{{Name: "hdr"}}, noRequest: true}}
+		if static {
+			r.response.static = &staticChain{}
+		}
+		st := &stream{route: r, reqCtx: getRequestContext(), state: map[string]string{"k": "v"}}
+		st.requestDone()
+		if st.reqCtx != nil || (st.state == nil) != static {
+			t.Errorf("static %v: request context %v, state %v", static, st.reqCtx, st.state)
+		}
+	}
+}

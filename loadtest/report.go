@@ -72,8 +72,17 @@ type Row struct {
 	P99Ratio float64 `json:"p99_ratio_to_baseline,omitempty"`
 	// RSSRatio is the first process's peak RSS (the kernel's) divided by the baseline's, in the
 	// memory phases (idle, streams).
-	RSSRatio float64  `json:"rss_ratio_to_baseline,omitempty"`
-	Errs     []string `json:"error_samples,omitempty"`
+	RSSRatio float64 `json:"rss_ratio_to_baseline,omitempty"`
+	// KernelMemory is the kernel's Go memory while streams are held; nil elsewhere.
+	KernelMemory *GoMemory `json:"kernel_memory,omitempty"`
+	Errs         []string  `json:"error_samples,omitempty"`
+}
+
+// GoMemory is what a Go process's memory is made of, from its /metrics.
+type GoMemory struct {
+	HeapInuse  int64 `json:"heap_inuse_bytes"`
+	StackInuse int64 `json:"stack_inuse_bytes"`
+	Goroutines int64 `json:"goroutines"`
 }
 
 // Check is one of the performance targets, as this run measured it.
@@ -191,6 +200,12 @@ func (r *Report) WriteTable(w io.Writer) error {
 	}
 	if err := tw.Flush(); err != nil {
 		return err
+	}
+	for _, row := range r.Rows {
+		if m := row.KernelMemory; m != nil && m.Goroutines > 0 {
+			fmt.Fprintf(w, "kernel with %s: Go heap in use %.1f MiB, stacks %.1f MiB for %d goroutines (%.1f KiB each)\n",
+				row.Phase, float64(m.HeapInuse)/(1<<20), float64(m.StackInuse)/(1<<20), m.Goroutines, float64(m.StackInuse)/float64(m.Goroutines)/1024)
+		}
 	}
 	if len(r.Checks) > 0 {
 		fmt.Fprintln(w, "targets (ratio to the baseline in the same run and phase):")

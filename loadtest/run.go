@@ -281,7 +281,7 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 	}
 	if o.Streams > 0 {
 		for _, t := range targets {
-			row, err := holdPhase(ctx, t, tr, o.Streams)
+			row, err := holdPhase(ctx, t, tr, o.Streams, o.ProfileDir)
 			if err != nil {
 				return nil, err
 			}
@@ -354,7 +354,9 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 
 // holdPhase opens n streams at once against t and reports each process's peak RSS while they
 // are open.
-func holdPhase(ctx context.Context, t *target, tr *Traffic, n int) (Row, error) {
+// With profileDir set, the heap profile of each of the kernel target's processes is saved
+// there while the streams are held, as <name>.streams.heap.pprof.
+func holdPhase(ctx context.Context, t *target, tr *Traffic, n int, profileDir string) (Row, error) {
 	row := Row{Run: 1, Target: t.name, Phase: fmt.Sprintf("%s %d", phaseStreams, n)}
 	for _, p := range t.procs {
 		if err := ResetPeakRSS(p.pid()); err != nil {
@@ -376,6 +378,23 @@ func holdPhase(ctx context.Context, t *target, tr *Traffic, n int) (Row, error) 
 			return row, err
 		}
 		row.Procs = append(row.Procs, ProcUsage{Name: p.name, PeakRSS: rss})
+	}
+	if t.metricsURL != "" {
+		// What the kernel's memory is, while the streams are held.
+		m, err := scrapeGauges(ctx, t.metricsURL, "go_memstats_heap_inuse_bytes", "go_memstats_stack_inuse_bytes", "go_goroutines")
+		if err != nil {
+			h.Release()
+			return row, err
+		}
+		row.KernelMemory = &GoMemory{HeapInuse: int64(m[0]), StackInuse: int64(m[1]), Goroutines: int64(m[2])}
+	}
+	if profileDir != "" && t.name == targetKernel {
+		for name, base := range t.pprof {
+			if err := fetchTo(ctx, base+"heap", filepath.Join(profileDir, name+".streams.heap.pprof")); err != nil {
+				h.Release()
+				return row, err
+			}
+		}
 	}
 	h.Release()
 	row.Requests, row.Errors = int64(h.Opened), int64(h.Errors)
@@ -637,6 +656,37 @@ func waitFor(ctx context.Context, p *process, timeout time.Duration, ready func(
 		time.Sleep(50 * time.Millisecond)
 	}
 	return nil
+}
+
+// scrapeGauges reads the values of unlabelled series from a /metrics page; a series not there
+// is 0.
+func scrapeGauges(ctx context.Context, url string, names ...string) ([]float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	out := make([]float64, len(names))
+	for line := range strings.SplitSeq(string(body), "\n") {
+		name, value, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		for i, n := range names {
+			if name == n {
+				out[i], _ = strconv.ParseFloat(strings.TrimSpace(value), 64)
+			}
+		}
+	}
+	return out, nil
 }
 
 func scrapeHistogram(ctx context.Context, url string) (vmHistogram, error) {
