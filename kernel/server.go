@@ -122,7 +122,6 @@ type stream struct {
 	spanCtx context.Context
 	tracer  *tracing.Tracer
 
-
 	// respBuf outlives a pooled stream's reset, so that its map is reused.
 	respBuf map[string]string
 }
