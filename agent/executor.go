@@ -250,6 +250,7 @@ func (e *Executor) Describe() *agentv1.GetAgentConfigResponse {
 			RequiresRequestBody:    m.RequestBody,
 			RequiresResponseBody:   m.ResponseBody,
 			ResponseIgnoresRequest: m.ResponseIgnoresRequest,
+			StaticEntries:          m.StaticEntries,
 		}
 		if m.Phases&policy.Request != 0 {
 			info.SupportedPhases = append(info.SupportedPhases, agentv1.PolicyPhase_REQUEST)
@@ -310,8 +311,9 @@ func (e *Executor) ValidateChains(entries []*agentv1.ChainEntry) []string {
 
 // EntryFacts tells, for each chain entry that builds, what the kernel must know of it to act
 // for it when the agent cannot: the request headers it owns (policy.HeaderOwner), which the
-// kernel removes itself when it lets a request through without the agent (fail_open). An
-// entry that does not build gets empty facts.
+// kernel removes itself when it lets a request through without the agent (fail_open); and its
+// answer when it answers every request of its phase alike (policy.Static), which the kernel
+// applies itself. An entry that does not build gets empty facts.
 func (e *Executor) EntryFacts(entries []*agentv1.ChainEntry) []*agentv1.EntryFacts {
 	out := make([]*agentv1.EntryFacts, len(entries))
 	s := e.acquire()
@@ -320,7 +322,7 @@ func (e *Executor) EntryFacts(entries []*agentv1.ChainEntry) []*agentv1.EntryFac
 	}
 	for i, ce := range entries {
 		out[i] = &agentv1.EntryFacts{}
-		if s == nil || ce.GetPhase() != agentv1.PolicyPhase_REQUEST {
+		if s == nil {
 			continue
 		}
 		name := ce.GetPolicy().GetName()
@@ -329,13 +331,53 @@ func (e *Executor) EntryFacts(entries []*agentv1.ChainEntry) []*agentv1.EntryFac
 			continue
 		}
 		p, err := s.instanceFor(f, name, ce.GetPolicy().GetMetadata())
-		if o, isOwner := p.(policy.HeaderOwner); err == nil && isOwner {
+		if err != nil {
+			continue
+		}
+		if o, isOwner := p.(policy.HeaderOwner); isOwner && ce.GetPhase() == agentv1.PolicyPhase_REQUEST {
 			for _, h := range o.OwnedRequestHeaders() {
 				out[i].OwnedRequestHeaders = append(out[i].OwnedRequestHeaders, strings.ToLower(h))
 			}
 		}
+		out[i].StaticOutcome = staticOutcome(f, p, ce)
 	}
 	return out
+}
+
+// staticOutcome is the entry's answer on every request of its phase when it has one
+// (policy.Static), else nil. An entry in shadow mode, with a condition or a cache, a policy
+// that observes outcomes or owns request headers, and an answer that is not OK with header
+// changes only are never static: the agent must run those.
+func staticOutcome(f *factoryEntry, p policy.Policy, ce *agentv1.ChainEntry) *agentv1.StaticOutcome {
+	pol := ce.GetPolicy()
+	if pol.GetShadow() || pol.GetWhen() != "" || pol.GetCache() != nil || !f.module.Phases.Has(ce.GetPhase()) {
+		return nil
+	}
+	sp, ok := p.(policy.Static)
+	if !ok {
+		return nil
+	}
+	if _, observes := p.(policy.ChainObserver); observes {
+		return nil
+	}
+	if _, owns := p.(policy.HeaderOwner); owns {
+		return nil
+	}
+	r, ok := sp.StaticResult(ce.GetPhase())
+	if !ok || r.Status != agentv1.StatusCode_OK || len(r.Metadata) > 0 || terminal(r) {
+		return nil
+	}
+	for _, in := range r.Instructions {
+		switch in.GetType() {
+		case agentv1.InstructionType_SET_HEADER, agentv1.InstructionType_REMOVE_HEADER:
+		default:
+			return nil
+		}
+	}
+	if applyInstructions(nil, r.Instructions, 0) != nil {
+		return nil
+	}
+	return &agentv1.StaticOutcome{Instructions: r.Instructions}
 }
 
 // enforcingPoliciesKey is the agent_metadata key of GetAgentConfig that lists the policies

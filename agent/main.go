@@ -26,6 +26,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/flowctl"
 	"github.com/policy-engine/policy-engine/internal/fsperm"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
@@ -148,11 +149,11 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("listen on %q: %w", core.SocketPath, err)
 	}
 	maxMsg := 2*core.ResourceLimits.MaxBodySizeBytes + 1<<20
-	srv := grpc.NewServer(
+	srv := grpc.NewServer(append(flowctl.ServerOptions(),
 		grpc.MaxRecvMsgSize(maxMsg),
 		grpc.MaxSendMsgSize(maxMsg),
 		grpc.MaxConcurrentStreams(uint32(core.Server.MaxConcurrentRequests)),
-	)
+	)...)
 	svc := newService(exec, core.Server.MaxConcurrentRequests)
 	defer svc.stop()
 	agentv1.RegisterPolicyAgentServer(srv, svc)

@@ -41,6 +41,10 @@ type agentMetrics struct {
 	cacheMu     sync.Mutex
 	cacheRoutes map[string]bool
 
+	// chainKept, chainNamed and chainUnknown count the stream requests that carried a chain
+	// with its id, named a kept chain by id, and named one the stream did not keep.
+	chainKept, chainNamed, chainUnknown *metrics.Counter
+
 	reloadSuccess, reloadFailure *metrics.Counter
 	infoMu                       sync.Mutex
 	infoVersion                  string
@@ -69,6 +73,7 @@ var Families = []obs.Family{
 	{Name: "policy_agent_shadow_decisions_total", Type: "counter", Help: "What chain entries in shadow mode would have decided had they enforced, by policy, route and decision: allow, deny, error. Nothing they decide is enforced."},
 	{Name: "policy_agent_entries_skipped_total", Type: "counter", Help: "Chain entries not run because their when condition was false, by policy and route (past 1000 routes, \"other\")."},
 	{Name: "policy_agent_context_size_bytes", Type: "histogram", Help: "Size of the context a chain runs on, by type: request_headers, request_body, response_headers, response_body, state (headers: one chain in 8 after the first 64)."},
+	{Name: "policy_agent_stream_chains_total", Type: "counter", Help: "ExecuteStream requests by how they named their chain: kept (its policies with a chain id, kept for the stream), named (a kept chain by its id alone), unknown (an id the stream did not keep: answered CHAIN_UNKNOWN, nothing ran)."},
 	{Name: "policy_agent_config_reload_total", Type: "counter", Help: "Config reloads by status: success or failure (the previous config stays)."},
 	{Name: "policy_agent_config_last_reload_success_timestamp_seconds", Type: "gauge", Help: "Unix time of the last config load or reload that succeeded."},
 	{Name: "policy_agent_config_info", Type: "gauge", Help: "Always 1; the version label is the config in force (user version and content hash)."},
@@ -99,6 +104,9 @@ func newAgentMetrics() *agentMetrics {
 	m.respHeaders = size("response_headers")
 	m.respBody = size("response_body")
 	m.state = size("state")
+	m.chainKept = m.set.NewCounter(`policy_agent_stream_chains_total{kind="kept"}`)
+	m.chainNamed = m.set.NewCounter(`policy_agent_stream_chains_total{kind="named"}`)
+	m.chainUnknown = m.set.NewCounter(`policy_agent_stream_chains_total{kind="unknown"}`)
 	m.reloadSuccess = m.set.NewCounter(`policy_agent_config_reload_total{status="success"}`)
 	m.reloadFailure = m.set.NewCounter(`policy_agent_config_reload_total{status="failure"}`)
 	m.lastReloadSuccess = m.set.NewGauge(`policy_agent_config_last_reload_success_timestamp_seconds`, nil)

@@ -51,6 +51,11 @@ func (s *service) run(ctx context.Context, req *agentv1.PolicyRequest) *agentv1.
 
 // runIn is run in a chain context made by the caller.
 func (s *service) runIn(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
+	if req.GetChainId() != 0 && len(req.GetPolicies()) == 0 {
+		// A chain named by an id this agent does not keep (another stream's, or one kept
+		// before a restart): never run as an empty chain, which would allow.
+		return chainUnknown(req)
+	}
 	select {
 	case s.sem <- struct{}{}:
 	default:
@@ -66,8 +71,53 @@ func (s *service) runIn(cc *chainCtx, req *agentv1.PolicyRequest) *agentv1.Polic
 	return s.exec.execute(cc, req)
 }
 
+// chainUnknown answers a request whose chain_id names no chain the stream keeps: nothing ran.
+func chainUnknown(req *agentv1.PolicyRequest) *agentv1.PolicyResponse {
+	return fail(&agentv1.PolicyResponse{RequestId: req.GetRequestId(), CallId: req.GetCallId()},
+		agentv1.StatusCode_CHAIN_UNKNOWN, "", "unknown chain_id")
+}
+
+// maxStreamChains bounds the chains one ExecuteStream keeps by id; past it they are all
+// dropped, and the kernel sends each again with its next call (CHAIN_UNKNOWN).
+const maxStreamChains = 4096
+
+// streamChains are the chains a kernel sent on one ExecuteStream with a chain_id. Only the
+// stream's receiving goroutine uses it, in the order of the requests.
+type streamChains map[uint64][]*agentv1.Policy
+
+// resolve keeps req's chain under its id, or fills req's policies from the chain kept under
+// its id; false when req names an id the stream does not keep. m (if set) counts which.
+func (sc *streamChains) resolve(req *agentv1.PolicyRequest, m *agentMetrics) bool {
+	id := req.GetChainId()
+	if id == 0 {
+		return true
+	}
+	if len(req.GetPolicies()) > 0 {
+		if *sc == nil || len(*sc) >= maxStreamChains {
+			*sc = make(streamChains, 16)
+		}
+		(*sc)[id] = req.GetPolicies()
+		if m != nil {
+			m.chainKept.Inc()
+		}
+		return true
+	}
+	p, ok := (*sc)[id]
+	req.Policies = p
+	if m != nil {
+		if ok {
+			m.chainNamed.Inc()
+		} else {
+			m.chainUnknown.Inc()
+		}
+	}
+	return ok
+}
+
 func (s *service) GetAgentConfig(context.Context, *agentv1.GetAgentConfigRequest) (*agentv1.GetAgentConfigResponse, error) {
-	return s.exec.Describe(), nil
+	d := s.exec.Describe()
+	d.ChainIds = true
+	return d, nil
 }
 
 // ValidateChains checks chain entries as Execute will run them; see Executor.ValidateChains.
@@ -120,6 +170,7 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 	}
 	recvDone := make(chan error, 1)
 	go func() {
+		var chains streamChains
 		for {
 			b, err := stream.Recv()
 			if err != nil {
@@ -137,6 +188,7 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 					}
 					continue
 				}
+				known := chains.resolve(req, s.exec.metrics)
 				cc := newChainCtx(ctx, s.exec.deadlineOf(req))
 				mu.Lock()
 				if stopped {
@@ -146,6 +198,17 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 					return
 				}
 				wg.Add(1)
+				if !known {
+					// Answered here, in order: nothing runs.
+					mu.Unlock()
+					cc.release()
+					f, err := batch.Encode(id, chainUnknown(req))
+					if err == nil && sender.Enqueue(f) != nil {
+						f.Release()
+					}
+					wg.Done()
+					continue
+				}
 				calls[id] = cc
 				mu.Unlock()
 				s.dispatch(func() { run(id, cc, req) })

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/flowctl"
 	"github.com/policy-engine/policy-engine/internal/uds"
 	// Marshals the agent API and ext_proc messages without reflection.
 	_ "github.com/policy-engine/policy-engine/internal/vtcodec"
@@ -67,14 +68,14 @@ func dialAgent(socketPath string, n int, maxMsg int) (*grpcAgentClient, error) {
 	c := &grpcAgentClient{}
 	target := "unix://" + uds.Path(socketPath)
 	for i := 0; i < n; i++ {
-		conn, err := grpc.NewClient(target,
+		conn, err := grpc.NewClient(target, append(flowctl.DialOptions(),
 			grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithConnectParams(grpc.ConnectParams{
 				Backoff:           backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 				MinConnectTimeout: time.Second,
 			}),
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMsg), grpc.MaxCallSendMsgSize(maxMsg)),
-		)
+		)...)
 		if err != nil {
 			c.Close()
 			return nil, fmt.Errorf("dial agent at %q: %w", socketPath, err)

@@ -102,6 +102,10 @@ type laneStream struct {
 	pending map[uint64]*call
 	err     error         // set once the stream is broken; no call is added after
 	failed  chan struct{} // closed when err is set
+	// chainIDs says that the stream's agent keeps chains by id (chain_ids); known are the
+	// chain ids sent on the stream with their policies, which later calls send without them.
+	chainIDs bool
+	known    map[uint64]struct{}
 }
 
 // call is one Execute waiting for its reply. Calls are pooled with their channel and timer.
@@ -192,6 +196,9 @@ func (c *streamAgentClient) ExecuteTimeout(ctx context.Context, req *agentv1.Pol
 	}
 	defer func() { <-c.slots }()
 	l := c.lanes[int(c.next.Add(1)%uint32(len(c.lanes)))]
+	// full sends the chain's policies with its id even where the stream knows the id: the
+	// agent answered CHAIN_UNKNOWN (it no longer keeps it), and nothing ran.
+	full := false
 	// A stream found broken before the request went out is replaced once.
 	for attempt := 0; ; attempt++ {
 		if l.unary.Load() {
@@ -204,7 +211,12 @@ func (c *streamAgentClient) ExecuteTimeout(ctx context.Context, req *agentv1.Pol
 			}
 			return nil, fmt.Errorf("%w: open stream: %w", ErrNotDelivered, err)
 		}
-		resp, err, retry := ls.execute(ctx, cl, req, c.callID.Add(1))
+		resp, err, retry := ls.execute(ctx, cl, req, c.callID.Add(1), full)
+		if err == nil && !full && req.GetChainId() != 0 && resp.GetStatus().GetCode() == agentv1.StatusCode_CHAIN_UNKNOWN {
+			ls.forget(req.GetChainId())
+			full = true
+			continue
+		}
 		if !retry || attempt == 1 {
 			return resp, err
 		}
@@ -264,10 +276,11 @@ func (l *lane) open(op *streamOpen) {
 	defer close(op.done)
 	sctx, cancel := context.WithCancel(context.Background())
 	st, err := l.c.unary.agents[l.i].ExecuteStream(sctx)
+	var info *agentv1.GetAgentConfigResponse
 	if err == nil && l.c.verify {
 		// Asked after the stream is open, on its connection: if the agent that answers is
 		// not the stream's, the stream's connection is gone and the stream with it.
-		err = l.c.learnOn(l.i)
+		info, err = l.c.learnOn(l.i)
 	}
 	if err == nil && l.c.closed.Load() {
 		err = errClientClosed
@@ -280,7 +293,11 @@ func (l *lane) open(op *streamOpen) {
 		op.err = err
 		return
 	}
-	ls := &laneStream{lane: l, stream: st, cancel: cancel, pending: map[uint64]*call{}, failed: make(chan struct{})}
+	ls := &laneStream{lane: l, stream: st, cancel: cancel, pending: map[uint64]*call{}, failed: make(chan struct{}),
+		chainIDs: info.GetChainIds()}
+	if ls.chainIDs {
+		ls.known = map[uint64]struct{}{}
+	}
 	ls.sender = batch.NewSender(ls.write, ls.unsent, maxBatchBytes)
 	l.cur.Store(ls)
 	op.ls = ls
@@ -288,18 +305,38 @@ func (l *lane) open(op *streamOpen) {
 }
 
 // execute sends one request on the stream and waits for its reply. retry says that the
-// stream was already broken and nothing was sent, so another stream may be tried.
-func (ls *laneStream) execute(ctx context.Context, cl *call, req *agentv1.PolicyRequest, id uint64) (_ *agentv1.PolicyResponse, _ error, retry bool) {
+// stream was already broken and nothing was sent, so another stream may be tried. A request
+// whose chain id the stream has carried with its policies goes without them, unless full.
+func (ls *laneStream) execute(ctx context.Context, cl *call, req *agentv1.PolicyRequest, id uint64, full bool) (_ *agentv1.PolicyResponse, _ error, retry bool) {
 	ls.mu.Lock()
 	if ls.err != nil {
 		ls.mu.Unlock()
 		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, ls.err), true
 	}
 	ls.pending[id] = cl
+	idOnly := false
+	if cid := req.GetChainId(); cid != 0 && ls.chainIDs {
+		// Marked before it is queued: a call that sees the mark first and overtakes this
+		// one gets CHAIN_UNKNOWN and is sent again in full.
+		_, idOnly = ls.known[cid]
+		idOnly = idOnly && !full
+		ls.known[cid] = struct{}{}
+	}
 	ls.mu.Unlock()
 
 	req.CallId = id
-	f, err := batch.Encode(id, req)
+	var (
+		f   batch.Frame
+		err error
+	)
+	if idOnly {
+		ps := req.Policies
+		req.Policies = nil
+		f, err = batch.Encode(id, req)
+		req.Policies = ps
+	} else {
+		f, err = batch.Encode(id, req)
+	}
 	if err == nil {
 		err = ls.sender.Enqueue(f)
 		if err != nil {
@@ -376,6 +413,14 @@ func (ls *laneStream) unsent(frames []batch.Frame, err error) {
 		}
 	}
 	ls.fail(err)
+}
+
+// forget makes the stream send a chain's policies again with its next call: the agent
+// answered CHAIN_UNKNOWN for it.
+func (ls *laneStream) forget(chainID uint64) {
+	ls.mu.Lock()
+	delete(ls.known, chainID)
+	ls.mu.Unlock()
 }
 
 // take removes a call that no longer waits and returns it. It returns nil when the call was
@@ -486,18 +531,18 @@ func (c *streamAgentClient) watch() {
 const learnTimeout = time.Second
 
 // learnOn asks the agent on connection i for its policy set and, when it changed, tells
-// onLearn before returning.
-func (c *streamAgentClient) learnOn(i int) error {
+// onLearn before returning; it returns the agent's answer.
+func (c *streamAgentClient) learnOn(i int) (*agentv1.GetAgentConfigResponse, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), learnTimeout)
 	defer cancel()
 	info, err := c.unary.agents[i].GetAgentConfig(ctx, &agentv1.GetAgentConfigRequest{})
 	if err != nil {
-		return fmt.Errorf("learn the agent's policies: %w", err)
+		return nil, fmt.Errorf("learn the agent's policies: %w", err)
 	}
 	if c.learn(info) && c.onLearn != nil {
 		c.onLearn(c, info)
 	}
-	return nil
+	return info, nil
 }
 
 // learn records info as the agent's policy set when the set changed; it reports whether it did.

@@ -641,7 +641,7 @@ func TestStreamExecuteOnClosedSender(t *testing.T) {
 	ls.sender.Close(errClientClosed) // closed, but the stream not yet marked failed
 	cl := getCall(time.Second)
 	defer putCall(cl)
-	_, err, retry := ls.execute(context.Background(), cl, &agentv1.PolicyRequest{}, 1)
+	_, err, retry := ls.execute(context.Background(), cl, &agentv1.PolicyRequest{}, 1, false)
 	if !errors.Is(err, ErrNotDelivered) || !errors.Is(err, errClientClosed) || !retry {
 		t.Errorf("execute on a closed sender: %v (retry %v), want not delivered and a retry", err, retry)
 	}

@@ -92,8 +92,29 @@ func (cannedAgent) Close() error                { return nil }
 
 var _ AgentClient = cannedAgent{}
 
-// benchServer returns a server whose snapshot uses client for the bench config's agent.
+// ValidateChains builds every entry, and reports the response chain's addSecurityHeaders as
+// static, as the real agent does.
+func (cannedAgent) ValidateChains(_ context.Context, entries []*agentv1.ChainEntry) (*agentv1.ValidateChainsResponse, error) {
+	vr := &agentv1.ValidateChainsResponse{Errors: make([]string, len(entries))}
+	for _, e := range entries {
+		f := &agentv1.EntryFacts{}
+		if e.GetPolicy().GetName() == "addSecurityHeaders" {
+			f.StaticOutcome = &agentv1.StaticOutcome{Instructions: cannedResponse}
+		}
+		vr.Facts = append(vr.Facts, f)
+	}
+	return vr, nil
+}
+
+// benchServer returns a server whose snapshot uses client for the bench config's agent, with
+// its chain entries checked by the agent (static chains applied by the kernel).
 func benchServer(tb testing.TB, socket string, client AgentClient) *Server {
+	return benchServerStatic(tb, socket, client, true)
+}
+
+// benchServerStatic is benchServer; static false makes the agent run every chain, as an agent
+// that reports no static outcome does.
+func benchServerStatic(tb testing.TB, socket string, client AgentClient, static bool) *Server {
 	tb.Helper()
 	cfg, err := ParseConfig("bench.yaml", []byte(benchConfig(socket)))
 	if err != nil {
@@ -107,7 +128,15 @@ func benchServer(tb testing.TB, socket string, client AgentClient) *Server {
 		tb.Fatal(err)
 	}
 	a.info.Store(info)
-	snap := buildSnapshot(kc, "bench", map[string]*agentState{"bench": a}, m)
+	a.healthy.Store(true)
+	agents := map[string]*agentState{"bench": a}
+	if errs := checkEntries(kc, agents, 5*time.Second); len(errs) > 0 {
+		tb.Fatalf("chain entries not checked: %v", errs)
+	}
+	if v := a.verdicts.Load(); !static && v != nil {
+		v.static = nil
+	}
+	snap := buildSnapshot(kc, "bench", agents, m)
 	if len(snap.invalid) > 0 {
 		tb.Fatalf("bench config invalid: %v", snap.invalid)
 	}
@@ -224,12 +253,18 @@ func httpRequest(b *testing.B, s *Server, reqMsg, respMsg *extprocv3.ProcessingR
 
 // BenchmarkHTTPRequestFakeAgent runs one HTTP request (request and response headers) through
 // the kernel with an agent that answers from memory: the kernel's own cost per request.
+// In the static case the response chain (addSecurityHeaders) is answered by the kernel from
+// the agent's static outcome; in the agent case it is called as every chain was before.
 func BenchmarkHTTPRequestFakeAgent(b *testing.B) {
-	s := benchServer(b, "unused.sock", cannedAgent{})
-	reqMsg, respMsg := envoyRequest(), envoyResponse()
-	b.ReportAllocs()
-	for b.Loop() {
-		httpRequest(b, s, reqMsg, respMsg)
+	for _, static := range []bool{true, false} {
+		b.Run(map[bool]string{true: "static", false: "agent"}[static], func(b *testing.B) {
+			s := benchServerStatic(b, "unused.sock", cannedAgent{}, static)
+			reqMsg, respMsg := envoyRequest(), envoyResponse()
+			b.ReportAllocs()
+			for b.Loop() {
+				httpRequest(b, s, reqMsg, respMsg)
+			}
+		})
 	}
 }
 
@@ -238,7 +273,24 @@ func BenchmarkHTTPRequestFakeAgent(b *testing.B) {
 // flight (8 per CPU), so that calls batch as they do under load; cpu-ns/op is the process's
 // CPU time (user + system) per HTTP request, which unlike ns/op does not depend on how many
 // cores the run got.
+//
+// static: the response chain is answered by the kernel (a static chain), and calls carry chain
+// ids; static-full: the same with every call carrying its policies (an agent without chain
+// ids); agent: every chain called, with chain ids. serial: one request at a time, as at a low
+// rate, where nothing batches and every message wakes the other side: ns/op is then the
+// latency the kernel and agent add to an HTTP request.
 func BenchmarkHTTPRequestAgentUDS(b *testing.B) {
+	for _, c := range []struct {
+		name                string
+		static, ids, serial bool
+	}{{"static", true, true, false}, {"static-full", true, false, false}, {"agent", false, true, false}, {"serial", true, true, true}} {
+		b.Run(c.name, func(b *testing.B) {
+			benchHTTPRequestAgentUDS(b, c.static, c.ids, c.serial)
+		})
+	}
+}
+
+func benchHTTPRequestAgentUDS(b *testing.B, static, ids, serial bool) {
 	dir := b.TempDir()
 	socket := filepath.Join(dir, "agent.sock")
 	cfgPath := filepath.Join(dir, "agent.yaml")
@@ -271,6 +323,8 @@ func BenchmarkHTTPRequestAgentUDS(b *testing.B) {
 		b.Fatal(err)
 	}
 	client := newStreamAgentClient(u, time.Second)
+	// Each stream learns the agent's config, and so whether it keeps chain ids.
+	client.verify = ids
 	defer client.Close()
 	// Calls go round-robin over the connections: wait until each one has answered, since a
 	// connection that tried before the socket existed backs off for a moment.
@@ -285,18 +339,24 @@ func BenchmarkHTTPRequestAgentUDS(b *testing.B) {
 		ok = 0
 		time.Sleep(20 * time.Millisecond)
 	}
-	s := benchServer(b, socket, client)
+	s := benchServerStatic(b, socket, client, static)
 	reqMsg, respMsg := envoyRequest(), envoyResponse()
 	httpRequest(b, s, reqMsg, respMsg) // opens the streams
 	b.ReportAllocs()
-	b.SetParallelism(8)
 	cpu0 := processCPU()
 	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
+	if serial {
+		for range b.N {
 			httpRequest(b, s, reqMsg, respMsg)
 		}
-	})
+	} else {
+		b.SetParallelism(8)
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				httpRequest(b, s, reqMsg, respMsg)
+			}
+		})
+	}
 	b.StopTimer()
 	b.ReportMetric(float64(processCPU()-cpu0)/float64(b.N), "cpu-ns/op")
 }

@@ -107,9 +107,14 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	if phase == agentv1.PolicyPhase_RESPONSE {
 		ch = &route.response
 	}
+	if ch.static != nil && st.part == partAll && !inBody && st.explain == nil && route.agent.healthy.Load() {
+		return s.runStatic(st, ch.static, start)
+	}
 	cfg := st.snap.Config
-	// The request is the stream's, reused by both phases: it is only read while it is sent.
-	req := &st.call.req
+	// The request is pooled apart from the stream: it is only read while it is sent, and a
+	// stream waiting for its upstream's response does not hold one.
+	call := agentCalls.Get().(*agentCall)
+	req := &call.req
 	*req = agentv1.PolicyRequest{
 		RequestId: st.requestID,
 		Policies:  ch.part(st.part),
@@ -118,10 +123,11 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		State:     st.state,
 		RouteName: route.Name,
 		Explain:   st.explain != nil,
+		ChainId:   ch.ids[st.part],
 	}
 	if phase == agentv1.PolicyPhase_RESPONSE {
-		st.call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
-		req.Response = &st.call.resp
+		call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
+		req.Response = &call.resp
 		if ch.noRequest {
 			req.Context = nil
 		}
@@ -137,7 +143,8 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	// received message its strings point into) while the stream waits for its next message.
 	callID := req.GetCallId()
 	*req = agentv1.PolicyRequest{}
-	st.call.resp = agentv1.ResponseContext{}
+	call.resp = agentv1.ResponseContext{}
+	agentCalls.Put(call)
 	endCallSpan(span, resp, err)
 	defer route.metrics.duration.UpdateDuration(start)
 	if err != nil {
@@ -171,6 +178,10 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 				Str("policy", resp.GetStatus().GetPolicyName()).Str("error", resp.GetMessage()).Msg("policy failed; request denied")
 		}
 		return chainResult{immediate: denial(cfg.Server.StatusOnError, "policy_error", "a policy failed")}
+	case agentv1.StatusCode_CHAIN_UNKNOWN:
+		// Sent again with the policies by the client; an agent that still does not know the
+		// chain cannot be trusted with it.
+		return s.invalidReply(st, errors.New("the agent does not keep the chain it was sent"))
 	default:
 		return s.invalidReply(st, errors.New("unknown status code"))
 	}
@@ -196,6 +207,28 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		}
 	}
 	return res
+}
+
+// runStatic answers for a chain whose entries answer every request alike (chain.static): what
+// the agent would have answered, without calling it. It serves while the agent's health check
+// passes: an agent found down is called as before, so that its requests get the answer of an
+// agent that is down (deny, or fail_open), as on any other route. A route whose agent has since
+// been replaced by one that cannot run the chain is refused as on a call.
+func (s *Server) runStatic(st *stream, sc *staticChain, start time.Time) chainResult {
+	route := st.route
+	defer route.metrics.duration.UpdateDuration(start)
+	if msg := route.stale(); msg != "" {
+		return s.staleRoute(st, msg)
+	}
+	st.outcome(statusAllow)
+	if len(sc.dropped) > 0 {
+		route.metrics.rejected.Add(len(sc.dropped))
+		if route.droppedLogged.CompareAndSwap(false, true) {
+			s.log.Warn().Str("route", route.Name).Strs("dropped", sc.dropped).
+				Msg("dropped mutations that Envoy would reject (logged once per route)")
+		}
+	}
+	return chainResult{common: sc.common}
 }
 
 // outcome counts the result of the phase being run: policy_kernel_requests_total counts HTTP

@@ -35,6 +35,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/flowctl"
 	"github.com/policy-engine/policy-engine/internal/fsperm"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
@@ -193,6 +194,8 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 		// time is closed, so that it cannot hold a place under max_connections.
 		grpc.ConnectionTimeout(handshakeTimeout),
 	}
+	// Fixed flow-control windows: no bandwidth-estimation PING per message from Envoy.
+	opts = append(opts, flowctl.ServerOptions()...)
 	if kc.Server.TLS.Enabled() {
 		cf, err := newCertFiles(kc.Server.TLS, m, log)
 		if err != nil {

@@ -126,8 +126,6 @@ type stream struct {
 	spanCtx context.Context
 	tracer  *tracing.Tracer
 
-	// call holds the agent request of the phase being run.
-	call *agentCall
 	// condIn is what the kernel evaluates when conditions on (skipByConditions), emptied
 	// after each use.
 	condIn cond.Input
@@ -140,11 +138,14 @@ type stream struct {
 	explain *explainTrace
 }
 
-// agentCall is a stream's agent request, allocated once per pooled stream.
+// agentCall is the agent request of a phase being run, pooled (agentCalls) and held only
+// during the call.
 type agentCall struct {
 	req  agentv1.PolicyRequest
 	resp agentv1.ResponseContext
 }
+
+var agentCalls = sync.Pool{New: func() any { return new(agentCall) }}
 
 // maxPooledHeaders caps the header maps a pooled stream keeps: a map grown by an unusual
 // request is dropped rather than kept alive in the pool.
@@ -163,9 +164,6 @@ var streamPool = sync.Pool{New: func() any { return new(stream) }}
 func getStream(snap *Snapshot) *stream {
 	st := streamPool.Get().(*stream)
 	st.snap = snap
-	if st.call == nil {
-		st.call = &agentCall{}
-	}
 	return st
 }
 
@@ -180,15 +178,10 @@ func (st *stream) reset() {
 	if st.reqCtx != nil {
 		putRequestContext(st.reqCtx)
 	}
-	rh, call, buf := st.respBuf, st.call, st.bodyBuf
+	rh, buf := st.respBuf, st.bodyBuf
 	*st = stream{}
 	if cap(buf) <= maxPooledBody {
 		st.bodyBuf = buf[:0]
-	}
-	if call != nil {
-		call.req = agentv1.PolicyRequest{}
-		call.resp = agentv1.ResponseContext{}
-		st.call = call
 	}
 	if rh != nil && len(rh) <= maxPooledHeaders {
 		clear(rh)
@@ -221,10 +214,16 @@ func putRequestContext(rc *agentv1.RequestContext) {
 
 // requestDone lets go of the request context once the request phase is over, unless the
 // response chain reads it: a stream held open while the upstream answers then keeps neither
-// the header map nor the received message its values point into.
+// the header map nor the received message its values point into; nor the state, when no
+// response chain will be sent it.
 func (st *stream) requestDone() {
 	r := st.route
-	if st.reqCtx == nil || r == nil || !(r.response.empty() || r.response.noRequest) {
+	if r != nil && (r.response.empty() || r.response.static != nil) {
+		// No response chain, or one whose answer does not depend on the state: the state set
+		// in the request phase is not sent again.
+		st.state = nil
+	}
+	if st.reqCtx == nil || r == nil || !(r.response.empty() || r.response.noRequest || r.response.static != nil) {
 		return
 	}
 	st.requestID = strings.Clone(st.requestID)
@@ -654,6 +653,14 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 		return responseHeadersReply(nil), nil
 	}
 	start := time.Now()
+	if route.response.static != nil && route.agent.healthy.Load() {
+		// The chain's answer does not depend on the response: its headers are not read.
+		resp := s.runChain(ctx, st, agentv1.PolicyPhase_RESPONSE, start, false)
+		if resp.immediate != nil {
+			return immediateReply(resp.immediate), nil
+		}
+		return responseHeadersReply(resp.common), nil
+	}
 	st.respHeaders = st.responseHeaders(len(h.GetHeaders().GetHeaders()))
 	var rep map[string][]string
 	for _, hv := range h.GetHeaders().GetHeaders() {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/cond"
@@ -113,6 +114,21 @@ type chain struct {
 	// that the whole chain would be skipped (see skipByConditions in when.go).
 	conds       []*cond.Expr
 	kernelConds bool
+	// ids are the chain ids of the parts (partAll, partEarly, partLate); 0: sent in full.
+	ids [3]uint64
+	// static is the chain's answer when every entry answers every request alike (the agent
+	// reported its static_outcome, and the entry is not in shadow and has no condition or
+	// cache): the kernel answers with it and does not call the agent. nil: the agent runs it.
+	static *staticChain
+}
+
+// staticChain is a chain's fixed answer, built once per snapshot and shared read-only by every
+// stream of the route.
+type staticChain struct {
+	// common is the reply's mutation; nil when the chain changes nothing.
+	common *extprocv3.CommonResponse
+	// dropped are the mutations Envoy would reject, counted per request as the agent's are.
+	dropped []string
 }
 
 // chain parts: which of a chain's policies a run sends.
@@ -190,6 +206,9 @@ type entryVerdicts struct {
 	// owned holds, by entryKey, the request headers an entry owns (EntryFacts), for the entries
 	// that own any.
 	owned map[string][]string
+	// static holds, by entryKey, the answer of the entries that answer every request of their
+	// phase alike (EntryFacts.static_outcome), for the entries the agent reported one for.
+	static map[string]*agentv1.StaticOutcome
 }
 
 // current reports whether the verdicts were given for src and the agent's config version.
@@ -366,10 +385,20 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 	// Without the agent's word, the request is sent.
 	readsRequest := false
 	var readsBody []bool
+	// static gathers the entries' fixed answers while every entry has one.
+	static, allStatic := []*agentv1.Instruction(nil), verdicts != nil
 	for i, e := range entries {
 		pol := &agentv1.Policy{Name: e.Policy, Metadata: e.Metadata, OnFailure: e.OnFailure, Shadow: shadowAll || e.Mode == ModeShadow, When: e.When}
 		pol.Cache = e.Cache.spec()
 		c.policies = append(c.policies, pol)
+		if allStatic {
+			so := verdicts.static[entryKey(pol, phase)]
+			if so == nil || pol.GetShadow() || pol.GetWhen() != "" || pol.GetCache() != nil {
+				allStatic = false
+			} else {
+				static = append(static, so.GetInstructions()...)
+			}
+		}
 		readsBody = append(readsBody, false)
 		if adv == nil {
 			readsRequest = true
@@ -418,6 +447,10 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 		}
 	}
 	c.noRequest = phase == agentv1.PolicyPhase_RESPONSE && len(c.policies) > 0 && !readsRequest
+	c.ids = [3]uint64{chainIDOf(c.policies), chainIDOf(c.early), chainIDOf(c.late)}
+	if allStatic && len(problems) == 0 && len(c.policies) > 0 && !c.body && len(c.owned) == 0 {
+		c.static = newStaticChain(phase, static)
+	}
 	if c.body {
 		for i, p := range c.policies {
 			if readsBody[i] || len(c.late) > 0 {
@@ -428,6 +461,17 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 		}
 	}
 	return c, problems, unchecked
+}
+
+// newStaticChain builds a chain's fixed answer from its entries' instructions, as the kernel
+// would from the agent's reply; nil when they are not header changes only (the agent then runs
+// the chain, and its reply is judged as any other).
+func newStaticChain(phase agentv1.PolicyPhase, ins []*agentv1.Instruction) *staticChain {
+	m, err := buildMutation(phase, ins, nil)
+	if err != nil || m.immediate != nil || m.bodySet {
+		return nil
+	}
+	return &staticChain{common: m.common(false), dropped: m.dropped}
 }
 
 // recheck is a route checked against a policy set other than the one it was compiled with.

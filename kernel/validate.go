@@ -126,6 +126,12 @@ func (a *agentState) checkEntries(ctx context.Context, entries []*agentv1.ChainE
 					}
 					v.owned[k] = hs
 				}
+				if so, ok := old.static[k]; ok {
+					if v.static == nil {
+						v.static = map[string]*agentv1.StaticOutcome{}
+					}
+					v.static[k] = so
+				}
 				continue
 			}
 		}
@@ -162,6 +168,12 @@ func (a *agentState) checkEntries(ctx context.Context, entries []*agentv1.ChainE
 					v.owned = map[string][]string{}
 				}
 				v.owned[keys[i]] = hs
+			}
+			if so := f.GetStaticOutcome(); so != nil && msgs[i] == "" {
+				if v.static == nil {
+					v.static = map[string]*agentv1.StaticOutcome{}
+				}
+				v.static[keys[i]] = so
 			}
 		}
 	}

@@ -14,6 +14,8 @@ type Report struct {
 	Machine  Machine  `json:"machine"`
 	Settings Settings `json:"settings"`
 	Rows     []Row    `json:"rows"`
+	// Checks are the targets' ratios against their limits (docs/performance.md, Targets).
+	Checks []Check `json:"checks"`
 }
 
 // Machine describes where the run happened.
@@ -28,16 +30,16 @@ type Machine struct {
 
 // Settings are the load-test parameters of the run.
 type Settings struct {
-	Rate           float64 `json:"open_loop_rate"`
-	OpenSeconds    float64 `json:"open_loop_seconds"`
-	ClosedSeconds  float64 `json:"closed_loop_seconds"`
-	Concurrency    int     `json:"closed_loop_concurrency"`
-	Connections    int     `json:"connections"`
-	Streams        int     `json:"held_streams"`
-	Repeat         int     `json:"repeat"`
-	RequestChain   string  `json:"request_chain"`
-	ResponseChain  string  `json:"response_chain"`
-	MessagesPerReq int     `json:"messages_per_request"`
+	Rates          []float64 `json:"open_loop_rates"`
+	OpenSeconds    float64   `json:"open_loop_seconds"`
+	ClosedSeconds  float64   `json:"closed_loop_seconds"`
+	Concurrency    int       `json:"closed_loop_concurrency"`
+	Connections    int       `json:"connections"`
+	Streams        int       `json:"held_streams"`
+	Repeat         int       `json:"repeat"`
+	RequestChain   string    `json:"request_chain"`
+	ResponseChain  string    `json:"response_chain"`
+	MessagesPerReq int       `json:"messages_per_request"`
 }
 
 // Row is one target measured in one phase.
@@ -63,8 +65,34 @@ type Row struct {
 	// CPUPer1k is the CPU seconds of all the target's processes per 1,000 requests.
 	CPUPer1k float64 `json:"cpu_seconds_per_1k_requests"`
 	// CPURatio is CPUPer1k divided by the baseline's in the same run and phase.
-	CPURatio float64  `json:"cpu_ratio_to_baseline,omitempty"`
-	Errs     []string `json:"error_samples,omitempty"`
+	CPURatio float64 `json:"cpu_ratio_to_baseline,omitempty"`
+	// P50Ratio and P99Ratio are the client latencies divided by the baseline's in the same
+	// run and phase.
+	P50Ratio float64 `json:"p50_ratio_to_baseline,omitempty"`
+	P99Ratio float64 `json:"p99_ratio_to_baseline,omitempty"`
+	// RSSRatio is the first process's peak RSS (the kernel's) divided by the baseline's, in the
+	// memory phases (idle, streams).
+	RSSRatio float64 `json:"rss_ratio_to_baseline,omitempty"`
+	// KernelMemory is the kernel's Go memory while streams are held; nil elsewhere.
+	KernelMemory *GoMemory `json:"kernel_memory,omitempty"`
+	Errs         []string  `json:"error_samples,omitempty"`
+}
+
+// GoMemory is what a Go process's memory is made of, from its /metrics.
+type GoMemory struct {
+	HeapInuse  int64 `json:"heap_inuse_bytes"`
+	StackInuse int64 `json:"stack_inuse_bytes"`
+	Goroutines int64 `json:"goroutines"`
+}
+
+// Check is one of the performance targets, as this run measured it.
+type Check struct {
+	Run    int     `json:"run"`
+	Target string  `json:"target"`
+	What   string  `json:"what"`
+	Ratio  float64 `json:"ratio"`
+	Limit  float64 `json:"limit"`
+	Met    bool    `json:"met"`
 }
 
 // ProcUsage is one process's share of a phase.
@@ -75,18 +103,61 @@ type ProcUsage struct {
 	PeakRSS  int64   `json:"peak_rss_bytes"`
 }
 
-// setRatios fills CPURatio of every row from the baseline row of the same run and phase.
+// The targets' limits, as ratios to the baseline.
+const (
+	limitClosedCPU  = 1.5
+	limitOpenCPU    = 1.25
+	limitOpenLat    = 1.5
+	limitStreamsRSS = 1.1
+)
+
+// setRatios fills the ratios of every row from the baseline row of the same run and phase, and
+// the checks of the targets.
 func (r *Report) setRatios(baseline string) {
-	base := map[string]float64{}
+	base := map[string]Row{}
 	for _, row := range r.Rows {
 		if row.Target == baseline {
-			base[fmt.Sprint(row.Run, row.Phase)] = row.CPUPer1k
+			base[fmt.Sprint(row.Run, row.Phase)] = row
 		}
 	}
+	ratio := func(v, b float64) float64 {
+		if v > 0 && b > 0 {
+			return v / b
+		}
+		return 0
+	}
+	r.Checks = nil
 	for i := range r.Rows {
 		row := &r.Rows[i]
-		if b := base[fmt.Sprint(row.Run, row.Phase)]; b > 0 && row.CPUPer1k > 0 {
-			row.CPURatio = row.CPUPer1k / b
+		b, ok := base[fmt.Sprint(row.Run, row.Phase)]
+		if !ok {
+			continue
+		}
+		row.CPURatio = ratio(row.CPUPer1k, b.CPUPer1k)
+		row.P50Ratio = ratio(float64(row.P50us), float64(b.P50us))
+		row.P99Ratio = ratio(float64(row.P99us), float64(b.P99us))
+		if len(row.Procs) > 0 && len(b.Procs) > 0 {
+			row.RSSRatio = ratio(float64(row.Procs[0].PeakRSS), float64(b.Procs[0].PeakRSS))
+		}
+		if row.Target == baseline {
+			continue
+		}
+		check := func(what string, v, limit float64) {
+			if v > 0 {
+				r.Checks = append(r.Checks, Check{Run: row.Run, Target: row.Target, What: what, Ratio: v, Limit: limit, Met: v <= limit})
+			}
+		}
+		switch {
+		case row.Phase == phaseClosed:
+			check("closed loop: CPU per request", row.CPURatio, limitClosedCPU)
+		case strings.HasPrefix(row.Phase, phaseOpen+" "):
+			check(row.Phase+"/s: CPU per request", row.CPURatio, limitOpenCPU)
+			check(row.Phase+"/s: client p50", row.P50Ratio, limitOpenLat)
+			check(row.Phase+"/s: client p99", row.P99Ratio, limitOpenLat)
+		case strings.HasPrefix(row.Phase, phaseStreams):
+			check(row.Phase+": kernel peak RSS", row.RSSRatio, limitStreamsRSS)
+		case row.Phase == phaseIdle:
+			check("idle: kernel RSS (no limit)", row.RSSRatio, 0)
 		}
 	}
 }
@@ -105,7 +176,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 	s := r.Settings
 	fmt.Fprintf(w, "traffic: request chain %s; response chain %s; headers only; %d connections\n", s.RequestChain, s.ResponseChain, s.Connections)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "run\ttarget\tphase\treq/s\tp50 µs\tp99 µs\tp99.9 µs\terrors\tkernel p99 µs\tCPU s/1k req\tratio\tpeak RSS MiB\t")
+	fmt.Fprintln(tw, "run\ttarget\tphase\treq/s\tp50 µs\tp99 µs\tp99.9 µs\terrors\tkernel p99 µs\tCPU s/1k req\tratio\tp50, p99 ratio\tpeak RSS MiB\tratio\t")
 	for _, row := range r.Rows {
 		var cpu, rss []string
 		for _, p := range row.Procs {
@@ -116,15 +187,42 @@ func (r *Report) WriteTable(w io.Writer) error {
 		if len(row.Procs) > 1 {
 			cpuCol = strings.Join(cpu, " + ") + " = " + cpuCol
 		}
-		if strings.HasPrefix(row.Phase, phaseStreams) {
+		if strings.HasPrefix(row.Phase, phaseStreams) || row.Phase == phaseIdle {
 			cpuCol = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t\n",
+		lat := "-"
+		if row.P50Ratio > 0 {
+			lat = fmt.Sprintf("%.2f×, %.2f×", row.P50Ratio, row.P99Ratio)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			row.Run, row.Target, row.Phase, num(row.RPS, "%.0f"), dur(row.P50us), dur(row.P99us), dur(row.P999us), row.Errors,
-			kernelP99(row), cpuCol, num(row.CPURatio, "%.2f×"), strings.Join(rss, ", "))
+			kernelP99(row), cpuCol, num(row.CPURatio, "%.2f×"), lat, strings.Join(rss, ", "), num(row.RSSRatio, "%.2f×"))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
+	}
+	for _, row := range r.Rows {
+		if m := row.KernelMemory; m != nil && m.Goroutines > 0 {
+			fmt.Fprintf(w, "kernel with %s: Go heap in use %.1f MiB, stacks %.1f MiB for %d goroutines (%.1f KiB each)\n",
+				row.Phase, float64(m.HeapInuse)/(1<<20), float64(m.StackInuse)/(1<<20), m.Goroutines, float64(m.StackInuse)/float64(m.Goroutines)/1024)
+		}
+	}
+	if len(r.Checks) > 0 {
+		fmt.Fprintln(w, "targets (ratio to the baseline in the same run and phase):")
+		for _, c := range r.Checks {
+			verdict := "met"
+			switch {
+			case c.Limit == 0:
+				verdict = "for information"
+			case !c.Met:
+				verdict = "NOT met"
+			}
+			limit := ""
+			if c.Limit > 0 {
+				limit = fmt.Sprintf(" (limit %.2f×)", c.Limit)
+			}
+			fmt.Fprintf(w, "  run %d %s, %s: %.2f×%s %s\n", c.Run, c.Target, c.What, c.Ratio, limit, verdict)
+		}
 	}
 	for _, row := range r.Rows {
 		for _, e := range row.Errs {

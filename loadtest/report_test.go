@@ -17,7 +17,7 @@ import (
 func sampleReport() *Report {
 	r := &Report{
 		Machine:  Machine{CPUs: 2, GoVersion: "go1.26", Kernel: "Linux 6", CPUModel: "cpu", LoadAverage: "0.1 0.2 0.3"},
-		Settings: Settings{Rate: 5000, Connections: 2, RequestChain: "apiKeyAuth + rateLimit", ResponseChain: "addSecurityHeaders"},
+		Settings: Settings{Rates: []float64{5000}, Connections: 2, RequestChain: "apiKeyAuth + rateLimit", ResponseChain: "addSecurityHeaders"},
 		Rows: []Row{
 			{Run: 1, Target: targetNoop, Phase: phaseOpen, Requests: 1000, RPS: 5000, P50us: 100, P99us: 300, P999us: 900,
 				Procs: []ProcUsage{{Name: "noop", CPUSec: 0.08, CPUPer1k: 0.08, PeakRSS: 20 << 20}}, CPUPer1k: 0.08},
@@ -147,5 +147,41 @@ func TestProtoset(t *testing.T) {
 	}
 	if m := d.(protoreflect.ServiceDescriptor).Methods().ByName("Process"); m == nil || !m.IsStreamingClient() || !m.IsStreamingServer() {
 		t.Fatalf("Process method: %v", m)
+	}
+}
+
+// TestChecks: the targets are checked against the baseline of the same run and phase: CPU and
+// client latency in the open loop at each rate, CPU in the closed loop, the kernel's RSS with
+// held streams and idle; the table says which are met.
+func TestChecks(t *testing.T) {
+	r := &Report{Rows: []Row{
+		{Run: 1, Target: targetNoop, Phase: "open 2500", P50us: 100, P99us: 1000, CPUPer1k: 0.1},
+		{Run: 1, Target: targetKernel, Phase: "open 2500", P50us: 140, P99us: 1600, CPUPer1k: 0.12},
+		{Run: 1, Target: targetNoop, Phase: phaseClosed, CPUPer1k: 0.1},
+		{Run: 1, Target: targetKernel, Phase: phaseClosed, CPUPer1k: 0.2},
+		{Run: 1, Target: targetNoop, Phase: "streams 10000", Procs: []ProcUsage{{Name: "noop", PeakRSS: 100}}},
+		{Run: 1, Target: targetKernel, Phase: "streams 10000", Procs: []ProcUsage{{Name: "kernel", PeakRSS: 105}, {Name: "agent", PeakRSS: 500}}},
+	}}
+	r.setRatios(targetNoop)
+	want := map[string]bool{
+		"open 2500/s: CPU per request": true, "open 2500/s: client p50": true, "open 2500/s: client p99": false,
+		"closed loop: CPU per request": false, "streams 10000: kernel peak RSS": true,
+	}
+	if len(r.Checks) != len(want) {
+		t.Fatalf("checks %+v", r.Checks)
+	}
+	for _, c := range r.Checks {
+		if met, ok := want[c.What]; !ok || met != c.Met || c.Target != targetKernel {
+			t.Errorf("check %+v", c)
+		}
+	}
+	var b bytes.Buffer
+	if err := r.WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"run 1 kernel+agent, open 2500/s: client p99: 1.60× (limit 1.50×) NOT met", "streams 10000: kernel peak RSS: 1.05× (limit 1.10×) met", "1.40×, 1.60×"} {
+		if !strings.Contains(b.String(), s) {
+			t.Errorf("table lacks %q:\n%s", s, b.String())
+		}
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -27,7 +28,12 @@ const (
 	phaseOpen    = "open"
 	phaseClosed  = "closed"
 	phaseStreams = "streams"
+	// phaseIdle is the memory of each process once it is ready, before any traffic.
+	phaseIdle = "idle"
 )
+
+// openPhase names the open-loop phase at a rate.
+func openPhase(rate float64) string { return fmt.Sprintf("%s %g", phaseOpen, rate) }
 
 // Target names.
 const (
@@ -46,8 +52,9 @@ const RouteName = "/api/v1/users"
 
 // Options are the load test's settings.
 type Options struct {
-	BinDir        string
-	Rate          float64
+	BinDir string
+	// Rates are the open-loop rates, requests per second: one open-loop phase each.
+	Rates         []float64
 	OpenFor       time.Duration
 	ClosedFor     time.Duration
 	Warmup        time.Duration
@@ -78,7 +85,8 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	o := &Options{}
 	var targets string
 	fs.StringVar(&o.BinDir, "bin", "bin", "folder with policy-kernel, policy-agent and extproc-noop")
-	fs.Float64Var(&o.Rate, "rate", 5000, "open-loop rate, requests per second")
+	var rates string
+	fs.StringVar(&rates, "rate", "2500,5000", "open-loop rates, requests per second, comma-separated: one open-loop phase each")
 	fs.DurationVar(&o.OpenFor, "open", 10*time.Second, "open-loop phase length")
 	fs.DurationVar(&o.ClosedFor, "closed", 10*time.Second, "closed-loop phase length")
 	fs.DurationVar(&o.Warmup, "warmup", 2*time.Second, "closed-loop warm-up of each target before measuring")
@@ -114,8 +122,16 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	if fs.NArg() > 0 {
 		errs = append(errs, fmt.Errorf("unexpected arguments: %q", fs.Args()))
 	}
-	if o.Rate <= 0 {
-		errs = append(errs, fmt.Errorf("-rate must be positive, got %g", o.Rate))
+	for r := range strings.SplitSeq(rates, ",") {
+		v, err := strconv.ParseFloat(strings.TrimSpace(r), 64)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("-rate: invalid value %q", r))
+		case v <= 0 || math.IsNaN(v) || math.IsInf(v, 0):
+			errs = append(errs, fmt.Errorf("-rate must be positive, got %g", v))
+		default:
+			o.Rates = append(o.Rates, v)
+		}
 	}
 	if o.Concurrency <= 0 || o.Conns <= 0 || o.Repeat <= 0 || o.MaxInFlight <= 0 {
 		errs = append(errs, errors.New("-concurrency, -conns, -repeat and -max-in-flight must be positive"))
@@ -208,7 +224,7 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		}
 	}
 	rep = &Report{Machine: machine(), Settings: Settings{
-		Rate: o.Rate, OpenSeconds: o.OpenFor.Seconds(), ClosedSeconds: o.ClosedFor.Seconds(), Concurrency: o.Concurrency,
+		Rates: o.Rates, OpenSeconds: o.OpenFor.Seconds(), ClosedSeconds: o.ClosedFor.Seconds(), Concurrency: o.Concurrency,
 		Connections: o.Conns, Streams: o.Streams, Repeat: o.Repeat, RequestChain: scenarioChain(o.Scenario, reqChain), ResponseChain: respChain,
 	}}
 
@@ -226,6 +242,18 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		}
 		defer t.conns.Close()
 	}
+	for _, t := range targets {
+		// What each process holds before any traffic: its binary, runtime and config.
+		row := Row{Run: 1, Target: t.name, Phase: phaseIdle}
+		for _, p := range t.procs {
+			rss, err := RSS(p.pid())
+			if err != nil {
+				return nil, err
+			}
+			row.Procs = append(row.Procs, ProcUsage{Name: p.name, PeakRSS: rss})
+		}
+		rep.Rows = append(rep.Rows, row)
+	}
 	tr := DefaultTraffic(RouteName, APIKey)
 	if jwtSet != nil {
 		tr = jwtSet.traffic(tr)
@@ -238,15 +266,17 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		}
 	}
 	for run := 1; run <= o.Repeat; run++ {
-		for _, t := range targets {
-			row, err := measure(ctx, t, run, phaseOpen, func() *Result {
-				return OpenLoop(ctx, t.conns, tr, o.Rate, o.OpenFor, o.MaxInFlight)
-			})
-			if err != nil {
-				return nil, err
+		for _, rate := range o.Rates {
+			for _, t := range targets {
+				row, err := measure(ctx, t, run, openPhase(rate), func() *Result {
+					return OpenLoop(ctx, t.conns, tr, rate, o.OpenFor, o.MaxInFlight)
+				})
+				if err != nil {
+					return nil, err
+				}
+				rep.Rows = append(rep.Rows, row)
+				fmt.Fprintf(log, "loadtest: run %d %s open loop at %g/s: %.0f req/s, p50 %d µs, p99 %d µs, %d errors\n", run, t.name, rate, row.RPS, row.P50us, row.P99us, row.Errors)
 			}
-			rep.Rows = append(rep.Rows, row)
-			fmt.Fprintf(log, "loadtest: run %d %s open loop: %.0f req/s, p99 %d µs, %d errors\n", run, t.name, row.RPS, row.P99us, row.Errors)
 		}
 		for _, t := range targets {
 			stopProfile := func() error { return nil }
@@ -268,7 +298,7 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 	}
 	if o.Streams > 0 {
 		for _, t := range targets {
-			row, err := holdPhase(ctx, t, tr, o.Streams)
+			row, err := holdPhase(ctx, t, tr, o.Streams, o.ProfileDir)
 			if err != nil {
 				return nil, err
 			}
@@ -341,7 +371,9 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 
 // holdPhase opens n streams at once against t and reports each process's peak RSS while they
 // are open.
-func holdPhase(ctx context.Context, t *target, tr *Traffic, n int) (Row, error) {
+// With profileDir set, the heap profile of each of the kernel target's processes is saved
+// there while the streams are held, as <name>.streams.heap.pprof.
+func holdPhase(ctx context.Context, t *target, tr *Traffic, n int, profileDir string) (Row, error) {
 	row := Row{Run: 1, Target: t.name, Phase: fmt.Sprintf("%s %d", phaseStreams, n)}
 	for _, p := range t.procs {
 		if err := ResetPeakRSS(p.pid()); err != nil {
@@ -363,6 +395,23 @@ func holdPhase(ctx context.Context, t *target, tr *Traffic, n int) (Row, error) 
 			return row, err
 		}
 		row.Procs = append(row.Procs, ProcUsage{Name: p.name, PeakRSS: rss})
+	}
+	if t.metricsURL != "" {
+		// What the kernel's memory is, while the streams are held.
+		m, err := scrapeGauges(ctx, t.metricsURL, "go_memstats_heap_inuse_bytes", "go_memstats_stack_inuse_bytes", "go_goroutines")
+		if err != nil {
+			h.Release()
+			return row, err
+		}
+		row.KernelMemory = &GoMemory{HeapInuse: int64(m[0]), StackInuse: int64(m[1]), Goroutines: int64(m[2])}
+	}
+	if profileDir != "" && t.name == targetKernel {
+		for name, base := range t.pprof {
+			if err := fetchTo(ctx, base+"heap", filepath.Join(profileDir, name+".streams.heap.pprof")); err != nil {
+				h.Release()
+				return row, err
+			}
+		}
 	}
 	h.Release()
 	row.Requests, row.Errors = int64(h.Opened), int64(h.Errors)
@@ -640,6 +689,37 @@ func waitFor(ctx context.Context, p *process, timeout time.Duration, ready func(
 		time.Sleep(50 * time.Millisecond)
 	}
 	return nil
+}
+
+// scrapeGauges reads the values of unlabelled series from a /metrics page; a series not there
+// is 0.
+func scrapeGauges(ctx context.Context, url string, names ...string) ([]float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	out := make([]float64, len(names))
+	for line := range strings.SplitSeq(string(body), "\n") {
+		name, value, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		for i, n := range names {
+			if name == n {
+				out[i], _ = strconv.ParseFloat(strings.TrimSpace(value), 64)
+			}
+		}
+	}
+	return out, nil
 }
 
 func scrapeHistogram(ctx context.Context, url string) (vmHistogram, error) {

@@ -29,7 +29,7 @@ func TestParseOptions(t *testing.T) {
 	if e, err := parseOptions([]string{"-server-env", "GOGC=200,GOMAXPROCS=2"}, &bytes.Buffer{}); err != nil || len(e.ServerEnv) != 2 || e.ServerEnv[1] != "GOMAXPROCS=2" {
 		t.Errorf("-server-env: %v, %v", e, err)
 	}
-	if o.Rate != 5000 || o.Conns != 2 || o.Streams != 10000 || len(o.Targets) != 2 || o.OpenFor+o.ClosedFor+o.Warmup > 30*time.Second {
+	if len(o.Rates) != 2 || o.Rates[0] != 2500 || o.Rates[1] != 5000 || o.Conns != 2 || o.Streams != 10000 || len(o.Targets) != 2 || o.OpenFor+o.ClosedFor+o.Warmup > 30*time.Second {
 		t.Errorf("defaults %+v", o)
 	}
 	for _, c := range []struct {
@@ -134,12 +134,21 @@ func TestMainEndToEnd(t *testing.T) {
 	if err := json.Unmarshal(data, &rep); err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Rows) != 9 {
-		t.Fatalf("%d rows, want open, closed and streams for the three targets:\n%s", len(rep.Rows), out)
+	if len(rep.Rows) != 12 {
+		t.Fatalf("%d rows, want idle, open, closed and streams for the three targets:\n%s", len(rep.Rows), out)
+	}
+	if len(rep.Checks) == 0 {
+		t.Errorf("no target checked:\n%s", out)
 	}
 	for _, row := range rep.Rows {
 		if row.Errors != 0 {
 			t.Errorf("%s %s: %d errors: %v", row.Target, row.Phase, row.Errors, row.Errs)
+		}
+		if row.Phase == phaseIdle {
+			if len(row.Procs) == 0 || row.Procs[0].PeakRSS <= 0 || row.RSSRatio <= 0 {
+				t.Errorf("idle row without memory: %+v", row)
+			}
+			continue
 		}
 		if strings.HasPrefix(row.Phase, phaseStreams) {
 			if row.Requests != 300 {

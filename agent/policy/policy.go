@@ -62,6 +62,9 @@ type Module struct {
 	// says, and a skip_remaining of an earlier entry does not skip them. A policy that only
 	// adds, transforms or records sets it to false, and its on_failure is honoured.
 	Enforces bool
+	// StaticEntries says that some of the policy's compiled entries implement Static; it is
+	// published to the kernel (PolicyInfo.static_entries) for information.
+	StaticEntries bool
 	// MetadataSchema is a JSON schema of the policy's metadata, published to the kernel.
 	MetadataSchema string
 	// Cacheable says that a chain entry may reuse the policy's results (the entry's `cache`
@@ -141,6 +144,18 @@ type HeaderOwner interface {
 	// OwnedRequestHeaders returns the names of the request headers the policy may set. It
 	// runs on every request: return a slice built with the policy, never a new one.
 	OwnedRequestHeaders() []string
+}
+
+// Static is implemented by compiled policies that, in some phase, answer every request alike:
+// OK with the same header instructions, whatever the request, the response and the state (a
+// fixed response header, allowAll). StaticResult returns that answer and true for such a
+// phase, else false. The agent reports it when the kernel validates the chain entry, and the
+// kernel applies it itself: a chain made only of such entries is never sent to the agent, so
+// the policy's Execute, metrics and logs do not see those requests. Implement it only when
+// the answer depends on nothing but the entry's metadata and the policy's config; a policy
+// that observes outcomes (ChainObserver) is never treated as static.
+type Static interface {
+	StaticResult(phase agentv1.PolicyPhase) (Result, bool)
 }
 
 // Outcome is how a chain ended.

@@ -5,6 +5,7 @@ import (
 	"context"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 )
 
 // Name is the policy's name in chains.
@@ -20,6 +21,7 @@ func init() {
 		Phases:      policy.Both,
 		// In the response phase it reads only the response and the state.
 		ResponseIgnoresRequest: true,
+		StaticEntries:          true,
 		MetadataSchema:         schema,
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(func(md map[string]string) (policy.Policy, error) {
@@ -44,4 +46,12 @@ func (AllowAll) Execute(context.Context, *policy.Context) (policy.Result, error)
 	return policy.Result{}, nil
 }
 
-var _ policy.Policy = AllowAll{}
+// StaticResult is the policy's answer in either phase: OK, nothing changed.
+func (AllowAll) StaticResult(agentv1.PolicyPhase) (policy.Result, bool) {
+	return policy.Result{}, true
+}
+
+var (
+	_ policy.Policy = AllowAll{}
+	_ policy.Static = AllowAll{}
+)

@@ -42,7 +42,9 @@ func init() {
 		Phases:      policy.Response,
 		// In the response phase it reads only the response and the state.
 		ResponseIgnoresRequest: true,
-		MetadataSchema:         schema,
+		// With overwrite (the default) its answer is the same on every response.
+		StaticEntries:  true,
+		MetadataSchema: schema,
 		New: func(policy.Config) (policy.Factory, error) {
 			return policy.FactoryFunc(build), nil
 		},
@@ -101,4 +103,17 @@ func (p *SecurityHeaders) Execute(_ context.Context, c *policy.Context) (policy.
 	return policy.Result{Instructions: out}, nil
 }
 
-var _ policy.Policy = (*SecurityHeaders)(nil)
+// StaticResult is the policy's answer on every response when it overwrites what the upstream
+// set: its header instructions, whatever the response. Without overwrite the answer depends on
+// the response's headers.
+func (p *SecurityHeaders) StaticResult(phase agentv1.PolicyPhase) (policy.Result, bool) {
+	if !p.overwrite || phase != agentv1.PolicyPhase_RESPONSE {
+		return policy.Result{}, false
+	}
+	return policy.Result{Instructions: p.set}, true
+}
+
+var (
+	_ policy.Policy = (*SecurityHeaders)(nil)
+	_ policy.Static = (*SecurityHeaders)(nil)
+)

@@ -139,6 +139,9 @@ const (
 	StatusCode_POLICY_DENIED StatusCode = 1
 	StatusCode_POLICY_ERROR  StatusCode = 2
 	StatusCode_TIMEOUT       StatusCode = 3
+	// The request named a chain_id the agent does not keep on this stream and carried no
+	// policies: nothing ran. The kernel sends the request again with the policies.
+	StatusCode_CHAIN_UNKNOWN StatusCode = 4
 )
 
 // Enum value maps for StatusCode.
@@ -148,12 +151,14 @@ var (
 		1: "POLICY_DENIED",
 		2: "POLICY_ERROR",
 		3: "TIMEOUT",
+		4: "CHAIN_UNKNOWN",
 	}
 	StatusCode_value = map[string]int32{
 		"OK":            0,
 		"POLICY_DENIED": 1,
 		"POLICY_ERROR":  2,
 		"TIMEOUT":       3,
+		"CHAIN_UNKNOWN": 4,
 	}
 )
 
@@ -227,8 +232,13 @@ type GetAgentConfigResponse struct {
 	SupportedPolicies []*PolicyInfo          `protobuf:"bytes,3,rep,name=supported_policies,json=supportedPolicies,proto3" json:"supported_policies,omitempty"`
 	AgentMetadata     map[string]string      `protobuf:"bytes,4,rep,name=agent_metadata,json=agentMetadata,proto3" json:"agent_metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // additional agent information
 	ConfigVersion     string                 `protobuf:"bytes,5,opt,name=config_version,json=configVersion,proto3" json:"config_version,omitempty"`                                                                           // version of the agent's own config snapshot
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The agent keeps, for each ExecuteStream, the chains the kernel sent on it with a chain_id,
+	// and runs a later request of that stream that carries the chain_id and no policies with that
+	// chain; a chain_id it does not know gets CHAIN_UNKNOWN. An agent without it ignores chain_id:
+	// the kernel then always sends the policies.
+	ChainIds      bool `protobuf:"varint,6,opt,name=chain_ids,json=chainIds,proto3" json:"chain_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetAgentConfigResponse) Reset() {
@@ -296,6 +306,13 @@ func (x *GetAgentConfigResponse) GetConfigVersion() string {
 	return ""
 }
 
+func (x *GetAgentConfigResponse) GetChainIds() bool {
+	if x != nil {
+		return x.ChainIds
+	}
+	return false
+}
+
 type PolicyInfo struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	Name            string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -309,8 +326,12 @@ type PolicyInfo struct {
 	// The policy does not read the request (headers, path, body...) in the RESPONSE phase: when
 	// no policy of a response chain reads it, the kernel does not send it again there.
 	ResponseIgnoresRequest bool `protobuf:"varint,8,opt,name=response_ignores_request,json=responseIgnoresRequest,proto3" json:"response_ignores_request,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// Some entries of the policy do the same in a phase whatever the request: the agent reports
+	// such an entry's instructions when it validates chains (EntryFacts.static_outcome), so that
+	// the kernel can apply them without a call. Informational: the per-entry fact decides.
+	StaticEntries bool `protobuf:"varint,9,opt,name=static_entries,json=staticEntries,proto3" json:"static_entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PolicyInfo) Reset() {
@@ -399,6 +420,13 @@ func (x *PolicyInfo) GetResponseIgnoresRequest() bool {
 	return false
 }
 
+func (x *PolicyInfo) GetStaticEntries() bool {
+	if x != nil {
+		return x.StaticEntries
+	}
+	return false
+}
+
 type PolicyRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	RequestId string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
@@ -423,7 +451,12 @@ type PolicyRequest struct {
 	// only on the calls of a request an operator plays through its admin endpoint
 	// (/debug/explain), never on Envoy's. An agent that predates the field ignores it and
 	// answers without entries.
-	Explain       bool `protobuf:"varint,20,opt,name=explain,proto3" json:"explain,omitempty"`
+	Explain bool `protobuf:"varint,20,opt,name=explain,proto3" json:"explain,omitempty"`
+	// On ExecuteStream to an agent that advertises chain_ids only: names the chain. With policies,
+	// the agent keeps them under this id for the rest of the stream; without, it runs the chain it
+	// kept, or answers CHAIN_UNKNOWN (nothing ran) when it has none, and the kernel sends the
+	// policies again. Ids are the kernel's, unique within one kernel process.
+	ChainId       uint64 `protobuf:"varint,12,opt,name=chain_id,json=chainId,proto3" json:"chain_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -540,6 +573,13 @@ func (x *PolicyRequest) GetExplain() bool {
 		return x.Explain
 	}
 	return false
+}
+
+func (x *PolicyRequest) GetChainId() uint64 {
+	if x != nil {
+		return x.ChainId
+	}
+	return 0
 }
 
 // PolicyRequestBatch is one message of ExecuteStream from the kernel: requests and cancels.
@@ -1784,8 +1824,15 @@ type EntryFacts struct {
 	// a request chain runs; the kernel removes them itself when it lets a request through without
 	// the agent (fail_open).
 	OwnedRequestHeaders []string `protobuf:"bytes,1,rep,name=owned_request_headers,json=ownedRequestHeaders,proto3" json:"owned_request_headers,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Set when the entry, in its phase, answers every request alike: OK with exactly these
+	// instructions (header changes only), whatever the request, the response and the state. The
+	// kernel may apply them itself and call the agent for no chain made only of such entries. It
+	// is given for the agent's config version at the time; an entry in shadow mode, with a
+	// condition (when) or a cache, or a chain with an observer is never applied this way. An
+	// older agent sends none: every chain is called as before.
+	StaticOutcome *StaticOutcome `protobuf:"bytes,2,opt,name=static_outcome,json=staticOutcome,proto3" json:"static_outcome,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EntryFacts) Reset() {
@@ -1825,22 +1872,75 @@ func (x *EntryFacts) GetOwnedRequestHeaders() []string {
 	return nil
 }
 
+func (x *EntryFacts) GetStaticOutcome() *StaticOutcome {
+	if x != nil {
+		return x.StaticOutcome
+	}
+	return nil
+}
+
+// StaticOutcome is what a chain entry does on every request of its phase.
+type StaticOutcome struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Instructions  []*Instruction         `protobuf:"bytes,1,rep,name=instructions,proto3" json:"instructions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StaticOutcome) Reset() {
+	*x = StaticOutcome{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StaticOutcome) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StaticOutcome) ProtoMessage() {}
+
+func (x *StaticOutcome) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StaticOutcome.ProtoReflect.Descriptor instead.
+func (*StaticOutcome) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *StaticOutcome) GetInstructions() []*Instruction {
+	if x != nil {
+		return x.Instructions
+	}
+	return nil
+}
+
 var File_api_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x18api/agent/v1/agent.proto\x12\x15policyengine.agent.v1\"\x17\n" +
-	"\x15GetAgentConfigRequest\"\x80\x03\n" +
+	"\x15GetAgentConfigRequest\"\x9d\x03\n" +
 	"\x16GetAgentConfigResponse\x12\x1d\n" +
 	"\n" +
 	"agent_name\x18\x01 \x01(\tR\tagentName\x12#\n" +
 	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\x12P\n" +
 	"\x12supported_policies\x18\x03 \x03(\v2!.policyengine.agent.v1.PolicyInfoR\x11supportedPolicies\x12g\n" +
 	"\x0eagent_metadata\x18\x04 \x03(\v2@.policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntryR\ragentMetadata\x12%\n" +
-	"\x0econfig_version\x18\x05 \x01(\tR\rconfigVersion\x1a@\n" +
+	"\x0econfig_version\x18\x05 \x01(\tR\rconfigVersion\x12\x1b\n" +
+	"\tchain_ids\x18\x06 \x01(\bR\bchainIds\x1a@\n" +
 	"\x12AgentMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf8\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9f\x03\n" +
 	"\n" +
 	"PolicyInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
@@ -1850,7 +1950,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x10supported_phases\x18\x05 \x03(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x0fsupportedPhases\x122\n" +
 	"\x15requires_request_body\x18\x06 \x01(\bR\x13requiresRequestBody\x124\n" +
 	"\x16requires_response_body\x18\a \x01(\bR\x14requiresResponseBody\x128\n" +
-	"\x18response_ignores_request\x18\b \x01(\bR\x16responseIgnoresRequest\"\xd2\x05\n" +
+	"\x18response_ignores_request\x18\b \x01(\bR\x16responseIgnoresRequest\x12%\n" +
+	"\x0estatic_entries\x18\t \x01(\bR\rstaticEntries\"\xed\x05\n" +
 	"\rPolicyRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x129\n" +
@@ -1867,7 +1968,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\acall_id\x18\n" +
 	" \x01(\x04R\x06callId\x12\x16\n" +
 	"\x06cancel\x18\v \x01(\bR\x06cancel\x12\x18\n" +
-	"\aexplain\x18\x14 \x01(\bR\aexplain\x1a8\n" +
+	"\aexplain\x18\x14 \x01(\bR\aexplain\x12\x19\n" +
+	"\bchain_id\x18\f \x01(\x04R\achainId\x1a8\n" +
 	"\n" +
 	"StateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -1983,10 +2085,13 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x05phase\x18\x02 \x01(\x0e2\".policyengine.agent.v1.PolicyPhaseR\x05phase\"i\n" +
 	"\x16ValidateChainsResponse\x12\x16\n" +
 	"\x06errors\x18\x01 \x03(\tR\x06errors\x127\n" +
-	"\x05facts\x18\x02 \x03(\v2!.policyengine.agent.v1.EntryFactsR\x05facts\"@\n" +
+	"\x05facts\x18\x02 \x03(\v2!.policyengine.agent.v1.EntryFactsR\x05facts\"\x8d\x01\n" +
 	"\n" +
 	"EntryFacts\x122\n" +
-	"\x15owned_request_headers\x18\x01 \x03(\tR\x13ownedRequestHeaders*(\n" +
+	"\x15owned_request_headers\x18\x01 \x03(\tR\x13ownedRequestHeaders\x12K\n" +
+	"\x0estatic_outcome\x18\x02 \x01(\v2$.policyengine.agent.v1.StaticOutcomeR\rstaticOutcome\"W\n" +
+	"\rStaticOutcome\x12F\n" +
+	"\finstructions\x18\x01 \x03(\v2\".policyengine.agent.v1.InstructionR\finstructions*(\n" +
 	"\vPolicyPhase\x12\v\n" +
 	"\aREQUEST\x10\x00\x12\f\n" +
 	"\bRESPONSE\x10\x01*w\n" +
@@ -1997,13 +2102,14 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\bSET_BODY\x10\x02\x12\x16\n" +
 	"\x12IMMEDIATE_RESPONSE\x10\x03\x12\f\n" +
 	"\bCONTINUE\x10\x04\x12\r\n" +
-	"\tSET_STATE\x10\x05*F\n" +
+	"\tSET_STATE\x10\x05*Y\n" +
 	"\n" +
 	"StatusCode\x12\x06\n" +
 	"\x02OK\x10\x00\x12\x11\n" +
 	"\rPOLICY_DENIED\x10\x01\x12\x10\n" +
 	"\fPOLICY_ERROR\x10\x02\x12\v\n" +
-	"\aTIMEOUT\x10\x032\xaf\x03\n" +
+	"\aTIMEOUT\x10\x03\x12\x11\n" +
+	"\rCHAIN_UNKNOWN\x10\x042\xaf\x03\n" +
 	"\vPolicyAgent\x12m\n" +
 	"\x0eGetAgentConfig\x12,.policyengine.agent.v1.GetAgentConfigRequest\x1a-.policyengine.agent.v1.GetAgentConfigResponse\x12V\n" +
 	"\aExecute\x12$.policyengine.agent.v1.PolicyRequest\x1a%.policyengine.agent.v1.PolicyResponse\x12j\n" +
@@ -2023,7 +2129,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_api_agent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(PolicyPhase)(0),               // 0: policyengine.agent.v1.PolicyPhase
 	(InstructionType)(0),           // 1: policyengine.agent.v1.InstructionType
@@ -2051,36 +2157,37 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*ChainEntry)(nil),             // 23: policyengine.agent.v1.ChainEntry
 	(*ValidateChainsResponse)(nil), // 24: policyengine.agent.v1.ValidateChainsResponse
 	(*EntryFacts)(nil),             // 25: policyengine.agent.v1.EntryFacts
-	nil,                            // 26: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
-	nil,                            // 27: policyengine.agent.v1.PolicyRequest.StateEntry
-	nil,                            // 28: policyengine.agent.v1.PolicyRequest.TraceContextEntry
-	nil,                            // 29: policyengine.agent.v1.Policy.MetadataEntry
-	nil,                            // 30: policyengine.agent.v1.RequestContext.HeadersEntry
-	nil,                            // 31: policyengine.agent.v1.RequestContext.QueryParamsEntry
-	nil,                            // 32: policyengine.agent.v1.ResponseContext.HeadersEntry
-	nil,                            // 33: policyengine.agent.v1.PolicyResponse.MetadataEntry
-	nil,                            // 34: policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	(*StaticOutcome)(nil),          // 26: policyengine.agent.v1.StaticOutcome
+	nil,                            // 27: policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	nil,                            // 28: policyengine.agent.v1.PolicyRequest.StateEntry
+	nil,                            // 29: policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	nil,                            // 30: policyengine.agent.v1.Policy.MetadataEntry
+	nil,                            // 31: policyengine.agent.v1.RequestContext.HeadersEntry
+	nil,                            // 32: policyengine.agent.v1.RequestContext.QueryParamsEntry
+	nil,                            // 33: policyengine.agent.v1.ResponseContext.HeadersEntry
+	nil,                            // 34: policyengine.agent.v1.PolicyResponse.MetadataEntry
+	nil,                            // 35: policyengine.agent.v1.ImmediateResponse.HeadersEntry
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	5,  // 0: policyengine.agent.v1.GetAgentConfigResponse.supported_policies:type_name -> policyengine.agent.v1.PolicyInfo
-	26, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
+	27, // 1: policyengine.agent.v1.GetAgentConfigResponse.agent_metadata:type_name -> policyengine.agent.v1.GetAgentConfigResponse.AgentMetadataEntry
 	0,  // 2: policyengine.agent.v1.PolicyInfo.supported_phases:type_name -> policyengine.agent.v1.PolicyPhase
 	9,  // 3: policyengine.agent.v1.PolicyRequest.policies:type_name -> policyengine.agent.v1.Policy
 	11, // 4: policyengine.agent.v1.PolicyRequest.context:type_name -> policyengine.agent.v1.RequestContext
 	0,  // 5: policyengine.agent.v1.PolicyRequest.phase:type_name -> policyengine.agent.v1.PolicyPhase
 	12, // 6: policyengine.agent.v1.PolicyRequest.response:type_name -> policyengine.agent.v1.ResponseContext
-	27, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
-	28, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
+	28, // 7: policyengine.agent.v1.PolicyRequest.state:type_name -> policyengine.agent.v1.PolicyRequest.StateEntry
+	29, // 8: policyengine.agent.v1.PolicyRequest.trace_context:type_name -> policyengine.agent.v1.PolicyRequest.TraceContextEntry
 	6,  // 9: policyengine.agent.v1.PolicyRequestBatch.requests:type_name -> policyengine.agent.v1.PolicyRequest
 	13, // 10: policyengine.agent.v1.PolicyResponseBatch.responses:type_name -> policyengine.agent.v1.PolicyResponse
-	29, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
+	30, // 11: policyengine.agent.v1.Policy.metadata:type_name -> policyengine.agent.v1.Policy.MetadataEntry
 	10, // 12: policyengine.agent.v1.Policy.cache:type_name -> policyengine.agent.v1.CacheSpec
-	30, // 13: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
-	31, // 14: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
-	32, // 15: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
+	31, // 13: policyengine.agent.v1.RequestContext.headers:type_name -> policyengine.agent.v1.RequestContext.HeadersEntry
+	32, // 14: policyengine.agent.v1.RequestContext.query_params:type_name -> policyengine.agent.v1.RequestContext.QueryParamsEntry
+	33, // 15: policyengine.agent.v1.ResponseContext.headers:type_name -> policyengine.agent.v1.ResponseContext.HeadersEntry
 	15, // 16: policyengine.agent.v1.PolicyResponse.instructions:type_name -> policyengine.agent.v1.Instruction
 	21, // 17: policyengine.agent.v1.PolicyResponse.status:type_name -> policyengine.agent.v1.ResponseStatus
-	33, // 18: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
+	34, // 18: policyengine.agent.v1.PolicyResponse.metadata:type_name -> policyengine.agent.v1.PolicyResponse.MetadataEntry
 	14, // 19: policyengine.agent.v1.PolicyResponse.entries:type_name -> policyengine.agent.v1.EntryTrace
 	15, // 20: policyengine.agent.v1.EntryTrace.instructions:type_name -> policyengine.agent.v1.Instruction
 	1,  // 21: policyengine.agent.v1.Instruction.type:type_name -> policyengine.agent.v1.InstructionType
@@ -2089,25 +2196,27 @@ var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	18, // 24: policyengine.agent.v1.Instruction.immediate_response:type_name -> policyengine.agent.v1.ImmediateResponse
 	19, // 25: policyengine.agent.v1.Instruction.continue_request:type_name -> policyengine.agent.v1.ContinueRequest
 	20, // 26: policyengine.agent.v1.Instruction.state:type_name -> policyengine.agent.v1.StateInstruction
-	34, // 27: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
+	35, // 27: policyengine.agent.v1.ImmediateResponse.headers:type_name -> policyengine.agent.v1.ImmediateResponse.HeadersEntry
 	2,  // 28: policyengine.agent.v1.ResponseStatus.code:type_name -> policyengine.agent.v1.StatusCode
 	23, // 29: policyengine.agent.v1.ValidateChainsRequest.entries:type_name -> policyengine.agent.v1.ChainEntry
 	9,  // 30: policyengine.agent.v1.ChainEntry.policy:type_name -> policyengine.agent.v1.Policy
 	0,  // 31: policyengine.agent.v1.ChainEntry.phase:type_name -> policyengine.agent.v1.PolicyPhase
 	25, // 32: policyengine.agent.v1.ValidateChainsResponse.facts:type_name -> policyengine.agent.v1.EntryFacts
-	3,  // 33: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
-	6,  // 34: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
-	7,  // 35: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
-	22, // 36: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
-	4,  // 37: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
-	13, // 38: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
-	8,  // 39: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
-	24, // 40: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
-	37, // [37:41] is the sub-list for method output_type
-	33, // [33:37] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	26, // 33: policyengine.agent.v1.EntryFacts.static_outcome:type_name -> policyengine.agent.v1.StaticOutcome
+	15, // 34: policyengine.agent.v1.StaticOutcome.instructions:type_name -> policyengine.agent.v1.Instruction
+	3,  // 35: policyengine.agent.v1.PolicyAgent.GetAgentConfig:input_type -> policyengine.agent.v1.GetAgentConfigRequest
+	6,  // 36: policyengine.agent.v1.PolicyAgent.Execute:input_type -> policyengine.agent.v1.PolicyRequest
+	7,  // 37: policyengine.agent.v1.PolicyAgent.ExecuteStream:input_type -> policyengine.agent.v1.PolicyRequestBatch
+	22, // 38: policyengine.agent.v1.PolicyAgent.ValidateChains:input_type -> policyengine.agent.v1.ValidateChainsRequest
+	4,  // 39: policyengine.agent.v1.PolicyAgent.GetAgentConfig:output_type -> policyengine.agent.v1.GetAgentConfigResponse
+	13, // 40: policyengine.agent.v1.PolicyAgent.Execute:output_type -> policyengine.agent.v1.PolicyResponse
+	8,  // 41: policyengine.agent.v1.PolicyAgent.ExecuteStream:output_type -> policyengine.agent.v1.PolicyResponseBatch
+	24, // 42: policyengine.agent.v1.PolicyAgent.ValidateChains:output_type -> policyengine.agent.v1.ValidateChainsResponse
+	39, // [39:43] is the sub-list for method output_type
+	35, // [35:39] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -2128,7 +2237,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   32,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
