@@ -21,8 +21,9 @@ const (
 
 // TestTracingOTLP runs both binaries with tracing on and an OTLP collector in the test: one
 // request under Envoy's traceparent gives the kernel's stream span (a child of Envoy's span),
-// an agent-call span per phase, and the agent's span per policy under each call, all in
-// Envoy's trace. A reload to sampling_rate 0 stops the spans.
+// an agent-call span for the request phase, and the agent's span per policy under it, all in
+// Envoy's trace; the response chain (addSecurityHeaders) is static, answered by the kernel
+// without a call. A reload to sampling_rate 0 stops the spans.
 func TestTracingOTLP(t *testing.T) {
 	col, err := otlptest.Start()
 	if err != nil {
@@ -42,7 +43,7 @@ func TestTracingOTLP(t *testing.T) {
 		t.Fatalf("status %d", r.Status)
 	}
 
-	spans, ok := col.WaitFor(15*time.Second, func(s []otlptest.Span) bool { return len(s) >= 5 })
+	spans, ok := col.WaitFor(15*time.Second, func(s []otlptest.Span) bool { return len(s) >= 3 })
 	if !ok {
 		t.Fatalf("spans received: %+v\nkernel:\n%s\nagent:\n%s", spans, e.Kernel.Logs.String(), e.Agent.Logs.String())
 	}
@@ -67,8 +68,8 @@ func TestTracingOTLP(t *testing.T) {
 		stream.Attributes["route"] != "/api/v1/users" || stream.Attributes["request_id"] != "traced-1" || stream.Attributes["outcome"] != "allow" {
 		t.Fatalf("stream span %+v", stream)
 	}
-	if len(calls) != 2 || len(policies) != 2 {
-		t.Fatalf("want 2 agent calls and 2 policies, got %+v and %+v", calls, policies)
+	if len(calls) != 1 || len(policies) != 1 {
+		t.Fatalf("want 1 agent call and 1 policy, got %+v and %+v", calls, policies)
 	}
 	phaseOf := map[string]string{}
 	for _, call := range calls {
