@@ -22,7 +22,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
-	"github.com/policy-engine/policy-engine/internal/cond"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/tracing"
 )
@@ -125,10 +124,6 @@ type stream struct {
 	span    trace.Span
 	spanCtx context.Context
 	tracer  *tracing.Tracer
-
-	// condIn is what the kernel evaluates when conditions on (skipByConditions), emptied
-	// after each use.
-	condIn cond.Input
 
 	// respBuf outlives a pooled stream's reset, so that its map is reused.
 	respBuf map[string]string

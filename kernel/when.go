@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 
@@ -109,13 +110,16 @@ func (s *Server) skipByConditions(st *stream, c *chain) bool {
 		return false
 	}
 	rc := st.reqCtx
-	in := &st.condIn
+	in := condInputs.Get().(*cond.Input)
 	*in = cond.Input{Method: rc.Method, Path: rc.Path, Host: rc.Authority, Scheme: rc.Scheme,
 		SourceAddress: rc.ClientIp, Route: st.route.Name, Headers: rc.Headers}
 	if st.phase == agentv1.PolicyPhase_RESPONSE {
 		in.ResponseCode, in.ResponseHeaders = int(st.respStatus), st.respHeaders
 	}
-	defer func() { *in = cond.Input{} }()
+	defer func() {
+		*in = cond.Input{}
+		condInputs.Put(in)
+	}()
 	for _, x := range c.conds {
 		ok, err := x.Condition(in)
 		if err != nil || ok {
@@ -136,6 +140,10 @@ func (s *Server) skipByConditions(st *stream, c *chain) bool {
 	}
 	return true
 }
+
+// condInputs are the inputs skipByConditions evaluates, pooled rather than kept on every
+// stream: a held stream stays as small as before conditions existed.
+var condInputs = sync.Pool{New: func() any { return new(cond.Input) }}
 
 // SetSkipHook makes the server tell h of each chain it lets go without calling the agent
 // because the when condition of every entry is false, on the goroutine that serves the stream.
