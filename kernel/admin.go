@@ -294,7 +294,7 @@ func (s *Server) Explain(ctx context.Context, in *ExplainInput) (*ExplainReport,
 		return nil, fmt.Errorf("the request could not be played: %w", err)
 	}
 
-	red := redact.New(credentialHeaders(choice))
+	red := redact.New(choice.CredentialHeaders())
 	rep := &ExplainReport{Route: choice.Route, Rule: choice.Rule, Agent: choice.Agent, Invalid: choice.Invalid,
 		RequestChain: explainEntries(choice.Request), ResponseChain: explainEntries(choice.Response), Traces: []ExplainTrace{}}
 	x.mu.Lock()
@@ -326,9 +326,10 @@ func explainEntries(chain []*agentv1.Policy) []ExplainEntry {
 	return out
 }
 
-// credentialHeaders are the headers the route's policies read credentials from, by their
-// settings (apiKeyAuth's header_name, jwtValidation's header), besides redact's lists.
-func credentialHeaders(c RouteChoice) []string {
+// CredentialHeaders are the headers the route's policies read credentials from, by their
+// settings (apiKeyAuth's header_name, jwtValidation's header), besides redact's lists: an
+// explanation hides their values.
+func (c RouteChoice) CredentialHeaders() []string {
 	var out []string
 	for _, chain := range [][]*agentv1.Policy{c.Request, c.Response} {
 		for _, p := range chain {

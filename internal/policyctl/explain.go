@@ -244,7 +244,7 @@ func (t *tracer) take() []agent.EntryTrace {
 // whose index does not grow starts the next call, after the entries of the previous one.
 func newExplanation(c kernel.RouteChoice, traces []agent.EntryTrace) *Explanation {
 	x := &Explanation{Route: c.Route, Rule: c.Rule, Agent: c.Agent, Invalid: c.Invalid}
-	x.red = newRedactor(credentialHeaders(c))
+	x.red = newRedactor(c.CredentialHeaders())
 	x.Request = x.lay(c.Request, traces, agentv1.PolicyPhase_REQUEST)
 	x.Response = x.lay(c.Response, traces, agentv1.PolicyPhase_RESPONSE)
 	return x
@@ -301,22 +301,6 @@ func (x *Explanation) changes(ins []*agentv1.Instruction) []string {
 			out = append(out, fmt.Sprintf("set state %s = %s", s.GetKey(), x.red.value(s.GetKey(), s.GetValue())))
 		case agentv1.InstructionType_IMMEDIATE_RESPONSE:
 			out = append(out, fmt.Sprintf("answer %d", in.GetImmediateResponse().GetStatusCode()))
-		}
-	}
-	return out
-}
-
-// credentialHeaders are the headers the route's policies read credentials from, by their
-// settings (apiKeyAuth's header_name, jwtValidation's header), besides the fixed list.
-func credentialHeaders(c kernel.RouteChoice) []string {
-	var out []string
-	for _, chain := range [][]*agentv1.Policy{c.Request, c.Response} {
-		for _, p := range chain {
-			for _, k := range []string{"header_name", "header"} {
-				if v := p.GetMetadata()[k]; v != "" {
-					out = append(out, v)
-				}
-			}
 		}
 	}
 	return out
