@@ -13,7 +13,7 @@ COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -tags vtprotobuf -trimpath \
       -ldflags "-s -w -X github.com/policy-engine/policy-engine/kernel.Version=${VERSION} -X github.com/policy-engine/policy-engine/agent.Version=${VERSION}" \
-      -o /out/ ./cmd/policy-kernel ./cmd/policy-agent
+      -o /out/ ./cmd/policy-kernel ./cmd/policy-agent ./cmd/policyctl
 
 FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
@@ -32,12 +32,14 @@ RUN apt-get update \
 COPY config/kernel-config.yaml config/agent-config.yaml /etc/policy-engine/
 COPY config/schema/ /etc/policy-engine/schema/
 COPY supervisord.conf /etc/supervisord.conf
-COPY --from=build /out/policy-kernel /out/policy-agent /usr/local/bin/
+COPY --from=build /out/policy-kernel /out/policy-agent /out/policyctl /usr/local/bin/
 USER policy-engine
 # 9001: ext_proc (gRPC, with the gRPC health service), on 127.0.0.1 in the shipped config
 # (Envoy in the same pod); 9090: the kernel's /metrics, /health/live, /health/ready. Not
 # exposed: the admin listeners (/config, /debug/explain, pprof when enabled) on 127.0.0.1:9190
-# (kernel) and 127.0.0.1:9191 (agent), reachable from inside the container or pod only.
+# (kernel) and 127.0.0.1:9191 (agent), reachable from inside the container or pod only:
+# `policyctl explain --kernel-admin http://127.0.0.1:9190 ...` through kubectl exec or podman
+# exec, and `policyctl validate` on the mounted configs.
 EXPOSE 9001 9090
 STOPSIGNAL SIGTERM
 CMD ["/usr/bin/supervisord", "-c", "/etc/supervisord.conf"]

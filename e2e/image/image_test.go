@@ -304,6 +304,23 @@ func TestImage(t *testing.T) {
 		}
 	})
 
+	// policyctl ships in the image: it checks the configs the container runs on, offline, and
+	// explains a request through the kernel's admin listener, which only the container's own
+	// loopback reaches (kubectl exec in a pod).
+	t.Run("policyctl", func(t *testing.T) {
+		out := mustEngine(t, "exec", name, "policyctl", "validate",
+			"--config", "/etc/policy-engine/kernel-config.yaml", "--agent-config", "/etc/policy-engine/agent-config.yaml")
+		t.Logf("policyctl validate: %s", strings.TrimSpace(out))
+		out = mustEngine(t, "exec", name, "policyctl", "explain", "--kernel-admin", "http://127.0.0.1:9190",
+			"GET", "/api/v1/users", "-H", "X-API-Key: "+k.apiKey)
+		if !strings.Contains(out, "apiKeyAuth") || !strings.Contains(out, "/api/v1/users") {
+			t.Errorf("policyctl explain in the container:\n%s", out)
+		}
+		if strings.Contains(out, k.apiKey) {
+			t.Errorf("policyctl explain shows the API key:\n%s", out)
+		}
+	})
+
 	t.Run("no demo credential", func(t *testing.T) {
 		// The demo public key's lines and the demo API key; the image must hold neither.
 		demo, err := os.ReadFile("../../config/demo/jwt-demo-public.pem")
