@@ -54,6 +54,13 @@ func TestCacheSentWithScope(t *testing.T) {
 	if one.GetScope() == two.GetScope() {
 		t.Fatal("two routes share a cache scope")
 	}
+	// An agent keeps a chain by its id with the policies it first came with, scope included:
+	// two routes' chains that differ only by their scopes must not share an id, or one route
+	// would run on the other's cached results.
+	ro, rt := k.s.Snapshot().route("one", "/x"), k.s.Snapshot().route("two", "/x")
+	if ro.request.ids[partAll] == 0 || ro.request.ids[partAll] == rt.request.ids[partAll] {
+		t.Fatalf("chain ids %d and %d for two routes' chains with different scopes", ro.request.ids[partAll], rt.request.ids[partAll])
+	}
 	if k.s.Snapshot().route("one", "/x").request.policies[1].GetCache() != nil {
 		t.Fatal("an entry without cache got one")
 	}

@@ -294,6 +294,11 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		problems = cacheProblems(respChain, view.src, agentName, key+".response_policy_chain", problems)
 		scopeCaches(name, agentv1.PolicyPhase_REQUEST, r.request.policies)
 		scopeCaches(name, agentv1.PolicyPhase_RESPONSE, r.response.policies)
+		for _, c := range []*chain{&r.request, &r.response} {
+			if cached(c.policies) {
+				c.assignIDs()
+			}
+		}
 		if a := agents[agentName]; a != nil {
 			s.warnings = ignoredOnFailure(reqChain, a.enforcing(), key+".request_policy_chain", s.warnings)
 			s.warnings = ignoredOnFailure(respChain, a.enforcing(), key+".response_policy_chain", s.warnings)
@@ -447,7 +452,6 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 		}
 	}
 	c.noRequest = phase == agentv1.PolicyPhase_RESPONSE && len(c.policies) > 0 && !readsRequest
-	c.ids = [3]uint64{chainIDOf(c.policies), chainIDOf(c.early), chainIDOf(c.late)}
 	if allStatic && len(problems) == 0 && len(c.policies) > 0 && !c.body && len(c.owned) == 0 {
 		c.static = newStaticChain(phase, static)
 	}
@@ -460,7 +464,27 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 			}
 		}
 	}
+	if !cached(c.policies) {
+		c.assignIDs() // a chain with a cached entry gets its ids once its scopes are set
+	}
 	return c, problems, unchecked
+}
+
+// assignIDs names the chain and its parts (chainIDOf) by their policies as they will be sent,
+// so after every field of them is set: the agent keeps a chain by id with the policies it
+// first came with.
+func (c *chain) assignIDs() {
+	c.ids = [3]uint64{chainIDOf(c.policies), chainIDOf(c.early), chainIDOf(c.late)}
+}
+
+// cached reports whether an entry of ps has a cache.
+func cached(ps []*agentv1.Policy) bool {
+	for _, p := range ps {
+		if p.GetCache() != nil {
+			return true
+		}
+	}
+	return false
 }
 
 // newStaticChain builds a chain's fixed answer from its entries' instructions, as the kernel

@@ -298,3 +298,38 @@ func TestRateLimitOverLimitCache(t *testing.T) {
 	}
 	t.Logf("reliability: over-limit cache: %d refusals without Redis", n)
 }
+
+// TestCacheScopesDoNotCrossRoutes runs two routes whose chains are the same but for their
+// cache scopes over one agent connection: a key answered on one route is a miss on the other.
+// The agent keeps a chain by its id with the policies it first came with; before the chain
+// ids were taken after the scopes were set, both routes' chains had one id, and the second
+// route ran on the first one's scope: a hit on results it never decided.
+func TestCacheScopesDoNotCrossRoutes(t *testing.T) {
+	kernel := `policy_kernel:
+  server: {message_timeout_ms: 1000}
+  agents: [{name: a, socket_path: "{{SOCK}}", timeout_ms: 800, connections: 1}]
+  route_policies:
+    - route_name: /api
+      request_policy_chain: &chain
+        - policy: apiKeyAuth
+          metadata: {header_name: X-API-Key}
+          cache: {key: 'request.headers["x-api-key"]', ttl: 60s}
+    - route_name: /other
+      request_policy_chain: *chain
+`
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: fmt.Sprintf(cacheAgentYAML, "alice"), KernelYAML: kernel})
+	c := e.Dial(t, envoyConfig)
+	for _, route := range []string{"/api", "/other", "/other"} {
+		if s := play(c, route, request(route, [2]string{"x-api-key", "cache-key-1"})); s.outcome() != "upstream" {
+			t.Fatalf("%s: %s, want upstream", route, s.outcome())
+		}
+	}
+	for _, m := range []struct {
+		route, result string
+		want          float64
+	}{{"/api", "miss", 1}, {"/api", "hit", 0}, {"/other", "miss", 1}, {"/other", "hit", 1}} {
+		if got := cacheRequests(t, e, "apiKeyAuth", m.route, m.result); got != m.want {
+			t.Errorf("route %s: %s = %v, want %v", m.route, m.result, got, m.want)
+		}
+	}
+}
