@@ -139,3 +139,42 @@ func TestPolicyctlExplainKernel(t *testing.T) {
 		t.Errorf("nothing there: exit %d: %s", code, errOut)
 	}
 }
+
+// TestPolicyctlExplainKernelSkip explains, on a running kernel, a request whose chain the
+// kernel lets go without the agent (every entry's when condition false): each entry shows as
+// skipped, decided by the kernel, and no agent call is made; a POST on the same route runs
+// the entry on the agent.
+func TestPolicyctlExplainKernelSkip(t *testing.T) {
+	ctl := testenv.Build(t, "github.com/policy-engine/policy-engine/cmd/policyctl")
+	kernelCfg := `policy_kernel:
+  agents: [{name: default-agent, socket_path: "{{SOCK}}"}]
+  route_policies:
+    - route_name: /w
+      request_policy_chain:
+        - policy: apiKeyAuth
+          metadata: {header_name: X-API-Key}
+          when: 'request.method != "GET"'
+`
+	e := testenv.StartEnv(t, testenv.Options{AgentYAML: exampleConfig(t, "agent-config.yaml"), KernelYAML: kernelCfg, AgentEnv: []string{demoKeyEnv}})
+	explain := func(code int, args ...string) string {
+		t.Helper()
+		out, errOut, got := runCtl(t, ctl, nil, append([]string{"explain", "--kernel-admin", "http://" + e.AdminAddr}, args...)...)
+		if got != code {
+			t.Fatalf("explain %q: exit %d, want %d\n%s%s", args, got, code, out, errOut)
+		}
+		return regexp.MustCompile(` +`).ReplaceAllString(out, " ")
+	}
+	out := explain(0, "GET", "/w")
+	for _, want := range []string{"1. apiKeyAuth skipped", "the kernel decided, the agent was not called", `when: request.method != "GET"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("GET: explain output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "predates") {
+		t.Errorf("a kernel skip explained as an old agent:\n%s", out)
+	}
+	out = explain(1, "POST", "/w")
+	if !strings.Contains(out, "1. apiKeyAuth deny (") || !strings.Contains(out, "local reply 401") {
+		t.Errorf("POST: explain output:\n%s", out)
+	}
+}

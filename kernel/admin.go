@@ -69,7 +69,10 @@ type ExplainReport struct {
 	// agent that predates PolicyRequest.explain answers calls without traces.
 	AgentCalls int            `json:"agent_calls"`
 	Traces     []ExplainTrace `json:"traces"`
-	Result     ExplainResult  `json:"result"`
+	// KernelSkipped are the phases (request, response) whose chain the kernel let go without
+	// calling the agent, every entry's when condition being false.
+	KernelSkipped []string      `json:"kernel_skipped,omitempty"`
+	Result        ExplainResult `json:"result"`
 }
 
 // ExplainEntry is one chain entry of the route (its metadata left out: it may hold secrets).
@@ -77,6 +80,7 @@ type ExplainEntry struct {
 	Policy    string `json:"policy"`
 	Shadow    bool   `json:"shadow,omitempty"`
 	OnFailure string `json:"on_failure,omitempty"`
+	When      string `json:"when,omitempty"`
 }
 
 // ExplainTrace is one entry's trace: Phase is request or response, Entry the agent's
@@ -112,6 +116,14 @@ type explainTrace struct {
 	mu     sync.Mutex
 	calls  int
 	traces []phaseTrace
+	// skipped are the phases whose chain the kernel skipped by its when conditions.
+	skipped []agentv1.PolicyPhase
+}
+
+func (x *explainTrace) skip(phase agentv1.PolicyPhase) {
+	x.mu.Lock()
+	x.skipped = append(x.skipped, phase)
+	x.mu.Unlock()
 }
 
 type phaseTrace struct {
@@ -300,6 +312,9 @@ func (s *Server) Explain(ctx context.Context, in *ExplainInput) (*ExplainReport,
 	x.mu.Lock()
 	rep.AgentCalls = x.calls
 	traces := x.traces
+	for _, ph := range x.skipped {
+		rep.KernelSkipped = append(rep.KernelSkipped, strings.ToLower(ph.String()))
+	}
 	x.mu.Unlock()
 	for _, t := range traces {
 		redactTrace(red, t.entry)
@@ -321,7 +336,7 @@ func (s *Server) Explain(ctx context.Context, in *ExplainInput) (*ExplainReport,
 func explainEntries(chain []*agentv1.Policy) []ExplainEntry {
 	out := make([]ExplainEntry, 0, len(chain))
 	for _, p := range chain {
-		out = append(out, ExplainEntry{Policy: p.GetName(), Shadow: p.GetShadow(), OnFailure: p.GetOnFailure()})
+		out = append(out, ExplainEntry{Policy: p.GetName(), Shadow: p.GetShadow(), OnFailure: p.GetOnFailure(), When: p.GetWhen()})
 	}
 	return out
 }

@@ -138,6 +138,9 @@ func (s *Server) skipByConditions(st *stream, c *chain) bool {
 	if s.skipHook != nil {
 		s.skipHook(st.route.Name, st.phase)
 	}
+	if st.explain != nil {
+		st.explain.skip(st.phase)
+	}
 	return true
 }
 

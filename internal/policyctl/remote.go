@@ -80,8 +80,16 @@ func explainRemote(ctx context.Context, base string, rf *requestFlags, req *envo
 		}
 		traces = append(traces, agent.TraceOf(phase, &et))
 	}
-	x := newExplanation(choice, traces)
-	if rep.AgentCalls > 0 && len(rep.Traces) == 0 {
+	var skipped []agentv1.PolicyPhase
+	for _, ph := range rep.KernelSkipped {
+		if ph == "response" {
+			skipped = append(skipped, agentv1.PolicyPhase_RESPONSE)
+		} else {
+			skipped = append(skipped, agentv1.PolicyPhase_REQUEST)
+		}
+	}
+	x := newExplanation(choice, kernelSkips(choice, skipped, traces))
+	if rep.AgentCalls > 0 && len(rep.Traces) == 0 && len(rep.KernelSkipped) == 0 {
 		// An agent that predates PolicyRequest.explain runs the chain without tracing it.
 		x.Note = "the agent answered without per-entry traces (it predates the explain field of its API): the entries' outcomes are unknown, the answer below is the chain's"
 		for _, list := range [][]Entry{x.Request, x.Response} {
@@ -112,7 +120,7 @@ func explainRemote(ctx context.Context, base string, rf *requestFlags, req *envo
 func policies(entries []kernel.ExplainEntry) []*agentv1.Policy {
 	out := make([]*agentv1.Policy, 0, len(entries))
 	for _, e := range entries {
-		out = append(out, &agentv1.Policy{Name: e.Policy, Shadow: e.Shadow, OnFailure: e.OnFailure})
+		out = append(out, &agentv1.Policy{Name: e.Policy, Shadow: e.Shadow, OnFailure: e.OnFailure, When: e.When})
 	}
 	return out
 }

@@ -23,7 +23,13 @@ func (t *tracer) withKernelSkips(c kernel.RouteChoice) []agent.EntryTrace {
 	traces := t.take()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for _, ph := range t.skipped {
+	return kernelSkips(c, t.skipped, traces)
+}
+
+// kernelSkips appends to traces a "skipped" trace for every entry of the chains of the phases
+// the kernel skipped.
+func kernelSkips(c kernel.RouteChoice, skipped []agentv1.PolicyPhase, traces []agent.EntryTrace) []agent.EntryTrace {
+	for _, ph := range skipped {
 		chain := c.Request
 		if ph == agentv1.PolicyPhase_RESPONSE {
 			chain = c.Response
