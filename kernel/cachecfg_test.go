@@ -4,6 +4,8 @@ import (
 	"strings"
 	"testing"
 
+	"go.yaml.in/yaml/v3"
+
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 )
 
@@ -117,5 +119,30 @@ func TestCacheInConfigDump(t *testing.T) {
 	d := dumpChain(k.s.Snapshot().route("one", "/x").request.policies)
 	if c := d[0].Cache; c == nil || c.TTL != "30s" || c.Scope == "" || c.MaxEntries != 100 || d[1].Cache != nil {
 		t.Fatalf("dump %+v", d)
+	}
+}
+
+// TestCacheKeyShapes: a cache key is one CEL expression or a list of them; any other shape is
+// an error at its line that names what was found.
+func TestCacheKeyShapes(t *testing.T) {
+	for key, want := range map[string]string{
+		`{a: b}`:        `kernel.yaml:7: policy_kernel.route_policies[0].request_policy_chain[0].cache.key: want a CEL expression or a list of them, got a map`,
+		`['x', [y]]`:    `kernel.yaml:7: policy_kernel.route_policies[0].request_policy_chain[0].cache.key: want a CEL expression (a string), got a list`,
+		`['x', {y: z}]`: `kernel.yaml:7: policy_kernel.route_policies[0].request_policy_chain[0].cache.key: want a CEL expression (a string), got a map`,
+	} {
+		_, err := ParseConfig("kernel.yaml", []byte(`policy_kernel:
+  agents: [{name: a, socket_path: /unused.sock}]
+  route_policies:
+    - route_name: one
+      request_policy_chain:
+        - policy: auth
+          cache: {key: `+key+`, ttl: 30s, max_entries: 100}
+`))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", key, err, want)
+		}
+	}
+	if got := nodeKind(&yaml.Node{Kind: yaml.ScalarNode}); got != "value" {
+		t.Errorf("scalar: %s", got)
 	}
 }

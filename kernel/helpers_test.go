@@ -44,7 +44,7 @@ func (f *fakeAgent) Execute(ctx context.Context, req *agentv1.PolicyRequest) (*a
 }
 
 func cloneReq(r *agentv1.PolicyRequest) *agentv1.PolicyRequest {
-	c := &agentv1.PolicyRequest{RequestId: r.RequestId, Policies: r.Policies, Phase: r.Phase, RouteName: r.RouteName, DeadlineMs: r.DeadlineMs}
+	c := &agentv1.PolicyRequest{RequestId: r.RequestId, Policies: r.Policies, Phase: r.Phase, RouteName: r.RouteName, DeadlineMs: r.DeadlineMs, Explain: r.Explain}
 	if r.Context != nil {
 		c.Context = &agentv1.RequestContext{Method: r.Context.Method, Path: r.Context.Path, Authority: r.Context.Authority, Scheme: r.Context.Scheme, ClientIp: r.Context.ClientIp, Body: append([]byte(nil), r.Context.Body...), Headers: map[string]string{}}
 		for k, v := range r.Context.Headers {

@@ -4,20 +4,25 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/policy-engine/policy-engine/agent"
+	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
+	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/testenv"
 	"github.com/policy-engine/policy-engine/internal/yamlconf"
 	_ "github.com/policy-engine/policy-engine/policies/all"
@@ -331,5 +336,83 @@ func TestRouteChanges(t *testing.T) {
 	d = routeChanges(&KernelConfig{}, many)
 	if len(d.added) != maxLoggedRoutes+5 || len(firstNames(d.added)) != maxLoggedRoutes || firstNames(d.added)[0] != "/r00" {
 		t.Fatalf("many: %d %v", len(d.added), firstNames(d.added))
+	}
+}
+
+// TestAdminAddr: --admin-listen wins over the config; else observability.admin_address and
+// admin_port (127.0.0.1:9190 by default, IPv6 bracketed); admin_port -1 turns the listener off.
+func TestAdminAddr(t *testing.T) {
+	for _, c := range []struct{ flag, obs, want string }{
+		{"", "", "127.0.0.1:9190"},
+		{"", "observability: {admin_address: 0.0.0.0, admin_port: 9300}", "0.0.0.0:9300"},
+		{"", "observability: {admin_address: '::1', admin_port: 9300}", "[::1]:9300"},
+		{"", "observability: {admin_port: -1}", ""},
+		{"127.0.0.1:0", "observability: {admin_port: -1}", "127.0.0.1:0"},
+		{"10.0.0.1:7000", "observability: {admin_address: 0.0.0.0, admin_port: 9300}", "10.0.0.1:7000"},
+	} {
+		cfg, err := ParseConfig("kernel.yaml", []byte("policy_kernel:\n  agents: [{name: a, socket_path: /unused.sock}]\n  "+c.obs+"\n"))
+		if err != nil {
+			t.Fatalf("%s: %v", c.obs, err)
+		}
+		if got := adminAddr(&flags{admin: c.flag}, cfg.PolicyKernel); got != c.want {
+			t.Errorf("flag %q, %s: %q, want %q", c.flag, c.obs, got, c.want)
+		}
+	}
+}
+
+// TestOnLearn: an agent that comes back with another policy set gives it to the agents of the
+// config in force that use its client, and the routes are checked again against it at once: a
+// policy it no longer has makes its routes refused (and counted by
+// policy_kernel_invalid_routes). A client the config does not use changes nothing.
+func TestOnLearn(t *testing.T) {
+	k := newTestKernel(t, baseConfig, &fakeAgent{})
+	k.m.registerInvalidRoutes(k.s)
+	invalidRoutes := func() string {
+		var b bytes.Buffer
+		k.m.set.WritePrometheus(&b)
+		for _, l := range strings.Split(b.String(), "\n") {
+			if v, ok := strings.CutPrefix(l, "policy_kernel_invalid_routes "); ok {
+				return v
+			}
+		}
+		return "absent"
+	}
+	logs := &testenv.SyncBuffer{}
+	kern := &Kernel{server: k.s, log: logging.New(logs, "kernel", zerolog.InfoLevel), metrics: k.m}
+	before := k.s.Snapshot()
+	if before.refusedRoutes() != 1 || invalidRoutes() != "1" { // /broken
+		t.Fatalf("before: %d refused, metric %s", before.refusedRoutes(), invalidRoutes())
+	}
+
+	kern.onLearn(&fakeAgent{}, &agentv1.GetAgentConfigResponse{})
+	if k.s.Snapshot() != before {
+		t.Fatal("a client of no agent rebuilt the snapshot")
+	}
+
+	info := testInfo()
+	info.AgentVersion = "t2"
+	info.SupportedPolicies = slices.DeleteFunc(info.SupportedPolicies, func(p *agentv1.PolicyInfo) bool { return p.GetName() == "auth" })
+	kern.onLearn(k.agent, info)
+	after := k.s.Snapshot()
+	if after == before || k.state.info.Load() != info {
+		t.Fatal("the new policy set was not taken")
+	}
+	if r := after.route("", "/api/v1/users"); r == nil || !strings.Contains(r.invalid, `"auth"`) {
+		t.Fatalf("/api/v1/users: %+v", r)
+	}
+	// /api/v1/users, named-route and /lean use auth; /broken stays refused.
+	if after.refusedRoutes() != 4 || invalidRoutes() != "4" {
+		t.Fatalf("after: %d refused %q, metric %s", after.refusedRoutes(), after.invalid, invalidRoutes())
+	}
+	if !strings.Contains(logs.String(), "agent came back with another policy set") || !strings.Contains(logs.String(), `"agent_version":"t2"`) ||
+		!strings.Contains(logs.String(), "routes checked again against the agents' policies") {
+		t.Errorf("logs: %s", logs.String())
+	}
+
+	// Before any config: nothing to do, and no snapshot counts a refused route.
+	empty := &Kernel{server: NewServer(logging.New(io.Discard, "kernel", zerolog.Disabled), newKernelMetrics())}
+	empty.onLearn(k.agent, info)
+	if empty.server.Snapshot() != nil || empty.server.Snapshot().refusedRoutes() != 0 {
+		t.Fatal("a kernel without a config built one")
 	}
 }

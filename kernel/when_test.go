@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -56,7 +57,11 @@ func skippedCount(t *testing.T, k *testKernel, route, phase string) int {
 	prefix := `policy_kernel_chains_skipped_total{route="` + route + `",agent="a",phase="` + phase + `"} `
 	for _, line := range strings.Split(b.String(), "\n") {
 		if v, ok := strings.CutPrefix(line, prefix); ok {
-			return len(v) - len(strings.TrimLeft(v, "0123456789")) // digits: counts stay small
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return n
 		}
 	}
 	t.Fatalf("no series %s", prefix)
@@ -303,4 +308,39 @@ func FuzzWhenKernelAgrees(f *testing.F) {
 			t.Fatalf("the kernel skipped the chain, the agent: %v %v", resp, outcomes)
 		}
 	})
+}
+
+// TestWhenKernelSkipStreamed: a request chain that reads the body and that the kernel skips
+// by its conditions does not ask for the request body whatever Envoy's filter config sends
+// (buffered or streamed), while the response body the response chain reads is still asked
+// for in the filter's own send mode.
+func TestWhenKernelSkipStreamed(t *testing.T) {
+	fa := &fakeAgent{info: whenInfo()}
+	k := newTestKernel(t, `policy_kernel:
+  agents: [{name: a, socket_path: /unused.sock}]
+  route_policies:
+    - route_name: /both
+      request_policy_chain:
+        - policy: reqBody
+          when: 'request.method != "GET"'
+      response_policy_chain:
+        - policy: respBody
+`, fa)
+	for _, c := range []struct {
+		req, resp, wantResp filterv3.ProcessingMode_BodySendMode
+	}{
+		{filterv3.ProcessingMode_BUFFERED, filterv3.ProcessingMode_BUFFERED, filterv3.ProcessingMode_BUFFERED},
+		{filterv3.ProcessingMode_STREAMED, filterv3.ProcessingMode_BUFFERED, filterv3.ProcessingMode_BUFFERED},
+		{filterv3.ProcessingMode_BUFFERED, filterv3.ProcessingMode_STREAMED, filterv3.ProcessingMode_STREAMED},
+		{filterv3.ProcessingMode_STREAMED, filterv3.ProcessingMode_STREAMED, filterv3.ProcessingMode_STREAMED},
+	} {
+		r := k.open(t).send(t, withModes(reqHeaders("/both", false, ""), c.req, c.resp))
+		m := r.GetModeOverride()
+		if r.GetRequestHeaders() == nil || m.GetRequestBodyMode() != filterv3.ProcessingMode_NONE || m.GetResponseBodyMode() != c.wantResp {
+			t.Errorf("%v/%v: mode %v", c.req, c.resp, m)
+		}
+	}
+	if fa.ncalls() != 0 || skippedCount(t, k, "/both", "request") != 4 {
+		t.Fatalf("%d agent calls", fa.ncalls())
+	}
 }
