@@ -100,7 +100,7 @@ func TestDockerfile(t *testing.T) {
 	}
 	joined := strings.Join(copies, "\n")
 	for _, want := range []string{
-		"--from=build /out/policy-kernel /out/policy-agent /usr/local/bin/",
+		"--from=build /out/policy-kernel /out/policy-agent /out/policyctl /usr/local/bin/",
 		"config/kernel-config.yaml config/agent-config.yaml /etc/policy-engine/",
 		"supervisord.conf /etc/supervisord.conf",
 	} {
