@@ -612,19 +612,21 @@ func TestLockdownFailureLogLevels(t *testing.T) {
 	if s := play(c, "/slow", request("/slow")); s.outcome() != "500 policy_agent_timeout" {
 		t.Fatalf("slow policy: %s", s.outcome())
 	}
-	level := func(logs, msg string) string {
+	// logs is read again at each try: a line reaches the test's copy of a process's output a
+	// little after the answer it came with.
+	level := func(logs func() string, msg string) string {
 		t.Helper()
 		var l []testenv.LogLine
-		testenv.WaitFor(t, 5*time.Second, "a line "+msg, func() bool { l = logLinesWith(t, logs, msg); return len(l) > 0 })
+		testenv.WaitFor(t, 5*time.Second, "a line "+msg, func() bool { l = logLinesWith(t, logs(), msg); return len(l) > 0 })
 		return l[0].Level
 	}
-	if lv := level(e.Kernel.Output(), "policy failed; request denied"); lv != "error" {
+	if lv := level(e.Kernel.Output, "policy failed; request denied"); lv != "error" {
 		t.Errorf("kernel's policy failure at %s, want error", lv)
 	}
-	if lv := level(e.Agent.Output(), "policy failed"); lv != "error" {
+	if lv := level(e.Agent.Output, "policy failed"); lv != "error" {
 		t.Errorf("agent's policy failure at %s, want error", lv)
 	}
-	if lv := level(e.Kernel.Output(), "policy agent call failed"); lv != "warn" {
+	if lv := level(e.Kernel.Output, "policy agent call failed"); lv != "warn" {
 		t.Errorf("agent timeout at %s, want warn", lv)
 	}
 	e.Agent.Kill()
