@@ -160,6 +160,11 @@ func compile(envOf func() (*cel.Env, error), vars []string, src string, check fu
 		if strings.Contains(msg, "undeclared reference") {
 			msg += "\n(the variables are " + strings.Join(vars, ", ") + ")"
 		}
+		if strings.Contains(msg, "invalid argument to has() macro") {
+			// has() takes a field selection, not an index: the form users write for a header
+			// whose name has a dash is a membership test.
+			msg += "\n(has() takes a field, as in has(request.query.format); for a map key write \"x-api-key\" in request.headers)"
+		}
 		return nil, errors.New(msg)
 	}
 	if err := check(ast.OutputType()); err != nil {

@@ -121,6 +121,7 @@ func TestCompileErrors(t *testing.T) {
 	f(`request.method == 1`, "no matching overload")
 	f(`request.method`, "must be a bool, got string")
 	f(`request.method ==`, "Syntax error")
+	f(`has(request.headers["x-api-key"])`, `for a map key write "x-api-key" in request.headers`)
 	f(strings.Repeat("a", MaxExpressionLength+1), "longer than")
 	if _, err := CompileKey(`request.headers`); err == nil || !strings.Contains(err.Error(), "cannot be") && !strings.Contains(err.Error(), "cache key must be") {
 		t.Errorf("a map key compiled: %v", err)
