@@ -6,8 +6,10 @@
 // of it, so under load they collected many times a second, and the collections (marking,
 // assists, stack scans and the stack shrinking and regrowth that follow) took about a sixth of
 // their CPU. A Tuner raises GOGC so that the heap may grow by at least a floor between
-// collections, and lowers it back to 100 as the live heap grows past the floor, so that a
-// process holding many streams uses no more memory than with the default.
+// collections, and lowers it as the live heap grows past the floor, down to 50 (a growth of
+// half the live heap) past twice the floor: a process holding many streams, whose live heap is
+// large and whose allocation rate is low while they wait, keeps less garbage than with the
+// default GOGC of 100, at the price of more frequent collections of a heap that grows slowly.
 //
 // An operator who sets GOGC in the environment keeps it: Start then does nothing. GOMEMLIMIT,
 // when set, still bounds the heap as the runtime documents.
@@ -22,18 +24,21 @@ import (
 	"sync/atomic"
 )
 
-// MaxPercent bounds the GOGC the tuner sets.
-const MaxPercent = 5000
+// MaxPercent and MinPercent bound the GOGC the tuner sets.
+const (
+	MaxPercent = 5000
+	MinPercent = 50
+)
 
 // minHeap is the runtime's smallest heap goal at GOGC=100: below it, the goal is
 // minHeap*GOGC/100 whatever the live heap.
 const minHeap = 4 << 20
 
-// Percent is the GOGC that lets a heap of live bytes grow by at least floor bytes before the
-// next collection, between 100 and MaxPercent.
+// Percent is the GOGC that lets a heap of live bytes grow by floor bytes before the next
+// collection, or by half the live heap when that is more: between MinPercent and MaxPercent.
 func Percent(live, floor uint64) int {
 	p := floor * 100 / max(live, minHeap)
-	return int(min(max(p, 100), MaxPercent))
+	return int(min(max(p, MinPercent), MaxPercent))
 }
 
 // Tuner adjusts GOGC to the live heap after every collection until stopped.

@@ -21,7 +21,10 @@ func TestPercent(t *testing.T) {
 		{10 * mib, 64 * mib, 640},
 		{32 * mib, 64 * mib, 200},
 		{64 * mib, 64 * mib, 100},
-		{500 * mib, 64 * mib, 100},
+		// Past the floor the heap grows by the floor, then by half the live heap.
+		{96 * mib, 64 * mib, 66},
+		{128 * mib, 64 * mib, 50},
+		{500 * mib, 64 * mib, MinPercent},
 	} {
 		if got := Percent(c.live, c.floor); got != c.want {
 			t.Errorf("Percent(%d MiB, %d MiB) = %d, want %d", c.live/mib, c.floor/mib, got, c.want)
@@ -71,15 +74,15 @@ func TestTunerFollowsTheLiveHeap(t *testing.T) {
 		t.Fatalf("after Stop: GOGC %d, want the %d it had", got, before)
 	}
 
-	// A live heap above the floor: the default.
+	// A live heap above twice the floor: it may grow by half of itself.
 	for range 64 {
 		sink = append(sink, make([]byte, 1<<20))
 	}
 	runtime.GC()
 	tu = Start(8 << 20)
 	defer tu.Stop()
-	if got := tu.Current(); got != 100 {
-		t.Errorf("64 MiB live with an 8 MiB floor: GOGC %d, want 100", got)
+	if got := tu.Current(); got != MinPercent {
+		t.Errorf("64 MiB live with an 8 MiB floor: GOGC %d, want %d", got, MinPercent)
 	}
 	// The live heap shrinks: the tuner raises GOGC after the next collection.
 	sink = nil
