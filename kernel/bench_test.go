@@ -16,8 +16,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -291,55 +289,8 @@ func BenchmarkHTTPRequestAgentUDS(b *testing.B) {
 }
 
 func benchHTTPRequestAgentUDS(b *testing.B, static, ids, serial bool) {
-	dir := b.TempDir()
-	socket := filepath.Join(dir, "agent.sock")
-	cfgPath := filepath.Join(dir, "agent.yaml")
-	cfg := fmt.Sprintf(`agent_core:
-  name: "bench"
-  socket_path: %q
-  policies:
-    config:
-      apiKeyAuth:
-        keys:
-          - key: %q
-            user_id: "bench-user"
-  observability:
-    log_level: "error"
-`, socket, benchAPIKey)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- agent.Main(ctx, []string{"-config", cfgPath}, io.Discard) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			b.Error(err)
-		}
-	}()
-	u, err := dialAgent(socket, 2, 4<<20)
-	if err != nil {
-		b.Fatal(err)
-	}
-	client := newStreamAgentClient(u, time.Second)
-	// Each stream learns the agent's config, and so whether it keeps chain ids.
-	client.verify = ids
-	defer client.Close()
-	// Calls go round-robin over the connections: wait until each one has answered, since a
-	// connection that tried before the socket existed backs off for a moment.
-	deadline := time.Now().Add(10 * time.Second)
-	for ok := 0; ok < 4; {
-		if _, err := client.GetAgentConfig(ctx); err == nil {
-			ok++
-			continue
-		} else if time.Now().After(deadline) {
-			b.Fatalf("agent did not start: %v", err)
-		}
-		ok = 0
-		time.Sleep(20 * time.Millisecond)
-	}
-	s := benchServerStatic(b, socket, client, static)
+	client := startBenchAgent(b, ids)
+	s := benchServerStatic(b, client.socket, client.streamAgentClient, static)
 	reqMsg, respMsg := envoyRequest(), envoyResponse()
 	httpRequest(b, s, reqMsg, respMsg) // opens the streams
 	b.ReportAllocs()

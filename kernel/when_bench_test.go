@@ -118,7 +118,7 @@ func BenchmarkWhen(b *testing.B) {
 	}
 	b.Run("fake", func(b *testing.B) { run(b, whenBenchServer(b, "unused.sock", cannedAgent{})) })
 	b.Run("uds", func(b *testing.B) {
-		client := startBenchAgent(b)
+		client := startBenchAgent(b, false)
 		run(b, whenBenchServer(b, client.socket, client))
 	})
 }
@@ -130,8 +130,9 @@ type benchAgentClient struct {
 }
 
 // startBenchAgent runs agent.Main with apiKeyAuth's bench key on a socket of its own until the
-// benchmark ends, and returns a client whose connections have all answered.
-func startBenchAgent(b *testing.B) benchAgentClient {
+// benchmark ends, and returns a client whose connections have all answered. verify makes each
+// stream learn the agent's config first (and so whether it keeps chain ids).
+func startBenchAgent(b *testing.B, verify bool) benchAgentClient {
 	b.Helper()
 	dir := b.TempDir()
 	socket := filepath.Join(dir, "agent.sock")
@@ -159,6 +160,7 @@ func startBenchAgent(b *testing.B) benchAgentClient {
 		b.Fatal(err)
 	}
 	client := newStreamAgentClient(u, time.Second)
+	client.verify = verify
 	b.Cleanup(func() {
 		client.Close()
 		cancel()
@@ -166,6 +168,8 @@ func startBenchAgent(b *testing.B) benchAgentClient {
 			b.Error(err)
 		}
 	})
+	// Calls go round-robin over the connections: wait until each one has answered, since a
+	// connection that tried before the socket existed backs off for a moment.
 	deadline := time.Now().Add(10 * time.Second)
 	for ok := 0; ok < 4; {
 		if _, err := client.GetAgentConfig(ctx); err == nil {
