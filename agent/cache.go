@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -235,11 +234,7 @@ func (e *Executor) runCached(cc *chainCtx, s *execSnapshot, req *agentv1.PolicyR
 
 // appendKey appends the request's key: its parts' values, each prefixed by its length.
 func (c *entryCache) appendKey(dst []byte, pc *policy.Context) ([]byte, error) {
-	in := cond.Input{Method: pc.Method, Path: pc.Path, Host: pc.Authority, Scheme: pc.Scheme,
-		SourceAddress: pc.ClientIP, Route: pc.RouteName, Headers: pc.Headers, State: pc.State}
-	if strings.IndexByte(pc.Path, '?') >= 0 {
-		in.Query = pc.QueryParams() // parsed once per request, when there is a query
-	}
+	in := requestInput(pc)
 	var err error
 	for _, k := range c.keys {
 		if dst, err = k.AppendKey(dst, &in); err != nil {

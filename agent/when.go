@@ -65,6 +65,17 @@ func (s *execSnapshot) conditionFor(src string) (*cond.Expr, error) {
 	return x, err
 }
 
+// requestInput is what a condition or a cache key reads of the request in pc, with the state
+// as the chain left it so far. The query is the context's, parsed once per request.
+func requestInput(pc *policy.Context) cond.Input {
+	in := cond.Input{Method: pc.Method, Path: pc.Path, Host: pc.Authority, Scheme: pc.Scheme,
+		SourceAddress: pc.ClientIP, Route: pc.RouteName, Headers: pc.Headers, State: pc.State}
+	if strings.IndexByte(pc.Path, '?') >= 0 {
+		in.Query = pc.QueryParams()
+	}
+	return in
+}
+
 // condInput is the input of the conditions of one chain run, allocated on the first entry
 // that has a condition.
 type condInput struct{ in *cond.Input }
@@ -85,9 +96,7 @@ func (e *Executor) entryCondition(r *resolved, entry *agentv1.Policy, pc *policy
 		ci.in = &cond.Input{}
 	}
 	in := ci.in
-	query := in.Query // parsed by an earlier condition of the run, if any
-	*in = cond.Input{Method: pc.Method, Path: pc.Path, Host: pc.Authority, Scheme: pc.Scheme,
-		SourceAddress: pc.ClientIP, Route: pc.RouteName, Headers: pc.Headers, State: pc.State, Query: query}
+	*in = requestInput(pc)
 	if pc.Response != nil {
 		in.ResponseCode, in.ResponseHeaders = pc.Response.Status, pc.Response.Headers
 	} else if r.when.ReadsResponse() {
