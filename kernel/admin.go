@@ -325,10 +325,10 @@ func (s *Server) Explain(ctx context.Context, in *ExplainInput) (*ExplainReport,
 		rep.Traces = append(rep.Traces, ExplainTrace{Phase: strings.ToLower(t.phase.String()), Entry: b})
 	}
 	rep.Result = ExplainResult{Status: res.Status, LocalReply: res.LocalReply, Details: res.Details,
-		Headers: redactHeaders(red, res.Headers), Body: string(res.Body)}
+		Headers: red.Headers(res.Headers), Body: string(res.Body)}
 	if f := res.Forwarded; f != nil {
 		rep.Result.Forwarded = &ExplainForwarded{Method: f.Method, Path: red.Path(f.Path), Authority: f.Authority,
-			Headers: redactHeaders(red, f.Headers), Body: string(f.Body)}
+			Headers: red.Headers(f.Headers), Body: string(f.Body)}
 	}
 	return rep, nil
 }
@@ -354,14 +354,6 @@ func (c RouteChoice) CredentialHeaders() []string {
 				}
 			}
 		}
-	}
-	return out
-}
-
-func redactHeaders(red *redact.Redactor, hs [][2]string) [][2]string {
-	out := make([][2]string, 0, len(hs))
-	for _, h := range hs {
-		out = append(out, [2]string{h[0], red.Value(h[0], h[1])})
 	}
 	return out
 }

@@ -106,10 +106,7 @@ func explainRemote(ctx context.Context, base string, rf *requestFlags, req *envo
 	// The kernel redacted what it sent: the request's own headers are redacted the same way
 	// before they are compared with what the upstream received.
 	shown := *req
-	shown.Headers = make([][2]string, 0, len(req.Headers))
-	for _, h := range req.Headers {
-		shown.Headers = append(shown.Headers, [2]string{h[0], x.red.value(h[0], h[1])})
-	}
+	shown.Headers = x.red.Headers(req.Headers)
 	rep2 := newReport(&shown, resp, res, x)
 	if err := rep2.write(stdout, rf.json); err != nil {
 		return ExitError, err

@@ -99,3 +99,12 @@ func (r *Redactor) Value(name, v string) string {
 	}
 	return v
 }
+
+// Headers returns a copy of hs, name/value pairs, with the credentials' values redacted.
+func (r *Redactor) Headers(hs [][2]string) [][2]string {
+	out := make([][2]string, 0, len(hs))
+	for _, h := range hs {
+		out = append(out, [2]string{h[0], r.Value(h[0], h[1])})
+	}
+	return out
+}

@@ -1,6 +1,9 @@
 package redact
 
-import "testing"
+import (
+	"slices"
+	"testing"
+)
 
 func TestRedactor(t *testing.T) {
 	r := New([]string{"X-Partner"})
@@ -17,5 +20,17 @@ func TestRedactor(t *testing.T) {
 	}
 	if got := r.Value("cookie", "c=1"); got != Redacted {
 		t.Errorf("Value: %s", got)
+	}
+}
+
+func TestHeaders(t *testing.T) {
+	in := [][2]string{{"X-API-Key", "k1"}, {"accept", "*/*"}, {"x-tenant-key", "t1"}}
+	got := New([]string{"X-Tenant-Key"}).Headers(in)
+	want := [][2]string{{"X-API-Key", Redacted}, {"accept", "*/*"}, {"x-tenant-key", Redacted}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("Headers = %q, want %q", got, want)
+	}
+	if in[0][1] != "k1" {
+		t.Fatal("Headers changed its argument")
 	}
 }
