@@ -294,11 +294,9 @@ func buildSnapshot(cfg *KernelConfig, version string, agents map[string]*agentSt
 		problems = cacheProblems(respChain, view.src, agentName, key+".response_policy_chain", problems)
 		scopeCaches(name, agentv1.PolicyPhase_REQUEST, r.request.policies)
 		scopeCaches(name, agentv1.PolicyPhase_RESPONSE, r.response.policies)
-		for _, c := range []*chain{&r.request, &r.response} {
-			if cached(c.policies) {
-				c.assignIDs()
-			}
-		}
+		// Named once every field of their policies is set, the scopes included.
+		r.request.assignIDs()
+		r.response.assignIDs()
 		if a := agents[agentName]; a != nil {
 			s.warnings = ignoredOnFailure(reqChain, a.enforcing(), key+".request_policy_chain", s.warnings)
 			s.warnings = ignoredOnFailure(respChain, a.enforcing(), key+".response_policy_chain", s.warnings)
@@ -378,6 +376,7 @@ func (s *Snapshot) retainMetrics(m *kernelMetrics) {
 // key is the chain's config key.
 func compileChain(entries []ChainEntry, phase agentv1.PolicyPhase, agentName string, adv map[string]*agentv1.PolicyInfo, key string, problems []problem) (chain, []problem) {
 	c, problems, _ := compileChecked(entries, phase, agentName, adv, nil, false, key, problems, 0)
+	c.assignIDs()
 	return c, problems
 }
 
@@ -464,9 +463,6 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 			}
 		}
 	}
-	if !cached(c.policies) {
-		c.assignIDs() // a chain with a cached entry gets its ids once its scopes are set
-	}
 	return c, problems, unchecked
 }
 
@@ -475,16 +471,6 @@ func compileChecked(entries []ChainEntry, phase agentv1.PolicyPhase, agentName s
 // first came with.
 func (c *chain) assignIDs() {
 	c.ids = [3]uint64{chainIDOf(c.policies), chainIDOf(c.early), chainIDOf(c.late)}
-}
-
-// cached reports whether an entry of ps has a cache.
-func cached(ps []*agentv1.Policy) bool {
-	for _, p := range ps {
-		if p.GetCache() != nil {
-			return true
-		}
-	}
-	return false
 }
 
 // newStaticChain builds a chain's fixed answer from its entries' instructions, as the kernel
