@@ -17,7 +17,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -267,43 +266,6 @@ func WaitDial(t testing.TB, r Running, network, addr string) {
 		return Dialable(network, addr)
 	})
 }
-
-// FreeAddr returns a free 127.0.0.1 address.
-//
-// The port is taken below Linux's ephemeral range (32768 and up by default), where neither an
-// outgoing connection nor another bind to port 0 can take it between this call and the
-// process that binds it; each test process walks the range from its own starting point, so
-// that packages tested in parallel do not hand out the same ports. Each candidate is checked
-// free; past the range, the kernel picks one.
-func FreeAddr(t testing.TB) string {
-	t.Helper()
-	for range portSpan {
-		p := portBase + int((nextPort.Add(1)+portStart)%portSpan)
-		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-		if err == nil {
-			addr := ln.Addr().String()
-			ln.Close()
-			return addr
-		}
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-// The ports FreeAddr hands out: [portBase, portBase+portSpan), from portStart on.
-const (
-	portBase = 20000
-	portSpan = 12000
-)
-
-var (
-	nextPort  atomic.Int64
-	portStart = int64(os.Getpid()*7919+time.Now().Nanosecond()) % portSpan
-)
 
 // WaitFor polls cond every 20 ms until it holds or timeout passes.
 func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
