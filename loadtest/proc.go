@@ -50,6 +50,46 @@ func parseStatCPU(data []byte) (time.Duration, error) {
 	return time.Duration(utime+stime) * time.Second / clockTicks, nil
 }
 
+// ContextSwitches returns how many times the threads of a process have left their CPU so far,
+// voluntarily (to wait: each is a wake-up later) or not, summed over /proc/<pid>/task/*/status.
+// Threads that ended earlier are not counted; Go keeps its threads, so over a phase the sum
+// grows by the switches of the phase.
+func ContextSwitches(pid int) (int64, error) {
+	tasks, err := os.ReadDir(fmt.Sprintf("%s/%d/task", procRoot, pid))
+	if err != nil {
+		return 0, fmt.Errorf("read threads of pid %d: %w", pid, err)
+	}
+	var sum int64
+	for _, t := range tasks {
+		data, err := os.ReadFile(fmt.Sprintf("%s/%d/task/%s/status", procRoot, pid, t.Name()))
+		if err != nil {
+			continue // the thread ended meanwhile
+		}
+		for _, key := range []string{"voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"} {
+			n, err := parseStatusCount(data, key)
+			if err != nil {
+				return 0, fmt.Errorf("pid %d thread %s: %w", pid, t.Name(), err)
+			}
+			sum += n
+		}
+	}
+	return sum, nil
+}
+
+// parseStatusCount reads a plain number of a /proc status file.
+func parseStatusCount(data []byte, key string) (int64, error) {
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, key); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(rest), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("parse /proc status %s %q: %w", key, strings.TrimSpace(rest), err)
+			}
+			return n, nil
+		}
+	}
+	return 0, fmt.Errorf("parse /proc status: no %s line", key)
+}
+
 // PeakRSS returns the peak resident set size of a process in bytes (VmHWM of
 // /proc/<pid>/status).
 func PeakRSS(pid int) (int64, error) {

@@ -164,3 +164,56 @@ func TestProcErrors(t *testing.T) {
 		t.Errorf("CPUTime(fixture) = %s, %v; want 2s", got, err)
 	}
 }
+
+func TestContextSwitches(t *testing.T) {
+	old := procRoot
+	procRoot = t.TempDir()
+	defer func() { procRoot = old }()
+	if _, err := ContextSwitches(7); err == nil || !strings.Contains(err.Error(), "threads of pid 7") {
+		t.Errorf("ContextSwitches of a missing process: err = %v", err)
+	}
+	thread := func(tid, status string) {
+		t.Helper()
+		dir := filepath.Join(procRoot, "7", "task", tid)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "status"), []byte(status), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	thread("7", "Name:\tx\nvoluntary_ctxt_switches:\t100\nnonvoluntary_ctxt_switches:\t5\n")
+	thread("8", "Name:\tx\nvoluntary_ctxt_switches:\t20\nnonvoluntary_ctxt_switches:\t1\n")
+	// A thread that ended between listing and reading is skipped.
+	if err := os.MkdirAll(filepath.Join(procRoot, "7", "task", "9"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ContextSwitches(7); err != nil || got != 126 {
+		t.Fatalf("ContextSwitches = %d, %v; want 126 (two threads, both kinds)", got, err)
+	}
+	thread("8", "Name:\tx\nvoluntary_ctxt_switches:\tmany\n")
+	if _, err := ContextSwitches(7); err == nil || !strings.Contains(err.Error(), `voluntary_ctxt_switches: "many"`) {
+		t.Errorf("a malformed count: err = %v", err)
+	}
+	thread("8", "Name:\tx\n")
+	if _, err := ContextSwitches(7); err == nil || !strings.Contains(err.Error(), "no voluntary_ctxt_switches: line") {
+		t.Errorf("a missing count: err = %v", err)
+	}
+
+	// This process: threads that sleep and are woken are counted.
+	procRoot = old
+	before, err := ContextSwitches(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 50 {
+		time.Sleep(time.Millisecond)
+	}
+	after, err := ContextSwitches(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after-before < 50 {
+		t.Errorf("50 sleeps made %d context switches", after-before)
+	}
+}

@@ -97,8 +97,8 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	fs.StringVar(&targets, "targets", targetNoop+","+targetKernel, "targets to measure, comma-separated: noop, kernel+agent, kernel+agent-uds (Envoy's side on a Unix socket)")
 	fs.StringVar(&o.JSONOut, "json", "loadtest/results/loadtest.json", "where to write the JSON report (empty: nowhere)")
 	fs.StringVar(&o.WorkDir, "workdir", "", "folder for configs, sockets and logs (default: a temporary one, removed at the end)")
-	fs.StringVar(&o.ProfileDir, "profile", "", "capture CPU and heap profiles of the kernel and agent during the closed loop into this folder")
-	fs.DurationVar(&o.ProfileFor, "profile-seconds", 8*time.Second, "CPU profile length (at most the closed-loop length)")
+	fs.StringVar(&o.ProfileDir, "profile", "", "capture CPU and heap profiles of the kernel and agent during the closed loop (<name>.cpu.pprof), each open-loop rate (open<rate>.<name>.cpu.pprof) and the held streams into this folder")
+	fs.DurationVar(&o.ProfileFor, "profile-seconds", 8*time.Second, "CPU profile length (at most the phase's length)")
 	fs.IntVar(&o.MaxInFlight, "max-in-flight", 20000, "open-loop requests outstanding at once before new ones are dropped")
 	fs.DurationVar(&o.StartTimeout, "start-timeout", 30*time.Second, "how long to wait for the servers to be ready")
 	fs.StringVar(&o.ExtraKernelYA, "kernel-yaml", "", "extra YAML lines for the kernel config's policy_kernel section")
@@ -268,10 +268,17 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 	for run := 1; run <= o.Repeat; run++ {
 		for _, rate := range o.Rates {
 			for _, t := range targets {
+				stopProfile := func() error { return nil }
+				if o.ProfileDir != "" && run == 1 && t.name == targetKernel {
+					stopProfile = profile(ctx, t, o.ProfileDir, fmt.Sprintf("open%g.", rate), min(o.ProfileFor, o.OpenFor))
+				}
 				row, err := measure(ctx, t, run, openPhase(rate), func() *Result {
 					return OpenLoop(ctx, t.conns, tr, rate, o.OpenFor, o.MaxInFlight)
 				})
 				if err != nil {
+					return nil, err
+				}
+				if err := stopProfile(); err != nil {
 					return nil, err
 				}
 				rep.Rows = append(rep.Rows, row)
@@ -281,7 +288,7 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		for _, t := range targets {
 			stopProfile := func() error { return nil }
 			if o.ProfileDir != "" && run == 1 && t.name == targetKernel {
-				stopProfile = profile(ctx, t, o.ProfileDir, min(o.ProfileFor, o.ClosedFor))
+				stopProfile = profile(ctx, t, o.ProfileDir, "", min(o.ProfileFor, o.ClosedFor))
 			}
 			row, err := measure(ctx, t, run, phaseClosed, func() *Result {
 				return ClosedLoop(ctx, t.conns, tr, o.Concurrency, o.ClosedFor)
@@ -315,6 +322,7 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 func measure(ctx context.Context, t *target, run int, phase string, load func() *Result) (Row, error) {
 	row := Row{Run: run, Target: t.name, Phase: phase}
 	cpu0 := make([]time.Duration, len(t.procs))
+	sw0 := make([]int64, len(t.procs))
 	for i, p := range t.procs {
 		if err := ResetPeakRSS(p.pid()); err != nil {
 			return row, err
@@ -324,6 +332,9 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 			return row, err
 		}
 		cpu0[i] = c
+		if sw0[i], err = ContextSwitches(p.pid()); err != nil {
+			return row, err
+		}
 	}
 	var hist0 vmHistogram
 	if t.metricsURL != "" {
@@ -343,11 +354,17 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 		if err != nil {
 			return row, err
 		}
+		sw, err := ContextSwitches(p.pid())
+		if err != nil {
+			return row, err
+		}
 		u := ProcUsage{Name: p.name, CPUSec: (c - cpu0[i]).Seconds(), PeakRSS: rss}
 		if res.Requests > 0 {
 			u.CPUPer1k = u.CPUSec / float64(res.Requests) * 1000
+			u.SwitchesPerReq = float64(sw-sw0[i]) / float64(res.Requests)
 		}
 		row.CPUPer1k += u.CPUPer1k
+		row.SwitchesPerReq += u.SwitchesPerReq
 		row.Procs = append(row.Procs, u)
 	}
 	if t.metricsURL != "" {
@@ -739,13 +756,13 @@ func scrapeHistogram(ctx context.Context, url string) (vmHistogram, error) {
 }
 
 // profile starts capturing a CPU profile of each of t's processes for d; the returned
-// function waits for them, then saves a heap profile of each, into dir as <name>.cpu.pprof and
-// <name>.heap.pprof.
-func profile(ctx context.Context, t *target, dir string, d time.Duration) func() error {
+// function waits for them, then saves a heap profile of each, into dir as
+// <prefix><name>.cpu.pprof and <prefix><name>.heap.pprof.
+func profile(ctx context.Context, t *target, dir, prefix string, d time.Duration) func() error {
 	errs := make(chan error, len(t.pprof))
 	for name, base := range t.pprof {
 		go func() {
-			errs <- fetchTo(ctx, fmt.Sprintf("%sprofile?seconds=%d", base, max(1, int(d.Seconds()))), filepath.Join(dir, name+".cpu.pprof"))
+			errs <- fetchTo(ctx, fmt.Sprintf("%sprofile?seconds=%d", base, max(1, int(d.Seconds()))), filepath.Join(dir, prefix+name+".cpu.pprof"))
 		}()
 	}
 	return func() error {
@@ -754,7 +771,7 @@ func profile(ctx context.Context, t *target, dir string, d time.Duration) func()
 			all = append(all, <-errs)
 		}
 		for name, base := range t.pprof {
-			all = append(all, fetchTo(ctx, base+"heap", filepath.Join(dir, name+".heap.pprof")))
+			all = append(all, fetchTo(ctx, base+"heap", filepath.Join(dir, prefix+name+".heap.pprof")))
 		}
 		return errors.Join(all...)
 	}
