@@ -12,6 +12,7 @@ import (
 	"github.com/policy-engine/policy-engine/agent"
 	"github.com/policy-engine/policy-engine/internal/gctune"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/proctune"
 	_ "github.com/policy-engine/policy-engine/policies/all"
 )
 
@@ -19,6 +20,9 @@ func main() {
 	// Let the heap grow by at least 16 MiB between collections (GOGC, when set, wins).
 	gc := gctune.Start(16 << 20)
 	defer gc.Stop()
+	// One processor while one is enough, more as the load asks (GOMAXPROCS, when set, wins).
+	procs := proctune.Start()
+	defer procs.Stop()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := agent.Main(ctx, os.Args[1:], os.Stderr)
 	stop()

@@ -11,6 +11,7 @@ import (
 
 	"github.com/policy-engine/policy-engine/internal/gctune"
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/proctune"
 	"github.com/policy-engine/policy-engine/kernel"
 )
 
@@ -18,6 +19,9 @@ func main() {
 	// Let the heap grow by at least 16 MiB between collections (GOGC, when set, wins).
 	gc := gctune.Start(16 << 20)
 	defer gc.Stop()
+	// One processor while one is enough, more as the load asks (GOMAXPROCS, when set, wins).
+	procs := proctune.Start()
+	defer procs.Stop()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := kernel.Main(ctx, os.Args[1:], os.Stderr)
 	stop()

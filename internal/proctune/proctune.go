@@ -1,0 +1,163 @@
+// Package proctune lets a process run on one processor (GOMAXPROCS=1) while it is lightly
+// loaded and gives it back the processors the runtime chose once it needs them.
+//
+// The kernel and the agent spend a few microseconds of their own per message and most of the
+// rest waking up: when a goroutine hands work to another and a processor is idle, the runtime
+// wakes a second thread to look for work, which usually finds none and sleeps again. On two
+// cores shared with Envoy (and, in tests, the load generator) this cost about a third of their
+// CPU per request at a few thousand requests per second (docs/performance.md). With a single
+// processor the hand-offs stay on one thread and that cost goes; with more load than a core can
+// take, more processors are needed, and a Tuner adds them.
+//
+// Every Interval the Tuner reads the process's CPU time (user and system, getrusage). It adds a
+// processor when the process used more than Up of the processors it has; it takes one away
+// when, for Settle in a row, it used less than Down of the processors it would keep. Between
+// the two it leaves them, so that a steady load does not make it switch back and forth. A
+// change is a short stop of the world, as the runtime documents for GOMAXPROCS.
+//
+// An operator who sets GOMAXPROCS in the environment keeps it: Start then does nothing. The
+// ceiling is the runtime's default when the process starts (the CPUs it may use, or its cgroup's
+// CPU limit); once the Tuner has set GOMAXPROCS the runtime no longer follows a change of that
+// limit, and Stop gives the choice back to the runtime.
+package proctune
+
+import (
+	"os"
+	"runtime"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Defaults of the Tuner's settings.
+const (
+	Interval = 100 * time.Millisecond
+	Up       = 0.7
+	Down     = 0.35
+	Settle   = 10
+)
+
+// Tuner adjusts GOMAXPROCS to the process's CPU use until stopped.
+type Tuner struct {
+	max      int
+	interval time.Duration
+	cpu      func() time.Duration // CPU time used so far
+	set      func(int)            // sets GOMAXPROCS; 0 gives it back to the runtime
+
+	mu    sync.Mutex
+	procs int
+	low   int // consecutive intervals below Down
+	stop  chan struct{}
+	done  chan struct{}
+	once  sync.Once
+}
+
+// Start tunes GOMAXPROCS between 1 and the runtime's default, unless GOMAXPROCS is set in the
+// environment or the default is already 1 (then it returns nil). It starts at one processor.
+func Start() *Tuner {
+	if _, set := os.LookupEnv("GOMAXPROCS"); set {
+		return nil
+	}
+	t := newTuner(runtime.GOMAXPROCS(0), Interval, processCPU, setProcs)
+	if t == nil {
+		return nil
+	}
+	go t.run()
+	return t
+}
+
+// newTuner makes a Tuner that has set one processor, or returns nil when max is 1.
+func newTuner(max int, interval time.Duration, cpu func() time.Duration, set func(int)) *Tuner {
+	if max <= 1 {
+		return nil
+	}
+	t := &Tuner{max: max, interval: interval, cpu: cpu, set: set, procs: 1, stop: make(chan struct{}), done: make(chan struct{})}
+	set(1)
+	return t
+}
+
+func (t *Tuner) run() {
+	defer close(t.done)
+	tick := time.NewTicker(t.interval)
+	defer tick.Stop()
+	last, lastCPU := time.Now(), t.cpu()
+	for {
+		select {
+		case <-t.stop:
+			return
+		case now := <-tick.C:
+			c := t.cpu()
+			if wall := now.Sub(last); wall > 0 {
+				t.observe(float64(c-lastCPU) / float64(wall))
+			}
+			last, lastCPU = now, c
+		}
+	}
+}
+
+// observe takes the CPUs used over the last interval and changes GOMAXPROCS if it should.
+func (t *Tuner) observe(used float64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.procs == 0 { // stopped
+		return
+	}
+	switch {
+	case used > Up*float64(t.procs) && t.procs < t.max:
+		// Busy: add as many processors as the use asks for at once, not one per interval.
+		t.procs = min(t.max, max(t.procs+1, int(used/Up)+1))
+		t.low = 0
+		t.set(t.procs)
+	case t.procs > 1 && used < Down*float64(t.procs-1):
+		t.low++
+		if t.low >= Settle {
+			t.procs--
+			t.low = 0
+			t.set(t.procs)
+		}
+	default:
+		t.low = 0
+	}
+}
+
+// Procs is the GOMAXPROCS the tuner last set.
+func (t *Tuner) Procs() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.procs
+}
+
+// Stop ends the tuning and gives GOMAXPROCS back to the runtime's default. It is safe on a nil
+// Tuner and more than once.
+func (t *Tuner) Stop() {
+	if t == nil {
+		return
+	}
+	t.once.Do(func() {
+		close(t.stop)
+		<-t.done
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		t.procs = 0
+		t.set(0)
+	})
+}
+
+// setProcs sets GOMAXPROCS to n, or back to the runtime's default (which it then keeps up to
+// date) for 0.
+func setProcs(n int) {
+	if n == 0 {
+		runtime.SetDefaultGOMAXPROCS()
+		return
+	}
+	runtime.GOMAXPROCS(n)
+}
+
+// processCPU is the CPU time the process has used, user and system.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
