@@ -19,6 +19,9 @@ import (
 // maxBatchBytes bounds one batch of requests; a larger request is sent alone.
 const maxBatchBytes = 64 << 10
 
+// shrinkPendingAbove is the peak of pending calls past which an emptied map is made anew.
+const shrinkPendingAbove = 256
+
 // maxInFlightCalls bounds the calls outstanding on one agent. Past it, a call waits for a slot
 // within its own deadline; one that never gets a slot was never sent.
 const maxInFlightCalls = 8192
@@ -100,8 +103,11 @@ type laneStream struct {
 
 	mu      sync.Mutex
 	pending map[uint64]*call
-	err     error         // set once the stream is broken; no call is added after
-	failed  chan struct{} // closed when err is set
+	// peak is the most calls pending at once since pending was made: a Go map keeps the room
+	// of its largest size, so once a burst is over and the map is empty it is made anew.
+	peak   int
+	err    error         // set once the stream is broken; no call is added after
+	failed chan struct{} // closed when err is set
 	// chainIDs says that the stream's agent keeps chains by id (chain_ids); known are the
 	// chain ids sent on the stream with their policies, which later calls send without them.
 	chainIDs bool
@@ -314,6 +320,7 @@ func (ls *laneStream) execute(ctx context.Context, cl *call, req *agentv1.Policy
 		return nil, fmt.Errorf("%w: %w", ErrNotDelivered, ls.err), true
 	}
 	ls.pending[id] = cl
+	ls.peak = max(ls.peak, len(ls.pending))
 	idOnly := false
 	if cid := req.GetChainId(); cid != 0 && ls.chainIDs {
 		// Marked before it is queued: a call that sees the mark first and overtakes this
@@ -436,6 +443,9 @@ func (ls *laneStream) take(id uint64) *call {
 		return nil
 	}
 	delete(ls.pending, id)
+	if len(ls.pending) == 0 && ls.peak > shrinkPendingAbove {
+		ls.pending, ls.peak = map[uint64]*call{}, 0
+	}
 	return cl
 }
 

@@ -19,6 +19,7 @@ import (
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/batch"
+	"github.com/policy-engine/policy-engine/internal/testenv"
 	"github.com/policy-engine/policy-engine/internal/uds"
 )
 
@@ -647,5 +648,41 @@ func TestStreamExecuteOnClosedSender(t *testing.T) {
 	}
 	if len(ls.pending) != 0 {
 		t.Errorf("the call is still pending: %v", ls.pending)
+	}
+}
+
+// A burst of calls grows a stream's map of pending calls; once the burst is over the map is
+// made anew, so that a stream does not keep the room of its largest burst.
+func TestPendingMapShrinksAfterABurst(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	f := newStreamFake()
+	serveAgent(t, path, f)
+	c := newTestStreamClient(t, path, 1)
+	warm(t, c)
+	const burst = 2 * shrinkPendingAbove
+	var wg sync.WaitGroup
+	for i := range burst {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := callAgentFor(c, 10*time.Second, "hold", fmt.Sprint(i)); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	testenv.WaitFor(t, 10*time.Second, "the burst to be pending", func() bool { return pendingCalls(c) == burst })
+	ls := c.lanes[0].cur.Load()
+	ls.mu.Lock()
+	grown := ls.peak
+	ls.mu.Unlock()
+	if grown != burst {
+		t.Fatalf("peak %d while %d calls are pending", grown, burst)
+	}
+	close(f.release)
+	wg.Wait()
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if len(ls.pending) != 0 || ls.peak != 0 {
+		t.Fatalf("after the burst: %d pending, peak %d; want an empty map made anew", len(ls.pending), ls.peak)
 	}
 }
