@@ -30,6 +30,7 @@ import (
 	"github.com/policy-engine/policy-engine/internal/fsperm"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/obs"
+	"github.com/policy-engine/policy-engine/internal/rawio"
 	"github.com/policy-engine/policy-engine/internal/tracing"
 	"github.com/policy-engine/policy-engine/internal/uds"
 )
@@ -148,6 +149,8 @@ func Main(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen on %q: %w", core.SocketPath, err)
 	}
+	// The kernel's connections read and write without waking the runtime's monitor thread.
+	ln = rawio.Listener{Listener: ln}
 	maxMsg := 2*core.ResourceLimits.MaxBodySizeBytes + 1<<20
 	srv := grpc.NewServer(append(flowctl.ServerOptions(),
 		grpc.MaxRecvMsgSize(maxMsg),

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync/atomic"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/flowctl"
+	"github.com/policy-engine/policy-engine/internal/rawio"
 	"github.com/policy-engine/policy-engine/internal/uds"
 	// Marshals the agent API and ext_proc messages without reflection.
 	_ "github.com/policy-engine/policy-engine/internal/vtcodec"
@@ -66,9 +68,20 @@ type grpcAgentClient struct {
 // agent is not an error here.
 func dialAgent(socketPath string, n int, maxMsg int) (*grpcAgentClient, error) {
 	c := &grpcAgentClient{}
-	target := "unix://" + uds.Path(socketPath)
+	path := uds.Path(socketPath)
+	target := "unix://" + path
+	// Connections that read and write without waking the runtime's monitor thread.
+	dial := func(ctx context.Context, _ string) (net.Conn, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "unix", path)
+		if err != nil {
+			return nil, err
+		}
+		return rawio.Wrap(c), nil
+	}
 	for i := 0; i < n; i++ {
 		conn, err := grpc.NewClient(target, append(flowctl.DialOptions(),
+			grpc.WithContextDialer(dial),
 			grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithConnectParams(grpc.ConnectParams{
 				Backoff:           backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/tap"
 
 	"github.com/policy-engine/policy-engine/internal/logging"
+	"github.com/policy-engine/policy-engine/internal/rawio"
 )
 
 // The ext_proc port's limits: a cap on connections open at once (limitListener) and an end
@@ -48,7 +49,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		if l.active.Add(1) <= l.max {
-			return &limitConn{Conn: c, l: l}, nil
+			return &limitConn{Conn: rawio.Wrap(c), l: l}, nil
 		}
 		l.active.Add(-1)
 		l.metrics.connRefused.Inc()
