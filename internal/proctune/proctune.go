@@ -9,11 +9,15 @@
 // processor the hand-offs stay on one thread and that cost goes; with more load than a core can
 // take, more processors are needed, and a Tuner adds them.
 //
-// Every Interval the Tuner reads the process's CPU time (user and system, getrusage). It adds a
-// processor when the process used more than Up of the processors it has; it takes one away
-// when, for Settle in a row, it used less than Down of the processors it would keep. Between
-// the two it leaves them, so that a steady load does not make it switch back and forth. A
-// change is a short stop of the world, as the runtime documents for GOMAXPROCS.
+// Every Interval the Tuner reads the process's CPU time (user and system, getrusage) and how
+// long its goroutines waited to run (the runtime's /sched/latencies:seconds). It adds a
+// processor when the process used more than Up of the processors it has, or when more than
+// LateShare of the goroutines that ran had waited Late or longer: a process that the machine's
+// other work keeps from its CPU uses little of it and still falls behind. It takes one away when,
+// for Settle intervals in a row, it used less than Down of the processors it would keep and
+// nothing waited that long. Between the two it leaves them, so that a steady load does not make
+// it switch back and forth. A change is a short stop of the world, as the runtime documents for
+// GOMAXPROCS.
 //
 // An operator who sets GOMAXPROCS in the environment keeps it: Start then does nothing. The
 // ceiling is the runtime's default when the process starts (the CPUs it may use, or its cgroup's
@@ -24,6 +28,7 @@ package proctune
 import (
 	"os"
 	"runtime"
+	"runtime/metrics"
 	"sync"
 	"syscall"
 	"time"
@@ -35,6 +40,11 @@ const (
 	Up       = 0.7
 	Down     = 0.35
 	Settle   = 10
+	// Late is a wait to run that counts as falling behind; LateShare is the share of the
+	// interval's goroutine runs that may have waited that long, and LateMin the fewest that count.
+	Late      = time.Millisecond
+	LateShare = 0.01
+	LateMin   = 10
 )
 
 // Tuner adjusts GOMAXPROCS to the process's CPU use until stopped.
@@ -42,7 +52,8 @@ type Tuner struct {
 	max      int
 	interval time.Duration
 	cpu      func() time.Duration // CPU time used so far
-	set      func(int)            // sets GOMAXPROCS; 0 gives it back to the runtime
+	waits    func() (late, all uint64)
+	set      func(int) // sets GOMAXPROCS; 0 gives it back to the runtime
 
 	mu    sync.Mutex
 	procs int
@@ -58,7 +69,7 @@ func Start() *Tuner {
 	if _, set := os.LookupEnv("GOMAXPROCS"); set {
 		return nil
 	}
-	t := newTuner(runtime.GOMAXPROCS(0), Interval, processCPU, setProcs)
+	t := newTuner(runtime.GOMAXPROCS(0), Interval, processCPU, newWaits().read, setProcs)
 	if t == nil {
 		return nil
 	}
@@ -67,11 +78,11 @@ func Start() *Tuner {
 }
 
 // newTuner makes a Tuner that has set one processor, or returns nil when max is 1.
-func newTuner(max int, interval time.Duration, cpu func() time.Duration, set func(int)) *Tuner {
+func newTuner(max int, interval time.Duration, cpu func() time.Duration, waits func() (late, all uint64), set func(int)) *Tuner {
 	if max <= 1 {
 		return nil
 	}
-	t := &Tuner{max: max, interval: interval, cpu: cpu, set: set, procs: 1, stop: make(chan struct{}), done: make(chan struct{})}
+	t := &Tuner{max: max, interval: interval, cpu: cpu, waits: waits, set: set, procs: 1, stop: make(chan struct{}), done: make(chan struct{})}
 	set(1)
 	return t
 }
@@ -81,33 +92,40 @@ func (t *Tuner) run() {
 	tick := time.NewTicker(t.interval)
 	defer tick.Stop()
 	last, lastCPU := time.Now(), t.cpu()
+	lastLate, lastAll := t.waits()
 	for {
 		select {
 		case <-t.stop:
 			return
 		case now := <-tick.C:
 			c := t.cpu()
+			late, all := t.waits()
 			if wall := now.Sub(last); wall > 0 {
-				t.observe(float64(c-lastCPU) / float64(wall))
+				n := all - lastAll
+				behind := late-lastLate >= LateMin && float64(late-lastLate) > LateShare*float64(n)
+				t.observe(float64(c-lastCPU)/float64(wall), behind)
 			}
-			last, lastCPU = now, c
+			last, lastCPU, lastLate, lastAll = now, c, late, all
 		}
 	}
 }
 
-// observe takes the CPUs used over the last interval and changes GOMAXPROCS if it should.
-func (t *Tuner) observe(used float64) {
+// observe takes the CPUs used over the last interval, and whether goroutines waited too long to
+// run, and changes GOMAXPROCS if it should.
+func (t *Tuner) observe(used float64, behind bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.procs == 0 { // stopped
 		return
 	}
 	switch {
-	case used > Up*float64(t.procs) && t.procs < t.max:
+	case (used > Up*float64(t.procs) || behind) && t.procs < t.max:
 		// Busy: add as many processors as the use asks for at once, not one per interval.
 		t.procs = min(t.max, max(t.procs+1, int(used/Up)+1))
 		t.low = 0
 		t.set(t.procs)
+	case behind:
+		t.low = 0
 	case t.procs > 1 && used < Down*float64(t.procs-1):
 		t.low++
 		if t.low >= Settle {
@@ -151,6 +169,33 @@ func setProcs(n int) {
 		return
 	}
 	runtime.GOMAXPROCS(n)
+}
+
+// waits reads the runtime's histogram of how long goroutines waited to run.
+type waits struct {
+	s []metrics.Sample
+}
+
+func newWaits() *waits {
+	return &waits{s: []metrics.Sample{{Name: "/sched/latencies:seconds"}}}
+}
+
+// read returns how many goroutine runs so far had waited Late or longer, and how many there
+// were.
+func (w *waits) read() (late, all uint64) {
+	metrics.Read(w.s)
+	if w.s[0].Value.Kind() != metrics.KindFloat64Histogram {
+		return 0, 0
+	}
+	h := w.s[0].Value.Float64Histogram()
+	for i, c := range h.Counts {
+		all += c
+		// Bucket i holds [Buckets[i], Buckets[i+1]).
+		if h.Buckets[i] >= Late.Seconds() {
+			late += c
+		}
+	}
+	return late, all
 }
 
 // processCPU is the CPU time the process has used, user and system.

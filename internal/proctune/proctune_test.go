@@ -15,16 +15,16 @@ func (r *recorder) set(n int) { r.sets = append(r.sets, n) }
 
 func TestRules(t *testing.T) {
 	r := &recorder{}
-	if newTuner(1, time.Hour, nil, r.set) != nil || len(r.sets) != 0 {
+	if newTuner(1, time.Hour, nil, nil, r.set) != nil || len(r.sets) != 0 {
 		t.Fatal("a process with one CPU got a tuner")
 	}
-	tu := newTuner(4, time.Hour, nil, r.set)
+	tu := newTuner(4, time.Hour, nil, nil, r.set)
 	if tu.Procs() != 1 || len(r.sets) != 1 || r.sets[0] != 1 {
 		t.Fatalf("start: procs %d, sets %v; want one processor set", tu.Procs(), r.sets)
 	}
 	step := func(used float64, want int) {
 		t.Helper()
-		tu.observe(used)
+		tu.observe(used, false)
 		if got := tu.Procs(); got != want {
 			t.Fatalf("after using %.2f CPUs: %d processors, want %d (sets %v)", used, got, want, r.sets)
 		}
@@ -50,13 +50,31 @@ func TestRules(t *testing.T) {
 		step(0.8, 3) // 0.7 < 0.8 and 0.8 > 0.35*2
 	}
 	for i := 0; i < 2*Settle; i++ {
-		tu.observe(0)
+		tu.observe(0, false)
 	}
 	step(0, 1)
-	for range 5 * Settle {
-		step(0, 1) // never below one
+	// Goroutines waiting too long to run add a processor however little CPU the process got,
+	// and keep it while they wait.
+	stepBehind := func(want int) {
+		t.Helper()
+		tu.observe(0.1, true)
+		if got := tu.Procs(); got != want {
+			t.Fatalf("behind: %d processors, want %d", got, want)
+		}
 	}
-	want := []int{1, 2, 4, 3, 2, 1}
+	stepBehind(2)
+	stepBehind(3)
+	stepBehind(4)
+	stepBehind(4) // never past the ceiling
+	for range 3 * Settle {
+		step(0.1, 4)
+		stepBehind(4) // no run of quiet intervals is long enough to give one back
+	}
+	for i := 0; i < 3*Settle-1; i++ {
+		tu.observe(0.1, false)
+	}
+	step(0.1, 1)
+	want := []int{1, 2, 4, 3, 2, 1, 2, 3, 4, 3, 2, 1}
 	if len(r.sets) != len(want) {
 		t.Fatalf("sets %v, want %v", r.sets, want)
 	}
@@ -70,7 +88,7 @@ func TestRules(t *testing.T) {
 func TestRunReadsCPUAndStops(t *testing.T) {
 	var cpu atomic.Int64 // ns; advanced by the test as if the process used 1.5 CPUs
 	sets := make(chan int, 16)
-	tu := newTuner(2, 5*time.Millisecond, func() time.Duration { return time.Duration(cpu.Load()) }, func(n int) { sets <- n })
+	tu := newTuner(2, 5*time.Millisecond, func() time.Duration { return time.Duration(cpu.Load()) }, func() (uint64, uint64) { return 0, 0 }, func(n int) { sets <- n })
 	if n := <-sets; n != 1 {
 		t.Fatalf("first set %d, want 1", n)
 	}
@@ -108,12 +126,46 @@ func TestRunReadsCPUAndStops(t *testing.T) {
 	if n := <-sets; n != 0 {
 		t.Fatalf("Stop set %d, want 0 (the runtime's default)", n)
 	}
-	tu.observe(5) // after Stop: nothing
+	tu.observe(5, true) // after Stop: nothing
 	if len(sets) != 0 {
 		t.Fatal("a stopped tuner changed GOMAXPROCS")
 	}
 	var nilTuner *Tuner
 	nilTuner.Stop()
+}
+
+// The runtime's histogram of waits to run counts the goroutines that one hogging the only
+// processor kept waiting.
+func TestWaitsReadsTheRuntime(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	w := newWaits()
+	late0, all0 := w.read()
+	var stop atomic.Bool
+	done := make(chan struct{})
+	// The runtime samples one goroutine run in eight.
+	const sleepers = 100
+	for range sleepers {
+		go func() {
+			for !stop.Load() {
+				time.Sleep(time.Millisecond)
+			}
+			done <- struct{}{}
+		}()
+	}
+	// A loop without calls: only the runtime's preemption (about every 10 ms) lets the
+	// sleepers run.
+	end := time.Now().Add(time.Second)
+	for n := 0; time.Now().Before(end); n++ {
+		_ = n * n
+	}
+	stop.Store(true)
+	for range sleepers {
+		<-done
+	}
+	late, all := w.read()
+	if all <= all0 || late < late0+LateMin || late > all {
+		t.Fatalf("waits: late %d → %d, all %d → %d; want some runs, at least %d of them late", late0, late, all0, all, LateMin)
+	}
 }
 
 // The real thing: this process's GOMAXPROCS follows its CPU use.
@@ -172,5 +224,24 @@ func unsetenv(t *testing.T, key string) {
 	t.Helper()
 	if err := os.Unsetenv(key); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// run turns the growth of the runtime's late waits into a processor, with no CPU used.
+func TestRunAddsAProcessorWhenGoroutinesWait(t *testing.T) {
+	var late atomic.Uint64
+	sets := make(chan int, 16)
+	tu := newTuner(2, 5*time.Millisecond, func() time.Duration { return 0 },
+		func() (uint64, uint64) { l := late.Add(LateMin); return l, 10 * l }, func(n int) { sets <- n })
+	<-sets
+	go tu.run()
+	defer tu.Stop()
+	select {
+	case n := <-sets:
+		if n != 2 {
+			t.Fatalf("set %d, want 2", n)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("late waits did not add a processor")
 	}
 }
