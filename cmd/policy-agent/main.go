@@ -21,6 +21,8 @@ func main() {
 	gc := gctune.Start(16 << 20)
 	defer gc.Stop()
 	// One processor while one is enough, more as the load asks (GOMAXPROCS, when set, wins).
+	// The agent's own work per call is a few microseconds; a second processor mostly costs
+	// wake-ups (internal/proctune).
 	procs := proctune.Start()
 	defer procs.Stop()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -11,7 +11,6 @@ import (
 
 	"github.com/policy-engine/policy-engine/internal/gctune"
 	"github.com/policy-engine/policy-engine/internal/logging"
-	"github.com/policy-engine/policy-engine/internal/proctune"
 	"github.com/policy-engine/policy-engine/kernel"
 )
 
@@ -19,9 +18,9 @@ func main() {
 	// Let the heap grow by at least 16 MiB between collections (GOGC, when set, wins).
 	gc := gctune.Start(16 << 20)
 	defer gc.Stop()
-	// One processor while one is enough, more as the load asks (GOMAXPROCS, when set, wins).
-	procs := proctune.Start()
-	defer procs.Stop()
+	// GOMAXPROCS stays the runtime's: the kernel is on every request's path, and on one
+	// processor its latency rose with the load before the tuner gave it a second
+	// (docs/performance.md, round 4). The agent tunes its own (internal/proctune).
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := kernel.Main(ctx, os.Args[1:], os.Stderr)
 	stop()

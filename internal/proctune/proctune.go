@@ -1,13 +1,15 @@
 // Package proctune lets a process run on one processor (GOMAXPROCS=1) while it is lightly
-// loaded and gives it back the processors the runtime chose once it needs them.
+// loaded and gives it back the processors the runtime chose once it needs them. The agent uses
+// it; the kernel keeps the runtime's choice (docs/performance.md, round 4).
 //
-// The kernel and the agent spend a few microseconds of their own per message and most of the
-// rest waking up: when a goroutine hands work to another and a processor is idle, the runtime
-// wakes a second thread to look for work, which usually finds none and sleeps again. On two
-// cores shared with Envoy (and, in tests, the load generator) this cost about a third of their
-// CPU per request at a few thousand requests per second (docs/performance.md). With a single
-// processor the hand-offs stay on one thread and that cost goes; with more load than a core can
-// take, more processors are needed, and a Tuner adds them.
+// The agent spends a few microseconds of its own per call and most of the rest waking up: when
+// a goroutine hands work to another and a processor is idle, the runtime wakes a second thread
+// to look for work, which usually finds none and sleeps again. On two cores shared with Envoy
+// and the kernel this cost about a fifth of its CPU per request at a few thousand requests per
+// second. With a single processor the hand-offs stay on one thread and that cost goes; with more
+// load than a core can take (RSA signatures to verify, say), more processors are needed, and a
+// Tuner adds them. The kernel is not tuned: it is on every request's path, and on one processor
+// at 2,500 requests/s its latency rose by more than the CPU it saved was worth.
 //
 // Every Interval the Tuner reads the process's CPU time (user and system, getrusage) and how
 // long its goroutines waited to run (the runtime's /sched/latencies:seconds). It adds a
