@@ -106,17 +106,10 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	c.r.mu.Lock()
-	defer c.r.mu.Unlock()
-	c.r.buf, c.r.n, c.r.err = p, 0, 0
-	err := c.rc.Read(c.r.fn)
-	n, errno := c.r.n, c.r.err
-	c.r.buf = nil
+	n, err := c.call(&c.r, p, "read", c.rc.Read)
 	switch {
 	case err != nil:
-		return 0, c.opError("read", err)
-	case errno != 0:
-		return 0, c.opError("read", os.NewSyscallError("read", errno))
+		return 0, err
 	case n == 0:
 		return 0, io.EOF
 	}
@@ -128,17 +121,23 @@ func (c *Conn) Write(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	c.w.mu.Lock()
-	defer c.w.mu.Unlock()
-	c.w.buf, c.w.n, c.w.err = p, 0, 0
-	err := c.rc.Write(c.w.fn)
-	n, errno := c.w.n, c.w.err
-	c.w.buf = nil
+	return c.call(&c.w, p, "write", c.rc.Write)
+}
+
+// call makes one direction's system calls on p through run (the raw connection's Read or
+// Write), and returns the bytes they moved and the error that stopped them.
+func (c *Conn) call(h *half, p []byte, op string, run func(func(fd uintptr) bool) error) (int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.buf, h.n, h.err = p, 0, 0
+	err := run(h.fn)
+	n, errno := h.n, h.err
+	h.buf = nil
 	switch {
 	case err != nil:
-		return n, c.opError("write", err)
+		return n, c.opError(op, err)
 	case errno != 0:
-		return n, c.opError("write", os.NewSyscallError("write", errno))
+		return n, c.opError(op, os.NewSyscallError(op, errno))
 	}
 	return n, nil
 }
