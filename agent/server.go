@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"runtime"
 	"sync"
 
 	"google.golang.org/grpc/codes"
@@ -12,6 +11,7 @@ import (
 
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/batch"
+	"github.com/policy-engine/policy-engine/internal/proctune"
 	// Marshals the agent API and ext_proc messages without reflection.
 	_ "github.com/policy-engine/policy-engine/internal/vtcodec"
 )
@@ -233,8 +233,9 @@ func (s *service) ExecuteStream(stream agentv1.PolicyAgent_ExecuteStreamServer) 
 
 // workers is how many goroutines are kept waiting for chains to run. A worker keeps the stack
 // it grew, where a new goroutine would grow its own for every chain; chains that find no idle
-// worker (many slow policies at once) run in goroutines of their own.
-func workers() int { return max(16, 8*runtime.GOMAXPROCS(0)) }
+// worker (many slow policies at once) run in goroutines of their own. It scales with the
+// processors the agent may get, not with the one it runs on while idle (internal/proctune).
+func workers() int { return max(16, 8*proctune.Ceiling()) }
 
 // dispatch runs job in an idle worker, or in a new goroutine when none is idle.
 func (s *service) dispatch(job func()) {

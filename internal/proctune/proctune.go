@@ -32,6 +32,7 @@ import (
 	"runtime"
 	"runtime/metrics"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -75,6 +76,7 @@ func Start() *Tuner {
 	if t == nil {
 		return nil
 	}
+	ceiling.Store(int32(t.max))
 	go t.run()
 	return t
 }
@@ -140,6 +142,19 @@ func (t *Tuner) observe(used float64, behind bool) {
 	}
 }
 
+// ceiling is the most processors a running Tuner may give the process; 0 when none runs.
+var ceiling atomic.Int32
+
+// Ceiling is the most processors the process may get: the ceiling of the running Tuner, or the
+// current GOMAXPROCS when none runs. Size what scales with the processors (worker pools) by it
+// rather than by GOMAXPROCS, which a Tuner keeps at one while the process is idle.
+func Ceiling() int {
+	if c := ceiling.Load(); c > 0 {
+		return int(c)
+	}
+	return runtime.GOMAXPROCS(0)
+}
+
 // Procs is the GOMAXPROCS the tuner last set.
 func (t *Tuner) Procs() int {
 	t.mu.Lock()
@@ -156,6 +171,7 @@ func (t *Tuner) Stop() {
 	t.once.Do(func() {
 		close(t.stop)
 		<-t.done
+		ceiling.CompareAndSwap(int32(t.max), 0)
 		t.mu.Lock()
 		defer t.mu.Unlock()
 		t.procs = 0

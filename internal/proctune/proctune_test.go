@@ -183,10 +183,16 @@ func TestStartFollowsTheProcess(t *testing.T) {
 	}
 	unsetenv(t, "GOMAXPROCS")
 
+	if Ceiling() != def {
+		t.Fatalf("Ceiling without a tuner = %d, want GOMAXPROCS %d", Ceiling(), def)
+	}
 	tu := Start()
 	defer tu.Stop()
 	if got := runtime.GOMAXPROCS(0); got != 1 || tu.Procs() != 1 {
 		t.Fatalf("after Start GOMAXPROCS is %d (tuner %d), want 1", got, tu.Procs())
+	}
+	if Ceiling() != def {
+		t.Fatalf("Ceiling on one processor = %d, want the default %d", Ceiling(), def)
 	}
 	// Busy on more than one CPU's worth of goroutines: the tuner adds processors.
 	var stop atomic.Bool
