@@ -137,7 +137,7 @@ func (rc *resultCaches) forEntry(spec *agentv1.CacheSpec, route, policyName stri
 			c.keys = append(c.keys, x)
 		}
 	}
-	c.counters = rc.metrics.cacheSeries(policyName, route)
+	c.counters = rc.metrics.caches.get(policyName, route)
 	c.lastUsed.Store(time.Now().UnixNano())
 	rc.byScope.Store(c.scope, c)
 	return c
@@ -426,21 +426,7 @@ func (rc *resultCaches) retire() {
 // cacheCounters are a (policy, route) pair's cache series.
 type cacheCounters struct{ hit, miss, uncached, evicted, expired *metrics.Counter }
 
-// cacheSeries returns the series of a (policy, route) pair, made on first use; past
-// maxCacheRoutes routes, a new route is counted as "other".
-func (m *agentMetrics) cacheSeries(policyName, route string) *cacheCounters {
-	m.cacheMu.Lock()
-	defer m.cacheMu.Unlock()
-	if m.cacheRoutes == nil {
-		m.cacheRoutes = map[string]bool{}
-	}
-	if !m.cacheRoutes[route] {
-		if len(m.cacheRoutes) >= maxCacheRoutes {
-			route = "other"
-		} else {
-			m.cacheRoutes[route] = true
-		}
-	}
+func (m *agentMetrics) newCacheCounters(policyName, route string) *cacheCounters {
 	labels := `policy=` + obs.Label(policyName) + `,route=` + obs.Label(route)
 	req := `policy_agent_cache_requests_total{` + labels + `,result=`
 	return &cacheCounters{

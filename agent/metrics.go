@@ -29,17 +29,11 @@ type agentMetrics struct {
 	reqHeaders, reqBody, respHeaders, respBody, state *metrics.PrometheusHistogram
 	sampled                                           atomic.Uint64
 
-	// shadowBy holds policy_agent_shadow_decisions_total by policy and route; shadowRoutes
-	// the route labels in use, at most maxShadowRoutes.
-	shadowBy     *xsync.Map[shadowKey, *shadowCounters]
-	shadowMu     sync.Mutex
-	shadowRoutes map[string]bool
-	// skips holds policy_agent_entries_skipped_total (when.go).
-	skips skipCounters
-
-	// cacheRoutes are the route labels of the cache series (cache.go), at most maxCacheRoutes.
-	cacheMu     sync.Mutex
-	cacheRoutes map[string]bool
+	// Series by policy and route: policy_agent_shadow_decisions_total, and
+	// policy_agent_entries_skipped_total (when.go) and the cache series (cache.go).
+	shadows *routeSeries[*shadowCounters]
+	skips   *routeSeries[*metrics.Counter]
+	caches  *routeSeries[*cacheCounters]
 
 	// chainKept, chainNamed and chainUnknown count the stream requests that carried a chain
 	// with its id, named a kept chain by id, and named one the stream did not keep.
@@ -93,9 +87,10 @@ var Families = []obs.Family{
 }
 
 func newAgentMetrics() *agentMetrics {
-	m := &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}, failClosedBy: map[string]*metrics.Counter{},
-		shadowBy: xsync.NewMap[shadowKey, *shadowCounters](), shadowRoutes: map[string]bool{},
-		skips: skipCounters{by: xsync.NewMap[shadowKey, *metrics.Counter](), routes: map[string]bool{}}}
+	m := &agentMetrics{set: metrics.NewSet(), byPolicy: map[string]*policyMetrics{}, failClosedBy: map[string]*metrics.Counter{}}
+	m.shadows = newRouteSeries(maxShadowRoutes, m.newShadowCounters)
+	m.skips = newRouteSeries(maxSkipRoutes, m.newSkipCounter)
+	m.caches = newRouteSeries(maxCacheRoutes, m.newCacheCounters)
 	size := func(typ string) *metrics.PrometheusHistogram {
 		return m.set.NewPrometheusHistogramExt(`policy_agent_context_size_bytes{type="`+typ+`"}`, sizeBuckets)
 	}
@@ -272,10 +267,7 @@ type shadowCounters struct{ allow, deny, errored *metrics.Counter }
 // shadow counts one decision of a shadow entry. The three series of a pair are made together
 // on its first decision, so that rate() over any of them works from then on.
 func (m *agentMetrics) shadow(policyName, route, decision string) {
-	c, ok := m.shadowBy.Load(shadowKey{policyName, route})
-	if !ok {
-		c = m.shadowSeries(policyName, route)
-	}
+	c := m.shadows.get(policyName, route)
 	switch decision {
 	case shadowDeny:
 		c.deny.Inc()
@@ -286,31 +278,52 @@ func (m *agentMetrics) shadow(policyName, route, decision string) {
 	}
 }
 
-func (m *agentMetrics) shadowSeries(policyName, route string) *shadowCounters {
-	m.shadowMu.Lock()
-	defer m.shadowMu.Unlock()
-	key := shadowKey{policyName, route}
-	if c, ok := m.shadowBy.Load(key); ok {
-		return c
-	}
-	label := route
-	if !m.shadowRoutes[route] {
-		if len(m.shadowRoutes) >= maxShadowRoutes {
-			label = "other"
-			if c, ok := m.shadowBy.Load(shadowKey{policyName, label}); ok {
-				return c // not stored under the route: the map stays bounded too
-			}
-			key = shadowKey{policyName, label}
-		} else {
-			m.shadowRoutes[route] = true
-		}
-	}
-	prefix := `policy_agent_shadow_decisions_total{policy=` + obs.Label(policyName) + `,route=` + obs.Label(label) + `,decision=`
-	c := &shadowCounters{
+func (m *agentMetrics) newShadowCounters(policyName, route string) *shadowCounters {
+	prefix := `policy_agent_shadow_decisions_total{policy=` + obs.Label(policyName) + `,route=` + obs.Label(route) + `,decision=`
+	return &shadowCounters{
 		allow:   m.set.GetOrCreateCounter(prefix + `"allow"}`),
 		deny:    m.set.GetOrCreateCounter(prefix + `"deny"}`),
 		errored: m.set.GetOrCreateCounter(prefix + `"error"}`),
 	}
-	m.shadowBy.Store(key, c)
+}
+
+// routeSeries holds a family's series by policy and route, made on first use. The route label
+// is bounded: past max routes a new route is counted as "other", and its series are not stored
+// under its own name, so that the map stays bounded too.
+type routeSeries[T any] struct {
+	by     *xsync.Map[shadowKey, T]
+	make   func(policyName, route string) T
+	max    int
+	mu     sync.Mutex
+	routes map[string]bool
+}
+
+func newRouteSeries[T any](max int, make func(policyName, route string) T) *routeSeries[T] {
+	return &routeSeries[T]{by: xsync.NewMap[shadowKey, T](), make: make, max: max, routes: map[string]bool{}}
+}
+
+// get returns the series of a (policy, route) pair: one map lookup once they exist.
+func (s *routeSeries[T]) get(policyName, route string) T {
+	if c, ok := s.by.Load(shadowKey{policyName, route}); ok {
+		return c
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	key := shadowKey{policyName, route}
+	if c, ok := s.by.Load(key); ok {
+		return c
+	}
+	if !s.routes[route] {
+		if len(s.routes) >= s.max {
+			key.route = "other"
+			if c, ok := s.by.Load(key); ok {
+				return c
+			}
+		} else {
+			s.routes[route] = true
+		}
+	}
+	c := s.make(policyName, key.route)
+	s.by.Store(key, c)
 	return c
 }

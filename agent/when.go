@@ -5,10 +5,8 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/VictoriaMetrics/metrics"
-	"github.com/puzpuzpuz/xsync/v4"
 
 	"github.com/policy-engine/policy-engine/agent/policy"
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
@@ -127,45 +125,11 @@ func (e *Executor) skipEntry(req *agentv1.PolicyRequest, resp *agentv1.PolicyRes
 // maxShadowRoutes does for the shadow series: past it, a new route is counted as "other".
 const maxSkipRoutes = 1000
 
-// skipCounters are policy_agent_entries_skipped_total by policy and route.
-type skipCounters struct {
-	by     *xsync.Map[shadowKey, *metrics.Counter]
-	mu     sync.Mutex
-	routes map[string]bool
-}
-
 // skipped counts one entry skipped by its condition.
-func (m *agentMetrics) skipped(policyName, route string) {
-	c, ok := m.skips.by.Load(shadowKey{policyName, route})
-	if !ok {
-		c = m.skipSeries(policyName, route)
-	}
-	c.Inc()
-}
+func (m *agentMetrics) skipped(policyName, route string) { m.skips.get(policyName, route).Inc() }
 
-func (m *agentMetrics) skipSeries(policyName, route string) *metrics.Counter {
-	sc := &m.skips
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	key := shadowKey{policyName, route}
-	if c, ok := sc.by.Load(key); ok {
-		return c
-	}
-	label := route
-	if !sc.routes[route] {
-		if len(sc.routes) >= maxSkipRoutes {
-			label = "other"
-			key = shadowKey{policyName, label}
-			if c, ok := sc.by.Load(key); ok {
-				return c // not stored under the route: the map stays bounded too
-			}
-		} else {
-			sc.routes[route] = true
-		}
-	}
-	c := m.set.GetOrCreateCounter(`policy_agent_entries_skipped_total{policy=` + obs.Label(policyName) + `,route=` + obs.Label(label) + `}`)
-	sc.by.Store(key, c)
-	return c
+func (m *agentMetrics) newSkipCounter(policyName, route string) *metrics.Counter {
+	return m.set.GetOrCreateCounter(`policy_agent_entries_skipped_total{policy=` + obs.Label(policyName) + `,route=` + obs.Label(route) + `}`)
 }
 
 // observes reports whether an entry that observes the chain's outcome (policy.ChainObserver:
