@@ -114,7 +114,14 @@ func benchServer(tb testing.TB, socket string, client AgentClient) *Server {
 // that reports no static outcome does.
 func benchServerStatic(tb testing.TB, socket string, client AgentClient, static bool) *Server {
 	tb.Helper()
-	cfg, err := ParseConfig("bench.yaml", []byte(benchConfig(socket)))
+	return serverFor(tb, benchConfig(socket), client, static)
+}
+
+// serverFor is a kernel serving config with client as its agent, its chain entries checked by
+// the agent; static false drops the static outcomes the agent reported.
+func serverFor(tb testing.TB, config string, client AgentClient, static bool) *Server {
+	tb.Helper()
+	cfg, err := ParseConfig("bench.yaml", []byte(config))
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -11,11 +11,9 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
-	"github.com/rs/zerolog"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/policy-engine/policy-engine/agent"
-	"github.com/policy-engine/policy-engine/internal/logging"
 )
 
 // whenBenchConfig has one route whose chain runs apiKeyAuth on writes only, and the same chain
@@ -46,25 +44,7 @@ func whenBenchConfig(socket string) string {
 
 func whenBenchServer(tb testing.TB, socket string, client AgentClient) *Server {
 	tb.Helper()
-	cfg, err := ParseConfig("bench.yaml", []byte(whenBenchConfig(socket)))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	kc := cfg.PolicyKernel
-	m := newKernelMetrics()
-	a := &agentState{cfg: kc.Agents[0], client: client, metrics: m.forAgent("bench")}
-	info, err := client.GetAgentConfig(context.Background())
-	if err != nil {
-		tb.Fatal(err)
-	}
-	a.info.Store(info)
-	snap := buildSnapshot(kc, "bench", map[string]*agentState{"bench": a}, m)
-	if len(snap.invalid) > 0 {
-		tb.Fatalf("bench config invalid: %v", snap.invalid)
-	}
-	s := NewServer(logging.New(io.Discard, "kernel", zerolog.ErrorLevel), m)
-	s.Store(snap)
-	return s
+	return serverFor(tb, whenBenchConfig(socket), client, true)
 }
 
 // whenRequest is envoyRequest with another method and route.
