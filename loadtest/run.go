@@ -711,18 +711,9 @@ func waitFor(ctx context.Context, p *process, timeout time.Duration, ready func(
 // scrapeGauges reads the values of unlabelled series from a /metrics page; a series not there
 // is 0.
 func scrapeGauges(ctx context.Context, url string, names ...string) ([]float64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	body, err := get(ctx, url)
 	if err != nil {
-		return nil, fmt.Errorf("scrape %s: %w", url, err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("scrape %s: %w", url, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, fmt.Errorf("scrape %s: %w", url, err)
+		return nil, fmt.Errorf("scrape %w", err)
 	}
 	out := make([]float64, len(names))
 	for line := range strings.SplitSeq(string(body), "\n") {
@@ -740,19 +731,11 @@ func scrapeGauges(ctx context.Context, url string, names ...string) ([]float64, 
 }
 
 func scrapeHistogram(ctx context.Context, url string) (vmHistogram, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	body, err := get(ctx, url)
 	if err != nil {
-		return nil, fmt.Errorf("scrape %s: %w", url, err)
+		return nil, fmt.Errorf("scrape %w", err)
 	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("scrape %s: %w", url, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("scrape %s: status %d", url, resp.StatusCode)
-	}
-	return parseVMHistogram(resp.Body, "policy_kernel_request_duration_seconds")
+	return parseVMHistogram(bytes.NewReader(body), "policy_kernel_request_duration_seconds")
 }
 
 // profile starts capturing a CPU profile of each of t's processes for d; the returned
@@ -777,23 +760,32 @@ func profile(ctx context.Context, t *target, dir, prefix string, d time.Duration
 	}
 }
 
-// fetchTo saves the body of a GET of url to path.
-func fetchTo(ctx context.Context, url, path string) error {
+// get returns the body of a GET of url, which must answer 200; its errors name url.
+func get(ctx context.Context, url string) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return fmt.Errorf("fetch %s: %w", url, err)
+		return nil, fmt.Errorf("%s: %w", url, err)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return fmt.Errorf("fetch %s: %w", url, err)
+		return nil, fmt.Errorf("%s: %w", url, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("fetch %s: status %d", url, resp.StatusCode)
+		return nil, fmt.Errorf("%s: status %d", url, resp.StatusCode)
 	}
 	data, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return fmt.Errorf("fetch %s: %w", url, err)
+		return nil, fmt.Errorf("%s: %w", url, err)
+	}
+	return data, nil
+}
+
+// fetchTo saves the body of a GET of url to path.
+func fetchTo(ctx context.Context, url, path string) error {
+	data, err := get(ctx, url)
+	if err != nil {
+		return fmt.Errorf("fetch %w", err)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("create profile folder: %w", err)
