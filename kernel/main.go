@@ -297,23 +297,23 @@ func watchConfig(ctx context.Context, f *flags) *watch.Watcher {
 func grpcMsgLimit(kc *KernelConfig) int { return kc.Server.MaxBodySizeBytes + 1<<20 }
 
 func metricsAddr(f *flags, kc *KernelConfig) string {
-	if f.metrics != "" {
-		return f.metrics
-	}
-	if kc.Observability.MetricsPort < 0 {
-		return ""
-	}
-	return net.JoinHostPort(kc.Observability.MetricsAddress, strconv.Itoa(kc.Observability.MetricsPort))
+	return listenAddr(f.metrics, kc.Observability.MetricsAddress, kc.Observability.MetricsPort)
 }
 
 func adminAddr(f *flags, kc *KernelConfig) string {
-	if f.admin != "" {
-		return f.admin
+	return listenAddr(f.admin, kc.Observability.AdminAddress, kc.Observability.AdminPort)
+}
+
+// listenAddr is a listener's address: the flag's when given, else the config's host and port;
+// "" (no listener) for a negative port.
+func listenAddr(flag, host string, port int) string {
+	if flag != "" {
+		return flag
 	}
-	if kc.Observability.AdminPort < 0 {
+	if port < 0 {
 		return ""
 	}
-	return net.JoinHostPort(kc.Observability.AdminAddress, strconv.Itoa(kc.Observability.AdminPort))
+	return net.JoinHostPort(host, strconv.Itoa(port))
 }
 
 // install makes snap current and drops the metric series its predecessor alone used.
