@@ -35,6 +35,11 @@ var skipResponseMode = &filterv3.ProcessingMode{
 // body message is the whole body or its first chunk. nil leaves Envoy's configured mode
 // alone, which is what the route needs when it matches Envoy's defaults.
 func (r *Route) modeFor(reqBody, respBody filterv3.ProcessingMode_BodySendMode) *filterv3.ProcessingMode {
+	return r.procModes[modeIndex(reqBody, respBody)]
+}
+
+// modeIndex numbers the combinations of streamed bodies that a route keeps a mode for.
+func modeIndex(reqBody, respBody filterv3.ProcessingMode_BodySendMode) int {
 	i := 0
 	if reqBody == filterv3.ProcessingMode_STREAMED {
 		i |= 1
@@ -42,7 +47,7 @@ func (r *Route) modeFor(reqBody, respBody filterv3.ProcessingMode_BodySendMode) 
 	if respBody == filterv3.ProcessingMode_STREAMED {
 		i |= 2
 	}
-	return r.procModes[i]
+	return i
 }
 
 // computeMode computes a mode of modeFor: reqStreamed and respStreamed say that Envoy's filter
@@ -199,14 +204,21 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 	} else {
 		st.outcome(statusDeny)
 	}
-	if len(m.dropped) > 0 {
-		route.metrics.rejected.Add(len(m.dropped))
-		if route.droppedLogged.CompareAndSwap(false, true) {
-			s.log.Warn().Str("route", route.Name).Strs("dropped", m.dropped).
-				Msg("dropped mutations that Envoy would reject (logged once per route)")
-		}
-	}
+	s.dropped(route, m.dropped)
 	return res
+}
+
+// dropped counts the mutations of a reply that Envoy would have rejected, and logs them once
+// per route.
+func (s *Server) dropped(route *Route, dropped []string) {
+	if len(dropped) == 0 {
+		return
+	}
+	route.metrics.rejected.Add(len(dropped))
+	if route.droppedLogged.CompareAndSwap(false, true) {
+		s.log.Warn().Str("route", route.Name).Strs("dropped", dropped).
+			Msg("dropped mutations that Envoy would reject (logged once per route)")
+	}
 }
 
 // runStatic answers for a chain whose entries answer every request alike (chain.static): what
@@ -221,13 +233,7 @@ func (s *Server) runStatic(st *stream, sc *staticChain, start time.Time) chainRe
 		return s.staleRoute(st, msg)
 	}
 	st.outcome(statusAllow)
-	if len(sc.dropped) > 0 {
-		route.metrics.rejected.Add(len(sc.dropped))
-		if route.droppedLogged.CompareAndSwap(false, true) {
-			s.log.Warn().Str("route", route.Name).Strs("dropped", sc.dropped).
-				Msg("dropped mutations that Envoy would reject (logged once per route)")
-		}
-	}
+	s.dropped(route, sc.dropped)
 	return chainResult{common: sc.common}
 }
 

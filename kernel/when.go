@@ -174,12 +174,5 @@ func ownedPresent(h map[string]string, owned []string) bool {
 // body that the chain would read is not asked for, since no entry runs. Should Envoy send it
 // anyway (a mode override it does not honour), the body gets an empty reply: it is not awaited.
 func (r *Route) skipMode(reqBody, respBody filterv3.ProcessingMode_BodySendMode) *filterv3.ProcessingMode {
-	i := 0
-	if reqBody == filterv3.ProcessingMode_STREAMED {
-		i |= 1
-	}
-	if respBody == filterv3.ProcessingMode_STREAMED {
-		i |= 2
-	}
-	return r.skipModes[i]
+	return r.skipModes[modeIndex(reqBody, respBody)]
 }
