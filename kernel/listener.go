@@ -10,7 +10,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/tap"
 
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/internal/rawio"
@@ -81,8 +80,13 @@ func (c *limitConn) Close() error {
 // timeout. A stream it ends gets the status DEADLINE_EXCEEDED, never OK: Envoy takes an OK
 // end as "continue unmodified", which would let a response phase through unjudged.
 //
-// Per stream: a cancellable context and the tracker (three small allocations), and a lock of
-// one of the shards to join and leave its list.
+// The sweeper ends a stream by writing that status on the stream's transport stream, as gRPC
+// does when a handler returns: the transport then cancels the stream's own context, which
+// ends a Recv that waits (and a Send that waits for flow control). The limit so needs no
+// context of its own per stream: deriving a cancellable one from gRPC's, as it did before,
+// cost about 500 bytes per open stream (the context, its registration with gRPC's, two
+// channels) and six allocations per HTTP request. Per stream now: the tracker (one
+// allocation) and a lock of one of the shards to join and leave its list.
 type idleStreams struct {
 	timeout int64 // ns
 	tick    time.Duration
@@ -92,6 +96,8 @@ type idleStreams struct {
 	metrics *kernelMetrics
 	log     *logging.Logger
 	logT    *logging.Throttle
+	// ending is the sweeper's list of streams to end once the shard locks are released.
+	ending []*idleStream
 }
 
 type idleShard struct {
@@ -100,42 +106,27 @@ type idleShard struct {
 	_    [40]byte // keep shards on their own cache lines
 }
 
-// idleStream is a stream's tracker. It is the stream's context (the transport reads the
-// stream's messages under it), so that the sweeper can end a Recv that waits, with the error
-// DeadlineExceeded: gRPC turns a context error in Recv into the stream's status at once, and
-// Canceled would read as Envoy's own cancellation. It also wraps the stream, so that every
-// message marks activity.
+// statusWriter is the method of gRPC's transport stream (what grpc.ServerTransportStream
+// holds) that ends a stream with a status. TestIdleLimitOverGRPC holds the gRPC version in
+// go.mod to it.
+type statusWriter interface {
+	WriteStatus(*status.Status) error
+}
+
+// idleStatus is the status of a stream the limit ends. DeadlineExceeded, not Canceled: the
+// latter would read as Envoy's own cancellation.
+var idleStatus = status.New(codes.DeadlineExceeded, "ext_proc stream idle for longer than server.stream_idle_timeout_ms")
+
+// idleStream is a stream's tracker. It wraps the stream, so that every message marks activity.
 type idleStream struct {
 	grpc.ServerStream
-	inner      context.Context
-	cancel     context.CancelFunc
 	owner      *idleStreams
+	end        statusWriter
 	shard      *idleShard
 	prev, next *idleStream
 	last       atomic.Int64
 	ended      atomic.Bool
 }
-
-type idleKey struct{}
-
-// Deadline, Done, Err, Value and AfterFunc make idleStream the stream's context: inner's, but
-// for Err after the sweeper ended it. Contexts derived from it attach to inner's cancellation
-// (no goroutine per derived context).
-func (is *idleStream) Deadline() (time.Time, bool) { return is.inner.Deadline() }
-func (is *idleStream) Done() <-chan struct{}       { return is.inner.Done() }
-func (is *idleStream) Err() error {
-	if is.ended.Load() {
-		return context.DeadlineExceeded
-	}
-	return is.inner.Err()
-}
-func (is *idleStream) Value(key any) any {
-	if key == (idleKey{}) {
-		return is
-	}
-	return is.inner.Value(key)
-}
-func (is *idleStream) AfterFunc(f func()) func() bool { return context.AfterFunc(is.inner, f) }
 
 func newIdleStreams(timeout time.Duration, m *kernelMetrics, log *logging.Logger) *idleStreams {
 	tick := min(max(timeout/8, 10*time.Millisecond), time.Second)
@@ -146,29 +137,26 @@ func newIdleStreams(timeout time.Duration, m *kernelMetrics, log *logging.Logger
 
 // serverOptions are the gRPC server options that put the limit in place.
 func (s *idleStreams) serverOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.InTapHandle(s.tap), grpc.ChainStreamInterceptor(s.intercept)}
-}
-
-// tap gives every new stream a context the sweeper can end.
-func (s *idleStreams) tap(ctx context.Context, _ *tap.Info) (context.Context, error) {
-	is := &idleStream{owner: s}
-	is.inner, is.cancel = context.WithCancel(ctx)
-	return is, nil
+	return []grpc.ServerOption{grpc.ChainStreamInterceptor(s.intercept)}
 }
 
 func (s *idleStreams) intercept(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	is, _ := ss.Context().Value(idleKey{}).(*idleStream)
-	if is == nil {
-		return handler(srv, ss)
+	end, ok := grpc.ServerTransportStreamFromContext(ss.Context()).(statusWriter)
+	if !ok {
+		// A gRPC build whose streams cannot be ended from outside their handler: refuse
+		// rather than hold streams without the limit.
+		if s.logT.Allow() {
+			s.log.Error().Msg("ext_proc stream refused: this build's gRPC cannot end idle streams; set server.stream_idle_timeout_ms: -1 to serve without the limit")
+		}
+		return status.Error(codes.Unavailable, "policy-kernel cannot enforce server.stream_idle_timeout_ms with this gRPC build")
 	}
-	is.ServerStream = ss
+	is := &idleStream{ServerStream: ss, owner: s, end: end}
 	is.last.Store(s.clock.Load())
 	s.add(is)
 	err := handler(srv, is)
 	s.remove(is)
-	is.cancel()
 	if is.ended.Load() {
-		return status.Error(codes.DeadlineExceeded, "ext_proc stream idle for longer than server.stream_idle_timeout_ms")
+		return idleStatus.Err()
 	}
 	return err
 }
@@ -230,24 +218,31 @@ func (s *idleStreams) run(ctx context.Context) {
 
 func (s *idleStreams) sweep(now int64) {
 	s.clock.Store(now)
-	ended := 0
+	ending := s.ending[:0]
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		for is := sh.head; is != nil; is = is.next {
 			if now-is.last.Load() > s.timeout && is.ended.CompareAndSwap(false, true) {
-				is.cancel()
-				ended++
+				ending = append(ending, is)
 			}
 		}
 		sh.mu.Unlock()
 	}
-	if ended == 0 {
+	// Outside the shard locks, which new streams take: writing the status takes the
+	// transport's. A stream whose handler has returned meanwhile is already done, and
+	// writing its status again does nothing.
+	for i, is := range ending {
+		_ = is.end.WriteStatus(idleStatus)
+		ending[i] = nil
+	}
+	s.ending = ending[:0]
+	if len(ending) == 0 {
 		return
 	}
-	s.metrics.streamsIdleClosed.Add(ended)
+	s.metrics.streamsIdleClosed.Add(len(ending))
 	if s.logT.Allow() {
-		s.log.Warn().Int("streams", ended).Int64("stream_idle_timeout_ms", s.timeout/int64(time.Millisecond)).
+		s.log.Warn().Int("streams", len(ending)).Int64("stream_idle_timeout_ms", s.timeout/int64(time.Millisecond)).
 			Msg("ended ext_proc streams idle for longer than server.stream_idle_timeout_ms (logged at most once every 10 s)")
 	}
 }

@@ -19,7 +19,12 @@ import (
 	"testing"
 	"time"
 
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/rs/zerolog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/policy-engine/policy-engine/internal/logging"
 )
@@ -78,45 +83,49 @@ func TestLimitListener(t *testing.T) {
 	c.Close()
 }
 
+// endRecorder is a transport stream's WriteStatus, recorded.
+type endRecorder struct{ got []*status.Status }
+
+func (r *endRecorder) WriteStatus(st *status.Status) error {
+	r.got = append(r.got, st)
+	return nil
+}
+
 // TestIdleSweep: the sweeper ends a stream whose last activity is older than the timeout, once,
-// with DeadlineExceeded as its context's error, and leaves a recent one alone.
+// with DeadlineExceeded written as its status, and leaves a recent one alone.
 func TestIdleSweep(t *testing.T) {
 	m := newKernelMetrics()
 	var logs bytes.Buffer
 	s := newIdleStreams(time.Second, m, logging.New(&logs, "kernel", zerolog.InfoLevel))
-	mk := func() *idleStream {
-		ctx, err := s.tap(context.Background(), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		is := ctx.(*idleStream)
+	mk := func() (*idleStream, *endRecorder) {
+		r := &endRecorder{}
+		is := &idleStream{owner: s, end: r}
 		is.last.Store(s.clock.Load())
 		s.add(is)
-		return is
+		return is, r
 	}
-	old, fresh := mk(), mk()
+	old, oldEnd := mk()
+	fresh, freshEnd := mk()
 	now := s.clock.Load()
 	fresh.last.Store(now + int64(2*time.Second))
 	s.sweep(now + int64(1500*time.Millisecond))
-	if old.Err() != context.DeadlineExceeded || fresh.Err() != nil {
-		t.Fatalf("old %v, fresh %v", old.Err(), fresh.Err())
+	if len(oldEnd.got) != 1 || oldEnd.got[0].Code() != codes.DeadlineExceeded || len(freshEnd.got) != 0 {
+		t.Fatalf("old ended with %v, fresh with %v", oldEnd.got, freshEnd.got)
 	}
-	select {
-	case <-old.Done():
-	default:
-		t.Fatal("old stream's context not done")
-	}
-	derived, cancel := context.WithCancel(old)
-	defer cancel()
-	if derived.Err() == nil {
-		t.Fatal("a context derived from an ended stream is not done")
+	if !old.ended.Load() || fresh.ended.Load() {
+		t.Fatal("ended marks")
 	}
 	s.sweep(now + int64(1600*time.Millisecond))
-	if m.streamsIdleClosed.Get() != 1 {
-		t.Fatalf("counted %d, want 1", m.streamsIdleClosed.Get())
+	if len(oldEnd.got) != 1 || m.streamsIdleClosed.Get() != 1 {
+		t.Fatalf("ended %d times, counted %d, want once", len(oldEnd.got), m.streamsIdleClosed.Get())
 	}
 	if !strings.Contains(logs.String(), "stream_idle_timeout_ms") {
 		t.Fatalf("not logged: %s", logs.String())
+	}
+	for _, e := range s.ending[:cap(s.ending)] {
+		if e != nil {
+			t.Fatal("the sweeper keeps an ended stream alive")
+		}
 	}
 	s.remove(old)
 	s.remove(fresh)
@@ -125,8 +134,92 @@ func TestIdleSweep(t *testing.T) {
 			t.Fatal("a removed stream is still listed")
 		}
 	}
-	if v := old.Value(idleKey{}); v != old {
-		t.Fatal("the tracker is not the context's value")
+}
+
+// TestIdleLimitOverGRPC runs the limit on a real gRPC server serving the kernel: a stream that
+// sends nothing, and one that is answered and then waits for its response phase, are ended
+// with DeadlineExceeded (gRPC's transport stream must let the sweeper write a status); a
+// stream that keeps sending is served.
+func TestIdleLimitOverGRPC(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	m := newKernelMetrics()
+	idle := newIdleStreams(timeout, m, logging.New(io.Discard, "kernel", zerolog.InfoLevel))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go idle.run(ctx)
+	srv := grpc.NewServer(idle.serverOptions()...)
+	extprocv3.RegisterExternalProcessorServer(srv, benchServer(t, "unused.sock", cannedAgent{}))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Stop()
+	cc, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	client := extprocv3.NewExternalProcessorClient(cc)
+	silent, err := client.Process(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parked, err := client.Process(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy, err := client.Process(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range []extprocv3.ExternalProcessor_ProcessClient{parked, busy} {
+		if err := st.Send(envoyRequest()); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := st.Recv(); err != nil || r.GetRequestHeaders() == nil {
+			t.Fatalf("request headers: %v %v", r, err)
+		}
+	}
+	start := time.Now()
+	done := make(chan error, 1)
+	go func() {
+		// Its response phase at 0.6 of the limit, then its end at 1.2: more than the limit
+		// after its first message, never as long without one.
+		time.Sleep(timeout * 6 / 10)
+		if err := busy.Send(envoyResponse()); err != nil {
+			done <- err
+			return
+		}
+		if _, err := busy.Recv(); err != nil {
+			done <- err
+			return
+		}
+		time.Sleep(timeout * 6 / 10)
+		if err := busy.CloseSend(); err != nil {
+			done <- err
+			return
+		}
+		if _, err := busy.Recv(); err != io.EOF {
+			done <- err
+			return
+		}
+		done <- nil
+	}()
+	for name, st := range map[string]extprocv3.ExternalProcessor_ProcessClient{"silent": silent, "parked": parked} {
+		_, err := st.Recv()
+		if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(err.Error(), "stream_idle_timeout_ms") {
+			t.Fatalf("%s stream ended with %v after %v, want DeadlineExceeded", name, err, time.Since(start))
+		}
+	}
+	if d := time.Since(start); d < timeout/2 || d > 10*timeout {
+		t.Fatalf("idle streams ended after %v, want about %v", d, timeout)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("the busy stream was ended: %v", err)
+	}
+	if got := m.streamsIdleClosed.Get(); got != 2 {
+		t.Fatalf("counted %d idle streams, want 2", got)
 	}
 }
 
