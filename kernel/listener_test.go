@@ -278,3 +278,29 @@ func TestCertReload(t *testing.T) {
 		t.Fatal("a broken key pair loaded at start")
 	}
 }
+
+// fakeServerStream is a grpc.ServerStream with only a context.
+type fakeServerStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (f fakeServerStream) Context() context.Context { return f.ctx }
+
+// TestIdleLimitRefusesUnendableStream: a stream whose transport stream cannot be ended from
+// outside its handler is refused, logged, and never handled without the limit.
+func TestIdleLimitRefusesUnendableStream(t *testing.T) {
+	var logs bytes.Buffer
+	s := newIdleStreams(time.Second, newKernelMetrics(), logging.New(&logs, "kernel", zerolog.InfoLevel))
+	handled := false
+	err := s.intercept(nil, fakeServerStream{ctx: context.Background()}, nil, func(any, grpc.ServerStream) error {
+		handled = true
+		return nil
+	})
+	if status.Code(err) != codes.Unavailable || handled {
+		t.Fatalf("err %v, handled %v: want Unavailable, not handled", err, handled)
+	}
+	if !strings.Contains(logs.String(), "stream_idle_timeout_ms: -1") {
+		t.Fatalf("not logged: %s", logs.String())
+	}
+}
