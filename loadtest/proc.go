@@ -76,6 +76,26 @@ func ContextSwitches(pid int) (int64, error) {
 	return sum, nil
 }
 
+// IOSyscalls returns how many read and write system calls a process has made so far (the
+// syscr and syscw of /proc/<pid>/io: read(2), write(2) and their kin, on sockets as on files;
+// epoll and futex calls are not among them). Over a phase, per request, it counts what a
+// message costs in socket reads and writes, including the reads that find nothing yet.
+func IOSyscalls(pid int) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/io", procRoot, pid))
+	if err != nil {
+		return 0, fmt.Errorf("read i/o counts of pid %d: %w", pid, err)
+	}
+	var sum int64
+	for _, key := range []string{"syscr:", "syscw:"} {
+		n, err := parseStatusCount(data, key)
+		if err != nil {
+			return 0, fmt.Errorf("pid %d: %w", pid, err)
+		}
+		sum += n
+	}
+	return sum, nil
+}
+
 // parseStatusCount reads a plain number of a /proc status file.
 func parseStatusCount(data []byte, key string) (int64, error) {
 	for line := range strings.SplitSeq(string(data), "\n") {

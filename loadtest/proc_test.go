@@ -217,3 +217,52 @@ func TestContextSwitches(t *testing.T) {
 		t.Errorf("50 sleeps made %d context switches", after-before)
 	}
 }
+
+func TestIOSyscalls(t *testing.T) {
+	old := procRoot
+	procRoot = t.TempDir()
+	defer func() { procRoot = old }()
+	if _, err := IOSyscalls(7); err == nil || !strings.Contains(err.Error(), "i/o counts of pid 7") {
+		t.Errorf("IOSyscalls of a missing process: err = %v", err)
+	}
+	write := func(s string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Join(procRoot, "7"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(procRoot, "7", "io"), []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("rchar: 100\nwchar: 50\nsyscr: 30\nsyscw: 12\nread_bytes: 0\n")
+	if got, err := IOSyscalls(7); err != nil || got != 42 {
+		t.Fatalf("IOSyscalls = %d, %v; want 42 (reads and writes)", got, err)
+	}
+	write("rchar: 100\nsyscr: 30\n")
+	if _, err := IOSyscalls(7); err == nil || !strings.Contains(err.Error(), "no syscw: line") {
+		t.Errorf("a missing count: err = %v", err)
+	}
+
+	// This process: reads of a file are counted.
+	procRoot = old
+	before, err := IOSyscalls(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(f, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for range 20 {
+		if _, err := os.ReadFile(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	after, err := IOSyscalls(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after-before < 21 {
+		t.Errorf("a write and 20 reads of a file made %d read and write system calls", after-before)
+	}
+}

@@ -66,6 +66,9 @@ type Row struct {
 	CPUPer1k float64 `json:"cpu_seconds_per_1k_requests"`
 	// SwitchesPerReq is the context switches of all the target's processes per request.
 	SwitchesPerReq float64 `json:"context_switches_per_request,omitempty"`
+	// SyscallsPerReq is the read and write system calls of all the target's processes per
+	// request.
+	SyscallsPerReq float64 `json:"io_syscalls_per_request,omitempty"`
 	// CPURatio is CPUPer1k divided by the baseline's in the same run and phase.
 	CPURatio float64 `json:"cpu_ratio_to_baseline,omitempty"`
 	// P50Ratio and P99Ratio are the client latencies divided by the baseline's in the same
@@ -106,6 +109,8 @@ type ProcUsage struct {
 	// SwitchesPerReq is the process's context switches per request over the phase: about one
 	// thread wake-up each.
 	SwitchesPerReq float64 `json:"context_switches_per_request,omitempty"`
+	// SyscallsPerReq is the process's read and write system calls per request over the phase.
+	SyscallsPerReq float64 `json:"io_syscalls_per_request,omitempty"`
 }
 
 // The targets' limits, as ratios to the baseline.
@@ -181,32 +186,30 @@ func (r *Report) WriteTable(w io.Writer) error {
 	s := r.Settings
 	fmt.Fprintf(w, "traffic: request chain %s; response chain %s; headers only; %d connections\n", s.RequestChain, s.ResponseChain, s.Connections)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "run\ttarget\tphase\treq/s\tp50 µs\tp99 µs\tp99.9 µs\terrors\tkernel p99 µs\tCPU s/1k req\tratio\tswitches/req\tp50, p99 ratio\tpeak RSS MiB\tratio\t")
+	fmt.Fprintln(tw, "run\ttarget\tphase\treq/s\tp50 µs\tp99 µs\tp99.9 µs\terrors\tkernel p99 µs\tCPU s/1k req\tratio\tswitches/req\tsyscalls/req\tp50, p99 ratio\tpeak RSS MiB\tratio\t")
 	for _, row := range r.Rows {
-		var cpu, rss, sw []string
+		var cpu, rss, sw, sc []string
 		for _, p := range row.Procs {
 			cpu = append(cpu, fmt.Sprintf("%s %.3f", p.Name, p.CPUPer1k))
 			sw = append(sw, fmt.Sprintf("%.1f", p.SwitchesPerReq))
+			sc = append(sc, fmt.Sprintf("%.1f", p.SyscallsPerReq))
 			rss = append(rss, fmt.Sprintf("%s %.1f", p.Name, float64(p.PeakRSS)/(1<<20)))
 		}
 		cpuCol := fmt.Sprintf("%.3f", row.CPUPer1k)
 		if len(row.Procs) > 1 {
 			cpuCol = strings.Join(cpu, " + ") + " = " + cpuCol
 		}
-		swCol := num(row.SwitchesPerReq, "%.1f")
-		if len(row.Procs) > 1 && row.SwitchesPerReq > 0 {
-			swCol = strings.Join(sw, " + ") + " = " + swCol
-		}
+		swCol, scCol := perProcess(sw, row.SwitchesPerReq), perProcess(sc, row.SyscallsPerReq)
 		if strings.HasPrefix(row.Phase, phaseStreams) || row.Phase == phaseIdle {
-			cpuCol, swCol = "-", "-"
+			cpuCol, swCol, scCol = "-", "-", "-"
 		}
 		lat := "-"
 		if row.P50Ratio > 0 {
 			lat = fmt.Sprintf("%.2f×, %.2f×", row.P50Ratio, row.P99Ratio)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			row.Run, row.Target, row.Phase, num(row.RPS, "%.0f"), dur(row.P50us), dur(row.P99us), dur(row.P999us), row.Errors,
-			kernelP99(row), cpuCol, num(row.CPURatio, "%.2f×"), swCol, lat, strings.Join(rss, ", "), num(row.RSSRatio, "%.2f×"))
+			kernelP99(row), cpuCol, num(row.CPURatio, "%.2f×"), swCol, scCol, lat, strings.Join(rss, ", "), num(row.RSSRatio, "%.2f×"))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -261,4 +264,14 @@ func dur(us int64) string {
 		return "-"
 	}
 	return fmt.Sprint(us)
+}
+
+// perProcess is a per-request count of a row: the total, or "kernel + agent = total" when the
+// target has more than one process.
+func perProcess(each []string, total float64) string {
+	col := num(total, "%.1f")
+	if len(each) > 1 && total > 0 {
+		col = strings.Join(each, " + ") + " = " + col
+	}
+	return col
 }

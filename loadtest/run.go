@@ -317,24 +317,39 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 	return rep, nil
 }
 
+// counters are a process's cumulative CPU time, context switches and read/write system calls.
+type counters struct {
+	cpu                time.Duration
+	switches, syscalls int64
+}
+
+func readCounters(pid int) (counters, error) {
+	var c counters
+	var err error
+	if c.cpu, err = CPUTime(pid); err != nil {
+		return c, err
+	}
+	if c.switches, err = ContextSwitches(pid); err != nil {
+		return c, err
+	}
+	c.syscalls, err = IOSyscalls(pid)
+	return c, err
+}
+
 // measure runs one load phase against t and fills a row with its client-side results and the
 // CPU and peak RSS of t's processes over it.
 func measure(ctx context.Context, t *target, run int, phase string, load func() *Result) (Row, error) {
 	row := Row{Run: run, Target: t.name, Phase: phase}
-	cpu0 := make([]time.Duration, len(t.procs))
-	sw0 := make([]int64, len(t.procs))
+	before := make([]counters, len(t.procs))
 	for i, p := range t.procs {
 		if err := ResetPeakRSS(p.pid()); err != nil {
 			return row, err
 		}
-		c, err := CPUTime(p.pid())
+		c, err := readCounters(p.pid())
 		if err != nil {
 			return row, err
 		}
-		cpu0[i] = c
-		if sw0[i], err = ContextSwitches(p.pid()); err != nil {
-			return row, err
-		}
+		before[i] = c
 	}
 	var hist0 vmHistogram
 	if t.metricsURL != "" {
@@ -346,7 +361,7 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 	}
 	res := load()
 	for i, p := range t.procs {
-		c, err := CPUTime(p.pid())
+		c, err := readCounters(p.pid())
 		if err != nil {
 			return row, err
 		}
@@ -354,17 +369,15 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 		if err != nil {
 			return row, err
 		}
-		sw, err := ContextSwitches(p.pid())
-		if err != nil {
-			return row, err
-		}
-		u := ProcUsage{Name: p.name, CPUSec: (c - cpu0[i]).Seconds(), PeakRSS: rss}
-		if res.Requests > 0 {
-			u.CPUPer1k = u.CPUSec / float64(res.Requests) * 1000
-			u.SwitchesPerReq = float64(sw-sw0[i]) / float64(res.Requests)
+		u := ProcUsage{Name: p.name, CPUSec: (c.cpu - before[i].cpu).Seconds(), PeakRSS: rss}
+		if n := float64(res.Requests); n > 0 {
+			u.CPUPer1k = u.CPUSec / n * 1000
+			u.SwitchesPerReq = float64(c.switches-before[i].switches) / n
+			u.SyscallsPerReq = float64(c.syscalls-before[i].syscalls) / n
 		}
 		row.CPUPer1k += u.CPUPer1k
 		row.SwitchesPerReq += u.SwitchesPerReq
+		row.SyscallsPerReq += u.SyscallsPerReq
 		row.Procs = append(row.Procs, u)
 	}
 	if t.metricsURL != "" {
