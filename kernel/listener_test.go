@@ -304,3 +304,56 @@ func TestIdleLimitRefusesUnendableStream(t *testing.T) {
 		t.Fatalf("not logged: %s", logs.String())
 	}
 }
+
+// BenchmarkIdleLimitStream runs one HTTP request's ext_proc stream (request and response
+// headers, then the end of the stream) over a real gRPC connection, with the idle-stream limit
+// and without: the difference is what the limit costs per stream (allocations are the client's
+// and the server's together).
+func BenchmarkIdleLimitStream(b *testing.B) {
+	for _, limit := range []bool{false, true} {
+		b.Run(map[bool]string{false: "off", true: "on"}[limit], func(b *testing.B) {
+			var opts []grpc.ServerOption
+			if limit {
+				idle := newIdleStreams(time.Minute, newKernelMetrics(), logging.New(io.Discard, "kernel", zerolog.InfoLevel))
+				opts = idle.serverOptions()
+			}
+			srv := grpc.NewServer(opts...)
+			extprocv3.RegisterExternalProcessorServer(srv, benchServer(b, "unused.sock", cannedAgent{}))
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				b.Fatal(err)
+			}
+			go srv.Serve(ln)
+			defer srv.Stop()
+			cc, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer cc.Close()
+			client := extprocv3.NewExternalProcessorClient(cc)
+			reqMsg, respMsg := envoyRequest(), envoyResponse()
+			ctx := context.Background()
+			b.ReportAllocs()
+			for b.Loop() {
+				st, err := client.Process(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				for _, m := range []*extprocv3.ProcessingRequest{reqMsg, respMsg} {
+					if err := st.Send(m); err != nil {
+						b.Fatal(err)
+					}
+					if _, err := st.Recv(); err != nil {
+						b.Fatal(err)
+					}
+				}
+				if err := st.CloseSend(); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := st.Recv(); err != io.EOF {
+					b.Fatalf("end of stream: %v", err)
+				}
+			}
+		})
+	}
+}
