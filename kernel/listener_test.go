@@ -141,7 +141,7 @@ func TestIdleSweep(t *testing.T) {
 // with DeadlineExceeded (gRPC's transport stream must let the sweeper write a status); a
 // stream that keeps sending is served.
 func TestIdleLimitOverGRPC(t *testing.T) {
-	const timeout = 300 * time.Millisecond
+	const timeout = 600 * time.Millisecond
 	m := newKernelMetrics()
 	idle := newIdleStreams(timeout, m, logging.New(io.Discard, "kernel", zerolog.InfoLevel))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
