@@ -136,6 +136,26 @@ func TestIdleSweep(t *testing.T) {
 	}
 }
 
+// extProcClient serves the bench kernel (its agent answering from memory) on a loopback gRPC
+// server with opts, and returns a client of it; both are stopped when tb ends.
+func extProcClient(tb testing.TB, opts ...grpc.ServerOption) extprocv3.ExternalProcessorClient {
+	tb.Helper()
+	srv := grpc.NewServer(opts...)
+	extprocv3.RegisterExternalProcessorServer(srv, benchServer(tb, "unused.sock", cannedAgent{}))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	go srv.Serve(ln)
+	tb.Cleanup(srv.Stop)
+	cc, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { cc.Close() })
+	return extprocv3.NewExternalProcessorClient(cc)
+}
+
 // TestIdleLimitOverGRPC runs the limit on a real gRPC server serving the kernel: a stream that
 // sends nothing, and one that is answered and then waits for its response phase, are ended
 // with DeadlineExceeded (gRPC's transport stream must let the sweeper write a status); a
@@ -147,20 +167,7 @@ func TestIdleLimitOverGRPC(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	go idle.run(ctx)
-	srv := grpc.NewServer(idle.serverOptions()...)
-	extprocv3.RegisterExternalProcessorServer(srv, benchServer(t, "unused.sock", cannedAgent{}))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	defer srv.Stop()
-	cc, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	client := extprocv3.NewExternalProcessorClient(cc)
+	client := extProcClient(t, idle.serverOptions()...)
 	silent, err := client.Process(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -317,20 +324,7 @@ func BenchmarkIdleLimitStream(b *testing.B) {
 				idle := newIdleStreams(time.Minute, newKernelMetrics(), logging.New(io.Discard, "kernel", zerolog.InfoLevel))
 				opts = idle.serverOptions()
 			}
-			srv := grpc.NewServer(opts...)
-			extprocv3.RegisterExternalProcessorServer(srv, benchServer(b, "unused.sock", cannedAgent{}))
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				b.Fatal(err)
-			}
-			go srv.Serve(ln)
-			defer srv.Stop()
-			cc, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer cc.Close()
-			client := extprocv3.NewExternalProcessorClient(cc)
+			client := extProcClient(b, opts...)
 			reqMsg, respMsg := envoyRequest(), envoyResponse()
 			ctx := context.Background()
 			b.ReportAllocs()
