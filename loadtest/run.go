@@ -93,7 +93,7 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	fs.IntVar(&o.Concurrency, "concurrency", 64, "closed-loop concurrent requests")
 	fs.IntVar(&o.Conns, "conns", 2, "HTTP/2 connections to each server, like Envoy's per-worker connections")
 	fs.IntVar(&o.Streams, "streams", 10000, "streams held open at once in the memory phase (0: skip it)")
-	fs.IntVar(&o.Repeat, "repeat", 1, "how many times to run the open and closed phases, alternating the targets")
+	fs.IntVar(&o.Repeat, "repeat", 1, "how many times to run the open, closed and memory phases, alternating the targets")
 	fs.StringVar(&targets, "targets", targetNoop+","+targetKernel, "targets to measure, comma-separated: noop, kernel+agent, kernel+agent-uds (Envoy's side on a Unix socket)")
 	fs.StringVar(&o.JSONOut, "json", "loadtest/results/loadtest.json", "where to write the JSON report (empty: nowhere)")
 	fs.StringVar(&o.WorkDir, "workdir", "", "folder for configs, sockets and logs (default: a temporary one, removed at the end)")
@@ -302,15 +302,20 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 			rep.Rows = append(rep.Rows, row)
 			fmt.Fprintf(log, "loadtest: run %d %s closed loop: %.0f req/s, p99 %d µs, %d errors\n", run, t.name, row.RPS, row.P99us, row.Errors)
 		}
-	}
-	if o.Streams > 0 {
+		if o.Streams == 0 {
+			continue
+		}
 		for _, t := range targets {
-			row, err := holdPhase(ctx, t, tr, o.Streams, o.ProfileDir)
+			profileDir := ""
+			if run == 1 {
+				profileDir = o.ProfileDir
+			}
+			row, err := holdPhase(ctx, t, tr, run, o.Streams, profileDir)
 			if err != nil {
 				return nil, err
 			}
 			rep.Rows = append(rep.Rows, row)
-			fmt.Fprintf(log, "loadtest: %s held %d streams\n", t.name, row.Requests)
+			fmt.Fprintf(log, "loadtest: run %d %s held %d streams\n", run, t.name, row.Requests)
 		}
 	}
 	rep.setRatios(targetNoop)
@@ -403,8 +408,8 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 // are open.
 // With profileDir set, the heap profile of each of the kernel target's processes is saved
 // there while the streams are held, as <name>.streams.heap.pprof.
-func holdPhase(ctx context.Context, t *target, tr *Traffic, n int, profileDir string) (Row, error) {
-	row := Row{Run: 1, Target: t.name, Phase: fmt.Sprintf("%s %d", phaseStreams, n)}
+func holdPhase(ctx context.Context, t *target, tr *Traffic, run, n int, profileDir string) (Row, error) {
+	row := Row{Run: run, Target: t.name, Phase: fmt.Sprintf("%s %d", phaseStreams, n)}
 	for _, p := range t.procs {
 		if err := ResetPeakRSS(p.pid()); err != nil {
 			return row, err

@@ -111,7 +111,7 @@ func TestMainEndToEnd(t *testing.T) {
 	defer cancel()
 	err := Main(ctx, []string{
 		"-bin", bin, "-rate", "200", "-open", "500ms", "-closed", "1500ms", "-warmup", "300ms", "-concurrency", "4",
-		"-streams", "300", "-json", jsonOut, "-workdir", filepath.Join(work, "run"),
+		"-streams", "300", "-repeat", "2", "-json", jsonOut, "-workdir", filepath.Join(work, "run"),
 		"-profile", profiles, "-profile-seconds", "1s",
 		"-targets", "noop,kernel+agent,kernel+agent-uds",
 		// The test checks the pipeline, not timing: other packages' tests share the CPUs.
@@ -134,11 +134,17 @@ func TestMainEndToEnd(t *testing.T) {
 	if err := json.Unmarshal(data, &rep); err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Rows) != 12 {
-		t.Fatalf("%d rows, want idle, open, closed and streams for the three targets:\n%s", len(rep.Rows), out)
+	if len(rep.Rows) != 21 {
+		t.Fatalf("%d rows, want idle, then open, closed and streams twice, for the three targets:\n%s", len(rep.Rows), out)
 	}
-	if len(rep.Checks) == 0 {
-		t.Errorf("no target checked:\n%s", out)
+	streamChecks := map[int]bool{}
+	for _, c := range rep.Checks {
+		if strings.Contains(c.What, "streams 300") {
+			streamChecks[c.Run] = true
+		}
+	}
+	if !streamChecks[1] || !streamChecks[2] {
+		t.Errorf("held-stream memory checked in runs %v, want 1 and 2:\n%s", streamChecks, out)
 	}
 	for _, row := range rep.Rows {
 		if row.Errors != 0 {
@@ -167,7 +173,7 @@ func TestMainEndToEnd(t *testing.T) {
 			t.Errorf("kernel row without the kernel's own p99: %+v", row)
 		}
 	}
-	for _, f := range []string{"kernel.cpu.pprof", "kernel.heap.pprof", "agent.cpu.pprof", "agent.heap.pprof"} {
+	for _, f := range []string{"kernel.cpu.pprof", "kernel.heap.pprof", "agent.cpu.pprof", "agent.heap.pprof", "kernel.streams.heap.pprof"} {
 		if fi, err := os.Stat(filepath.Join(profiles, f)); err != nil || fi.Size() == 0 {
 			t.Errorf("profile %s: %v", f, err)
 		}
