@@ -198,6 +198,13 @@ type target struct {
 	conns *Conns
 }
 
+// stop ends the target's processes, the kernel before its agent.
+func (t *target) stop() {
+	for _, p := range t.procs {
+		p.stop()
+	}
+}
+
 // Run starts the targets, drives each phase and returns the report. Every process it started
 // is stopped before it returns, on error and on cancellation too.
 func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error) {
@@ -303,16 +310,33 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 			fmt.Fprintf(log, "loadtest: run %d %s closed loop: %.0f req/s, p99 %d µs, %d errors\n", run, t.name, row.RPS, row.P99us, row.Errors)
 		}
 	}
-	// The memory phases come last, once per run, alternating the targets like the others: the
-	// memory that 10,000 streams leave behind (and its collection) would otherwise weigh on
-	// the next run's loops.
+	// The memory phases come last, once per run, alternating the targets like the others, each
+	// on processes of its own, started and warmed up as the first ones were: a process keeps
+	// much of what 10,000 streams made it map, so a second phase on the same process would not
+	// measure what the first did (and the loops after it would run on that memory).
+	for _, t := range targets {
+		t.stop()
+	}
 	for run := 1; o.Streams > 0 && run <= o.Repeat; run++ {
-		for _, t := range targets {
+		for _, name := range o.Targets {
+			t, err := startTarget(ctx, name, o, dir, reqChain, respChain, jwtSet, &started)
+			if err != nil {
+				return nil, err
+			}
+			if t.conns, err = Dial(t.addr, o.Conns); err != nil {
+				return nil, err
+			}
+			res := ClosedLoop(ctx, t.conns, tr, o.Concurrency, o.Warmup)
+			t.conns.Close()
+			if res.Requests == 0 {
+				return nil, fmt.Errorf("warm-up of %s: no request succeeded: %s", t.name, strings.Join(res.TopErrors(), "; "))
+			}
 			profileDir := ""
 			if run == 1 {
 				profileDir = o.ProfileDir
 			}
 			row, err := holdPhase(ctx, t, tr, run, o.Streams, profileDir)
+			t.stop()
 			if err != nil {
 				return nil, err
 			}
