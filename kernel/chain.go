@@ -131,7 +131,7 @@ func (s *Server) runChain(ctx context.Context, st *stream, phase agentv1.PolicyP
 		ChainId:   ch.ids[st.part],
 	}
 	if phase == agentv1.PolicyPhase_RESPONSE {
-		call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.respBody}
+		call.resp = agentv1.ResponseContext{Headers: st.respHeaders, StatusCode: st.respStatus, Body: st.responseBody()}
 		req.Response = &call.resp
 		if ch.noRequest {
 			req.Context = nil
@@ -240,7 +240,7 @@ func (s *Server) runStatic(st *stream, sc *staticChain, start time.Time) chainRe
 // outcome counts the result of the phase being run: policy_kernel_requests_total counts HTTP
 // requests by the request phase's decision; response-phase decisions have their own counter.
 func (st *stream) outcome(status string) {
-	st.result = status
+	st.setResult(status)
 	if st.part == partEarly && (status == statusAllow || status == statusFailOpen) {
 		return // the part that reads the body decides; it is counted then
 	}

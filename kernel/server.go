@@ -98,32 +98,21 @@ type stream struct {
 	// cfgReqBody and cfgRespBody are the body modes of Envoy's filter config, from the
 	// protocol_config of the first message.
 	cfgReqBody, cfgRespBody filterv3.ProcessingMode_BodySendMode
-	// reqStreamed and respStreamed say that the awaited body comes in STREAMED chunks: they are
-	// gathered in bodyBuf and their replies held (held counts them) until the last one, so that
-	// Envoy forwards none before the chain has judged the whole body.
-	reqStreamed, respStreamed bool
-	bodyBuf                   []byte
-	held                      int
-	// pending are the held replies released by the last message's answer, sent before it.
-	pending []*extprocv3.ProcessingResponse
-	// guard refuses the exchange when held chunks wait too long; nil until a chunk is held.
-	guard *holdGuard
-	ps    extprocv3.ExternalProcessor_ProcessServer
-	// judged says, by phase (0 request, 1 response), that a chain has run on that whole body.
-	judged [2]bool
+	// *streamBody is what the stream keeps for the bodies its chains read: nil until a chain
+	// waits for a body or a body arrives (st.bodies()), then kept with the pooled stream. A
+	// stream that only carries headers, as most do while they wait for their upstream,
+	// keeps none of it.
+	*streamBody
+	// *streamTrace is the stream's span and what it records: nil unless the stream is
+	// traced.
+	*streamTrace
+	ps extprocv3.ExternalProcessor_ProcessServer
 	// part is the part of the chain that runChain sends: partAll, partEarly or partLate.
 	part        uint8
 	respStatus  int32
 	respHeaders map[string]string
-	respBody    []byte
 	// phase is the phase whose chain runs, for counting its outcome.
 	phase agentv1.PolicyPhase
-	// result is the outcome of the last phase, for the stream's span.
-	result string
-	// span is the stream's span, nil unless the stream is traced.
-	span    trace.Span
-	spanCtx context.Context
-	tracer  *tracing.Tracer
 
 	// respBuf outlives a pooled stream's reset, so that its map is reused.
 	respBuf map[string]string
@@ -131,6 +120,55 @@ type stream struct {
 	// explain collects the agent's entry traces of a request played through /debug/explain;
 	// nil for Envoy's streams, which pay one nil check per agent call for it.
 	explain *explainTrace
+}
+
+// streamBody is a stream's state for the bodies its chains read.
+type streamBody struct {
+	// reqStreamed and respStreamed say that the awaited body comes in STREAMED chunks: they are
+	// gathered in bodyBuf and their replies held (held counts them) until the last one, so that
+	// Envoy forwards none before the chain has judged the whole body.
+	reqStreamed, respStreamed bool
+	// judged says, by phase (0 request, 1 response), that a chain has run on that whole body.
+	judged  [2]bool
+	bodyBuf []byte
+	held    int
+	// pending are the held replies released by the last message's answer, sent before it.
+	pending []*extprocv3.ProcessingResponse
+	// guard refuses the exchange when held chunks wait too long; nil until a chunk is held.
+	guard    *holdGuard
+	respBody []byte
+}
+
+// bodies returns the stream's body state, made on first use.
+func (st *stream) bodies() *streamBody {
+	if st.streamBody == nil {
+		st.streamBody = new(streamBody)
+	}
+	return st.streamBody
+}
+
+// responseBody is the response body the chain reads, if any.
+func (st *stream) responseBody() []byte {
+	if st.streamBody == nil {
+		return nil
+	}
+	return st.respBody
+}
+
+// streamTrace is a traced stream's span.
+type streamTrace struct {
+	span    trace.Span
+	spanCtx context.Context
+	tracer  *tracing.Tracer
+	// result is the outcome of the last phase, for the span.
+	result string
+}
+
+// setResult records the outcome of the phase for the stream's span, if it is traced.
+func (st *stream) setResult(status string) {
+	if st.streamTrace != nil {
+		st.result = status
+	}
 }
 
 // agentCall is the agent request of a phase being run, pooled (agentCalls) and held only
@@ -173,10 +211,15 @@ func (st *stream) reset() {
 	if st.reqCtx != nil {
 		putRequestContext(st.reqCtx)
 	}
-	rh, buf := st.respBuf, st.bodyBuf
+	rh, body := st.respBuf, st.streamBody
 	*st = stream{}
-	if cap(buf) <= maxPooledBody {
-		st.bodyBuf = buf[:0]
+	if body != nil {
+		buf := body.bodyBuf
+		*body = streamBody{}
+		if cap(buf) <= maxPooledBody {
+			body.bodyBuf = buf[:0]
+		}
+		st.streamBody = body
 	}
 	if rh != nil && len(rh) <= maxPooledHeaders {
 		clear(rh)
@@ -265,7 +308,7 @@ func (s *Server) process(ps extprocv3.ExternalProcessor_ProcessServer, x *explai
 			}
 			return err
 		}
-		if st.guard != nil && !st.guard.disarm() {
+		if st.streamBody != nil && st.guard != nil && !st.guard.disarm() {
 			continue // the kernel has refused the exchange; Envoy ends the stream
 		}
 		resp, err := s.handle(ctx, st, req)
@@ -279,13 +322,15 @@ func (s *Server) process(ps extprocv3.ExternalProcessor_ProcessServer, x *explai
 		if resp == nil {
 			continue // a streamed chunk whose reply is held until the chain has decided
 		}
-		for i, r := range st.pending {
-			st.pending[i] = nil
-			if err := ps.Send(r); err != nil {
-				return nil
+		if st.streamBody != nil {
+			for i, r := range st.pending {
+				st.pending[i] = nil
+				if err := ps.Send(r); err != nil {
+					return nil
+				}
 			}
+			st.pending = st.pending[:0]
 		}
-		st.pending = st.pending[:0]
 		if err := ps.Send(resp); err != nil {
 			return nil // the stream is gone; Envoy has given up on it
 		}
@@ -296,7 +341,7 @@ func (s *Server) process(ps extprocv3.ExternalProcessor_ProcessServer, x *explai
 // went on without the chain (Envoy sent no body, or the client went away first).
 func (s *Server) streamEnded(st *stream) {
 	what := "the stream ended"
-	if st.guard != nil && st.guard.close() {
+	if st.streamBody != nil && st.guard != nil && st.guard.close() {
 		what = "the message timeout passed with chunks held"
 	}
 	if st.awaitReqBody {
@@ -332,6 +377,7 @@ type holdGuard struct {
 // first.
 func (st *stream) arm(phase agentv1.PolicyPhase) {
 	budget := time.Duration(st.snap.Config.Server.MessageTimeoutMS) * time.Millisecond * 9 / 10
+	st.bodies()
 	g := st.guard
 	if g == nil {
 		g = &holdGuard{ps: st.ps}
@@ -543,7 +589,7 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 	if unsupportedBodyMode(st.cfgReqBody, route.request.body) || unsupportedBodyMode(st.cfgRespBody, route.response.body) {
 		// The kernel cannot hold a FULL_DUPLEX_STREAMED body, and Envoy ignores overrides then.
 		route.metrics.requests[statusError].Inc()
-		st.result = statusError
+		st.setResult(statusError)
 		if s.bodyLog.Allow() {
 			s.log.Error().Str("route", route.Name).Str("request_id", st.requestID).Msg("request denied: the route's chain reads a body that Envoy's filter config sends FULL_DUPLEX_STREAMED")
 		}
@@ -563,6 +609,7 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 		}
 	}
 	if route.request.body && !h.GetEndOfStream() {
+		st.bodies()
 		st.awaitReqBody = true
 		if st.cfgReqBody != filterv3.ProcessingMode_STREAMED || len(route.request.early) == 0 {
 			st.reqStreamed = st.cfgReqBody == filterv3.ProcessingMode_STREAMED
@@ -594,7 +641,7 @@ func (s *Server) onRequestHeaders(ctx context.Context, st *stream, req *extprocv
 // agent has the route's policies nor which bodies they read.
 func (s *Server) refuseRoute(st *stream, route *Route) *extprocv3.ProcessingResponse {
 	route.metrics.requests[statusInvalidRoute].Inc()
-	st.result = statusInvalidRoute
+	st.setResult(statusInvalidRoute)
 	msg := "the route's policy chain is invalid"
 	if route.refuseCode == codeNotValidated {
 		msg = "the route's policy chain is not checked against its policy agent yet"
@@ -613,6 +660,7 @@ func (s *Server) onRequestBody(ctx context.Context, st *stream, b *extprocv3.Htt
 	if st.seen&seenRequestHeaders == 0 {
 		return nil, status.Error(codes.InvalidArgument, "request_body received before request_headers")
 	}
+	st.bodies()
 	if !st.awaitReqBody {
 		if st.judged[0] {
 			return s.bodyStreamed(st, agentv1.PolicyPhase_REQUEST), nil
@@ -678,6 +726,7 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 		}
 	}
 	if route.response.body && !h.GetEndOfStream() {
+		st.bodies()
 		st.awaitRespBody = true
 		st.respStreamed = st.cfgRespBody == filterv3.ProcessingMode_STREAMED
 		if st.cfgRespBody == filterv3.ProcessingMode_BUFFERED {
@@ -709,6 +758,7 @@ func (s *Server) onResponseHeaders(ctx context.Context, st *stream, h *extprocv3
 }
 
 func (s *Server) onResponseBody(ctx context.Context, st *stream, b *extprocv3.HttpBody) (*extprocv3.ProcessingResponse, error) {
+	st.bodies()
 	if !st.awaitRespBody {
 		if st.judged[1] {
 			return s.bodyStreamed(st, agentv1.PolicyPhase_RESPONSE), nil
@@ -790,6 +840,7 @@ func unsupportedBodyMode(m filterv3.ProcessingMode_BodySendMode, readsBody bool)
 // the request with status_on_error, the response with 500.
 func (s *Server) bodyNotReceived(st *stream, phase agentv1.PolicyPhase) *extprocv3.ProcessingResponse {
 	s.bodyMissing(st, phase, "a "+strings.ToLower(phase.String())+" message other than the body arrived")
+	st.bodies()
 	st.phase = phase
 	st.outcome(statusError)
 	st.held = 0
@@ -805,6 +856,7 @@ func (s *Server) bodyNotReceived(st *stream, phase agentv1.PolicyPhase) *extproc
 // it while the message is still held. Otherwise Envoy may have sent the body on without
 // showing it (a mode override it did not honour): refused.
 func (s *Server) onTrailersAwaitingBody(ctx context.Context, st *stream, phase agentv1.PolicyPhase) *extprocv3.ProcessingResponse {
+	st.bodies()
 	streamed := st.reqStreamed
 	if phase == agentv1.PolicyPhase_RESPONSE {
 		streamed = st.respStreamed
