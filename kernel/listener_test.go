@@ -10,12 +10,15 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -349,5 +352,71 @@ func BenchmarkIdleLimitStream(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestIdleLimitRacesWithMessages ends streams while their messages arrive: each stream sends
+// its request and response headers at about the idle limit, so that the sweeper's status and
+// the handler's replies meet. Every exchange ends either answered or with the limit's
+// DeadlineExceeded, none hangs, and under -race nothing in the sweeper, the handler or gRPC's
+// transport races.
+func TestIdleLimitRacesWithMessages(t *testing.T) {
+	const timeout = 40 * time.Millisecond
+	m := newKernelMetrics()
+	idle := newIdleStreams(timeout, m, logging.New(io.Discard, "kernel", zerolog.InfoLevel))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go idle.run(ctx)
+	client := extProcClient(t, idle.serverOptions()...)
+	const streams = 100
+	var wg sync.WaitGroup
+	var answered, ended atomic.Int64
+	errs := make(chan error, streams)
+	for i := range streams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, err := client.Process(ctx)
+			if err != nil {
+				errs <- err
+				return
+			}
+			// From a little under to a little over the limit (the sweeper's tick is 10 ms).
+			wait := timeout - 15*time.Millisecond + time.Duration(i%7)*5*time.Millisecond
+			for _, msg := range []*extprocv3.ProcessingRequest{envoyRequest(), envoyResponse()} {
+				time.Sleep(wait)
+				if err := st.Send(msg); err != nil {
+					// The stream has ended: its status says why.
+					_, err = st.Recv()
+					if status.Code(err) != codes.DeadlineExceeded {
+						errs <- fmt.Errorf("send refused, then %v", err)
+						return
+					}
+					ended.Add(1)
+					return
+				}
+				if _, err := st.Recv(); err != nil {
+					if status.Code(err) != codes.DeadlineExceeded {
+						errs <- fmt.Errorf("reply: %v", err)
+						return
+					}
+					ended.Add(1)
+					return
+				}
+			}
+			answered.Add(1)
+			st.CloseSend()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if answered.Load()+ended.Load() != streams {
+		t.Fatalf("%d answered and %d ended of %d streams", answered.Load(), ended.Load(), streams)
+	}
+	if ended.Load() == 0 || answered.Load() == 0 {
+		t.Logf("answered %d, ended %d: the race was not met both ways this time", answered.Load(), ended.Load())
 	}
 }
