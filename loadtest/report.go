@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"strings"
 	"text/tabwriter"
 )
@@ -16,6 +17,18 @@ type Report struct {
 	Rows     []Row    `json:"rows"`
 	// Checks are the targets' ratios against their limits (docs/performance.md, Targets).
 	Checks []Check `json:"checks"`
+	// Summary is each target's checks over the runs of -repeat: how many met, and the median.
+	Summary []CheckSummary `json:"summary,omitempty"`
+}
+
+// CheckSummary is one target's check over the runs.
+type CheckSummary struct {
+	Target string  `json:"target"`
+	What   string  `json:"what"`
+	Runs   int     `json:"runs"`
+	Met    int     `json:"met"`
+	Median float64 `json:"median_ratio"`
+	Limit  float64 `json:"limit"`
 }
 
 // Machine describes where the run happened.
@@ -170,6 +183,42 @@ func (r *Report) setRatios(baseline string) {
 			check("idle: kernel RSS (no limit)", row.RSSRatio, 0)
 		}
 	}
+	r.Summary = summarize(r.Checks)
+}
+
+// summarize groups the checks by target and what they measure, in the order they first
+// appear; checks without a limit are left out.
+func summarize(checks []Check) []CheckSummary {
+	var out []CheckSummary
+	ratios := map[string][]float64{}
+	index := map[string]int{}
+	for _, c := range checks {
+		if c.Limit == 0 {
+			continue
+		}
+		key := c.Target + "\x00" + c.What
+		i, ok := index[key]
+		if !ok {
+			i = len(out)
+			index[key] = i
+			out = append(out, CheckSummary{Target: c.Target, What: c.What, Limit: c.Limit})
+		}
+		out[i].Runs++
+		if c.Met {
+			out[i].Met++
+		}
+		ratios[key] = append(ratios[key], c.Ratio)
+	}
+	for i := range out {
+		v := ratios[out[i].Target+"\x00"+out[i].What]
+		slices.Sort(v)
+		if n := len(v); n%2 == 1 {
+			out[i].Median = v[n/2]
+		} else {
+			out[i].Median = (v[n/2-1] + v[n/2]) / 2
+		}
+	}
+	return out
 }
 
 // WriteJSON writes the report as indented JSON.
@@ -235,6 +284,12 @@ func (r *Report) WriteTable(w io.Writer) error {
 				limit = fmt.Sprintf(" (limit %.2f×)", c.Limit)
 			}
 			fmt.Fprintf(w, "  run %d %s, %s: %.2f×%s %s\n", c.Run, c.Target, c.What, c.Ratio, limit, verdict)
+		}
+	}
+	if len(r.Summary) > 0 && r.Summary[0].Runs > 1 {
+		fmt.Fprintln(w, "over the runs (median ratio; how many runs met the limit):")
+		for _, c := range r.Summary {
+			fmt.Fprintf(w, "  %s, %s: median %.2f× (limit %.2f×), met in %d of %d\n", c.Target, c.What, c.Median, c.Limit, c.Met, c.Runs)
 		}
 	}
 	for _, row := range r.Rows {

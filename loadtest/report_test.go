@@ -185,3 +185,51 @@ func TestChecks(t *testing.T) {
 		}
 	}
 }
+
+// TestSummary: over three runs each check has its median ratio and how many runs met the
+// limit; checks without a limit are left out, and a single run prints no summary.
+func TestSummary(t *testing.T) {
+	var rows []Row
+	for run, rss := range []int64{108, 114, 110} {
+		rows = append(rows,
+			Row{Run: run + 1, Target: targetNoop, Phase: "streams 10000", Procs: []ProcUsage{{Name: "noop", PeakRSS: 100}}},
+			Row{Run: run + 1, Target: targetKernel, Phase: "streams 10000", Procs: []ProcUsage{{Name: "kernel", PeakRSS: rss}}},
+			Row{Run: run + 1, Target: targetNoop, Phase: phaseClosed, CPUPer1k: 0.1},
+			Row{Run: run + 1, Target: targetKernel, Phase: phaseClosed, CPUPer1k: 0.1 + 0.01*float64(run)},
+		)
+	}
+	rows = append(rows, Row{Run: 1, Target: targetNoop, Phase: phaseIdle, Procs: []ProcUsage{{Name: "noop", PeakRSS: 10}}},
+		Row{Run: 1, Target: targetKernel, Phase: phaseIdle, Procs: []ProcUsage{{Name: "kernel", PeakRSS: 20}}})
+	r := &Report{Rows: rows}
+	r.setRatios(targetNoop)
+	if len(r.Summary) != 2 {
+		t.Fatalf("summary %+v, want the memory and closed-loop checks", r.Summary)
+	}
+	mem, cpu := r.Summary[0], r.Summary[1]
+	if mem.What != "streams 10000: kernel peak RSS" || mem.Runs != 3 || mem.Met != 2 || math.Abs(mem.Median-1.10) > 1e-9 {
+		t.Errorf("memory summary %+v, want median 1.10, met in 2 of 3", mem)
+	}
+	if cpu.Runs != 3 || cpu.Met != 3 || math.Abs(cpu.Median-1.1) > 1e-9 {
+		t.Errorf("closed-loop summary %+v, want median 1.10, met in 3 of 3", cpu)
+	}
+	var b bytes.Buffer
+	if err := r.WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	if s := "kernel+agent, streams 10000: kernel peak RSS: median 1.10× (limit 1.10×), met in 2 of 3"; !strings.Contains(b.String(), s) {
+		t.Errorf("table lacks %q:\n%s", s, b.String())
+	}
+	// An even count takes the mean of the middle two.
+	if got := summarize([]Check{{Target: "k", What: "w", Ratio: 1, Limit: 2}, {Target: "k", What: "w", Ratio: 2, Limit: 2}}); got[0].Median != 1.5 {
+		t.Errorf("median of two: %+v", got)
+	}
+	one := &Report{Rows: rows[:4]}
+	one.setRatios(targetNoop)
+	b.Reset()
+	if err := one.WriteTable(&b); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(b.String(), "over the runs") {
+		t.Errorf("a single run printed a summary:\n%s", b.String())
+	}
+}
