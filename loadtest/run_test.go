@@ -121,7 +121,7 @@ func TestMainEndToEnd(t *testing.T) {
 		t.Fatalf("Main: %v\nstderr:\n%s", err, stderr.String())
 	}
 	out := stdout.String()
-	for _, want := range []string{"noop", "kernel+agent", "kernel+agent-uds", "streams 300", "report written to"} {
+	for _, want := range []string{"noop", "kernel+agent", "kernel+agent-uds", "streams 300", "over the runs", "met in", "report written to"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
@@ -145,6 +145,14 @@ func TestMainEndToEnd(t *testing.T) {
 	}
 	if !streamChecks[1] || !streamChecks[2] {
 		t.Errorf("held-stream memory checked in runs %v, want 1 and 2:\n%s", streamChecks, out)
+	}
+	for _, c := range rep.Summary {
+		if c.Runs != 2 {
+			t.Errorf("summary %+v: want two runs", c)
+		}
+	}
+	if len(rep.Summary) == 0 {
+		t.Errorf("no summary over the runs:\n%s", out)
 	}
 	for _, row := range rep.Rows {
 		if row.Errors != 0 {
