@@ -100,8 +100,8 @@ type stream struct {
 	cfgReqBody, cfgRespBody filterv3.ProcessingMode_BodySendMode
 	// *streamBody is what the stream keeps for the bodies its chains read: nil until a chain
 	// waits for a body or a body arrives (st.bodies()), then kept with the pooled stream. A
-	// stream that only carries headers, as most do while they wait for their upstream,
-	// keeps none of it.
+	// stream that only carries headers, as most do while they wait for their upstream, has
+	// none unless its pooled stream had one.
 	*streamBody
 	// *streamTrace is the stream's span and what it records: nil unless the stream is
 	// traced.
