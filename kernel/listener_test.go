@@ -159,18 +159,26 @@ func extProcClient(tb testing.TB, opts ...grpc.ServerOption) extprocv3.ExternalP
 	return extprocv3.NewExternalProcessorClient(cc)
 }
 
+// idleLimited serves the bench kernel with an idle-stream limit of timeout, its sweeper
+// running, and returns a client, the limit's metrics and a context that ends after within
+// (or with the test).
+func idleLimited(t *testing.T, timeout, within time.Duration) (extprocv3.ExternalProcessorClient, *kernelMetrics, context.Context) {
+	t.Helper()
+	m := newKernelMetrics()
+	idle := newIdleStreams(timeout, m, logging.New(io.Discard, "kernel", zerolog.InfoLevel))
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	t.Cleanup(cancel)
+	go idle.run(ctx)
+	return extProcClient(t, idle.serverOptions()...), m, ctx
+}
+
 // TestIdleLimitOverGRPC runs the limit on a real gRPC server serving the kernel: a stream that
 // sends nothing, and one that is answered and then waits for its response phase, are ended
 // with DeadlineExceeded (gRPC's transport stream must let the sweeper write a status); a
 // stream that keeps sending is served.
 func TestIdleLimitOverGRPC(t *testing.T) {
 	const timeout = 600 * time.Millisecond
-	m := newKernelMetrics()
-	idle := newIdleStreams(timeout, m, logging.New(io.Discard, "kernel", zerolog.InfoLevel))
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	go idle.run(ctx)
-	client := extProcClient(t, idle.serverOptions()...)
+	client, m, ctx := idleLimited(t, timeout, 10*time.Second)
 	silent, err := client.Process(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -362,12 +370,7 @@ func BenchmarkIdleLimitStream(b *testing.B) {
 // transport races.
 func TestIdleLimitRacesWithMessages(t *testing.T) {
 	const timeout = 40 * time.Millisecond
-	m := newKernelMetrics()
-	idle := newIdleStreams(timeout, m, logging.New(io.Discard, "kernel", zerolog.InfoLevel))
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	go idle.run(ctx)
-	client := extProcClient(t, idle.serverOptions()...)
+	client, _, ctx := idleLimited(t, timeout, 30*time.Second)
 	const streams = 100
 	var wg sync.WaitGroup
 	var answered, ended atomic.Int64

@@ -104,7 +104,7 @@ type stream struct {
 	// none unless its pooled stream had one.
 	*streamBody
 	// *streamTrace is the stream's span and what it records: nil unless the stream is
-	// traced.
+	// traced (tracing on and the stream sampled).
 	*streamTrace
 	ps extprocv3.ExternalProcessor_ProcessServer
 	// part is the part of the chain that runChain sends: partAll, partEarly or partLate.

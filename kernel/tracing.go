@@ -29,13 +29,15 @@ func (s *Server) traceStream(ctx context.Context, st *stream) {
 	if st.route != nil {
 		attrs = append(attrs, otelattr.String("route", st.route.Name), otelattr.String("agent", st.route.agent.cfg.Name))
 	}
-	st.streamTrace = &streamTrace{tracer: tr}
-	st.spanCtx, st.span = tr.StartRemote(ctx, st.reqCtx.GetHeaders(), "ext_proc stream", trace.SpanKindServer, attrs...)
+	spanCtx, span := tr.StartRemote(ctx, st.reqCtx.GetHeaders(), "ext_proc stream", trace.SpanKindServer, attrs...)
+	if span != nil { // sampled
+		st.streamTrace = &streamTrace{span: span, spanCtx: spanCtx, tracer: tr}
+	}
 }
 
 // endStreamSpan ends the stream's span with its outcome.
 func endStreamSpan(st *stream) {
-	if st.streamTrace == nil || st.span == nil {
+	if st.streamTrace == nil {
 		return
 	}
 	if st.result != "" {
@@ -50,7 +52,7 @@ func endStreamSpan(st *stream) {
 // traceCall starts the span of an agent call under the stream's span and puts its trace
 // context into the request; it returns nil when the stream is not traced.
 func (st *stream) traceCall(req *agentv1.PolicyRequest, agent string) trace.Span {
-	if st.streamTrace == nil || st.span == nil {
+	if st.streamTrace == nil {
 		return nil
 	}
 	ctx, span := st.tracer.Start(st.spanCtx, "agent call", trace.SpanKindClient,

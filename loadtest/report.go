@@ -190,27 +190,26 @@ func (r *Report) setRatios(baseline string) {
 // appear; checks without a limit are left out.
 func summarize(checks []Check) []CheckSummary {
 	var out []CheckSummary
-	ratios := map[string][]float64{}
-	index := map[string]int{}
+	var ratios [][]float64 // by index in out
+	index := map[[2]string]int{}
 	for _, c := range checks {
 		if c.Limit == 0 {
 			continue
 		}
-		key := c.Target + "\x00" + c.What
-		i, ok := index[key]
+		i, ok := index[[2]string{c.Target, c.What}]
 		if !ok {
 			i = len(out)
-			index[key] = i
+			index[[2]string{c.Target, c.What}] = i
 			out = append(out, CheckSummary{Target: c.Target, What: c.What, Limit: c.Limit})
+			ratios = append(ratios, nil)
 		}
 		out[i].Runs++
 		if c.Met {
 			out[i].Met++
 		}
-		ratios[key] = append(ratios[key], c.Ratio)
+		ratios[i] = append(ratios[i], c.Ratio)
 	}
-	for i := range out {
-		v := ratios[out[i].Target+"\x00"+out[i].What]
+	for i, v := range ratios {
 		slices.Sort(v)
 		if n := len(v); n%2 == 1 {
 			out[i].Median = v[n/2]
