@@ -281,6 +281,7 @@ func (s *Server) callAgent(ctx context.Context, agent *agentState, req *agentv1.
 			resp *agentv1.PolicyResponse
 			err  error
 		)
+		called := time.Now()
 		if te, ok := agent.client.(timeoutExecutor); ok {
 			resp, err = te.ExecuteTimeout(ctx, req, timeout)
 		} else {
@@ -288,6 +289,7 @@ func (s *Server) callAgent(ctx context.Context, agent *agentState, req *agentv1.
 			resp, err = agent.client.Execute(actx, req)
 			cancel()
 		}
+		agent.metrics.calls.UpdateDuration(called)
 		if err == nil {
 			return resp, nil
 		}

@@ -66,11 +66,17 @@ type routeMetrics struct {
 // Envoy's 200 ms message timeout, where the kernel's answers fall.
 var durationBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .2, .5, 1, 2.5, 5}
 
+// agentCallBuckets are the upper bounds of policy_kernel_agent_call_duration_seconds: a call
+// crosses to the agent and back in tens to hundreds of microseconds, so the buckets are fine
+// there, and reach the largest timeout_ms an agent may have.
+var agentCallBuckets = []float64{.00005, .0001, .00015, .0002, .0003, .0004, .0005, .00075, .001, .0015, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}
+
 // Families describes the kernel's metrics for /metrics (HELP and TYPE) and the operations guide.
 var Families = []obs.Family{
 	{Name: "policy_kernel_requests_total", Type: "counter", Help: "HTTP requests by route, agent and the request phase's outcome: allow, deny, error, fail_open, invalid_route; requests that matched no route while there is no default_policy are no_route, on one series with an empty route and agent."},
 	{Name: "policy_kernel_response_phase_total", Type: "counter", Help: "Response-phase chain runs by route, agent and outcome: allow, deny, error, fail_open."},
 	{Name: "policy_kernel_request_duration_seconds", Type: "histogram", Help: "Time the kernel took to answer an ext_proc message that ran a policy chain, agent call included, by route and agent."},
+	{Name: "policy_kernel_agent_call_duration_seconds", Type: "histogram", Help: "Time of one call to the agent, from the kernel sending the chain to the answer (or the error) reaching the waiting request: the crossing both ways with its wake-ups, and the agent running the chain. Each attempt is one observation; chains the kernel answers itself make none."},
 	{Name: "policy_kernel_agent_health", Type: "gauge", Help: "1 when the agent answered its last health check, else 0."},
 	{Name: "policy_kernel_agent_timeouts_total", Type: "counter", Help: "Agent calls that ran out of time."},
 	{Name: "policy_kernel_agent_unavailable_total", Type: "counter", Help: "Agent calls that failed for another reason than time (agent down, connection refused)."},
@@ -92,6 +98,7 @@ var Families = []obs.Family{
 }
 
 type agentMetrics struct {
+	calls       *metrics.PrometheusHistogram
 	timeouts    *metrics.Counter
 	unavailable *metrics.Counter
 	healthy     *metrics.Gauge
@@ -169,6 +176,7 @@ func (m *kernelMetrics) forAgent(agent string) *agentMetrics {
 	}
 	l := obs.Label(agent)
 	am := &agentMetrics{
+		calls:       m.set.GetOrCreatePrometheusHistogramExt(`policy_kernel_agent_call_duration_seconds{agent=`+l+`}`, agentCallBuckets),
 		timeouts:    m.set.GetOrCreateCounter(`policy_kernel_agent_timeouts_total{agent=` + l + `}`),
 		unavailable: m.set.GetOrCreateCounter(`policy_kernel_agent_unavailable_total{agent=` + l + `}`),
 	}
@@ -192,6 +200,7 @@ func (m *kernelMetrics) retain(routes map[string]bool, agents map[string]bool) {
 	for name := range m.agents {
 		if !agents[name] {
 			l := obs.Label(name)
+			m.set.UnregisterMetric(`policy_kernel_agent_call_duration_seconds{agent=` + l + `}`)
 			m.set.UnregisterMetric(`policy_kernel_agent_timeouts_total{agent=` + l + `}`)
 			m.set.UnregisterMetric(`policy_kernel_agent_unavailable_total{agent=` + l + `}`)
 			m.set.UnregisterMetric(`policy_kernel_agent_health{agent=` + l + `}`)

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	"github.com/rs/zerolog"
@@ -342,5 +343,51 @@ func TestWhenKernelSkipStreamed(t *testing.T) {
 	}
 	if fa.ncalls() != 0 || skippedCount(t, k, "/both", "request") != 4 {
 		t.Fatalf("%d agent calls", fa.ncalls())
+	}
+}
+
+// TestAgentCallDuration: every call to the agent is one observation of
+// policy_kernel_agent_call_duration_seconds, as long as the call took; a chain the kernel
+// answers itself (every entry skipped) is none.
+func TestAgentCallDuration(t *testing.T) {
+	fa := &fakeAgent{info: whenInfo()}
+	fa.fn = func(ctx context.Context, req *agentv1.PolicyRequest) (*agentv1.PolicyResponse, error) {
+		time.Sleep(3 * time.Millisecond)
+		return &agentv1.PolicyResponse{RequestId: req.GetRequestId(), Status: &agentv1.ResponseStatus{}}, nil
+	}
+	k := newTestKernel(t, whenConfig, fa)
+	calls := func() (count int, sum float64, fast int) {
+		t.Helper()
+		var b bytes.Buffer
+		k.m.set.WritePrometheus(&b)
+		const name = `policy_kernel_agent_call_duration_seconds`
+		for _, line := range strings.Split(b.String(), "\n") {
+			var err error
+			if v, ok := strings.CutPrefix(line, name+`_count{agent="a"} `); ok {
+				count, err = strconv.Atoi(v)
+			} else if v, ok := strings.CutPrefix(line, name+`_sum{agent="a"} `); ok {
+				sum, err = strconv.ParseFloat(v, 64)
+			} else if v, ok := strings.CutPrefix(line, name+`_bucket{agent="a",le="0.0025"} `); ok {
+				fast, err = strconv.Atoi(v)
+			}
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+		}
+		return count, sum, fast
+	}
+	k.open(t).send(t, reqHeaders("/writes", true, "", "content-type", "text/plain"))
+	if n, _, _ := calls(); n != 0 || fa.ncalls() != 0 {
+		t.Fatalf("a skipped chain: %d observations, %d calls", n, fa.ncalls())
+	}
+	for range 3 {
+		k.open(t).send(t, reqHeaders("/mixed", true, ""))
+	}
+	n, sum, fast := calls()
+	if n != 3 || fa.ncalls() != 3 {
+		t.Fatalf("three calls: %d observations, %d calls", n, fa.ncalls())
+	}
+	if sum < 0.009 || fast != 0 {
+		t.Errorf("three calls of 3 ms each: sum %.4f s, %d observed under 2.5 ms", sum, fast)
 	}
 }
