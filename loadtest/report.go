@@ -73,6 +73,12 @@ type Row struct {
 	// KernelP99Above says that the p99 lies above the histogram's largest finite bucket,
 	// which KernelP99us then holds.
 	KernelP99Above bool `json:"kernel_p99_above_top_bucket,omitempty"`
+	// AgentCallP50us and AgentCallP99us are quantiles of the kernel's
+	// policy_kernel_agent_call_duration_seconds over the phase (upper bounds: the bucket's
+	// top): how long its calls to the agent took, the crossing both ways with the agent's
+	// chain; 0 when not measured.
+	AgentCallP50us float64 `json:"agent_call_p50_us,omitempty"`
+	AgentCallP99us float64 `json:"agent_call_p99_us,omitempty"`
 	// Procs lists each server process's CPU and memory over the phase.
 	Procs []ProcUsage `json:"processes"`
 	// CPUPer1k is the CPU seconds of all the target's processes per 1,000 requests.
@@ -234,7 +240,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 	s := r.Settings
 	fmt.Fprintf(w, "traffic: request chain %s; response chain %s; headers only; %d connections\n", s.RequestChain, s.ResponseChain, s.Connections)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "run\ttarget\tphase\treq/s\tp50 µs\tp99 µs\tp99.9 µs\terrors\tkernel p99 µs\tCPU s/1k req\tratio\tswitches/req\tsyscalls/req\tp50, p99 ratio\tpeak RSS MiB\tratio\t")
+	fmt.Fprintln(tw, "run\ttarget\tphase\treq/s\tp50 µs\tp99 µs\tp99.9 µs\terrors\tkernel p99 µs\tagent call p50, p99 µs\tCPU s/1k req\tratio\tswitches/req\tsyscalls/req\tp50, p99 ratio\tpeak RSS MiB\tratio\t")
 	for _, row := range r.Rows {
 		var cpu, rss, sw, sc []string
 		for _, p := range row.Procs {
@@ -255,9 +261,13 @@ func (r *Report) WriteTable(w io.Writer) error {
 		if row.P50Ratio > 0 {
 			lat = fmt.Sprintf("%.2f×, %.2f×", row.P50Ratio, row.P99Ratio)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+		calls := "-"
+		if row.AgentCallP50us > 0 {
+			calls = fmt.Sprintf("%.0f, %s", row.AgentCallP50us, num(row.AgentCallP99us, "%.0f"))
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			row.Run, row.Target, row.Phase, num(row.RPS, "%.0f"), dur(row.P50us), dur(row.P99us), dur(row.P999us), row.Errors,
-			kernelP99(row), cpuCol, num(row.CPURatio, "%.2f×"), swCol, scCol, lat, strings.Join(rss, ", "), num(row.RSSRatio, "%.2f×"))
+			kernelP99(row), calls, cpuCol, num(row.CPURatio, "%.2f×"), swCol, scCol, lat, strings.Join(rss, ", "), num(row.RSSRatio, "%.2f×"))
 	}
 	if err := tw.Flush(); err != nil {
 		return err

@@ -22,6 +22,7 @@ func sampleReport() *Report {
 			{Run: 1, Target: targetNoop, Phase: phaseOpen, Requests: 1000, RPS: 5000, P50us: 100, P99us: 300, P999us: 900,
 				Procs: []ProcUsage{{Name: "noop", CPUSec: 0.08, CPUPer1k: 0.08, PeakRSS: 20 << 20}}, CPUPer1k: 0.08},
 			{Run: 1, Target: targetKernel, Phase: phaseOpen, Requests: 1000, RPS: 4999, P50us: 150, P99us: 500, P999us: 1500, KernelP99us: 240,
+				AgentCallP50us: 150, AgentCallP99us: 750,
 				Procs: []ProcUsage{{Name: "kernel", CPUPer1k: 0.07, PeakRSS: 30 << 20}, {Name: "agent", CPUPer1k: 0.03, PeakRSS: 25 << 20}}, CPUPer1k: 0.10,
 				Errors: 2, Errs: []string{"immediate response 500 to request_headers"}},
 			{Run: 2, Target: targetKernel, Phase: phaseOpen, CPUPer1k: 0.2, KernelP99us: 5e6, KernelP99Above: true}, // no baseline in run 2
@@ -60,6 +61,7 @@ func TestWriteTable(t *testing.T) {
 		"kernel 100.0, agent 30.0",
 		"streams 10000",
 		">5000000",
+		"150, 750",
 		"run 1 kernel+agent open error: immediate response 500 to request_headers",
 	} {
 		if !strings.Contains(out, want) {

@@ -382,13 +382,13 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 		}
 		before[i] = c
 	}
-	var hist0 vmHistogram
+	var hist0, calls0 vmHistogram
 	if t.metricsURL != "" {
-		h, err := scrapeHistogram(ctx, t.metricsURL)
+		h, c, err := scrapeHistograms(ctx, t.metricsURL)
 		if err != nil {
 			return row, err
 		}
-		hist0 = h
+		hist0, calls0 = h, c
 	}
 	res := load()
 	for i, p := range t.procs {
@@ -412,7 +412,7 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 		row.Procs = append(row.Procs, u)
 	}
 	if t.metricsURL != "" {
-		h, err := scrapeHistogram(ctx, t.metricsURL)
+		h, c, err := scrapeHistograms(ctx, t.metricsURL)
 		if err != nil {
 			return row, err
 		}
@@ -422,6 +422,15 @@ func measure(ctx context.Context, t *target, run int, phase string, load func() 
 				q = h.topBound()
 			}
 			row.KernelP99us = q * 1e6
+		}
+		calls := c.sub(calls0)
+		for _, v := range []struct {
+			q   float64
+			out *float64
+		}{{0.5, &row.AgentCallP50us}, {0.99, &row.AgentCallP99us}} {
+			if q, err := calls.quantile(v.q); err == nil && !math.IsNaN(q) && !math.IsInf(q, 1) {
+				*v.out = q * 1e6
+			}
 		}
 	}
 	row.Requests, row.Errors, row.RPS = res.Requests, res.Errors, res.Rate()
@@ -774,12 +783,19 @@ func scrapeGauges(ctx context.Context, url string, names ...string) ([]float64, 
 	return out, nil
 }
 
-func scrapeHistogram(ctx context.Context, url string) (vmHistogram, error) {
+// scrapeHistograms reads the kernel's message durations and its agent call durations.
+func scrapeHistograms(ctx context.Context, url string) (requests, calls vmHistogram, err error) {
 	body, err := get(ctx, url)
 	if err != nil {
-		return nil, fmt.Errorf("scrape %w", err)
+		return nil, nil, fmt.Errorf("scrape %w", err)
 	}
-	return parseVMHistogram(bytes.NewReader(body), "policy_kernel_request_duration_seconds")
+	if requests, err = parseVMHistogram(bytes.NewReader(body), "policy_kernel_request_duration_seconds"); err != nil {
+		return nil, nil, err
+	}
+	if calls, err = parseVMHistogram(bytes.NewReader(body), "policy_kernel_agent_call_duration_seconds"); err != nil {
+		return nil, nil, err
+	}
+	return requests, calls, nil
 }
 
 // profile starts capturing a CPU profile of each of t's processes for d; the returned

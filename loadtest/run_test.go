@@ -180,6 +180,9 @@ func TestMainEndToEnd(t *testing.T) {
 		if kernelRow && row.KernelP99us <= 0 {
 			t.Errorf("kernel row without the kernel's own p99: %+v", row)
 		}
+		if kernelRow && (row.AgentCallP50us <= 0 || row.AgentCallP99us < row.AgentCallP50us) {
+			t.Errorf("kernel row without the agent call's p50 and p99: %+v", row)
+		}
 	}
 	for _, f := range []string{"kernel.cpu.pprof", "kernel.heap.pprof", "agent.cpu.pprof", "agent.heap.pprof", "kernel.streams.heap.pprof"} {
 		if fi, err := os.Stat(filepath.Join(profiles, f)); err != nil || fi.Size() == 0 {
