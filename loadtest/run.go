@@ -97,7 +97,7 @@ func parseOptions(args []string, stderr io.Writer) (*Options, error) {
 	fs.StringVar(&targets, "targets", targetNoop+","+targetKernel, "targets to measure, comma-separated: noop, kernel+agent, kernel+agent-uds (Envoy's side on a Unix socket)")
 	fs.StringVar(&o.JSONOut, "json", "loadtest/results/loadtest.json", "where to write the JSON report (empty: nowhere)")
 	fs.StringVar(&o.WorkDir, "workdir", "", "folder for configs, sockets and logs (default: a temporary one, removed at the end)")
-	fs.StringVar(&o.ProfileDir, "profile", "", "capture CPU and heap profiles of the kernel and agent during the closed loop (<name>.cpu.pprof), each open-loop rate (open<rate>.<name>.cpu.pprof) and the held streams into this folder")
+	fs.StringVar(&o.ProfileDir, "profile", "", "capture CPU and heap profiles of the kernel and agent during the closed loop (<name>.cpu.pprof), each open-loop rate (open<rate>.<name>.cpu.pprof, with execution traces of both processes at the same time, open<rate>.<name>.trace, for loadtest/cmd/crossing) and the held streams into this folder")
 	fs.DurationVar(&o.ProfileFor, "profile-seconds", 8*time.Second, "CPU profile length (at most the phase's length)")
 	fs.IntVar(&o.MaxInFlight, "max-in-flight", 20000, "open-loop requests outstanding at once before new ones are dropped")
 	fs.DurationVar(&o.StartTimeout, "start-timeout", 30*time.Second, "how long to wait for the servers to be ready")
@@ -277,7 +277,7 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 			for _, t := range targets {
 				stopProfile := func() error { return nil }
 				if o.ProfileDir != "" && run == 1 && t.name == targetKernel {
-					stopProfile = profile(ctx, t, o.ProfileDir, fmt.Sprintf("open%g.", rate), min(o.ProfileFor, o.OpenFor))
+					stopProfile = profile(ctx, t, o.ProfileDir, fmt.Sprintf("open%g.", rate), min(o.ProfileFor, o.OpenFor), true)
 				}
 				row, err := measure(ctx, t, run, openPhase(rate), func() *Result {
 					return OpenLoop(ctx, t.conns, tr, rate, o.OpenFor, o.MaxInFlight)
@@ -295,7 +295,7 @@ func Run(ctx context.Context, o *Options, log io.Writer) (rep *Report, err error
 		for _, t := range targets {
 			stopProfile := func() error { return nil }
 			if o.ProfileDir != "" && run == 1 && t.name == targetKernel {
-				stopProfile = profile(ctx, t, o.ProfileDir, "", min(o.ProfileFor, o.ClosedFor))
+				stopProfile = profile(ctx, t, o.ProfileDir, "", min(o.ProfileFor, o.ClosedFor), false)
 			}
 			row, err := measure(ctx, t, run, phaseClosed, func() *Result {
 				return ClosedLoop(ctx, t.conns, tr, o.Concurrency, o.ClosedFor)
@@ -798,19 +798,33 @@ func scrapeHistograms(ctx context.Context, url string) (requests, calls vmHistog
 	return requests, calls, nil
 }
 
+// traceSeconds is the length of the execution traces taken in the open loops: the kernel's and
+// the agent's at the same time, for loadtest/cmd/crossing.
+const traceSeconds = 2
+
 // profile starts capturing a CPU profile of each of t's processes for d; the returned
 // function waits for them, then saves a heap profile of each, into dir as
-// <prefix><name>.cpu.pprof and <prefix><name>.heap.pprof.
-func profile(ctx context.Context, t *target, dir, prefix string, d time.Duration) func() error {
-	errs := make(chan error, len(t.pprof))
+// <prefix><name>.cpu.pprof and <prefix><name>.heap.pprof. With withTrace, it also takes an
+// execution trace of every process at the same time, <prefix><name>.trace.
+func profile(ctx context.Context, t *target, dir, prefix string, d time.Duration, withTrace bool) func() error {
+	n := len(t.pprof)
+	if withTrace {
+		n *= 2
+	}
+	errs := make(chan error, n)
 	for name, base := range t.pprof {
 		go func() {
 			errs <- fetchTo(ctx, fmt.Sprintf("%sprofile?seconds=%d", base, max(1, int(d.Seconds()))), filepath.Join(dir, prefix+name+".cpu.pprof"))
 		}()
+		if withTrace {
+			go func() {
+				errs <- fetchTo(ctx, fmt.Sprintf("%strace?seconds=%d", base, traceSeconds), filepath.Join(dir, prefix+name+".trace"))
+			}()
+		}
 	}
 	return func() error {
 		var all []error
-		for range t.pprof {
+		for range n {
 			all = append(all, <-errs)
 		}
 		for name, base := range t.pprof {

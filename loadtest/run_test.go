@@ -19,6 +19,7 @@ import (
 	agentv1 "github.com/policy-engine/policy-engine/api/agent/v1"
 	"github.com/policy-engine/policy-engine/internal/logging"
 	"github.com/policy-engine/policy-engine/kernel"
+	"github.com/policy-engine/policy-engine/loadtest/crossing"
 )
 
 func TestParseOptions(t *testing.T) {
@@ -184,10 +185,26 @@ func TestMainEndToEnd(t *testing.T) {
 			t.Errorf("kernel row without the agent call's p50 and p99: %+v", row)
 		}
 	}
-	for _, f := range []string{"kernel.cpu.pprof", "kernel.heap.pprof", "agent.cpu.pprof", "agent.heap.pprof", "kernel.streams.heap.pprof"} {
+	for _, f := range []string{"kernel.cpu.pprof", "kernel.heap.pprof", "agent.cpu.pprof", "agent.heap.pprof", "kernel.streams.heap.pprof", "open200.kernel.trace", "open200.agent.trace"} {
 		if fi, err := os.Stat(filepath.Join(profiles, f)); err != nil || fi.Size() == 0 {
 			t.Errorf("profile %s: %v", f, err)
 		}
+	}
+	// The two traces of the open loop follow the agent calls from one process into the other.
+	var dumps [2]bytes.Buffer
+	for i, name := range []string{"open200.kernel.trace", "open200.agent.trace"} {
+		cmd := exec.Command("go", "tool", "trace", "-d=parsed", filepath.Join(profiles, name))
+		cmd.Stdout = &dumps[i]
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("dump %s: %v", name, err)
+		}
+	}
+	b, err := crossing.Analyze(&dumps[0], &dumps[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Calls < 20 || b.Alone < b.Calls/4 {
+		t.Errorf("crossing: %d calls in the kernel's trace, %d followed through the agent's", b.Calls, b.Alone)
 	}
 	// The servers were stopped: nothing listens on the agent's socket any more.
 	if _, err := os.Stat(filepath.Join(work, "run", "kernel.log")); err != nil {
