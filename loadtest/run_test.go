@@ -191,15 +191,7 @@ func TestMainEndToEnd(t *testing.T) {
 		}
 	}
 	// The two traces of the open loop follow the agent calls from one process into the other.
-	var dumps [2]bytes.Buffer
-	for i, name := range []string{"open200.kernel.trace", "open200.agent.trace"} {
-		cmd := exec.Command("go", "tool", "trace", "-d=parsed", filepath.Join(profiles, name))
-		cmd.Stdout = &dumps[i]
-		if err := cmd.Run(); err != nil {
-			t.Fatalf("dump %s: %v", name, err)
-		}
-	}
-	b, err := crossing.Analyze(&dumps[0], &dumps[1])
+	b, err := crossing.AnalyzeTraces(filepath.Join(profiles, "open200.kernel.trace"), filepath.Join(profiles, "open200.agent.trace"))
 	if err != nil {
 		t.Fatal(err)
 	}

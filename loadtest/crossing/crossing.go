@@ -18,8 +18,10 @@ package crossing
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
+	"os/exec"
 	"regexp"
 	"slices"
 	"sort"
@@ -308,6 +310,21 @@ func Analyze(kernelDump, agentDump io.Reader) (*Breakdown, error) {
 	}
 	slices.Sort(b.Total)
 	return b, nil
+}
+
+// AnalyzeTraces follows the kernel's agent calls through two execution trace files, read with
+// `go tool trace -d=parsed`.
+func AnalyzeTraces(kernelTrace, agentTrace string) (*Breakdown, error) {
+	var dumps [2]bytes.Buffer
+	for i, path := range []string{kernelTrace, agentTrace} {
+		var stderr bytes.Buffer
+		cmd := exec.Command("go", "tool", "trace", "-d=parsed", path)
+		cmd.Stdout, cmd.Stderr = &dumps[i], &stderr
+		if err := cmd.Run(); err != nil {
+			return nil, fmt.Errorf("read %s: %w: %s", path, err, bytes.TrimSpace(stderr.Bytes()))
+		}
+	}
+	return Analyze(&dumps[0], &dumps[1])
 }
 
 // quantile returns the q quantile (0..1) of sorted values, 0 when empty.

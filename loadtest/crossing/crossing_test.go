@@ -100,6 +100,9 @@ func TestAnalyzeBadDump(t *testing.T) {
 	if _, err := Analyze(strings.NewReader(""), strings.NewReader(bad)); err == nil || !strings.Contains(err.Error(), "agent:") {
 		t.Errorf("in the agent's dump: %v", err)
 	}
+	if _, err := AnalyzeTraces("no-such.trace", "no-such.trace"); err == nil || !strings.Contains(err.Error(), "read no-such.trace") {
+		t.Errorf("a missing trace: %v", err)
+	}
 	// No calls at all is an empty breakdown, not an error.
 	b, err := Analyze(strings.NewReader(""), strings.NewReader(""))
 	if err != nil || b.Calls != 0 || b.Alone != 0 {

@@ -8,10 +8,8 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"os"
-	"os/exec"
 
 	"github.com/policy-engine/policy-engine/loadtest/crossing"
 )
@@ -21,16 +19,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: crossing KERNEL.trace AGENT.trace")
 		os.Exit(2)
 	}
-	var dumps [2]bytes.Buffer
-	for i, path := range os.Args[1:] {
-		cmd := exec.Command("go", "tool", "trace", "-d=parsed", path)
-		cmd.Stdout, cmd.Stderr = &dumps[i], os.Stderr
-		if err := cmd.Run(); err != nil {
-			fmt.Fprintf(os.Stderr, "crossing: read %s: %v\n", path, err)
-			os.Exit(1)
-		}
-	}
-	b, err := crossing.Analyze(&dumps[0], &dumps[1])
+	b, err := crossing.AnalyzeTraces(os.Args[1], os.Args[2])
 	if err == nil {
 		err = b.Write(os.Stdout)
 	}
